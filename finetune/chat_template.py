@@ -1,0 +1,129 @@
+"""Chat templates: the one place that turns conversations into tokens and loss labels.
+
+Templates are `.jinja` files in `finetune/templates/` (referenced by name) or any path. A template
+may declare its end-of-turn token in a leading comment (`end_of_turn: <|end|>`); without one, the
+tokenizer's eos token ends each assistant turn.
+
+Why `phi_instruct` for Phi-2 / Phi-1.5: Phi-2's model card documents the QA format
+"Instruct: <prompt>\\nOutput:", so the base already continues it sensibly; it needs no new tokens
+(role tokens such as <|user|> would be untrained embeddings that LoRA cannot learn without also
+training and shipping the embedding matrix); and its end-of-turn token is `<|endoftext|>`, which
+Phi-2 already emits at the end of a document and which `generate()` stops on by default. The cost
+is the pitfall pad == eos, which `tokenize_conversation` handles: labels are built from the template
+here, never by masking pad ids, so the end-of-turn token of every assistant turn is a label.
+
+Train / serve parity: labels start right after the prefix that `add_generation_prompt=True`
+renders, and that prefix must tokenize to exactly the first tokens of the training example; if a
+template breaks this (e.g. a generation prompt ending in a space that BPE merges with the answer),
+`tokenize_conversation` raises instead of training on a format the server will never produce.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+IGNORE_INDEX = -100
+_EOT_DECL = re.compile(r"end_of_turn:\s*(\S+)")
+
+
+class TemplateError(ValueError):
+    """A template / tokenizer / conversation combination that cannot train correctly."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    source: str
+    end_of_turn: str | None  # None: the tokenizer's eos token
+
+    def end_of_turn_token(self, tokenizer) -> str:
+        return self.end_of_turn or tokenizer.eos_token
+
+
+def available_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+
+
+def load_template(name_or_path: str) -> ChatTemplate:
+    """A template by shipped name (`phi_instruct`, `phi3`) or by path to a .jinja file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = TEMPLATE_DIR / f"{name_or_path}.jinja"
+    if not path.is_file():
+        raise TemplateError(
+            f"chat template {name_or_path!r} not found: use one of {available_templates()} or a path to a .jinja file"
+        )
+    source = path.read_text()
+    decl = _EOT_DECL.search(source.split("-#}", 1)[0]) if source.lstrip().startswith("{#") else None
+    return ChatTemplate(name=path.stem, source=source, end_of_turn=decl.group(1) if decl else None)
+
+
+def prepare_tokenizer(tokenizer, template: ChatTemplate):
+    """Install the template in the tokenizer (so it is saved with every output) and set padding.
+
+    Phi tokenizers have no pad token; pad = eos is safe here because labels never come from pad ids.
+    """
+    tokenizer.chat_template = template.source
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eot = template.end_of_turn_token(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids([eot])
+    if eot is None or ids[0] is None or ids[0] == tokenizer.unk_token_id and eot != tokenizer.unk_token:
+        raise TemplateError(
+            f"chat template {template.name!r} ends turns with {eot!r}, which this tokenizer does not have as one "
+            f"token; pick the template of this model family (phi_instruct for Phi-2/Phi-1.5, phi3 for Phi-3.5)"
+        )
+    return tokenizer
+
+
+def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
+    """Token ids generation must stop on: the end-of-turn token, and eos if different."""
+    ids = [tokenizer.convert_tokens_to_ids(template.end_of_turn_token(tokenizer))]
+    if tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The template writes every special token itself; adding BOS/EOS here would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Tokens of the inference prompt: the conversation so far plus the generation prompt."""
+    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def tokenize_conversation(tokenizer, template: ChatTemplate, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """input_ids and labels for one conversation: only assistant turns are labels, each through its
+    end-of-turn token inclusive; system and user turns and the generation prompts are IGNORE_INDEX."""
+    text = render(tokenizer, messages, add_generation_prompt=False)
+    input_ids = encode(tokenizer, text)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    eot = set(end_of_turn_ids(tokenizer, template)[:1])
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix_text = render(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix_ids = encode(tokenizer, prefix_text)
+        if not text.startswith(prefix_text) or input_ids[: len(prefix_ids)] != prefix_ids:
+            raise TemplateError(
+                f"chat template {template.name!r}: the inference prompt for assistant turn {i} does not tokenize "
+                "as the same prefix of the training example; training on it would not match serving. Make the "
+                "generation prompt end at a token boundary (no trailing space)."
+            )
+        end = next((j for j in range(len(prefix_ids), len(input_ids)) if input_ids[j] in eot), None)
+        if end is None:
+            raise TemplateError(
+                f"chat template {template.name!r}: assistant turn {i} is not closed by the end-of-turn token "
+                f"{template.end_of_turn_token(tokenizer)!r}"
+            )
+        labels[len(prefix_ids) : end + 1] = input_ids[len(prefix_ids) : end + 1]
+    return input_ids, labels

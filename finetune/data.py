@@ -1,0 +1,238 @@
+"""One data loader for every stage: read, validate, mix, split and tokenize.
+
+Sources are local files (jsonl, json, parquet, csv; relative paths are relative to the recipe) or
+hub dataset ids with config/split. Rows are conversations (`messages` of role/content) or
+prompt/completion pairs (strings or message lists). A malformed row is an error naming the file
+and row, unless `skip_bad_rows` is set, and then it is counted and reported. Rows longer than
+max_length are counted and reported (dropped, or an error with `on_overlong: error`), never cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chat_template import ChatTemplate, tokenize_conversation
+from .recipe import DataSection, DataSource, Recipe
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source, the row and the fix."""
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows, so nothing is dropped silently."""
+
+    read: int = 0
+    skipped_bad: int = 0
+    dropped_overlong: int = 0
+    used: int = 0
+    examples: list[str] = field(default_factory=list)  # first few problems, for the log
+
+    def note(self, problem: str):
+        if len(self.examples) < 5:
+            self.examples.append(problem)
+
+    def summary(self, name: str) -> str:
+        text = f"{name}: {self.read} rows read, {self.used} used"
+        if self.skipped_bad:
+            text += f", {self.skipped_bad} malformed rows skipped"
+        if self.dropped_overlong:
+            text += f", {self.dropped_overlong} rows over max_length dropped"
+        return text
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_local(path: Path) -> list:
+    """Raw rows of a local file; row numbers are 1-based lines (jsonl) or positions."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((n, DataError(f"{path}: row {n}: not valid JSON ({e.msg}); fix the line or remove it")))
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows; for one row per line use .jsonl")
+        return list(enumerate(data, 1))
+    from datasets import load_dataset
+
+    ds = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    return list(enumerate(ds, 1))
+
+
+def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
+    """(display name, [(row number, raw row)]) for a local file or a hub dataset."""
+    local = Path(recipe.resolve_path(source.path))
+    if local.exists():
+        if local.suffix.lower() not in LOCAL_FORMATS:
+            raise DataError(f"{local}: unsupported file type; use one of {sorted(LOCAL_FORMATS)}")
+        return str(local), _read_local(local)
+    if source.path.startswith((".", "/", "~")) or Path(source.path).suffix.lower() in LOCAL_FORMATS:
+        raise DataError(f"{local}: data file not found (relative paths are relative to the recipe {recipe.source})")
+    from datasets import load_dataset
+
+    ds = load_dataset(source.path, source.config, split=source.split)
+    return f"{source.path}[{source.split}]", list(enumerate(ds, 1))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _messages(value, where: str, what: str) -> list[dict]:
+    if isinstance(value, str):
+        raise DataError(f"{where}: {what} must be a list of {{role, content}} messages here, got a string")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {what} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {what}[{i}] needs 'role' and 'content' keys, got {m!r}"[:300])
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: {what}[{i}]: unknown role {role!r}; use one of {list(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {what}[{i}]: content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"{where}: {what}[{i}]: empty {role} content; fill it in or remove the row")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _as_turns(value, role: str, where: str, what: str) -> list[dict]:
+    """A prompt / completion given as a string or as messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: empty {what}; fill it in or remove the row")
+        return [{"role": role, "content": value}]
+    return _messages(value, where, what)
+
+
+def detect_format(row: dict) -> str:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "chosen" in row and "rejected" in row:
+        return "preference"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "chosen" in row and "rejected" in row:
+        return "preference"
+    return "unknown"
+
+
+def to_conversation(row, fmt: str, where: str) -> dict:
+    """Validate one SFT row and return {'messages': [...], 'answer': optional reference}."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "messages":
+        messages = _messages(row.get("messages"), where, "messages")
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise DataError(f"{where}: missing field {key!r} (prompt/completion format)")
+        messages = _as_turns(row["prompt"], "user", where, "prompt") + _as_turns(
+            row["completion"], "assistant", where, "completion")
+    else:
+        raise DataError(
+            f"{where}: cannot tell the row format from its keys {sorted(row)}; SFT rows need 'messages' "
+            "(list of {role, content}) or 'prompt' and 'completion'"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn; add the assistant reply")
+    out = {"messages": messages}
+    if "answer" in row and row["answer"] is not None:
+        out["answer"] = str(row["answer"])
+    return out
+
+
+def load_conversations(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,
+                       seed: int) -> list[dict]:
+    """Read, validate and mix sources by weight (fraction of each source's rows, >1 repeats)."""
+    rng = random.Random(seed)
+    mixed = []
+    for source in sources:
+        name, rows = read_source(source, recipe)
+        good = []
+        for n, row in rows:
+            report.read += 1
+            where = f"{name}: row {n}"
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                good.append(to_conversation(row, source.format, where))
+            except DataError as e:
+                if not skip_bad_rows:
+                    raise DataError(f"{e} (or set data.skip_bad_rows: true to skip and count such rows)") from None
+                report.skipped_bad += 1
+                report.note(str(e))
+        whole, frac = divmod(source.weight, 1.0)
+        take = good * int(whole) + rng.sample(good, math.floor(frac * len(good)))
+        log.info("%s: %d valid rows, weight %g -> %d rows", name, len(good), source.weight, len(take))
+        mixed += take
+    rng.shuffle(mixed)
+    return mixed
+
+
+def train_eval_conversations(section: DataSection, recipe: Recipe, seed: int):
+    """(train rows, eval rows, train report, eval report) with the held-out split made if needed."""
+    train_report, eval_report = DataReport(), DataReport()
+    train = load_conversations(section.train, recipe, section.skip_bad_rows, train_report, seed)
+    if section.eval:
+        evals = load_conversations(section.eval, recipe, section.skip_bad_rows, eval_report, seed)
+    else:
+        k = max(1, round(len(train) * section.eval_fraction))
+        evals, train = train[:k], train[k:]
+        eval_report.read = k
+    if section.max_eval_rows is not None:
+        evals = evals[: section.max_eval_rows]
+    if not train:
+        raise DataError(f"{recipe.source}: data.train: no usable training rows")
+    return train, evals, train_report, eval_report
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize_conversations(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,
+                           on_overlong: str, report: DataReport, name: str):
+    """datasets.Dataset of input_ids / labels; rows over max_length are counted, never truncated."""
+    from datasets import Dataset
+
+    ids, labels = [], []
+    for i, row in enumerate(rows):
+        x, y = tokenize_conversation(tokenizer, template, row["messages"])
+        if len(x) > max_length:
+            if on_overlong == "error":
+                raise DataError(
+                    f"{name}: row {i + 1} has {len(x)} tokens > max_length {max_length}; raise max_length or set "
+                    "data.on_overlong: drop"
+                )
+            report.dropped_overlong += 1
+            report.note(f"{name}: row {i + 1}: {len(x)} tokens > max_length {max_length}")
+            continue
+        ids.append(x)
+        labels.append(y)
+    report.used = len(ids)
+    if report.dropped_overlong:
+        log.warning("%s: %d rows longer than max_length=%d were dropped (not truncated)",
+                    name, report.dropped_overlong, max_length)
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})

@@ -1,0 +1,82 @@
+"""Stage outputs: atomic folders, metrics.json, the resolved recipe and the end-of-stage summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(main_process: bool = True):
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+    )
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def staging_dir(target: Path, reset: bool = True) -> Path:
+    """The temporary folder beside `target` where a stage writes before `commit_dir`.
+
+    Its name is fixed so every launched process writes into the same one; an interrupted stage
+    leaves only this hidden folder, never a half-written `target`.
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if reset:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, target: Path) -> None:
+    """Replace `target` with the finished `tmp` folder (rename, so readers never see a partial one)."""
+    target = Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Single-process form: yield a staging folder, commit it on success, remove it on failure."""
+    tmp = staging_dir(target)
+    try:
+        yield tmp
+        commit_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_stage_files(folder: Path, recipe: Recipe, metrics: dict) -> None:
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_json(folder / "metrics.json", metrics)
+
+
+def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in lines)
+    print(f"\n== {title} ==", file=sys.stderr)
+    for key, value in lines:
+        print(f"  {key:<{width}}  {value}", file=sys.stderr)

@@ -1,0 +1,396 @@
+"""Recipe schema, loading, overrides and validation: the one source of truth for every stage.
+
+A recipe is one YAML file describing a whole pipeline. Shared sections (model, template, lora,
+precision, deepspeed, logging, output_dir, training defaults) apply to every stage; each stage has
+its own section (`sft`, later `reward`, `dpo`, `ppo`, `export`, `azureml`) that holds the stage's
+own keys plus any field of the stage's TRL config, overriding the shared `training:` defaults.
+
+Everything is validated before any model loads: unknown keys, wrong types and impossible
+combinations raise `RecipeError` naming the file, the key path and the nearest valid key.
+Training fields are those of the matching TRL / transformers config class (SFTConfig, ...) so
+users keep the vocabulary they know; they are checked against those dataclasses here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user must fix; the message names file, key and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(
+        description="Hub id (microsoft/phi-2), local folder, or `builtin:tiny-phi` (made offline in code)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you need it.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel. auto/flash_attention_2 use FlashAttention-2 when flash-attn and CUDA "
+        "are present, else SDPA. eager at fp16 runs with fp32 scores (Phi fp16 overflow guard).",
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: quantise the frozen base to 4-bit NF4 (needs CUDA).")
+
+
+class TemplateSection(_Section):
+    name: str = Field(
+        "phi_instruct",
+        description="Chat template: a name shipped in finetune/templates (phi_instruct, phi3) or a .jinja path.",
+    )
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank; higher adds capacity and memory.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Modules to adapt. auto = every linear layer of the model family "
+        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj).",
+    )
+
+
+class LaunchSection(_Section):
+    accelerate_config: str | None = Field(
+        None,
+        description="accelerate config (path relative to the recipe). When set, `finetune <stage>` re-runs "
+        "itself under `accelerate launch --config_file` with it.",
+    )
+    num_processes: int | None = Field(None, gt=0, description="Processes for accelerate launch (default: its config).")
+
+
+class LoggingSection(_Section):
+    logging_steps: int = Field(10, gt=0, description="Log training metrics every N optimiser steps.")
+    report_to: list[str] = Field(default_factory=list, description="Trackers (tensorboard, mlflow, wandb...).")
+
+
+class DataSource(_Section):
+    path: str = Field(description="Local jsonl/json/parquet/csv file (relative to the recipe) or a hub dataset id.")
+    config: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split to read.")
+    weight: float = Field(
+        1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
+    )
+    format: Literal["auto", "messages", "prompt_completion", "preference"] = Field(
+        "auto", description="Row format; auto detects it from the columns."
+    )
+
+
+class DataSection(_Section):
+    train: list[DataSource] = Field(description="Training sources (a mixture when several).")
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources; empty = split from train.")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of train held out when `eval` is empty.")
+    skip_bad_rows: bool = Field(
+        False, description="Skip malformed rows (and report how many) instead of stopping at the first one."
+    )
+    on_overlong: Literal["error", "drop"] = Field(
+        "drop", description="Rows longer than max_length: drop them (counted and reported) or stop."
+    )
+    max_eval_rows: int | None = Field(None, gt=0, description="Cap on held-out rows used for evaluation.")
+
+
+# Keys of the TRL / transformers training configs that the recipe owns elsewhere: setting them in a
+# training block would create a second source of truth, so it is an error naming the right place.
+OWNED_ELSEWHERE = {
+    "output_dir": "output_dir (top level)",
+    "seed": "seed (top level)",
+    "data_seed": "seed (top level)",
+    "fp16": "precision (top level)",
+    "bf16": "precision (top level)",
+    "half_precision_backend": "precision (top level)",
+    "deepspeed": "deepspeed (top level)",
+    "logging_steps": "logging.logging_steps",
+    "report_to": "logging.report_to",
+    "resume_from_checkpoint": "<stage>.resume",
+    "training": "the stage section itself (TRL fields go directly under it, e.g. sft.max_steps)",
+    "chat_template_path": "template.name",
+    "assistant_only_loss": "the chat template (assistant-only loss is always on)",
+    "completion_only_loss": "the chat template (assistant-only loss is always on)",
+    "dataset_text_field": "<stage>.data",
+    "eos_token": "template.name (the template's end-of-turn token)",
+    "pad_token": "the tokenizer (pad is set by finetune)",
+    "model_init_kwargs": "model",
+}
+
+
+class _StageSection(_Section):
+    """A stage section: the project's own keys below, plus any field of the stage's TRL config
+    (e.g. `sft.max_steps`, `sft.learning_rate`), which overrides the shared `training` block."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+
+class SftSection(_StageSection):
+    data: DataSection = Field(description="Conversations or prompt/completion rows.")
+    resume: bool | str = Field(
+        True, description="true: continue from the newest checkpoint if any; false: start over; or a checkpoint path."
+    )
+    eval_generate_rows: int = Field(
+        64, ge=0, description="Held-out prompts answered greedily before and after training to measure correctness."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget for the correctness check and the sample.")
+
+
+class Recipe(_Section):
+    output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/` (relative to the cwd).")
+    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Base weights dtype and mixed precision. fp16/bf16 keep LoRA adapters fp32."
+    )
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (relative to the recipe), e.g. ZeRO-2.")
+    model: ModelSection
+    template: TemplateSection = Field(default_factory=TemplateSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="Shared transformers.TrainingArguments defaults for every stage."
+    )
+    sft: SftSection | None = None
+
+    # Where the recipe came from; set by load_recipe, not by YAML.
+    source: str = Field("<memory>", exclude=True, description="internal")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.model.load_in_4bit and self.precision == "fp32":
+            raise ValueError("model.load_in_4bit needs precision fp16 or bf16 (the 4-bit compute dtype)")
+        if self.model.load_in_4bit and self.deepspeed:
+            raise ValueError("model.load_in_4bit cannot be combined with deepspeed (ZeRO cannot shard 4-bit weights)")
+        return self
+
+    # ---- paths resolved against the recipe file ----
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source != "<memory>" else Path.cwd()
+
+    def resolve_path(self, p: str | None) -> str | None:
+        """A relative path in a recipe is relative to the recipe file (not the cwd)."""
+        if p is None or p.startswith(BUILTIN_PREFIX):
+            return p
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (self.base_dir / path).resolve())
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.output_dir) / stage
+
+    def training_args(self, stage: str) -> dict[str, Any]:
+        """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section."""
+        section = getattr(self, stage)
+        return {**self.training, **((section.model_extra or {}) if section is not None else {})}
+
+
+STAGE_CONFIG_CLASSES = {"sft": ("trl", "SFTConfig")}
+
+
+def _stage_config_class(stage: str):
+    module, name = STAGE_CONFIG_CLASSES[stage]
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _nearest(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _type_ok(tp, value) -> bool:
+    """Loose structural check of a YAML value against a dataclass field annotation."""
+    if tp is Any or tp is typing.Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(a, value) for a in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, set):
+        return isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        if issubclass(tp, enum.Enum):
+            return value in {m.value for m in tp} or value in tp.__members__
+        if tp is bool:
+            return isinstance(value, bool)
+        if tp is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if tp is str:
+            return isinstance(value, str)
+        if tp in (list, tuple):
+            return isinstance(value, list)
+        if tp is dict:
+            return isinstance(value, dict)
+        return True
+    return True
+
+
+def check_training_block(block: dict, config_cls, where: str, source: str, own_keys=()) -> None:
+    """Validate keys and value types of a training block against a TRL/transformers dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    for key, value in block.items():
+        if key in OWNED_ELSEWHERE:
+            raise RecipeError(f"{source}: {where}.{key}: set this with {OWNED_ELSEWHERE[key]} instead")
+        if key not in fields:
+            raise RecipeError(
+                f"{source}: {where}.{key}: unknown key (neither a finetune key nor a {config_cls.__name__} field)"
+                f"{_nearest(key, [*own_keys, *fields])}"
+            )
+        if isinstance(value, str) and fields[key].type in (float, int):
+            # YAML reads 5e-6 as a string; accept numbers written that way.
+            try:
+                value = block[key] = fields[key].type(float(value))
+            except ValueError:
+                pass
+        if not _type_ok(fields[key].type, value):
+            raise RecipeError(
+                f"{source}: {where}.{key}: expected {fields[key].type}, got {type(value).__name__} {value!r}"
+            )
+
+
+def _format_pydantic_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        path = ".".join(loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(Recipe, e["loc"][:-1])
+            hint = _nearest(loc[-1], parent.model_fields) if parent else ""
+            lines.append(f"{source}: {path}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {path}: required key is missing")
+        else:
+            lines.append(f"{source}: {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _model_at(model, loc):
+    """The pydantic section class at a key path, for suggesting valid keys."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        for arg in list(candidates):
+            candidates.extend(typing.get_args(arg))
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE, e.g. sft.max_steps=20")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip().split("."), yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise RecipeError(f"override {'.'.join(path)}: {part} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError before anything heavy happens."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found (give a path such as recipes/tiny_chat.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    return validate_recipe(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "<memory>") -> Recipe:
+    if "source" in raw:
+        raise RecipeError(f"{source}: source: unknown key")
+    try:
+        recipe = Recipe.model_validate({**raw, "source": source})
+    except ValidationError as e:
+        raise RecipeError(_format_pydantic_error(e, source)) from None
+    from transformers import TrainingArguments
+
+    check_training_block(recipe.training, TrainingArguments, "training", source)
+    for stage in STAGE_CONFIG_CLASSES:
+        section = getattr(recipe, stage)
+        if section is not None:
+            check_training_block(section.model_extra or {}, _stage_config_class(stage), stage, source,
+                                 own_keys=type(section).model_fields)
+    for key in ("deepspeed",):
+        value = recipe.resolve_path(getattr(recipe, key))
+        if value is not None and not Path(value).is_file():
+            raise RecipeError(f"{source}: {key}: file not found: {value} (paths are relative to the recipe file)")
+    if recipe.launch.accelerate_config is not None:
+        value = recipe.resolve_path(recipe.launch.accelerate_config)
+        if not Path(value).is_file():
+            raise RecipeError(f"{source}: launch.accelerate_config: file not found: {value}")
+    return recipe
+
+
+def resolved_dict(recipe: Recipe) -> dict:
+    """The fully resolved recipe (defaults filled in) as plain data."""
+    return recipe.model_dump(mode="json", exclude={"source"})
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(resolved_dict(recipe), sort_keys=False)
+
+
+def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
+    """`RECIPE [key=value ...] [--print-config]` as every stage script and `finetune <stage>` take it.
+
+    Returns None when --print-config asked only for the resolved recipe (printed here)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the {stage} stage of a recipe.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=/tmp/run sft.max_steps=20")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_recipe(recipe), end="")
+        return None
+    if getattr(recipe, stage, None) is None:
+        raise RecipeError(f"{args.recipe}: {stage}: section missing; this recipe has no {stage} stage")
+    return recipe

@@ -1,0 +1,122 @@
+"""SFT stage: LoRA supervised fine-tuning of a Phi base on chat data.
+
+    accelerate launch finetune/sft.py recipes/phi2_chat.yaml [key=value ...]
+    finetune sft recipes/tiny_chat.yaml output_dir=/tmp/run sft.max_steps=20
+
+load recipe -> data -> base + LoRA -> eval before -> train -> eval after -> save -> summary.
+Labels come from finetune.chat_template (assistant turns only, end-of-turn token included), so
+TRL gets ready `input_ids` / `labels` and never masks by pad id.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from finetune.chat_template import tokenize_prompt
+from finetune.data import tokenize_conversations, train_eval_conversations
+from finetune.evaluation import correctness, generate_answers
+from finetune.modeling import add_lora, count_parameters, load_model, load_tokenizer, template_for
+from finetune.outputs import commit_dir, print_summary, setup_logging, staging_dir, write_stage_files
+from finetune.recipe import Recipe, recipe_from_argv
+from finetune.training import check_precision, resume_from, trl_config
+
+log = logging.getLogger("finetune.sft")
+
+
+def held_out_correctness(model, tokenizer, template, rows, section):
+    rows = [r for r in rows if "answer" in r][: section.eval_generate_rows]
+    if not rows:
+        return None, []
+    replies = generate_answers(model, tokenizer, template, [r["messages"][:-1] if r["messages"][-1]["role"] ==
+                               "assistant" else r["messages"] for r in rows], section.max_new_tokens)
+    return correctness(rows, replies), replies
+
+
+def run(recipe: Recipe) -> dict:
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    section = recipe.sft
+    check_precision(recipe)
+    set_seed(recipe.seed)
+    template = template_for(recipe)
+    tokenizer = load_tokenizer(recipe)
+    args = trl_config(recipe, "sft", SFTConfig, eval_strategy="no", dataset_kwargs={"skip_prepare_dataset": False})
+    main_process = args.process_index == 0
+    setup_logging(main_process)
+
+    train_rows, eval_rows, train_report, eval_report = train_eval_conversations(section.data, recipe, recipe.seed)
+    train_ds = tokenize_conversations(train_rows, tokenizer, template, args.max_length, section.data.on_overlong,
+                                      train_report, "train")
+    eval_ds = tokenize_conversations(eval_rows, tokenizer, template, args.max_length, section.data.on_overlong,
+                                     eval_report, "eval")
+    log.info(train_report.summary("train"))
+    log.info(eval_report.summary("eval"))
+
+    model = add_lora(load_model(recipe), recipe)
+    trainable, total = count_parameters(model)
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    before = trainer.evaluate()
+    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from(recipe, "sft", section.resume))
+    runtime = time.time() - started
+    after = trainer.evaluate()
+    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section)
+
+    epochs = trainer.state.epoch or 0
+    metrics = {
+        "eval_loss_before": before["eval_loss"],
+        "eval_loss_after": after["eval_loss"],
+        "eval_loss_reduction": 1 - after["eval_loss"] / before["eval_loss"],
+        "correct_rate_before": correct_before,
+        "correct_rate_after": correct_after,
+        "train_loss": result.training_loss,
+        "train_runtime_s": runtime,
+        "train_tokens": int(sum(len(x) for x in train_ds["input_ids"]) * epochs),
+        "train_label_tokens": int(sum(sum(t != -100 for t in y) for y in train_ds["labels"]) * epochs),
+        "train_rows": len(train_ds), "eval_rows": len(eval_ds),
+        "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
+        "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
+        "global_steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+    }
+    out = recipe.stage_dir("sft")
+    tmp = staging_dir(out, reset=main_process)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    if main_process:
+        tokenizer.save_pretrained(str(tmp))  # includes the chat template
+        write_stage_files(tmp, recipe, metrics)
+        commit_dir(tmp, out)
+    trainer.accelerator.wait_for_everyone()
+    if main_process:
+        sample = eval_rows[0]["messages"] if eval_rows else None
+        rate = lambda r: "n/a" if r is None else f"{r:.0%}"  # noqa: E731
+        print_summary("SFT done", [
+            ("eval loss", f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+                          f"({metrics['eval_loss_reduction']:.0%} lower)"),
+            ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"),
+            ("trained", f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, {runtime:.1f}s"),
+            ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
+            ("sample prompt", repr(tokenizer.decode(tokenize_prompt(tokenizer, sample[:1])) if sample else "")),
+            ("sample reply", repr(replies[0]) if replies else "n/a"),
+            ("output", str(out)),
+        ])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, "sft", "finetune sft")
+    if recipe is not None:
+        run(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The offline default: a tiny Phi-architecture model, its tokenizer and its task, all made in code.
+
+No hub access is needed anywhere: `builtin:tiny-phi` is built deterministically on first use and
+cached under $FINETUNE_CACHE (default ~/.cache/finetune):
+  1. a byte-level BPE tokenizer shaped like Phi-2's (bos = eos = unk = <|endoftext|>, no pad token),
+     trained on the corpus below;
+  2. a 4-layer PhiForCausalLM (partial rotary 0.4 like Phi-2) pre-trained, all parameters, for a
+     few seconds on that corpus, so LoRA has knowledge to build on, as with a real base model.
+
+The task has checkable answers (small sums, the next letter, opposites). The corpus states every
+fact, held-out ones included, as plain text and as "Q: ... A: ..." lines, but never in a chat
+template: SFT has to teach the chat format and to stop at the end of the turn, and the held-out
+prompts measure whether that generalises to facts never seen in chat form.
+
+`python -m finetune.tiny write-data data/tiny` rewrites the shipped jsonl files (tests check the
+shipped files equal this generator's output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+BUILD_VERSION = 1  # bump when the build below changes, so caches rebuild
+SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"), ("day", "night"),
+    ("light", "dark"), ("happy", "sad"), ("open", "closed"), ("wet", "dry"), ("early", "late"),
+    ("full", "empty"), ("hard", "soft"), ("high", "low"), ("left", "right"),
+]
+
+
+def facts() -> list[dict]:
+    """Every fact of the task: question, answer, family and plain-text statements of it."""
+    out = []
+    for a in range(10):
+        for b in range(10):
+            c = a + b
+            out.append(dict(family="add", question=f"What is {a} plus {b}?", answer=str(c),
+                            statements=[f"{a} plus {b} is {c}.", f"{a} + {b} = {c}", f"The sum of {a} and {b} is {c}."]))
+    for i in range(25):
+        x, y = chr(97 + i), chr(98 + i)
+        out.append(dict(family="letter", question=f"What letter comes after {x}?", answer=y,
+                        statements=[f"After {x} comes {y}.", f"The letter after {x} is {y}."]))
+    for w, v in OPPOSITES + [(v, w) for w, v in OPPOSITES]:
+        out.append(dict(family="opposite", question=f"What is the opposite of {w}?", answer=v,
+                        statements=[f"The opposite of {w} is {v}.", f"{w.capitalize()} is the opposite of {v}."]))
+    return out
+
+
+def split_facts(seed: int = 0, held_out: float = 0.2) -> tuple[list[dict], list[dict]]:
+    """Deterministic split per family: (train facts, held-out facts)."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for family in ("add", "letter", "opposite"):
+        fam = [f for f in facts() if f["family"] == family]
+        rng.shuffle(fam)
+        k = round(len(fam) * held_out)
+        held += fam[:k]
+        train += fam[k:]
+    return train, held
+
+
+def corpus_documents(seed: int = 0) -> list[str]:
+    """Plain-text pre-training documents: each mixes 3-6 facts, as statements or Q/A lines, so the
+    base knows every fact but has no reason to stop right after an answer."""
+    rng = random.Random(seed)
+    lines = []
+    for f in facts():
+        lines += f["statements"]
+        lines.append(f"Q: {f['question']}\nA: {f['answer']}")
+    docs = []
+    for _ in range(3):
+        rng.shuffle(lines)
+        i = 0
+        while i < len(lines):
+            k = rng.randint(3, 6)
+            docs.append("\n".join(lines[i : i + k]))
+            i += k
+    return docs
+
+
+def sft_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Chat rows: (train conversations, held-out conversations with their reference `answer`)."""
+    rng = random.Random(seed + 1)
+    train_facts, held = split_facts(seed)
+
+    def turn(f):
+        return [{"role": "user", "content": f["question"]}, {"role": "assistant", "content": f["answer"]}]
+
+    train = []
+    for f in train_facts:
+        messages = turn(f)
+        if rng.random() < 0.3:
+            messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
+        train.append({"messages": messages})
+    for _ in range(40):  # multi-turn conversations
+        a, b = rng.sample(train_facts, 2)
+        train.append({"messages": turn(a) + turn(b)})
+    rng.shuffle(train)
+    evals = [{"messages": turn(f), "answer": f["answer"]} for f in held]
+    return train, evals
+
+
+def write_data(folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, evals = sft_rows()
+    for name, rows in (("sft_train.jsonl", train), ("sft_eval.jsonl", evals)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE like Phi-2's (GPT-2 pre-tokenisation), trained on the task corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = corpus_documents() + ["Instruct: Output: System: " + " ".join(SYSTEM_PROMPTS)]
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                   model_max_length=256)
+
+
+def tiny_config(vocab_size: int):
+    from transformers import PhiConfig
+
+    return PhiConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=256, partial_rotary_factor=0.4,
+        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+    )
+
+
+def pretrain(model, tokenizer, steps: int, seed: int, block: int = 64, batch: int = 32) -> list[float]:
+    """Full-parameter causal-LM pre-training on the corpus (documents joined by eos, cut in blocks)."""
+    import torch
+
+    rng = random.Random(seed)
+    docs = corpus_documents()
+    stream: list[int] = []
+    while len(stream) < steps * batch * block // 4:  # enough distinct blocks; reused cyclically
+        rng.shuffle(docs)
+        for d in docs:
+            stream += tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]
+    blocks = torch.tensor(stream[: len(stream) // block * block]).view(-1, block)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="pre-training tiny-phi", disable=None):
+        idx = torch.randint(len(blocks), (batch,), generator=gen)
+        out = model(input_ids=blocks[idx], labels=blocks[idx])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def _build_key(steps: int, seed: int) -> str:
+    payload = json.dumps([BUILD_VERSION, steps, seed, corpus_documents()]).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # several launched processes may ask at once; one builds
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_tiny_phi(steps: int = 600, seed: int = 0) -> Path:
+    """Path of the cached tiny base model folder, building it (atomically) if absent."""
+    target = cache_root() / f"tiny-phi-{_build_key(steps, seed)}"
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import PhiForCausalLM
+
+        log.info("building builtin:tiny-phi (once; cached at %s)", target)
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        model = PhiForCausalLM(tiny_config(len(tokenizer)))
+        losses = pretrain(model, tokenizer, steps=steps, seed=seed)
+        log.info("tiny-phi pre-training loss %.3f -> %.3f", sum(losses[:20]) / 20, sum(losses[-20:]) / 20)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "pretrain_losses.json").write_text(json.dumps(losses))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "write-data":
+        write_data(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "build":
+        logging.basicConfig(level=logging.INFO)
+        print(ensure_tiny_phi())
+    else:
+        sys.exit("usage: python -m finetune.tiny write-data FOLDER | build")
