@@ -53,3 +53,39 @@ def correctness(rows: list[dict], replies: list[str]) -> float | None:
     if not scored:
         return None
     return sum(normalise(a) == normalise(b) for a, b in scored) / len(scored)
+
+
+@torch.no_grad()
+def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
+    """Mean cross-entropy over every label token of `dataset` (input_ids / labels columns).
+
+    Computed here rather than by Trainer.evaluate, which cannot run before training under
+    DeepSpeed ZeRO-2 ("ZeRO inference only makes sense with ZeRO Stage 3"). Token-weighted, so
+    the figure does not depend on the batch size; with several processes each takes a shard and
+    the sums are all-reduced.
+    """
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    rows = list(range(rank, len(dataset), world))
+    for start in range(0, len(rows), batch_size):
+        batch = dataset.select(rows[start : start + batch_size])
+        width = max(len(x) for x in batch["input_ids"])
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_labels = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += torch.stack([loss.double(), (shift_labels != -100).sum().double()])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -172,3 +172,18 @@ def add_lora(model, recipe: Recipe, task: str = "causal_lm", adapter_name: str =
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def base_fingerprint(model) -> str:
+    """sha256 of every non-LoRA parameter's name, dtype and bytes: equal fingerprints = bitwise-equal base."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        if "lora_" in name:
+            continue
+        # PEFT prefixes names (base_model.model.); strip it so a bare base compares equal.
+        h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        h.update(str(p.dtype).encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -208,8 +208,15 @@ def _stage_config_class(stage: str):
 
 
 def _nearest(key: str, candidates) -> str:
-    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    candidates = [c for c in candidates if c != "source"]
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean '{match[0]}'?"
+    return f"; valid keys: {', '.join(candidates)}" if len(candidates) <= 12 else ""
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _type_ok(tp, value) -> bool:
@@ -265,7 +272,7 @@ def check_training_block(block: dict, config_cls, where: str, source: str, own_k
                 pass
         if not _type_ok(fields[key].type, value):
             raise RecipeError(
-                f"{source}: {where}.{key}: expected {fields[key].type}, got {type(value).__name__} {value!r}"
+                f"{source}: {where}.{key}: expected {_type_name(fields[key].type)}, got {type(value).__name__} {value!r}"
             )
 
 

@@ -16,8 +16,8 @@ import time
 
 from finetune.chat_template import tokenize_prompt
 from finetune.data import tokenize_conversations, train_eval_conversations
-from finetune.evaluation import correctness, generate_answers
-from finetune.modeling import add_lora, count_parameters, load_model, load_tokenizer, template_for
+from finetune.evaluation import correctness, eval_loss, generate_answers
+from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
 from finetune.outputs import commit_dir, print_summary, setup_logging, staging_dir, write_stage_files
 from finetune.recipe import Recipe, recipe_from_argv
 from finetune.training import check_precision, resume_from, trl_config
@@ -56,24 +56,28 @@ def run(recipe: Recipe) -> dict:
     log.info(eval_report.summary("eval"))
 
     model = add_lora(load_model(recipe), recipe)
+    fingerprint = base_fingerprint(model)
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
-    before = trainer.evaluate()
+    before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from(recipe, "sft", section.resume))
     runtime = time.time() - started
-    after = trainer.evaluate()
+    after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section)
+    base_after = base_fingerprint(model)
+    if base_after != fingerprint:
+        log.error("the frozen base changed during training (fingerprint %s -> %s)", fingerprint, base_after)
 
     epochs = trainer.state.epoch or 0
     metrics = {
-        "eval_loss_before": before["eval_loss"],
-        "eval_loss_after": after["eval_loss"],
-        "eval_loss_reduction": 1 - after["eval_loss"] / before["eval_loss"],
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "eval_loss_reduction": 1 - after / before,
         "correct_rate_before": correct_before,
         "correct_rate_after": correct_after,
         "train_loss": result.training_loss,
@@ -85,6 +89,8 @@ def run(recipe: Recipe) -> dict:
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
         "global_steps": trainer.state.global_step,
         "trainable_parameters": trainable,
+        "base_fingerprint": fingerprint,
+        "base_unchanged": base_after == fingerprint,
     }
     out = recipe.stage_dir("sft")
     tmp = staging_dir(out, reset=main_process)

@@ -1,0 +1,81 @@
+"""The `finetune` command: one entry point for every stage and tool.
+
+    finetune config RECIPE [key=value ...]       print the fully resolved recipe
+    finetune sft RECIPE [key=value ...]          run the SFT stage
+
+A stage whose recipe names `launch.accelerate_config` re-runs itself as
+`accelerate launch --config_file <that> finetune/<stage>.py RECIPE ...`, exactly the command a user
+would type, unless it is already running under a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from finetune.recipe import RecipeError, dump_recipe, load_recipe
+
+STAGES = ("sft",)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def launched() -> bool:
+    """True inside `accelerate launch` / torchrun (they set these for every process)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCH" in os.environ
+
+
+def stage_command(stage: str, recipe_path: str, overrides: list[str], accelerate_config: str | None,
+                  num_processes: int | None) -> list[str]:
+    """The command line that runs a stage: plain python, or accelerate launch with its config."""
+    script = str(PACKAGE_DIR / f"{stage}.py")
+    if accelerate_config is None:
+        return [sys.executable, script, recipe_path, *overrides]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    return [*cmd, script, recipe_path, *overrides]
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"finetune.{stage}")
+    if "--print-config" in argv or launched() or not argv:
+        return module.main(argv)
+    recipe_path, overrides = argv[0], argv[1:]
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.launch.accelerate_config is None:
+        return module.main(argv)
+    cmd = stage_command(stage, recipe_path, overrides, recipe.resolve_path(recipe.launch.accelerate_config),
+                        recipe.launch.num_processes)
+    print("+ " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: finetune {{config,{','.join(STAGES)}}} RECIPE [key=value ...]"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() if argv else usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "config":
+            if not rest:
+                print("usage: finetune config RECIPE [key=value ...]", file=sys.stderr)
+                return 2
+            print(dump_recipe(load_recipe(rest[0], rest[1:])), end="")
+            return 0
+        if command in STAGES:
+            return run_stage(command, rest)
+    except RecipeError as e:
+        print(f"finetune: recipe error:\n{e}", file=sys.stderr)
+        return 2
+    print(f"finetune: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
