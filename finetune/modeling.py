@@ -40,7 +40,10 @@ def fp32_qk_eager_attention(module: nn.Module, query, key, value, attention_mask
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query.float() * scaling, key.float().transpose(2, 3))
     if attention_mask is not None:
-        scores = scores + attention_mask.float()
+        # The eager mask is additive with the fp16 minimum (-65504), too small to mask fp32 scores of
+        # the size this guard exists for: mask by position instead.
+        masked = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask < 0
+        scores = scores.masked_fill(masked, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()

@@ -1,0 +1,56 @@
+"""Shared fixtures: the offline tiny model, its tokenizer, recipes in temp folders, one SFT run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = ROOT / "recipes" / "tiny_chat.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    from finetune.tiny import ensure_tiny_phi
+
+    return ensure_tiny_phi()
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    from finetune.recipe import load_recipe
+
+    return load_recipe(TINY_RECIPE)
+
+
+@pytest.fixture()
+def tokenizer(tiny_base, tiny_recipe):
+    from finetune.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_recipe)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, tiny_base):
+    """One full SFT run of the offline default, shared by the tests that inspect its output."""
+    from finetune import sft
+    from finetune.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("sft_run")
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={out}"])
+    metrics = sft.run(recipe)
+    return recipe, metrics, out / "sft"
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("FINETUNE_CACHE", str(Path.home() / ".cache" / "finetune"))
+    return env
