@@ -401,3 +401,42 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
     if getattr(recipe, stage, None) is None:
         raise RecipeError(f"{args.recipe}: {stage}: section missing; this recipe has no {stage} stage")
     return recipe
+
+
+def reference_markdown() -> str:
+    """The recipe reference (docs/recipe_reference.md), generated from the schema above."""
+    lines = ["# Recipe reference", "",
+             "Generated from `finetune/recipe.py` by `python -m finetune.recipe > docs/recipe_reference.md`; "
+             "a test keeps it in step with the code.", "",
+             "Relative paths in a recipe are relative to the recipe file, except `output_dir` (relative to the "
+             "directory you run from). Stage sections also take any field of the stage's TRL config "
+             "(`sft`: `trl.SFTConfig`, e.g. `sft.max_steps`, `sft.max_length`, `sft.packing`), and `training` "
+             "takes `transformers.TrainingArguments` fields shared by every stage. These keys are owned by "
+             "the recipe elsewhere and refused in training sections:", ""]
+    lines += [f"- `{k}` → {v}" for k, v in OWNED_ELSEWHERE.items()]
+    lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if name == "source":
+                continue
+            ann = field.annotation
+            sub = next((a for a in [ann, *typing.get_args(ann)] if isinstance(a, type) and issubclass(a, BaseModel)),
+                       None)
+            inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list and typing.get_args(ann) else None
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                sub, name = inner, f"{name}[]"
+            default = "required" if field.is_required() else (
+                "" if field.default_factory is not None and sub else repr(field.get_default(call_default_factory=True)))
+            type_name = _type_name(ann).replace("|", "or")
+            lines.append(f"| `{prefix}{name}` | {'section' if sub else type_name} | {default} | "
+                         f"{(field.description or '').replace('|', '/')} |")
+            if sub:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(Recipe, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

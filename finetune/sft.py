@@ -65,7 +65,8 @@ def run(recipe: Recipe) -> dict:
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from(recipe, "sft", section.resume))
+    checkpoint = resume_from(recipe, "sft", section.resume)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.time() - started
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section)
@@ -88,6 +89,7 @@ def run(recipe: Recipe) -> dict:
         "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
         "global_steps": trainer.state.global_step,
+        "resumed_from": checkpoint,
         "trainable_parameters": trainable,
         "base_fingerprint": fingerprint,
         "base_unchanged": base_after == fingerprint,

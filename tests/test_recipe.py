@@ -122,3 +122,10 @@ def test_cli_config_prints_resolved_recipe_and_reports_errors(capsys, tmp_path):
     assert "max_steps: 7" in capsys.readouterr().out
     assert main(["config", str(write(tmp_path, BASE)), "sft.max_lenght=3"]) == 2
     assert "did you mean 'max_length'?" in capsys.readouterr().err
+
+
+def test_recipe_reference_doc_is_in_step_with_the_schema():
+    from finetune.recipe import reference_markdown
+
+    assert (ROOT / "docs" / "recipe_reference.md").read_text() == reference_markdown(), (
+        "run: python -m finetune.recipe > docs/recipe_reference.md")
