@@ -127,3 +127,14 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, messages: list[dict
             )
         labels[len(prefix_ids) : end + 1] = input_ids[len(prefix_ids) : end + 1]
     return input_ids, labels
+
+
+def tokenize_reply(tokenizer, template: ChatTemplate, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, reply_ids) for one reply to a prompt: the prompt exactly as inference renders it,
+    the reply through its end-of-turn token (what DPO, the reward model and PPO score)."""
+    ids, labels = tokenize_conversation(tokenizer, template, prompt + [{"role": "assistant", "content": reply}])
+    end = max(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return ids[:start], ids[start : end + 1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune.recipe import RecipeError, dump_recipe, load_recipe
 
-STAGES = ("sft",)
+STAGES = ("sft", "reward", "dpo")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

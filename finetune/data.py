@@ -35,6 +35,7 @@ class DataReport:
 
     read: int = 0
     skipped_bad: int = 0
+    skipped_useless: int = 0
     dropped_overlong: int = 0
     used: int = 0
     examples: list[str] = field(default_factory=list)  # first few problems, for the log
@@ -47,6 +48,8 @@ class DataReport:
         text = f"{name}: {self.read} rows read, {self.used} used"
         if self.skipped_bad:
             text += f", {self.skipped_bad} malformed rows skipped"
+        if self.skipped_useless:
+            text += f", {self.skipped_useless} rows with identical chosen and rejected skipped"
         if self.dropped_overlong:
             text += f", {self.dropped_overlong} rows over max_length dropped"
         return text
@@ -164,9 +167,53 @@ def to_conversation(row, fmt: str, where: str) -> dict:
     return out
 
 
-def load_conversations(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,
-                       seed: int) -> list[dict]:
-    """Read, validate and mix sources by weight (fraction of each source's rows, >1 repeats)."""
+def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str):
+    """Full chosen / rejected conversations sharing a prefix -> (prompt, chosen reply, rejected reply)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: chosen and rejected conversations share no prompt; give a 'prompt' field")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def to_preference(row, fmt: str, where: str) -> dict | None:
+    """Validate one preference row -> {'prompt': messages, 'chosen': [assistant], 'rejected': [assistant]}.
+
+    Accepts prompt + chosen/rejected as strings or messages, and chosen/rejected as full
+    conversations sharing a prefix (no prompt). Returns None for chosen == rejected (reported).
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}; preference rows need prompt, chosen and rejected")
+    if "prompt" in row:
+        prompt = _as_turns(row["prompt"], "user", where, "prompt")
+        chosen = _as_turns(row["chosen"], "assistant", where, "chosen")
+        rejected = _as_turns(row["rejected"], "assistant", where, "rejected")
+    else:
+        prompt, chosen, rejected = _split_shared_prefix(
+            _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected"), where)
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise DataError(f"{where}: {name} must be one assistant reply after the prompt, got "
+                            f"{[m['role'] for m in reply]}")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends with an assistant turn; it must end with the user's turn")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        return None
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if row.get("answer") is not None:
+        out["answer"] = str(row["answer"])
+    return out
+
+
+def load_rows(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,
+              seed: int, convert=None) -> list[dict]:
+    """Read, validate (with `convert`, default: SFT conversations) and mix sources by weight
+    (fraction of each source's rows, >1 repeats)."""
+    convert = convert or to_conversation
     rng = random.Random(seed)
     mixed = []
     for source in sources:
@@ -178,7 +225,12 @@ def load_conversations(sources: list[DataSource], recipe: Recipe, skip_bad_rows:
             try:
                 if isinstance(row, DataError):
                     raise row
-                good.append(to_conversation(row, source.format, where))
+                converted = convert(row, source.format, where)
+                if converted is None:  # valid but useless (e.g. chosen == rejected): counted, not trained on
+                    report.skipped_useless += 1
+                    report.note(f"{where}: skipped (no learning signal)")
+                    continue
+                good.append(converted)
             except DataError as e:
                 if not skip_bad_rows:
                     raise DataError(f"{e} (or set data.skip_bad_rows: true to skip and count such rows)") from None
@@ -192,12 +244,12 @@ def load_conversations(sources: list[DataSource], recipe: Recipe, skip_bad_rows:
     return mixed
 
 
-def train_eval_conversations(section: DataSection, recipe: Recipe, seed: int):
+def train_eval_rows(section: DataSection, recipe: Recipe, seed: int, convert=None):
     """(train rows, eval rows, train report, eval report) with the held-out split made if needed."""
     train_report, eval_report = DataReport(), DataReport()
-    train = load_conversations(section.train, recipe, section.skip_bad_rows, train_report, seed)
+    train = load_rows(section.train, recipe, section.skip_bad_rows, train_report, seed, convert)
     if section.eval:
-        evals = load_conversations(section.eval, recipe, section.skip_bad_rows, eval_report, seed)
+        evals = load_rows(section.eval, recipe, section.skip_bad_rows, eval_report, seed, convert)
     else:
         k = max(1, round(len(train) * section.eval_fraction))
         evals, train = train[:k], train[k:]
@@ -210,6 +262,33 @@ def train_eval_conversations(section: DataSection, recipe: Recipe, seed: int):
 
 
 # ---------------------------------------------------------------- tokenization
+
+
+def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,
+                         on_overlong: str, report: DataReport, name: str):
+    """datasets.Dataset of prompt_ids / chosen_ids / rejected_ids (replies through their end-of-turn)."""
+    from datasets import Dataset
+
+    from .chat_template import tokenize_reply
+
+    cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for i, row in enumerate(rows):
+        p, c = tokenize_reply(tokenizer, template, row["prompt"], row["chosen"][0]["content"])
+        _, r = tokenize_reply(tokenizer, template, row["prompt"], row["rejected"][0]["content"])
+        longest = len(p) + max(len(c), len(r))
+        if longest > max_length:
+            if on_overlong == "error":
+                raise DataError(f"{name}: row {i + 1} has {longest} tokens > max_length {max_length}; raise "
+                                "max_length or set data.on_overlong: drop")
+            report.dropped_overlong += 1
+            continue
+        for key, value in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
+            cols[key].append(value)
+    report.used = len(cols["prompt_ids"])
+    if report.dropped_overlong:
+        log.warning("%s: %d pairs longer than max_length=%d were dropped (not truncated)",
+                    name, report.dropped_overlong, max_length)
+    return Dataset.from_dict(cols)
 
 
 def tokenize_conversations(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,

@@ -89,3 +89,82 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def held_out_correctness(model, tokenizer, template: ChatTemplate, rows: list[dict], limit: int,
+                         max_new_tokens: int) -> tuple[float | None, list[str]]:
+    """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness.
+
+    Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt)."""
+    rows = [r for r in rows if "answer" in r][:limit]
+    if not rows:
+        return None, []
+    prompts = [r["prompt"] if "prompt" in r else
+               r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in rows]
+    replies = generate_answers(model, tokenizer, template, prompts, max_new_tokens)
+    return correctness(rows, replies), replies
+
+
+def _pad(seqs: list[list[int]], pad: int):
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Scalar reward of each full sequence (sequence-classification head)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = _pad(sequences[start : start + batch_size], pad_token_id)
+        out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def pairwise_accuracy(model, dataset, pad_token_id: int) -> dict:
+    """Share of pairs whose chosen reply scores above the rejected one, and the mean margin."""
+    chosen = reward_scores(model, [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"])], pad_token_id)
+    rejected = reward_scores(model, [p + r for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])],
+                             pad_token_id)
+    return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+
+
+@torch.no_grad()
+def sequence_logps(model, prompts: list[list[int]], replies: list[list[int]], pad_token_id: int,
+                   batch_size: int = 32) -> torch.Tensor:
+    """Sum of log-probabilities of each reply given its prompt."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ps, rs = prompts[start : start + batch_size], replies[start : start + batch_size]
+        ids, mask = _pad([p + r for p, r in zip(ps, rs)], pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        reply_mask = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(ps, rs)):
+            reply_mask[i, len(p) : len(p) + len(r)] = 1
+        out.append((logps * reply_mask[:, 1:].to(device)).sum(-1).cpu())
+    return torch.cat(out)
+
+
+def dpo_eval(model, dataset, beta: float, pad_token_id: int) -> dict:
+    """Held-out DPO figures: implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, their
+    accuracy and margin, and the sigmoid DPO loss. The reference is the model with adapters disabled."""
+    was_training = model.training
+    model.eval()
+    p, c, r = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
+    pol_c, pol_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
+    with model.disable_adapter():
+        ref_c, ref_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
+    model.train(was_training)
+    chosen, rejected = beta * (pol_c - ref_c), beta * (pol_r - ref_r)
+    margin = chosen - rejected
+    return {"rewards_accuracy": (margin > 0).float().mean().item(), "rewards_margin": margin.mean().item(),
+            "loss": torch.nn.functional.softplus(-margin).mean().item()}

@@ -108,17 +108,26 @@ def template_for(recipe: Recipe):
     return load_template(recipe.resolve_path(name) if name.endswith(".jinja") else name)
 
 
-def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, **extra):
-    """The frozen base model as the recipe describes it (task: causal_lm or seq_cls)."""
+def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: list[str] = (), **extra):
+    """The frozen base model as the recipe describes it (task: causal_lm or seq_cls).
+
+    `merge`: adapter folders of earlier stages (e.g. the SFT output), merged into the base in
+    memory in order, so a new adapter starts from that model and "adapters disabled" means it.
+    Merging runs in fp32 and the result is then cast to the recipe's dtype (fp16 merges lose
+    precision: peft#2368).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = DTYPES[recipe.precision]
+    if merge and recipe.model.load_in_4bit:
+        raise RecipeError(f"{recipe.source}: model.load_in_4bit: a 4-bit base cannot have earlier stages' adapters "
+                          "merged into it; run later stages on the fp16/bf16 base")
     attn, reason = choose_attention(recipe.model.attn_implementation, dtype)
     if attn not in _logged_attention:
         _logged_attention.add(attn)
         log.info("attention kernel: %s (%s)", attn, reason)
     kwargs = dict(
-        dtype=dtype, attn_implementation=attn, use_safetensors=True,
+        dtype=torch.float32 if merge else dtype, attn_implementation=attn, use_safetensors=True,
         trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
     )
     if recipe.model.load_in_4bit:
@@ -130,6 +139,15 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, **extra
     model = cls.from_pretrained(resolve_model_path(recipe.model.name_or_path), **kwargs, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if merge:
+        from peft import PeftConfig, PeftModel
+
+        for folder in merge:
+            config = PeftConfig.from_pretrained(folder)
+            config.task_type = None  # a causal-LM adapter merges into a sequence-classifier's backbone too
+            model = PeftModel.from_pretrained(model, folder, config=config).merge_and_unload()
+            log.info("merged adapter %s into the base", folder)
+        model = model.to(dtype)
     return model
 
 
@@ -178,12 +196,13 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def base_fingerprint(model) -> str:
-    """sha256 of every non-LoRA parameter's name, dtype and bytes: equal fingerprints = bitwise-equal base."""
+    """sha256 of every frozen base parameter's name, dtype and bytes: equal fingerprints = bitwise-equal
+    base. LoRA weights and trained copies of heads (PEFT modules_to_save) are not part of the base."""
     import hashlib
 
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
-        if "lora_" in name:
+        if "lora_" in name or ".modules_to_save." in name:
             continue
         # PEFT prefixes names (base_model.model.); strip it so a bare base compares equal.
         h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())

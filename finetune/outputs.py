@@ -81,3 +81,23 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
     print(f"\n== {title} ==", file=sys.stderr)
     for key, value in lines:
         print(f"  {key:<{width}}  {value}", file=sys.stderr)
+
+
+def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) -> Path:
+    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
+    template, resolved recipe, metrics.json. Every launched process calls this; the main one writes."""
+    out = recipe.stage_dir(stage)
+    main_process = trainer.accelerator.is_main_process
+    tmp = staging_dir(out, reset=main_process)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    if main_process:
+        tokenizer.save_pretrained(str(tmp))  # includes the chat template
+        write_stage_files(tmp, recipe, metrics)
+        commit_dir(tmp, out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"

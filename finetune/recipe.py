@@ -127,6 +127,9 @@ OWNED_ELSEWHERE = {
     "eos_token": "template.name (the template's end-of-turn token)",
     "pad_token": "the tokenizer (pad is set by finetune)",
     "model_init_kwargs": "model",
+    "ref_model_init_kwargs": "model",
+    "model_adapter_name": "<stage>.start_from",
+    "ref_adapter_name": "<stage>.start_from (the reference is the start model, adapters disabled)",
 }
 
 
@@ -148,6 +151,29 @@ class SftSection(_StageSection):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the correctness check and the sample.")
 
 
+class PreferenceStageSection(_StageSection):
+    data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+    start_from: str | None = Field(
+        None, description="Adapter folder merged into the base before training (default: <output_dir>/sft; "
+        "'base' for none; relative to the cwd like output_dir). Its recipe must name the same base model and "
+        "template.",
+    )
+    resume: bool | str = Field(
+        True, description="true: continue from the newest checkpoint if any; false: start over; or a checkpoint path."
+    )
+    eval_generate_rows: int = Field(
+        64, ge=0, description="Held-out prompts answered greedily to measure correctness (rows with an `answer`).")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget for the correctness check.")
+
+
+class RewardSection(PreferenceStageSection):
+    """Reward model: a LoRA sequence-classification head on the SFT model (trl.RewardConfig fields too)."""
+
+
+class DpoSection(PreferenceStageSection):
+    """DPO (trl.DPOConfig fields too: beta, loss_type, precompute_ref_log_probs, ...)."""
+
+
 class Recipe(_Section):
     output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/` (relative to the cwd).")
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
@@ -164,6 +190,8 @@ class Recipe(_Section):
         default_factory=dict, description="Shared transformers.TrainingArguments defaults for every stage."
     )
     sft: SftSection | None = None
+    reward: RewardSection | None = None
+    dpo: DpoSection | None = None
 
     # Where the recipe came from; set by load_recipe, not by YAML.
     source: str = Field("<memory>", exclude=True, description="internal")
@@ -191,13 +219,20 @@ class Recipe(_Section):
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
 
+    def start_adapters(self, stage: str) -> list[str]:
+        """Adapter folders a stage merges into the base before training (default: the SFT output)."""
+        start = getattr(self, stage).start_from
+        if start == "base":
+            return []
+        return [str(self.stage_dir("sft") if start is None else Path(start).expanduser())]
+
     def training_args(self, stage: str) -> dict[str, Any]:
         """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section."""
         section = getattr(self, stage)
         return {**self.training, **((section.model_extra or {}) if section is not None else {})}
 
 
-STAGE_CONFIG_CLASSES = {"sft": ("trl", "SFTConfig")}
+STAGE_CONFIG_CLASSES = {"sft": ("trl", "SFTConfig"), "reward": ("trl", "RewardConfig"), "dpo": ("trl", "DPOConfig")}
 
 
 def _stage_config_class(stage: str):

@@ -15,23 +15,14 @@ import sys
 import time
 
 from finetune.chat_template import tokenize_prompt
-from finetune.data import tokenize_conversations, train_eval_conversations
-from finetune.evaluation import correctness, eval_loss, generate_answers
+from finetune.data import tokenize_conversations, train_eval_rows
+from finetune.evaluation import eval_loss, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
-from finetune.outputs import commit_dir, print_summary, setup_logging, staging_dir, write_stage_files
+from finetune.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.recipe import Recipe, recipe_from_argv
 from finetune.training import check_precision, resume_from, trl_config
 
 log = logging.getLogger("finetune.sft")
-
-
-def held_out_correctness(model, tokenizer, template, rows, section):
-    rows = [r for r in rows if "answer" in r][: section.eval_generate_rows]
-    if not rows:
-        return None, []
-    replies = generate_answers(model, tokenizer, template, [r["messages"][:-1] if r["messages"][-1]["role"] ==
-                               "assistant" else r["messages"] for r in rows], section.max_new_tokens)
-    return correctness(rows, replies), replies
 
 
 def run(recipe: Recipe) -> dict:
@@ -47,7 +38,7 @@ def run(recipe: Recipe) -> dict:
     main_process = args.process_index == 0
     setup_logging(main_process)
 
-    train_rows, eval_rows, train_report, eval_report = train_eval_conversations(section.data, recipe, recipe.seed)
+    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed)
     train_ds = tokenize_conversations(train_rows, tokenizer, template, args.max_length, section.data.on_overlong,
                                       train_report, "train")
     eval_ds = tokenize_conversations(eval_rows, tokenizer, template, args.max_length, section.data.on_overlong,
@@ -63,13 +54,15 @@ def run(recipe: Recipe) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
-    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section)
+    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
+                                                  section.max_new_tokens)
     started = time.time()
     checkpoint = resume_from(recipe, "sft", section.resume)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.time() - started
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
-    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section)
+    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
+                                                  section.max_new_tokens)
     base_after = base_fingerprint(model)
     if base_after != fingerprint:
         log.error("the frozen base changed during training (fingerprint %s -> %s)", fingerprint, base_after)
@@ -94,18 +87,9 @@ def run(recipe: Recipe) -> dict:
         "base_fingerprint": fingerprint,
         "base_unchanged": base_after == fingerprint,
     }
-    out = recipe.stage_dir("sft")
-    tmp = staging_dir(out, reset=main_process)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
-    if main_process:
-        tokenizer.save_pretrained(str(tmp))  # includes the chat template
-        write_stage_files(tmp, recipe, metrics)
-        commit_dir(tmp, out)
-    trainer.accelerator.wait_for_everyone()
+    out = save_stage(trainer, recipe, "sft", tokenizer, metrics)
     if main_process:
         sample = eval_rows[0]["messages"] if eval_rows else None
-        rate = lambda r: "n/a" if r is None else f"{r:.0%}"  # noqa: E731
         print_summary("SFT done", [
             ("eval loss", f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
                           f"({metrics['eval_loss_reduction']:.0%} lower)"),

@@ -114,11 +114,39 @@ def sft_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def wrong_answer(f: dict, rng: random.Random) -> str:
+    """A plausible wrong answer of the same kind (a near sum, another letter, another word)."""
+    if f["family"] == "add":
+        c = int(f["answer"])
+        return str(rng.choice([x for x in (c - 2, c - 1, c + 1, c + 2) if x >= 0]))
+    if f["family"] == "letter":
+        return rng.choice([chr(97 + i) for i in range(26) if chr(97 + i) != f["answer"]])
+    words = sorted({w for pair in OPPOSITES for w in pair} - {f["answer"]})
+    return rng.choice(words)
+
+
+def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Preference pairs: the correct answer is chosen, a wrong one rejected (train / held-out facts)."""
+    rng = random.Random(seed + 2)
+    train_facts, held = split_facts(seed)
+
+    def pair(f):
+        return {"prompt": [{"role": "user", "content": f["question"]}],
+                "chosen": [{"role": "assistant", "content": f["answer"]}],
+                "rejected": [{"role": "assistant", "content": wrong_answer(f, rng)}], "answer": f["answer"]}
+
+    train = [pair(f) for f in train_facts for _ in range(4)]  # several wrong answers per fact
+    rng.shuffle(train)
+    return train, [pair(f) for f in held]
+
+
 def write_data(folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, evals = sft_rows()
-    for name, rows in (("sft_train.jsonl", train), ("sft_eval.jsonl", evals)):
+    pref_train, pref_evals = preference_rows()
+    for name, rows in (("sft_train.jsonl", train), ("sft_eval.jsonl", evals), ("pref_train.jsonl", pref_train),
+                       ("pref_eval.jsonl", pref_evals)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

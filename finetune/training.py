@@ -58,3 +58,26 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
     if last:
         log.info("resuming %s from %s", stage, last)
     return last
+
+
+def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
+    """The adapters a stage starts from, checked: present, and made for this base and template."""
+    import yaml
+
+    folders = recipe.start_adapters(stage)
+    for folder in folders:
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file():
+            raise RecipeError(
+                f"{recipe.source}: {stage}.start_from: no adapter at {path}; run the stage that makes it first "
+                f"(e.g. finetune sft {recipe.source}) or set {stage}.start_from=base"
+            )
+        made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+        for key, ours in (("model", recipe.model.name_or_path), ("template", recipe.template.name)):
+            theirs = (made.get(key) or {}).get("name_or_path" if key == "model" else "name")
+            if theirs != ours:
+                raise RecipeError(
+                    f"{recipe.source}: {stage}.start_from: {path} was trained with {key} {theirs!r}, this recipe "
+                    f"uses {ours!r}; point start_from at an output of the same base model and template"
+                )
+    return folders

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from finetune.chat_template import load_template
-from finetune.data import DataError, DataReport, tokenize_conversations, train_eval_conversations
+from finetune.data import DataError, DataReport, tokenize_conversations, train_eval_rows
 from finetune.recipe import validate_recipe
 
 from .conftest import ROOT, write_jsonl
@@ -19,7 +19,7 @@ def recipe_for(tmp_path, train, **data):
 def load(tmp_path, rows, name="d.jsonl", **data):
     write_jsonl(tmp_path / name, rows)
     r = recipe_for(tmp_path, [{"path": name}], **data)
-    return train_eval_conversations(r.sft.data, r, seed=0)
+    return train_eval_rows(r.sft.data, r, seed=0)
 
 
 @pytest.mark.parametrize("row, message", [
@@ -72,7 +72,7 @@ def test_other_local_formats(tmp_path, suffix):
     else:
         pd.DataFrame(rows).to_parquet(path)
     r = recipe_for(tmp_path, [{"path": path.name}], eval=[{"path": path.name}])
-    train, evals, rep, _ = train_eval_conversations(r.sft.data, r, seed=0)
+    train, evals, rep, _ = train_eval_rows(r.sft.data, r, seed=0)
     assert len(train) == 10 and rep.read == 10 and {c["messages"][1]["content"] for c in train} == {
         f"a{i}" for i in range(10)}
 
@@ -82,11 +82,11 @@ def test_mixture_weights_and_missing_file(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c"}] * 10)
     r = recipe_for(tmp_path, [{"path": "a.jsonl", "weight": 0.5}, {"path": "b.jsonl", "weight": 2.0}],
                    eval=[{"path": "a.jsonl"}])
-    train, _, report, _ = train_eval_conversations(r.sft.data, r, seed=0)
+    train, _, report, _ = train_eval_rows(r.sft.data, r, seed=0)
     assert len(train) == 25 and sum(c["messages"][0]["content"] == "p" for c in train) == 20
     r = recipe_for(tmp_path, [{"path": "missing.jsonl"}])
     with pytest.raises(DataError, match="missing.jsonl: data file not found"):
-        train_eval_conversations(r.sft.data, r, seed=0)
+        train_eval_rows(r.sft.data, r, seed=0)
 
 
 def test_overlong_rows_are_counted_never_cut(tokenizer):
@@ -104,7 +104,7 @@ def test_shipped_tiny_data_is_what_the_generator_writes(tmp_path):
     from finetune.tiny import write_data
 
     write_data(tmp_path)
-    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+    for name in ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl"):
         assert (tmp_path / name).read_text() == (ROOT / "data" / "tiny" / name).read_text()
     held = [json.loads(x) for x in (ROOT / "data/tiny/sft_eval.jsonl").read_text().splitlines()]
     train = (ROOT / "data/tiny/sft_train.jsonl").read_text()

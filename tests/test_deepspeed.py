@@ -35,3 +35,19 @@ def test_zero2_two_processes_trains_adapter_and_keeps_base_bitwise(tmp_path, tin
     lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     assert len(lora_b) == 4 * 6 and all(torch.count_nonzero(p) > 0 for p in lora_b.values())
     assert base_fingerprint(model) == metrics["base_fingerprint"]
+
+
+def test_dpo_under_zero2_two_processes(tmp_path, sft_run):
+    """DPO with a PEFT reference (adapters disabled) under ZeRO-2 (trl#2062 failed there before)."""
+    import shutil
+
+    _, _, sft_out = sft_run
+    shutil.copytree(sft_out, tmp_path / "sft")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", "recipes/accelerate/deepspeed_zero2_cpu.yaml",
+           "finetune/dpo.py", "recipes/tiny_chat.yaml", "deepspeed=deepspeed/zero2.json",
+           f"output_dir={tmp_path}", "dpo.max_steps=6", "dpo.eval_generate_rows=4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    metrics = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
+    assert metrics["global_steps"] == 6 and metrics["eval_rewards_margin"] > 0 and metrics["base_unchanged"]

@@ -1,0 +1,125 @@
+"""DPO stage: LoRA direct preference optimisation on top of the SFT model.
+
+    accelerate launch finetune/dpo.py RECIPE [key=value ...]
+    finetune dpo RECIPE [key=value ...]
+
+load recipe -> pairs -> SFT-merged base + new LoRA (reference = adapters disabled = the SFT model)
+-> held-out DPO figures and correctness before -> train (TRL DPOTrainer) -> after -> save -> summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from finetune.data import to_preference, tokenize_preferences, train_eval_rows
+from finetune.evaluation import dpo_eval, held_out_correctness
+from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
+from finetune.outputs import print_summary, rate, save_stage, setup_logging
+from finetune.recipe import Recipe, recipe_from_argv
+from finetune.training import check_precision, check_start_adapters, resume_from, trl_config
+
+log = logging.getLogger("finetune.dpo")
+
+
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer fed prompt_ids / chosen_ids / rejected_ids built by finetune.chat_template.
+
+        TRL would re-render and re-tokenize the conversations itself (and, for conversational rows,
+        train the tokens after the end-of-turn token too); our rows already hold exactly the
+        inference prompt and each reply through its end-of-turn token, and over-long rows were
+        counted and dropped, so preparation is skipped.
+        """
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PreTokenizedDPOTrainer
+
+
+def run(recipe: Recipe) -> dict:
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    section = recipe.dpo
+    check_precision(recipe)
+    start = check_start_adapters(recipe, "dpo")
+    set_seed(recipe.seed)
+    template = template_for(recipe)
+    tokenizer = load_tokenizer(recipe)
+    args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
+    main_process = args.process_index == 0
+    setup_logging(main_process)
+
+    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed,
+                                                                       to_preference)
+    pairs = {name: tokenize_preferences(rows, tokenizer, template, args.max_length, section.data.on_overlong,
+                                        report, name)
+             for name, rows, report in (("train", train_rows, train_report), ("eval", eval_rows, eval_report))}
+    log.info(train_report.summary("train"))
+    log.info(eval_report.summary("eval"))
+
+    model = add_lora(load_model(recipe, merge=start), recipe)
+    fingerprint = base_fingerprint(model)
+    trainable, total = count_parameters(model)
+    log.info("LoRA: %d trainable of %d parameters; reference = the start model (adapters disabled)", trainable, total)
+
+    trainer = _trainer_class()(model=model, args=args, train_dataset=pairs["train"], eval_dataset=pairs["eval"],
+                               processing_class=tokenizer)
+    pad, beta = tokenizer.pad_token_id, args.beta
+    before = dpo_eval(model, pairs["eval"], beta, pad)
+    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
+                                             section.max_new_tokens)
+    started = time.time()
+    checkpoint = resume_from(recipe, "dpo", section.resume)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.time() - started
+    after = dpo_eval(model, pairs["eval"], beta, pad)
+    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
+                                                  section.max_new_tokens)
+
+    metrics = {
+        "eval_loss_before": before["loss"], "eval_loss": after["loss"],
+        "eval_rewards_accuracy_before": before["rewards_accuracy"], "eval_rewards_accuracy": after["rewards_accuracy"],
+        "eval_rewards_margin_before": before["rewards_margin"], "eval_rewards_margin": after["rewards_margin"],
+        # correctness of greedy answers on held-out prompts: the start (SFT) model vs the DPO model
+        "correct_rate_start": correct_before, "correct_rate_after": correct_after,
+        "beta": beta, "loss_type": list(args.loss_type),
+        "train_loss": result.training_loss, "train_runtime_s": runtime,
+        "train_pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"]),
+        "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
+        "skipped_identical_pairs": train_report.skipped_useless + eval_report.skipped_useless,
+        "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
+        "global_steps": trainer.state.global_step, "resumed_from": checkpoint, "start_from": start,
+        "base_fingerprint": fingerprint, "base_unchanged": base_fingerprint(model) == fingerprint,
+    }
+    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
+    if main_process:
+        print_summary("DPO done", [
+            ("held-out DPO loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
+            ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),
+            ("reward margin", f"{before['rewards_margin']:.3f} -> {after['rewards_margin']:.3f}"),
+            ("held-out correct", f"{rate(correct_before)} (start model) -> {rate(correct_after)} (DPO)"),
+            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {runtime:.1f}s"),
+            ("sample reply", repr(replies[0]) if replies else "n/a"),
+            ("started from", ", ".join(start) or "the base"),
+            ("output", str(out)),
+        ])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, "dpo", "finetune dpo")
+    if recipe is not None:
+        run(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Reward model and DPO chained from the SFT output of the offline default."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.recipe import RecipeError, load_recipe
+
+from .conftest import TINY_RECIPE
+
+
+@pytest.fixture(scope="module")
+def chained(sft_run):
+    _, _, sft_out = sft_run
+    return [f"output_dir={sft_out.parent}"]
+
+
+def test_dpo_prefers_the_correct_answer_on_held_out_pairs(chained, tiny_base):
+    from finetune import dpo
+
+    m = dpo.run(load_recipe(TINY_RECIPE, chained))
+    assert m["start_from"][0].endswith("/sft")
+    assert m["eval_rewards_accuracy_before"] == 0.0 and m["eval_rewards_margin_before"] == 0.0  # policy == reference
+    assert m["eval_rewards_accuracy"] >= 0.8 and m["eval_rewards_margin"] > 0
+    assert m["eval_loss"] < m["eval_loss_before"]
+    assert m["correct_rate_after"] >= m["correct_rate_start"]
+    assert m["base_unchanged"]
+
+
+def test_reward_stage_trains_and_saves_its_score_head(chained, sft_run):
+    from finetune import reward
+
+    m = reward.run(load_recipe(TINY_RECIPE, chained))
+    out = load_recipe(TINY_RECIPE, chained).stage_dir("reward")
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("score" in k for k in weights) and any("lora_B" in k for k in weights)
+    assert m["base_unchanged"] and m["global_steps"] > 0
+    assert set(json.loads((out / "metrics.json").read_text())) >= {"eval_accuracy_before", "eval_accuracy"}
+    assert all(torch.isfinite(torch.tensor([m["eval_margin"], m["train_loss"]])))
+
+
+def test_start_from_a_mismatched_or_missing_output_is_refused(chained, tmp_path, sft_run):
+    from finetune import dpo
+
+    with pytest.raises(RecipeError, match="was trained with template 'phi_instruct', this recipe uses 'phi3'"):
+        dpo.run(load_recipe(TINY_RECIPE, chained + ["template.name=phi3"]))
+    with pytest.raises(RecipeError, match="dpo.start_from: no adapter at .*run the stage that makes it first"):
+        dpo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"]))
