@@ -13,12 +13,11 @@ import logging
 import sys
 import time
 
-from finetune.data import to_preference, tokenize_preferences, train_eval_rows
 from finetune.evaluation import dpo_eval, held_out_correctness
-from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
-from finetune.outputs import print_summary, rate, save_stage, setup_logging
+from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
+from finetune.outputs import print_summary, rate, save_stage
 from finetune.recipe import Recipe, recipe_from_argv
-from finetune.training import check_precision, check_start_adapters, resume_from, trl_config
+from finetune.training import prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.dpo")
 
@@ -44,26 +43,12 @@ def _trainer_class():
 
 
 def run(recipe: Recipe) -> dict:
-    from transformers import set_seed
     from trl import DPOConfig
 
     section = recipe.dpo
-    check_precision(recipe)
-    start = check_start_adapters(recipe, "dpo")
-    set_seed(recipe.seed)
-    template = template_for(recipe)
-    tokenizer = load_tokenizer(recipe)
-    args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
-    main_process = args.process_index == 0
-    setup_logging(main_process)
-
-    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed,
-                                                                       to_preference)
-    pairs = {name: tokenize_preferences(rows, tokenizer, template, args.max_length, section.data.on_overlong,
-                                        report, name)
-             for name, rows, report in (("train", train_rows, train_report), ("eval", eval_rows, eval_report))}
-    log.info(train_report.summary("train"))
-    log.info(eval_report.summary("eval"))
+    setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
+    start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
+    eval_rows = setup.eval_rows
 
     model = add_lora(load_model(recipe, merge=start), recipe)
     fingerprint = base_fingerprint(model)
@@ -91,16 +76,12 @@ def run(recipe: Recipe) -> dict:
         # correctness of greedy answers on held-out prompts: the start (SFT) model vs the DPO model
         "correct_rate_start": correct_before, "correct_rate_after": correct_after,
         "beta": beta, "loss_type": list(args.loss_type),
-        "train_loss": result.training_loss, "train_runtime_s": runtime,
-        "train_pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"]),
-        "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
-        "skipped_identical_pairs": train_report.skipped_useless + eval_report.skipped_useless,
-        "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
-        "global_steps": trainer.state.global_step, "resumed_from": checkpoint, "start_from": start,
+        "train_loss": result.training_loss, "train_runtime_s": runtime, **setup.data_metrics(),
+        "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
         "base_fingerprint": fingerprint, "base_unchanged": base_fingerprint(model) == fingerprint,
     }
     out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
-    if main_process:
+    if setup.main_process:
         print_summary("DPO done", [
             ("held-out DPO loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
             ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),

@@ -13,37 +13,22 @@ import logging
 import sys
 import time
 
-from finetune.data import to_preference, tokenize_preferences, train_eval_rows
 from finetune.evaluation import pairwise_accuracy
-from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
-from finetune.outputs import print_summary, save_stage, setup_logging
+from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
+from finetune.outputs import print_summary, save_stage
 from finetune.recipe import Recipe, recipe_from_argv
-from finetune.training import check_precision, check_start_adapters, resume_from, trl_config
+from finetune.training import prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.reward")
 
 
 def run(recipe: Recipe) -> dict:
-    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     section = recipe.reward
-    check_precision(recipe)
-    start = check_start_adapters(recipe, "reward")
-    set_seed(recipe.seed)
-    template = template_for(recipe)
-    tokenizer = load_tokenizer(recipe)
-    args = trl_config(recipe, "reward", RewardConfig, eval_strategy="no")
-    main_process = args.process_index == 0
-    setup_logging(main_process)
+    setup = prepare_preference_stage(recipe, "reward", RewardConfig)
+    start, tokenizer, args, pairs = setup.start, setup.tokenizer, setup.args, setup.pairs
 
-    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed,
-                                                                       to_preference)
-    pairs = {}
-    for name, rows, report in (("train", train_rows, train_report), ("eval", eval_rows, eval_report)):
-        ds = tokenize_preferences(rows, tokenizer, template, args.max_length, section.data.on_overlong, report, name)
-        pairs[name] = ds
-        log.info(report.summary(name))
     # RewardTrainer takes full sequences (prompt + reply through its end-of-turn token) as
     # chosen_ids / rejected_ids and, seeing them already tokenized, does not tokenize again.
     as_reward = {name: ds.map(lambda r: {"chosen_ids": r["prompt_ids"] + r["chosen_ids"],
@@ -69,21 +54,17 @@ def run(recipe: Recipe) -> dict:
     metrics = {
         "eval_accuracy_before": before["accuracy"], "eval_accuracy": after["accuracy"],
         "eval_margin_before": before["margin"], "eval_margin": after["margin"],
-        "train_loss": result.training_loss, "train_runtime_s": runtime,
-        "train_pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"]),
-        "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
-        "skipped_identical_pairs": train_report.skipped_useless + eval_report.skipped_useless,
-        "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
-        "global_steps": trainer.state.global_step, "resumed_from": checkpoint, "start_from": start,
+        "train_loss": result.training_loss, "train_runtime_s": runtime, **setup.data_metrics(),
+        "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
         "base_fingerprint": fingerprint, "base_unchanged": base_fingerprint(model) == fingerprint,
     }
     out = save_stage(trainer, recipe, "reward", tokenizer, metrics)
-    if main_process:
+    if setup.main_process:
         print_summary("reward model done", [
             ("held-out pair accuracy", f"{before['accuracy']:.0%} -> {after['accuracy']:.0%}"),
             ("mean margin", f"{before['margin']:.3f} -> {after['margin']:.3f}"),
             ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {runtime:.1f}s"),
-            ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
+            ("data", setup.data_summary()),
             ("started from", ", ".join(start) or "the base"),
             ("output", str(out)),
         ])

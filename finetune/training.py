@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,3 +82,59 @@ def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
                     f"uses {ours!r}; point start_from at an output of the same base model and template"
                 )
     return folders
+
+
+@dataclass
+class PreferenceSetup:
+    """What the preference stages (reward, DPO) share before their model is built."""
+
+    start: list[str]
+    template: object
+    tokenizer: object
+    args: object
+    pairs: dict  # name -> datasets.Dataset of prompt_ids / chosen_ids / rejected_ids
+    eval_rows: list[dict]
+    reports: dict  # name -> DataReport
+
+    @property
+    def main_process(self) -> bool:
+        return self.args.process_index == 0
+
+    def data_metrics(self) -> dict:
+        train, evals = self.reports["train"], self.reports["eval"]
+        return {
+            "train_pairs": len(self.pairs["train"]), "eval_pairs": len(self.pairs["eval"]),
+            "skipped_bad_rows": train.skipped_bad + evals.skipped_bad,
+            "skipped_identical_pairs": train.skipped_useless + evals.skipped_useless,
+            "dropped_overlong_rows": train.dropped_overlong + evals.dropped_overlong,
+            "start_from": self.start,
+        }
+
+    def data_summary(self) -> str:
+        return "; ".join(report.summary(name) for name, report in self.reports.items())
+
+
+def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> PreferenceSetup:
+    """Checks, seed, tokenizer, TRL config and tokenized preference pairs for a preference stage."""
+    from transformers import set_seed
+
+    from .data import to_preference, tokenize_preferences, train_eval_rows
+    from .modeling import load_tokenizer, template_for
+    from .outputs import setup_logging
+
+    section = getattr(recipe, stage)
+    check_precision(recipe)
+    start = check_start_adapters(recipe, stage)
+    set_seed(recipe.seed)
+    template, tokenizer = template_for(recipe), load_tokenizer(recipe)
+    args = trl_config(recipe, stage, config_cls, eval_strategy="no")
+    setup_logging(args.process_index == 0)
+    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed,
+                                                                       to_preference)
+    reports = {"train": train_report, "eval": eval_report}
+    pairs = {name: tokenize_preferences(rows, tokenizer, template, args.max_length, section.data.on_overlong,
+                                        reports[name], name)
+             for name, rows in (("train", train_rows), ("eval", eval_rows))}
+    setup = PreferenceSetup(start, template, tokenizer, args, pairs, eval_rows, reports)
+    log.info(setup.data_summary())
+    return setup
