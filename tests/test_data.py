@@ -109,3 +109,22 @@ def test_shipped_tiny_data_is_what_the_generator_writes(tmp_path):
     held = [json.loads(x) for x in (ROOT / "data/tiny/sft_eval.jsonl").read_text().splitlines()]
     train = (ROOT / "data/tiny/sft_train.jsonl").read_text()
     assert all(f'"{r["messages"][0]["content"]}"' not in train for r in held)  # held-out questions stay out
+
+
+def test_hub_dataset_ids_pass_config_and_split(tmp_path, monkeypatch):
+    """No hub here: check a hub id reaches datasets.load_dataset with its config and split."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([GOOD] * 4)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    r = recipe_for(tmp_path, [{"path": "HuggingFaceH4/ultrachat_200k", "config": "default", "split": "train_sft"}],
+                   eval=[{"path": "HuggingFaceH4/ultrachat_200k", "split": "test_sft"}])
+    train, evals, report, _ = train_eval_rows(r.sft.data, r, seed=0)
+    assert calls == [("HuggingFaceH4/ultrachat_200k", "default", "train_sft"),
+                     ("HuggingFaceH4/ultrachat_200k", None, "test_sft")]
+    assert len(train) == 4 and report.read == 4

@@ -129,3 +129,10 @@ def test_recipe_reference_doc_is_in_step_with_the_schema():
 
     assert (ROOT / "docs" / "recipe_reference.md").read_text() == reference_markdown(), (
         "run: python -m finetune.recipe > docs/recipe_reference.md")
+
+
+def test_stage_print_config_flag_prints_and_does_not_run(capsys):
+    from finetune.recipe import recipe_from_argv
+
+    assert recipe_from_argv([str(TINY_RECIPE), "sft.max_steps=9", "--print-config"], "sft", "finetune sft") is None
+    assert "max_steps: 9" in capsys.readouterr().out

@@ -64,8 +64,11 @@ def test_console_script_and_script_path_with_overrides(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "a/sft/metrics.json").read_text())["global_steps"] == 3
     assert "SFT done" in res.stderr and "eval loss" in res.stderr
-    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}/b", *quick)
+    # the script-path form, here with padding-free packing (per-sequence position ids)
+    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}/b",
+                  "sft.packing=true", *quick)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Packing train dataset" in res.stderr
     assert (tmp_path / "b/sft/adapter_model.safetensors").is_file()
 
 
