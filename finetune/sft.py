@@ -34,7 +34,7 @@ def run(recipe: Recipe) -> dict:
     set_seed(recipe.seed)
     template = template_for(recipe)
     tokenizer = load_tokenizer(recipe)
-    args = trl_config(recipe, "sft", SFTConfig, eval_strategy="no", dataset_kwargs={"skip_prepare_dataset": False})
+    args = trl_config(recipe, "sft", SFTConfig, eval_strategy="no")
     main_process = args.process_index == 0
     setup_logging(main_process)
 
@@ -55,7 +55,7 @@ def run(recipe: Recipe) -> dict:
                          processing_class=tokenizer)
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
-                                                  section.max_new_tokens)
+                                             section.max_new_tokens)
     started = time.time()
     checkpoint = resume_from(recipe, "sft", section.resume)
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -218,7 +218,7 @@ def cache_root() -> Path:
 
 
 def _build_key(steps: int, seed: int) -> str:
-    config = {k: v for k, v in tiny_config(0).to_dict().items() if k != "vocab_size"}
+    config = {k: v for k, v in tiny_config(1024).to_dict().items() if k != "vocab_size"}
     payload = json.dumps([BUILD_VERSION, steps, seed, corpus_documents(), config], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:12]
 
