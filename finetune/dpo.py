@@ -16,7 +16,7 @@ import time
 from finetune.evaluation import dpo_eval, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
 from finetune.outputs import print_summary, rate, save_stage
-from finetune.recipe import Recipe, recipe_from_argv
+from finetune.recipe import Recipe, stage_main
 from finetune.training import prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.dpo")
@@ -96,10 +96,7 @@ def run(recipe: Recipe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, "dpo", "finetune dpo")
-    if recipe is not None:
-        run(recipe)
-    return 0
+    return stage_main("dpo", run, argv)
 
 
 if __name__ == "__main__":

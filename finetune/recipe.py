@@ -438,6 +438,16 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
     return recipe
 
 
+def stage_main(stage: str, run, argv: list[str] | None) -> int:
+    """What every stage script's main() does: parse `RECIPE [overrides] [--print-config]`, then run."""
+    import sys
+
+    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
+    if recipe is not None:
+        run(recipe)
+    return 0
+
+
 def reference_markdown() -> str:
     """The recipe reference (docs/recipe_reference.md), generated from the schema above."""
     lines = ["# Recipe reference", "",

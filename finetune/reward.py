@@ -16,7 +16,7 @@ import time
 from finetune.evaluation import pairwise_accuracy
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
 from finetune.outputs import print_summary, save_stage
-from finetune.recipe import Recipe, recipe_from_argv
+from finetune.recipe import Recipe, stage_main
 from finetune.training import prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.reward")
@@ -72,10 +72,7 @@ def run(recipe: Recipe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, "reward", "finetune reward")
-    if recipe is not None:
-        run(recipe)
-    return 0
+    return stage_main("reward", run, argv)
 
 
 if __name__ == "__main__":

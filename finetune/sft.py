@@ -19,7 +19,7 @@ from finetune.data import tokenize_conversations, train_eval_rows
 from finetune.evaluation import eval_loss, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
 from finetune.outputs import print_summary, rate, save_stage, setup_logging
-from finetune.recipe import Recipe, recipe_from_argv
+from finetune.recipe import Recipe, stage_main
 from finetune.training import check_precision, resume_from, trl_config
 
 log = logging.getLogger("finetune.sft")
@@ -104,10 +104,7 @@ def run(recipe: Recipe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, "sft", "finetune sft")
-    if recipe is not None:
-        run(recipe)
-    return 0
+    return stage_main("sft", run, argv)
 
 
 if __name__ == "__main__":
