@@ -16,7 +16,7 @@ import time
 from finetune.evaluation import dpo_eval, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
 from finetune.outputs import print_summary, rate, save_stage
-from finetune.recipe import Recipe, stage_main
+from finetune.recipe import Recipe, RecipeError, stage_main
 from finetune.training import prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.dpo")
@@ -49,6 +49,12 @@ def run(recipe: Recipe) -> dict:
     setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
     start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
     eval_rows = setup.eval_rows
+    if args.precompute_ref_log_probs and args.world_size > 1:
+        # Seen with TRL 1.16 + datasets 5.2 on 2 processes: the precompute map reads a cache file that
+        # only the other process's temporary folder holds (FileNotFoundError on *.arrow).
+        raise RecipeError(f"{recipe.source}: dpo.precompute_ref_log_probs: not supported with several processes "
+                          "yet; set dpo.precompute_ref_log_probs=false (the reference then runs each step) or run "
+                          "one process")
 
     model = add_lora(load_model(recipe, merge=start), recipe)
     fingerprint = base_fingerprint(model)

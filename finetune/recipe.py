@@ -442,9 +442,16 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage script's main() does: parse `RECIPE [overrides] [--print-config]`, then run."""
     import sys
 
-    recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
-    if recipe is not None:
-        run(recipe)
+    from .chat_template import TemplateError
+    from .data import DataError
+
+    try:
+        recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
+        if recipe is not None:
+            run(recipe)
+    except (RecipeError, DataError, TemplateError) as e:  # the user's input, not a bug: no traceback
+        print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -84,3 +84,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert metrics["global_steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-4")
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4, 5, 6]  # the first run's steps 1-4, then 5-6: nothing ran twice
+
+
+def test_bad_input_exits_2_with_the_message_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}",
+                  f"sft.data.train=[{{path: {bad}}}]")
+    assert res.returncode == 2
+    assert f"{bad}: row 1: no assistant message" in res.stderr and "Traceback" not in res.stderr
