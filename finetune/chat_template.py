@@ -64,7 +64,9 @@ def load_template(name_or_path: str) -> ChatTemplate:
 def prepare_tokenizer(tokenizer, template: ChatTemplate):
     """Install the template in the tokenizer (so it is saved with every output) and set padding.
 
-    Phi tokenizers have no pad token; pad = eos is safe here because labels never come from pad ids.
+    Phi tokenizers have no pad token; pad = eos is safe for training because labels never come from
+    pad ids. (A sequence-classification reward model reads its score at the last non-pad token, so
+    with pad = eos it scores the token before a closing eos, not the eos itself.)
     """
     tokenizer.chat_template = template.source
     if tokenizer.pad_token is None:
@@ -131,7 +133,7 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, messages: list[dict
 
 def tokenize_reply(tokenizer, template: ChatTemplate, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, reply_ids) for one reply to a prompt: the prompt exactly as inference renders it,
-    the reply through its end-of-turn token (what DPO, the reward model and PPO score)."""
+    the reply through its end-of-turn token (the sequences DPO and the reward model train on)."""
     ids, labels = tokenize_conversation(tokenizer, template, prompt + [{"role": "assistant", "content": reply}])
     end = max(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
     start = end

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +62,8 @@ def _read_local(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        # split on "\n" only: str.splitlines would also break rows at U+2028 / U+0085 inside strings
+        for n, line in enumerate(path.read_text().split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -72,7 +72,10 @@ def _read_local(path: Path) -> list:
                 rows.append((n, DataError(f"{path}: row {n}: not valid JSON ({e.msg}); fix the line or remove it")))
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}); fix it, or use .jsonl") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows; for one row per line use .jsonl")
         return list(enumerate(data, 1))
@@ -185,6 +188,8 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if fmt not in ("auto", "preference"):
+        raise DataError(f"{where}: this stage needs preference rows; the source says format: {fmt}")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r}; preference rows need prompt, chosen and rejected")
@@ -210,12 +215,14 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
 
 
 def load_rows(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,
-              seed: int, convert=None) -> list[dict]:
+              seed: int, convert=None, hold_out: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Read, validate (with `convert`, default: SFT conversations) and mix sources by weight
-    (fraction of each source's rows, >1 repeats)."""
+    (fraction of each source's rows, >1 repeats). With `hold_out`, that share of each source's
+    distinct rows is set aside first (returned second), so repeats never leak into the held-out set.
+    Each row keeps `where` (file and row) for later error messages."""
     convert = convert or to_conversation
     rng = random.Random(seed)
-    mixed = []
+    mixed, held = [], []
     for source in sources:
         name, rows = read_source(source, recipe)
         good = []
@@ -230,38 +237,57 @@ def load_rows(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, re
                     report.skipped_useless += 1
                     report.note(f"{where}: skipped (no learning signal)")
                     continue
-                good.append(converted)
+                good.append({**converted, "where": where})
             except DataError as e:
                 if not skip_bad_rows:
                     raise DataError(f"{e} (or set data.skip_bad_rows: true to skip and count such rows)") from None
                 report.skipped_bad += 1
                 report.note(str(e))
-        whole, frac = divmod(source.weight, 1.0)
-        take = good * int(whole) + rng.sample(good, math.floor(frac * len(good)))
+        if hold_out:
+            rng.shuffle(good)
+            k = max(1, round(len(good) * hold_out))
+            held, good = held + good[:k], good[k:]
+        whole = int(source.weight)
+        take = good * whole + rng.sample(good, round((source.weight - whole) * len(good)))
         log.info("%s: %d valid rows, weight %g -> %d rows", name, len(good), source.weight, len(take))
         mixed += take
     rng.shuffle(mixed)
-    return mixed
+    return mixed, held
 
 
 def train_eval_rows(section: DataSection, recipe: Recipe, seed: int, convert=None):
     """(train rows, eval rows, train report, eval report) with the held-out split made if needed."""
     train_report, eval_report = DataReport(), DataReport()
-    train = load_rows(section.train, recipe, section.skip_bad_rows, train_report, seed, convert)
+    hold_out = 0.0 if section.eval else section.eval_fraction
+    train, evals = load_rows(section.train, recipe, section.skip_bad_rows, train_report, seed, convert, hold_out)
     if section.eval:
-        evals = load_rows(section.eval, recipe, section.skip_bad_rows, eval_report, seed, convert)
+        evals, _ = load_rows(section.eval, recipe, section.skip_bad_rows, eval_report, seed, convert)
     else:
-        k = max(1, round(len(train) * section.eval_fraction))
-        evals, train = train[:k], train[k:]
-        eval_report.read = k
+        eval_report.read = len(evals)
     if section.max_eval_rows is not None:
         evals = evals[: section.max_eval_rows]
     if not train:
         raise DataError(f"{recipe.source}: data.train: no usable training rows")
+    if not evals:
+        raise DataError(f"{recipe.source}: data.eval: no usable held-out rows; add eval sources or fix them")
     return train, evals, train_report, eval_report
 
 
 # ---------------------------------------------------------------- tokenization
+
+
+def _check_row(row: dict, tokenizer, template: ChatTemplate, name: str, i: int) -> str:
+    """Where the row came from; refuses content that spells a special token, which would be read as
+    that token (e.g. a literal <|endoftext|> ending a reply early) instead of as text."""
+    where = row.get("where", f"{name}: row {i + 1}")
+    specials = set(tokenizer.all_special_tokens) | {template.end_of_turn_token(tokenizer)}
+    texts = [m["content"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, [])]
+    for text in texts:
+        found = next((t for t in specials if t and t in text), None)
+        if found:
+            raise DataError(f"{where}: content contains the special token {found!r}, which would be read as that "
+                            "token, not as text; remove or escape it")
+    return where
 
 
 def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,
@@ -273,18 +299,22 @@ def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, ma
 
     cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i, row in enumerate(rows):
+        where = _check_row(row, tokenizer, template, name, i)
         p, c = tokenize_reply(tokenizer, template, row["prompt"], row["chosen"][0]["content"])
         _, r = tokenize_reply(tokenizer, template, row["prompt"], row["rejected"][0]["content"])
         longest = len(p) + max(len(c), len(r))
         if longest > max_length:
             if on_overlong == "error":
-                raise DataError(f"{name}: row {i + 1} has {longest} tokens > max_length {max_length}; raise "
+                raise DataError(f"{where}: {longest} tokens > max_length {max_length}; raise "
                                 "max_length or set data.on_overlong: drop")
             report.dropped_overlong += 1
+            report.note(f"{where}: {longest} tokens > max_length {max_length}")
             continue
         for key, value in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
             cols[key].append(value)
     report.used = len(cols["prompt_ids"])
+    if not cols["prompt_ids"]:
+        raise DataError(f"{name}: every pair was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
         log.warning("%s: %d pairs longer than max_length=%d were dropped (not truncated)",
                     name, report.dropped_overlong, max_length)
@@ -298,19 +328,22 @@ def tokenize_conversations(rows: list[dict], tokenizer, template: ChatTemplate, 
 
     ids, labels = [], []
     for i, row in enumerate(rows):
+        where = _check_row(row, tokenizer, template, name, i)
         x, y = tokenize_conversation(tokenizer, template, row["messages"])
         if len(x) > max_length:
             if on_overlong == "error":
                 raise DataError(
-                    f"{name}: row {i + 1} has {len(x)} tokens > max_length {max_length}; raise max_length or set "
+                    f"{where}: {len(x)} tokens > max_length {max_length}; raise max_length or set "
                     "data.on_overlong: drop"
                 )
             report.dropped_overlong += 1
-            report.note(f"{name}: row {i + 1}: {len(x)} tokens > max_length {max_length}")
+            report.note(f"{where}: {len(x)} tokens > max_length {max_length}")
             continue
         ids.append(x)
         labels.append(y)
     report.used = len(ids)
+    if not ids:
+        raise DataError(f"{name}: every row was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
         log.warning("%s: %d rows longer than max_length=%d were dropped (not truncated)",
                     name, report.dropped_overlong, max_length)

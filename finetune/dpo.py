@@ -17,7 +17,7 @@ from finetune.evaluation import dpo_eval, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
 from finetune.outputs import print_summary, rate, save_stage
 from finetune.recipe import Recipe, RecipeError, stage_main
-from finetune.training import prepare_preference_stage, resume_from
+from finetune.training import place_for_eval, prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.dpo")
 
@@ -64,6 +64,7 @@ def run(recipe: Recipe) -> dict:
     trainer = _trainer_class()(model=model, args=args, train_dataset=pairs["train"], eval_dataset=pairs["eval"],
                                processing_class=tokenizer)
     pad, beta = tokenizer.pad_token_id, args.beta
+    place_for_eval(model, args, recipe)
     before = dpo_eval(model, pairs["eval"], beta, pad)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                              section.max_new_tokens)

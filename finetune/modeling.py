@@ -93,7 +93,7 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
 
     from .chat_template import prepare_tokenizer
 
-    source = path or resolve_model_path(recipe.model.name_or_path)
+    source = path or resolve_model_path(recipe.model_path())
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=None if path else recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
@@ -136,7 +136,7 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: 
     if device_map is not None:
         kwargs["device_map"] = device_map
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(resolve_model_path(recipe.model.name_or_path), **kwargs, **extra)
+    model = cls.from_pretrained(resolve_model_path(recipe.model_path()), **kwargs, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if merge:

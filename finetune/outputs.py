@@ -26,12 +26,16 @@ def setup_logging(main_process: bool = True):
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def staging_dir(target: Path, reset: bool = True) -> Path:
@@ -91,12 +95,29 @@ def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) ->
     tmp = staging_dir(out, reset=main_process)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    failure = None
     if main_process:
-        tokenizer.save_pretrained(str(tmp))  # includes the chat template
-        write_stage_files(tmp, recipe, metrics)
-        commit_dir(tmp, out)
-    trainer.accelerator.wait_for_everyone()
+        try:
+            tokenizer.save_pretrained(str(tmp))  # includes the chat template
+            write_stage_files(tmp, recipe, metrics)
+            commit_dir(tmp, out)
+        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
+            failure = f"{type(e).__name__}: {e}"
+    failure = _broadcast_from_main(failure)
+    if failure:
+        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
     return out
+
+
+def _broadcast_from_main(value):
+    """The main process's value on every process (a collective: every process must call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rate(value: float | None) -> str:

@@ -37,7 +37,8 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name_or_path: str = Field(
-        description="Hub id (microsoft/phi-2), local folder, or `builtin:tiny-phi` (made offline in code)."
+        description="Hub id (microsoft/phi-2), local folder (relative to the recipe when it exists there), or "
+        "`builtin:tiny-phi` (made offline in code)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you need it.")
@@ -127,6 +128,7 @@ OWNED_ELSEWHERE = {
     "eos_token": "template.name (the template's end-of-turn token)",
     "pad_token": "the tokenizer (pad is set by finetune)",
     "model_init_kwargs": "model",
+    "eval_strategy": "nothing (finetune evaluates the held-out set itself before and after training)",
     "ref_model_init_kwargs": "model",
     "model_adapter_name": "<stage>.start_from",
     "ref_adapter_name": "<stage>.start_from (the reference is the start model, adapters disabled)",
@@ -216,6 +218,14 @@ class Recipe(_Section):
         path = Path(p).expanduser()
         return str(path if path.is_absolute() else (self.base_dir / path).resolve())
 
+    def model_path(self) -> str:
+        """model.name_or_path: builtin, hub id, or a folder (relative to the recipe if it exists there)."""
+        name = self.model.name_or_path
+        if name.startswith(BUILTIN_PREFIX) or Path(name).is_absolute():
+            return name
+        beside = self.base_dir / name
+        return str(beside.resolve()) if beside.is_dir() else name
+
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
 
@@ -260,7 +270,12 @@ def _type_ok(tp, value) -> bool:
         return True
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(a, value) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):
+            # `SchedulerType | str` and the like: the str is for typing, the values are the enum's
+            return any(_type_ok(e, value) for e in enums)
+        return any(_type_ok(a, value) for a in args)
     if origin is Literal:
         return value in typing.get_args(tp)
     if tp is type(None):
@@ -300,15 +315,20 @@ def check_training_block(block: dict, config_cls, where: str, source: str, own_k
                 f"{_nearest(key, [*own_keys, *fields])}"
             )
         if isinstance(value, str) and fields[key].type in (float, int):
-            # YAML reads 5e-6 as a string; accept numbers written that way.
+            # YAML reads 5e-6 as a string; accept numbers written that way (ints only if whole).
             try:
-                value = block[key] = fields[key].type(float(value))
+                number = float(value)
+                if fields[key].type is float or number.is_integer():
+                    value = block[key] = fields[key].type(number)
             except ValueError:
                 pass
         if not _type_ok(fields[key].type, value):
-            raise RecipeError(
-                f"{source}: {where}.{key}: expected {_type_name(fields[key].type)}, got {type(value).__name__} {value!r}"
-            )
+            choices = [m.value for a in typing.get_args(fields[key].type)
+                       if isinstance(a, type) and issubclass(a, enum.Enum) for m in a]
+            expected = f"one of {choices}" if choices else _type_name(fields[key].type)
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise RecipeError(f"{source}: {where}.{key}: expected {expected}, got {type(value).__name__} {value!r}"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
 def _format_pydantic_error(err: ValidationError, source: str) -> str:

@@ -17,7 +17,7 @@ from finetune.evaluation import pairwise_accuracy
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
 from finetune.outputs import print_summary, save_stage
 from finetune.recipe import Recipe, stage_main
-from finetune.training import prepare_preference_stage, resume_from
+from finetune.training import place_for_eval, prepare_preference_stage, resume_from
 
 log = logging.getLogger("finetune.reward")
 
@@ -44,6 +44,7 @@ def run(recipe: Recipe) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=as_reward["train"],
                             eval_dataset=as_reward["eval"], processing_class=tokenizer)
     pad = tokenizer.pad_token_id
+    place_for_eval(model, args, recipe)
     before = pairwise_accuracy(model, pairs["eval"], pad)
     started = time.time()
     checkpoint = resume_from(recipe, "reward", section.resume)

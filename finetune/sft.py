@@ -20,7 +20,7 @@ from finetune.evaluation import eval_loss, held_out_correctness
 from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
 from finetune.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.recipe import Recipe, stage_main
-from finetune.training import check_precision, resume_from, trl_config
+from finetune.training import check_precision, place_for_eval, resume_from, trl_config
 
 log = logging.getLogger("finetune.sft")
 
@@ -53,6 +53,7 @@ def run(recipe: Recipe) -> dict:
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
+    place_for_eval(model, args, recipe)
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                              section.max_new_tokens)

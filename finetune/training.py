@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,21 +45,55 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
     return config_cls(**kwargs)
 
 
+def place_for_eval(model, args, recipe: Recipe):
+    """Put the model on the training device before the pre-training held-out checks. The Trainer
+    leaves the model where it is under DeepSpeed until train() starts, which would run the
+    "before" evaluation of Phi-2 on the CPU (and all-reduce a CPU tensor over NCCL)."""
+    if not recipe.model.load_in_4bit:  # a 4-bit model is placed by its device_map and cannot move
+        model.to(args.device)
+    return model
+
+
+def _run_identity(recipe: Recipe, stage: str) -> dict:
+    """What a checkpoint must match to be resumed: base, template, LoRA shape and start adapters."""
+    import hashlib
+
+    starts = {}
+    if stage != "sft":
+        for folder in recipe.start_adapters(stage):
+            weights = Path(folder) / "adapter_model.safetensors"
+            starts[folder] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"model": recipe.model.name_or_path, "template": recipe.template.name,
+            "lora": recipe.lora.model_dump(mode="json"), "start_adapters": starts}
+
+
 def resume_from(recipe: Recipe, stage: str, resume: bool | str):
-    """Checkpoint to resume from: the newest in the stage's checkpoint folder when resume is true."""
+    """Checkpoint to resume from: the newest in the stage's checkpoint folder when resume is true,
+    refused if that folder belongs to a different run (another base, template, LoRA or start adapter)."""
+    import json
+
     from transformers.trainer_utils import get_last_checkpoint
 
-    if resume is False:
-        return None
     if isinstance(resume, str):
         if not Path(resume).is_dir():
             raise RecipeError(f"{recipe.source}: {stage}.resume: checkpoint folder not found: {resume}")
         return resume
     folder = checkpoint_dir(recipe, stage)
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    identity, marker = _run_identity(recipe, stage), folder / "run_identity.json"
+    last = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
     if last:
+        if marker.is_file() and json.loads(marker.read_text()) != identity:
+            raise RecipeError(
+                f"{recipe.source}: {stage}.resume: the checkpoints in {folder} come from another base, template, "
+                f"LoRA shape or start adapter than this run; delete that folder, set {stage}.resume=false, or name "
+                "a checkpoint path"
+            )
         log.info("resuming %s from %s", stage, last)
-    return last
+        return last
+    if os.environ.get("RANK", "0") == "0":  # starting this run's checkpoints: record what they belong to
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(identity, indent=2))
+    return None
 
 
 def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:

@@ -96,7 +96,7 @@ def test_overlong_rows_are_counted_never_cut(tokenizer):
     ds = tokenize_conversations([GOOD, long, GOOD], tokenizer, tpl, 32, "drop", report, "train")
     assert len(ds) == 2 and report.dropped_overlong == 1 and report.used == 2
     assert "1 rows over max_length dropped" in report.summary("train")
-    with pytest.raises(DataError, match="train: row 2 has .* tokens > max_length 32"):
+    with pytest.raises(DataError, match="train: row 2: .* tokens > max_length 32"):
         tokenize_conversations([GOOD, long], tokenizer, tpl, 32, "error", DataReport(), "train")
 
 
@@ -128,3 +128,20 @@ def test_hub_dataset_ids_pass_config_and_split(tmp_path, monkeypatch):
     assert calls == [("HuggingFaceH4/ultrachat_200k", "default", "train_sft"),
                      ("HuggingFaceH4/ultrachat_200k", None, "test_sft")]
     assert len(train) == 4 and report.read == 4
+
+
+def test_held_out_split_happens_before_repeats(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(100)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    r = recipe_for(tmp_path, [{"path": "d.jsonl", "weight": 2.0}], eval_fraction=0.1)
+    train, evals, _, _ = train_eval_rows(r.sft.data, r, seed=0)
+    held = {c["messages"][0]["content"] for c in evals}
+    assert len(evals) == 10 and len(train) == 180 and not held & {c["messages"][0]["content"] for c in train}
+
+
+def test_unicode_line_separators_inside_a_row_do_not_split_it(tmp_path):
+    row = {"prompt": "a\u2028b", "completion": "c\u0085d"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n")
+    r = recipe_for(tmp_path, [{"path": "d.jsonl"}], eval=[{"path": "d.jsonl"}])
+    train, _, report, _ = train_eval_rows(r.sft.data, r, seed=0)
+    assert report.read == 1 and train[0]["messages"][0]["content"] == "a\u2028b"

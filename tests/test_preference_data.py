@@ -54,7 +54,18 @@ def test_reply_tokens_are_the_sft_labels_and_the_prompt_is_the_inference_prompt(
     assert prompt_ids + reply_ids == [t for t in ids][: len(prompt_ids) + len(reply_ids)]
     assert reply_ids == [y for y in labels if y != IGNORE_INDEX] and reply_ids[-1] == tokenizer.eos_token_id
     assert prompt_ids == tokenizer.apply_chat_template([U], add_generation_prompt=True, tokenize=True)["input_ids"]
-    ds = tokenize_preferences([{"prompt": [U], "chosen": [a("5")], "rejected": [a("6" * 200)]}], tokenizer, tpl,
+    long_pair = {"prompt": [U], "chosen": [a("5")], "rejected": [a("6" * 200)]}
+    ds = tokenize_preferences([long_pair, {"prompt": [U], "chosen": [a("5")], "rejected": [a("6")]}], tokenizer, tpl,
                               64, "drop", report := DataReport(), "train")
-    assert len(ds) == 0 and report.dropped_overlong == 1
+    assert len(ds) == 1 and report.dropped_overlong == 1
+    with pytest.raises(DataError, match="every pair was dropped"):
+        tokenize_preferences([long_pair], tokenizer, tpl, 64, "drop", DataReport(), "train")
+
+
+def test_content_spelling_a_special_token_is_refused(tokenizer):
+    from finetune.data import tokenize_conversations
+
+    row = {"messages": [U, a("Use <|endoftext|> to end. 5")], "where": "f.jsonl: row 7"}
+    with pytest.raises(DataError, match="f.jsonl: row 7: content contains the special token '<\\|endoftext\\|>'"):
+        tokenize_conversations([row], tokenizer, load_template("phi_instruct"), 64, "drop", DataReport(), "train")
 

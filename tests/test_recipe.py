@@ -71,6 +71,9 @@ sft:
     ("model.load_in_4bit=true", "load_in_4bit needs precision fp16 or bf16"),
     ("deepspeed=nowhere.json", "r.yaml: deepspeed: file not found"),
     ("sft.data.train=[]", None),
+    ("training.lr_scheduler_type=cosin", "training.lr_scheduler_type: expected one of ['linear', 'cosine'"),
+    ("sft.eval_strategy=steps", "sft.eval_strategy: set this with nothing (finetune evaluates"),
+    ("sft.max_steps='2.9'", "sft.max_steps: expected int, got str '2.9'"),
 ])
 def test_bad_recipes_fail_before_loading_with_file_key_and_fix(tmp_path, override, message):
     path = write(tmp_path, BASE)
@@ -136,3 +139,17 @@ def test_stage_print_config_flag_prints_and_does_not_run(capsys):
 
     assert recipe_from_argv([str(TINY_RECIPE), "sft.max_steps=9", "--print-config"], "sft", "finetune sft") is None
     assert "max_steps: 9" in capsys.readouterr().out
+
+
+def test_resume_refuses_checkpoints_of_another_run(tmp_path):
+    from finetune.training import checkpoint_dir, resume_from
+
+    r = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"])
+    assert resume_from(r, "sft", True) is None  # nothing yet: starts, and records what the run is
+    (checkpoint_dir(r, "sft") / "checkpoint-2").mkdir()
+    assert resume_from(r, "sft", True).endswith("checkpoint-2")
+    other = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "lora.r=8"])
+    with pytest.raises(RecipeError, match="come from another base, template, LoRA shape or start adapter"):
+        resume_from(other, "sft", True)
+    assert resume_from(other, "sft", False) is None  # starting over is allowed, and re-records the run
+    assert resume_from(other, "sft", True).endswith("checkpoint-2")
