@@ -93,3 +93,27 @@ def test_bad_input_exits_2_with_the_message_and_no_traceback(tmp_path):
                   f"sft.data.train=[{{path: {bad}}}]")
     assert res.returncode == 2
     assert f"{bad}: row 1: no assistant message" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gpu_recipe_wiring_without_a_gpu(tmp_path):
+    """phi2_chat on this CPU machine: `finetune sft` would relaunch under accelerate with the ZeRO-2
+    config, and the stage refuses fp16 without CUDA before loading any model or data."""
+    import pytest
+
+    from finetune.cli import stage_command
+    from finetune.recipe import RecipeError, load_recipe
+    from finetune.training import check_precision
+
+    recipe = load_recipe(ROOT / "recipes/phi2_chat.yaml")
+    cmd = stage_command("sft", "recipes/phi2_chat.yaml", ["sft.max_steps=5"],
+                        recipe.resolve_path(recipe.launch.accelerate_config), recipe.launch.num_processes)
+    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "recipes/accelerate/deepspeed_zero2.yaml")]
+    assert cmd[-3:] == [str(ROOT / "finetune/sft.py"), "recipes/phi2_chat.yaml", "sft.max_steps=5"]
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(RecipeError, match="precision: fp16 training needs a CUDA GPU.*precision=fp32"):
+        check_precision(recipe)
+    res = run_cli(sys.executable, "finetune/sft.py", "recipes/phi2_chat.yaml", f"output_dir={tmp_path}", timeout=120)
+    assert res.returncode == 2 and "fp16 training needs a CUDA GPU" in res.stderr
+    assert not (tmp_path / "sft").exists()
