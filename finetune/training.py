@@ -42,7 +42,11 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
     )
     kwargs.update(recipe.training_args(stage))
     kwargs.update(fixed)
-    return config_cls(**kwargs)
+    config = config_cls(**kwargs)
+    if getattr(config, "max_length", 0) is None:
+        raise RecipeError(f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
+                          "rows longer than it instead of truncating them")
+    return config
 
 
 def place_for_eval(model, args, recipe: Recipe):

@@ -93,6 +93,9 @@ def test_bad_input_exits_2_with_the_message_and_no_traceback(tmp_path):
                   f"sft.data.train=[{{path: {bad}}}]")
     assert res.returncode == 2
     assert f"{bad}: row 1: no assistant message" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}",
+                  "sft.max_length=null")
+    assert res.returncode == 2 and "sft.max_length: must be a number" in res.stderr
 
 
 def test_gpu_recipe_wiring_without_a_gpu(tmp_path):
