@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from finetune.evaluation import dpo_eval, held_out_correctness
-from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
+from finetune.modeling import add_lora, count_parameters, load_model
 from finetune.outputs import print_summary, rate, save_stage
 from finetune.recipe import Recipe, RecipeError, stage_main
-from finetune.training import place_for_eval, prepare_preference_stage, resume_from
+from finetune.training import place_for_eval, prepare_preference_stage, train
 
 log = logging.getLogger("finetune.dpo")
 
@@ -57,7 +56,6 @@ def run(recipe: Recipe) -> dict:
                           "one process")
 
     model = add_lora(load_model(recipe, merge=start), recipe)
-    fingerprint = base_fingerprint(model)
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters; reference = the start model (adapters disabled)", trainable, total)
 
@@ -68,10 +66,7 @@ def run(recipe: Recipe) -> dict:
     before = dpo_eval(model, pairs["eval"], beta, pad)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                              section.max_new_tokens)
-    started = time.time()
-    checkpoint = resume_from(recipe, "dpo", section.resume)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    runtime = time.time() - started
+    trained = train(trainer, model, recipe, "dpo", section.resume)
     after = dpo_eval(model, pairs["eval"], beta, pad)
     correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                                   section.max_new_tokens)
@@ -83,9 +78,7 @@ def run(recipe: Recipe) -> dict:
         # correctness of greedy answers on held-out prompts: the start (SFT) model vs the DPO model
         "correct_rate_start": correct_before, "correct_rate_after": correct_after,
         "beta": beta, "loss_type": list(args.loss_type),
-        "train_loss": result.training_loss, "train_runtime_s": runtime, **setup.data_metrics(),
-        "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
-        "base_fingerprint": fingerprint, "base_unchanged": base_fingerprint(model) == fingerprint,
+        **trained, **setup.data_metrics(),
     }
     out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
     if setup.main_process:
@@ -94,7 +87,7 @@ def run(recipe: Recipe) -> dict:
             ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),
             ("reward margin", f"{before['rewards_margin']:.3f} -> {after['rewards_margin']:.3f}"),
             ("held-out correct", f"{rate(correct_before)} (start model) -> {rate(correct_after)} (DPO)"),
-            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {runtime:.1f}s"),
+            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {metrics['train_runtime_s']:.1f}s"),
             ("sample reply", repr(replies[0]) if replies else "n/a"),
             ("started from", ", ".join(start) or "the base"),
             ("output", str(out)),

@@ -74,12 +74,8 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
     rows = list(range(rank, len(dataset), world))
     for start in range(0, len(rows), batch_size):
         batch = dataset.select(rows[start : start + batch_size])
-        width = max(len(x) for x in batch["input_ids"])
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids, mask = _pad(batch["input_ids"], pad_token_id)
+        labels, _ = _pad(batch["labels"], -100)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_labels = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(

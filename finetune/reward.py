@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from finetune.evaluation import pairwise_accuracy
-from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model
+from finetune.modeling import add_lora, count_parameters, load_model
 from finetune.outputs import print_summary, save_stage
 from finetune.recipe import Recipe, stage_main
-from finetune.training import place_for_eval, prepare_preference_stage, resume_from
+from finetune.training import place_for_eval, prepare_preference_stage, train
 
 log = logging.getLogger("finetune.reward")
 
@@ -37,7 +36,6 @@ def run(recipe: Recipe) -> dict:
 
     model = load_model(recipe, task="seq_cls", merge=start, num_labels=1)
     model = add_lora(model, recipe, task="seq_cls")  # PEFT saves the score head with the adapter
-    fingerprint = base_fingerprint(model)
     trainable, total = count_parameters(model)
     log.info("LoRA + score head: %d trainable of %d parameters", trainable, total)
 
@@ -46,25 +44,20 @@ def run(recipe: Recipe) -> dict:
     pad = tokenizer.pad_token_id
     place_for_eval(model, args, recipe)
     before = pairwise_accuracy(model, pairs["eval"], pad)
-    started = time.time()
-    checkpoint = resume_from(recipe, "reward", section.resume)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    runtime = time.time() - started
+    trained = train(trainer, model, recipe, "reward", section.resume)
     after = pairwise_accuracy(model, pairs["eval"], pad)
 
     metrics = {
         "eval_accuracy_before": before["accuracy"], "eval_accuracy": after["accuracy"],
         "eval_margin_before": before["margin"], "eval_margin": after["margin"],
-        "train_loss": result.training_loss, "train_runtime_s": runtime, **setup.data_metrics(),
-        "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
-        "base_fingerprint": fingerprint, "base_unchanged": base_fingerprint(model) == fingerprint,
+        **trained, **setup.data_metrics(),
     }
     out = save_stage(trainer, recipe, "reward", tokenizer, metrics)
     if setup.main_process:
         print_summary("reward model done", [
             ("held-out pair accuracy", f"{before['accuracy']:.0%} -> {after['accuracy']:.0%}"),
             ("mean margin", f"{before['margin']:.3f} -> {after['margin']:.3f}"),
-            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {runtime:.1f}s"),
+            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {metrics['train_runtime_s']:.1f}s"),
             ("data", setup.data_summary()),
             ("started from", ", ".join(start) or "the base"),
             ("output", str(out)),

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from finetune.chat_template import tokenize_prompt
 from finetune.data import tokenize_conversations, train_eval_rows
 from finetune.evaluation import eval_loss, held_out_correctness
-from finetune.modeling import add_lora, base_fingerprint, count_parameters, load_model, load_tokenizer, template_for
+from finetune.modeling import add_lora, count_parameters, load_model, load_tokenizer, template_for
 from finetune.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.recipe import Recipe, stage_main
-from finetune.training import check_precision, place_for_eval, resume_from, trl_config
+from finetune.training import check_precision, place_for_eval, train, trl_config
 
 log = logging.getLogger("finetune.sft")
 
@@ -47,7 +46,6 @@ def run(recipe: Recipe) -> dict:
     log.info(eval_report.summary("eval"))
 
     model = add_lora(load_model(recipe), recipe)
-    fingerprint = base_fingerprint(model)
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
@@ -57,16 +55,10 @@ def run(recipe: Recipe) -> dict:
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                              section.max_new_tokens)
-    started = time.time()
-    checkpoint = resume_from(recipe, "sft", section.resume)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    runtime = time.time() - started
+    trained = train(trainer, model, recipe, "sft", section.resume)
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
                                                   section.max_new_tokens)
-    base_after = base_fingerprint(model)
-    if base_after != fingerprint:
-        log.error("the frozen base changed during training (fingerprint %s -> %s)", fingerprint, base_after)
 
     epochs = trainer.state.epoch or 0
     metrics = {
@@ -75,18 +67,13 @@ def run(recipe: Recipe) -> dict:
         "eval_loss_reduction": 1 - after / before,
         "correct_rate_before": correct_before,
         "correct_rate_after": correct_after,
-        "train_loss": result.training_loss,
-        "train_runtime_s": runtime,
         "train_tokens": int(sum(len(x) for x in train_ds["input_ids"]) * epochs),
         "train_label_tokens": int(sum(sum(t != -100 for t in y) for y in train_ds["labels"]) * epochs),
         "train_rows": len(train_ds), "eval_rows": len(eval_ds),
         "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
-        "global_steps": trainer.state.global_step,
-        "resumed_from": checkpoint,
         "trainable_parameters": trainable,
-        "base_fingerprint": fingerprint,
-        "base_unchanged": base_after == fingerprint,
+        **trained,
     }
     out = save_stage(trainer, recipe, "sft", tokenizer, metrics)
     if main_process:
@@ -95,7 +82,8 @@ def run(recipe: Recipe) -> dict:
             ("eval loss", f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
                           f"({metrics['eval_loss_reduction']:.0%} lower)"),
             ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"),
-            ("trained", f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, {runtime:.1f}s"),
+            ("trained", f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, "
+                        f"{metrics['train_runtime_s']:.1f}s"),
             ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
             ("sample prompt", repr(tokenizer.decode(tokenize_prompt(tokenizer, sample[:1])) if sample else "")),
             ("sample reply", repr(replies[0]) if replies else "n/a"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(identity, indent=2))
     return None
+
+
+def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dict:
+    """Run the trainer (resuming when asked) and report it, including whether the frozen base
+    stayed bitwise equal (sha256 of its parameters before and after)."""
+    from .modeling import base_fingerprint
+
+    fingerprint = base_fingerprint(model)
+    checkpoint = resume_from(recipe, stage, resume)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.time() - started
+    after = base_fingerprint(model)
+    if after != fingerprint:
+        log.error("%s: the frozen base changed during training (fingerprint %s -> %s)", stage, fingerprint, after)
+    return {"train_loss": result.training_loss, "train_runtime_s": runtime,
+            "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
+            "base_fingerprint": fingerprint, "base_unchanged": after == fingerprint}
 
 
 def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
