@@ -2,6 +2,10 @@
 
     finetune config RECIPE [key=value ...]       print the fully resolved recipe
     finetune sft RECIPE [key=value ...]          run the SFT stage
+    finetune reward RECIPE [key=value ...]       train the reward model (from the SFT output)
+    finetune dpo RECIPE [key=value ...]          run DPO (from the SFT output)
+
+Every stage also takes --print-config (print the resolved recipe and exit).
 
 A stage whose recipe names `launch.accelerate_config` re-runs itself as
 `accelerate launch --config_file <that> finetune/<stage>.py RECIPE ...`, exactly the command a user
