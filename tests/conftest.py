@@ -51,6 +51,9 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def subprocess_env() -> dict:
+    """The environment for child processes: they import the `finetune` of this checkout (not whatever
+    editable install the interpreter points at), so a test proves the code it sits beside."""
     env = dict(os.environ)
     env.setdefault("FINETUNE_CACHE", str(Path.home() / ".cache" / "finetune"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
