@@ -4,6 +4,7 @@
     finetune sft RECIPE [key=value ...]          run the SFT stage
     finetune reward RECIPE [key=value ...]       train the reward model (from the SFT output)
     finetune dpo RECIPE [key=value ...]          run DPO (from the SFT output)
+    finetune ppo RECIPE [key=value ...]          run PPO (policy from the DPO output, reward from the reward model)
 
 Every stage also takes --print-config (print the resolved recipe and exit).
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from finetune.recipe import RecipeError, dump_recipe, load_recipe
 
-STAGES = ("sft", "reward", "dpo")
+STAGES = ("sft", "reward", "dpo", "ppo")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

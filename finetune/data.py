@@ -141,6 +141,8 @@ def detect_format(row: dict) -> str:
         return "prompt_completion"
     if "chosen" in row and "rejected" in row:
         return "preference"
+    if "prompt" in row:
+        return "prompt"
     return "unknown"
 
 
@@ -212,6 +214,62 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
     if row.get("answer") is not None:
         out["answer"] = str(row["answer"])
     return out
+
+
+def to_prompt(row, fmt: str, where: str) -> dict:
+    """Validate one row for a prompt-only stage (PPO) -> {'prompt': messages ending with a user turn,
+    'answer': optional reference, 'example': the row's other fields (for rule-based rewards)}.
+
+    Takes prompt-only rows, conversations (the turns before the last assistant reply), prompt /
+    completion rows and preference rows (their prompt)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "messages":
+        messages = _messages(row.get("messages"), where, "messages")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    elif fmt == "preference" and "prompt" not in row:
+        messages = _split_shared_prefix(_messages(row.get("chosen"), where, "chosen"),
+                                        _messages(row.get("rejected"), where, "rejected"), where)[0]
+    elif fmt in ("prompt", "prompt_completion", "preference"):
+        if "prompt" not in row:
+            raise DataError(f"{where}: missing field 'prompt'")
+        messages = _as_turns(row["prompt"], "user", where, "prompt")
+    else:
+        raise DataError(f"{where}: cannot find a prompt in a row with keys {sorted(row)}; use 'prompt' (string or "
+                        "messages), 'messages' (a conversation) or preference rows")
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user turn, got roles {[m['role'] for m in messages]}")
+    out = {"prompt": messages, "example": {k: v for k, v in row.items() if k not in ("messages", "chosen", "rejected")}}
+    if row.get("answer") is not None:
+        out["answer"] = str(row["answer"])
+    return out
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int, report: DataReport,
+                     name: str) -> tuple[list[list[int]], list[int]]:
+    """(inference-prompt token ids, index of each kept row in `rows`); over-long prompts are counted and
+    dropped, never truncated."""
+    from .chat_template import tokenize_prompt
+
+    ids, kept = [], []
+    for i, row in enumerate(rows):
+        where = _check_row(row, tokenizer, template, name, i)
+        p = tokenize_prompt(tokenizer, row["prompt"])
+        if len(p) > max_length:
+            report.dropped_overlong += 1
+            report.note(f"{where}: prompt of {len(p)} tokens > max_prompt_length {max_length}")
+            continue
+        ids.append(p)
+        kept.append(i)
+    report.used = len(ids)
+    if not ids:
+        raise DataError(f"{name}: every prompt was dropped (longer than max_prompt_length {max_length}); raise it")
+    if report.dropped_overlong:
+        log.warning("%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated)",
+                    name, report.dropped_overlong, max_length)
+    return ids, kept
 
 
 def load_rows(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,

@@ -89,7 +89,7 @@ class DataSource(_Section):
     weight: float = Field(
         1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
     )
-    format: Literal["auto", "messages", "prompt_completion", "preference"] = Field(
+    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt"] = Field(
         "auto", description="Row format; auto detects it from the columns."
     )
 
@@ -176,6 +176,62 @@ class DpoSection(PreferenceStageSection):
     """DPO (trl.DPOConfig fields too: beta, loss_type, precompute_ref_log_probs, ...)."""
 
 
+class PpoSection(_Section):
+    """PPO with a learned and/or rule-based reward (finetune's own trainer; defaults from
+    shared/design/ppo.md). Not a TRL config: TRL no longer has a PPOTrainer."""
+
+    data: DataSection = Field(description="Prompts: prompt-only rows ({'prompt': ...}), conversations (the turns "
+                              "before the last assistant reply) or preference rows (their prompt).")
+    start_from: str | None = Field(
+        None, description="Policy start: an adapter folder (default: <output_dir>/dpo; e.g. <output_dir>/sft). Its "
+        "recorded chain (the adapters it was trained on) is merged into the base; 'base' for the plain base.")
+    reward_from: str | None = Field(
+        None, description="Reward-model stage output (default: <output_dir>/reward), or 'none' to use only "
+        "`reward_function`. Must share the policy's base (both trained on the same SFT output).")
+    reward_function: str | None = Field(
+        None, description="Rule-based reward `module:function` called as f(prompt, response) or "
+        "f(prompt, response, example) -> float (example = the data row, e.g. its 'answer'); added to the learned "
+        "reward. Modules beside the recipe are importable.")
+    reward_function_weight: float = Field(1.0, description="Weight of the rule-based reward in the score.")
+    updates: int = Field(100, gt=0, description="PPO updates (each: rollout, score, optimise).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per update per process.")
+    mini_batches: int = Field(1, gt=0, description="Minibatches per PPO epoch (one optimiser step each).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
+    ppo_epochs: int = Field(4, gt=0, description="Optimisation passes over each rollout.")
+    response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
+    max_prompt_length: int = Field(256, gt=0, description="Longer prompts are dropped and counted (never truncated).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon.")
+    vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = Field(6.0, gt=0, description="Target KL (nats per sequence) for the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller (episodes).")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response that never "
+                                       "reached the end-of-turn token.")
+    normalize_reward: bool = Field(True, description="Normalise the learned reward with its mean/std over the start "
+                                   "policy's first rollout (kept fixed after).")
+    score_clip: float | None = Field(None, gt=0, description="Clip the shaped score to +-this (OpenRLHF uses 10).")
+    learning_rate: float = Field(1e-5, gt=0, description="Policy adapter learning rate.")
+    value_learning_rate: float = Field(5e-5, gt=0, description="Value adapter and value head learning rate.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule over updates.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
+    value_init: Literal["reward", "new"] = Field(
+        "reward", description="Value adapter + head: a copy of the reward model's (design note) or fresh.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the optimisation passes "
+                                         "(never during generation).")
+    save_every: int = Field(10, gt=0, description="Checkpoint every N updates (resume continues from the newest).")
+    resume: bool = Field(True, description="Continue from the newest checkpoint of the same run if any.")
+    eval_generate_rows: int = Field(64, ge=0, description="Held-out prompts answered greedily before and after.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
+
+
 class Recipe(_Section):
     output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/` (relative to the cwd).")
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
@@ -194,6 +250,7 @@ class Recipe(_Section):
     sft: SftSection | None = None
     reward: RewardSection | None = None
     dpo: DpoSection | None = None
+    ppo: PpoSection | None = None
 
     # Where the recipe came from; set by load_recipe, not by YAML.
     source: str = Field("<memory>", exclude=True, description="internal")

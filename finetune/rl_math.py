@@ -79,11 +79,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over masked entries of the whole batch; zero outside the mask."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_reduce=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over masked entries of the whole batch; zero outside the mask.
+
+    `all_reduce` (a sum over processes) makes the statistics those of every process's batch together."""
+    reduce = all_reduce or (lambda t: t)
+    n, total = reduce(torch.stack([mask.sum(), (x * mask).sum()]))
+    mean = total / n
+    var = reduce((((x - mean) * mask) ** 2).sum()) / n
     return (x - mean) / torch.sqrt(var + eps) * mask
 
 
@@ -125,3 +128,42 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_step
     the observed KL approaches `target`; the error is clipped to +-20%."""
     error = max(-0.2, min(0.2, kl / target - 1))
     return beta * (1 + error * n_steps / horizon)
+
+
+def reward_readout_index(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Where a transformers sequence-classification reward model reads each row: the last token that is
+    not the pad token. PPO must read where the reward model was trained to read; with pad == eos
+    (Phi) that is the token before a closing EOS (pitfall 3), which is why a missing EOS is penalised
+    separately (`shape_score`)."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    real = (ids != pad_id) & mask.bool()
+    return (positions * real).argmax(dim=1)
+
+
+def prompt_indices(n: int, batch: int, update: int, rank: int, world: int, seed: int) -> list[int]:
+    """Row indices of the prompts process `rank` uses at `update`: walks one shuffled pass over the n
+    prompts after another (a new shuffle each pass), processes taking consecutive slices. A pure
+    function of its arguments, so a resumed run draws exactly the prompts the uninterrupted one would."""
+    import random
+
+    out, start = [], (update * world + rank) * batch
+    perms: dict[int, list[int]] = {}
+    for g in range(start, start + batch):
+        epoch, i = divmod(g, n)
+        if epoch not in perms:
+            perm = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+            perms[epoch] = perm
+        out.append(perms[epoch][i])
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (generation needs the prompts' ends aligned)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask

@@ -119,26 +119,42 @@ def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dic
             "base_fingerprint": fingerprint, "base_unchanged": after == fingerprint}
 
 
-def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
-    """The adapters a stage starts from, checked: present, and made for this base and template."""
+def check_adapter_folder(recipe: Recipe, key: str, folder: str | Path, fix: str) -> Path:
+    """An earlier stage's output, checked: an adapter is there, made for this base and template.
+    `key` names the recipe key that pointed here; `fix` says how to make the folder."""
     import yaml
 
+    path = Path(folder)
+    if not (path / "adapter_config.json").is_file():
+        raise RecipeError(f"{recipe.source}: {key}: no adapter at {path}; {fix}")
+    made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    for part, ours in (("model", recipe.model.name_or_path), ("template", recipe.template.name)):
+        theirs = (made.get(part) or {}).get("name_or_path" if part == "model" else "name")
+        if theirs != ours:
+            raise RecipeError(
+                f"{recipe.source}: {key}: {path} was trained with {part} {theirs!r}, this recipe uses {ours!r}; "
+                "point it at an output of the same base model and template"
+            )
+    return path
+
+
+def adapter_chain(folder: str | Path) -> list[str]:
+    """The adapters that make a stage output's model, in merge order: the ones it was trained on top
+    of (recorded as `start_from` in its metrics.json), then its own."""
+    import json
+
+    metrics = Path(folder) / "metrics.json"
+    start = json.loads(metrics.read_text()).get("start_from", []) if metrics.is_file() else []
+    return [*start, str(folder)]
+
+
+def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
+    """The adapters a stage starts from, checked: present, and made for this base and template."""
     folders = recipe.start_adapters(stage)
     for folder in folders:
-        path = Path(folder)
-        if not (path / "adapter_config.json").is_file():
-            raise RecipeError(
-                f"{recipe.source}: {stage}.start_from: no adapter at {path}; run the stage that makes it first "
-                f"(e.g. finetune sft {recipe.source}) or set {stage}.start_from=base"
-            )
-        made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
-        for key, ours in (("model", recipe.model.name_or_path), ("template", recipe.template.name)):
-            theirs = (made.get(key) or {}).get("name_or_path" if key == "model" else "name")
-            if theirs != ours:
-                raise RecipeError(
-                    f"{recipe.source}: {stage}.start_from: {path} was trained with {key} {theirs!r}, this recipe "
-                    f"uses {ours!r}; point start_from at an output of the same base model and template"
-                )
+        check_adapter_folder(recipe, f"{stage}.start_from", folder,
+                             f"run the stage that makes it first (e.g. finetune sft {recipe.source}) or set "
+                             f"{stage}.start_from=base")
     return folders
 
 

@@ -1,0 +1,17 @@
+"""Rule-based rewards for PPO (`ppo.reward_function: finetune.rewards:NAME`).
+
+A rule reward is any function f(prompt, response) or f(prompt, response, example) -> float, where
+prompt is the last user message, response the decoded reply (up to its end-of-turn token) and
+example the data row (e.g. its reference `answer`). Verifiable tasks need no reward model.
+"""
+
+from __future__ import annotations
+
+from finetune.evaluation import normalise
+
+
+def exact_answer(prompt: str, response: str, example: dict) -> float:
+    """1.0 when the reply equals the row's `answer` (case, spacing and a final period ignored), else 0.0."""
+    if "answer" not in example:
+        raise ValueError("exact_answer needs an 'answer' field in every prompt row")
+    return float(normalise(response) == normalise(str(example["answer"])))
