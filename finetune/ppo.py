@@ -265,7 +265,7 @@ def run(recipe: Recipe) -> dict:
     from finetune.data import tokenize_prompts, to_prompt, train_eval_rows
     from finetune.evaluation import held_out_correctness
     from finetune.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
-    from finetune.rl import PPOEngine, PPOSettings, build_model
+    from finetune.rl import PPOEngine, PPOSettings, adapters_in_sync, build_model
     from finetune.rl_math import left_pad, prompt_indices
     from finetune.training import check_precision, checkpoint_dir
 
@@ -364,6 +364,7 @@ def run(recipe: Recipe) -> dict:
         correct_after, replies = held_out_correctness(model.peft, tokenizer, template, eval_rows, s.eval_generate_rows,
                                                       s.max_new_tokens)
     base_unchanged = base_fingerprint(model.peft) == fingerprint
+    in_sync = adapters_in_sync(model)
     ran = [r for r in history if r["update"] > start_update]
     gen_share = (sum(r["time_generate_s"] for r in ran) /
                  max(sum(r["time_generate_s"] + r["time_score_s"] + r["time_optimise_s"] for r in ran), 1e-9)
@@ -377,7 +378,7 @@ def run(recipe: Recipe) -> dict:
         "train_runtime_s": runtime, "seconds_per_update": runtime / len(ran) if ran else None,
         "generation_share": gen_share, "peak_memory_mb": _peak_memory_mb(state.device),
         "resumed_from_update": start_update or None, "base_fingerprint": fingerprint, "base_unchanged": base_unchanged,
-        "start_from": shared, "policy_initialised_from": policy_from, "reward_from": reward_from,
+        "adapters_in_sync": in_sync, "start_from": shared, "policy_initialised_from": policy_from, "reward_from": reward_from,
         "reward_function": s.reward_function, "reward_normalisation": scorer.norm, "beta_end": engine.beta,
         "train_prompts": len(prompts), "dropped_overlong_prompts": train_report.dropped_overlong,
         "processes": state.num_processes,

@@ -294,6 +294,22 @@ def all_mean(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
+def adapters_in_sync(model: MultiAdapterModel) -> bool:
+    """True when every process holds bitwise the same policy and value weights (plain data parallel
+    keeps them so: same init, all-reduced gradients, same optimiser steps)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in model.policy_parameters() + model.value_parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    dist = _dist()
+    if dist is None:
+        return True
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digest.hexdigest())
+    return len(set(every)) == 1
+
+
 class PPOEngine:
     """Rollout -> score -> GAE -> clipped PPO epochs, for one batch of prompts per process.
 

@@ -45,6 +45,29 @@ def sft_run(tmp_path_factory, tiny_base):
     return recipe, metrics, out / "sft"
 
 
+def _chained_stage(stage: str, sft_run):
+    import importlib
+
+    from finetune.recipe import load_recipe
+
+    _, _, sft_out = sft_run
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={sft_out.parent}"])
+    metrics = importlib.import_module(f"finetune.{stage}").run(recipe)
+    return recipe, metrics, recipe.stage_dir(stage)
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run):
+    """The reward stage of the offline default, chained from `sft_run` (same output_dir)."""
+    return _chained_stage("reward", sft_run)
+
+
+@pytest.fixture(scope="session")
+def dpo_run(sft_run):
+    """The DPO stage of the offline default, chained from `sft_run` (same output_dir)."""
+    return _chained_stage("dpo", sft_run)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

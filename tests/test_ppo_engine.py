@@ -319,7 +319,8 @@ def test_a10_missing_eos_is_penalised_and_every_figure_is_finite():
 def learn(seed, beta, updates=60):
     model = build_model(tiny_llama(seed), lora(LLAMA_TARGETS), value_init="new")
     eng = PPOEngine(model, PPOSettings(response_length=8, temperature=1.0, micro_batch_size=32, learning_rate=1e-3,
-                                       value_learning_rate=1e-3, kl_coef=beta), token_fraction_score(5),
+                                       value_learning_rate=1e-3, kl_coef=beta, missing_eos_penalty=0.0),
+                    token_fraction_score(5),
                     [EOS], PAD, seed=seed)
     torch.manual_seed(seed)
     scores, kls = [], []

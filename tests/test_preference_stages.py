@@ -17,10 +17,8 @@ def chained(sft_run):
     return [f"output_dir={sft_out.parent}"]
 
 
-def test_dpo_prefers_the_correct_answer_on_held_out_pairs(chained, tiny_base):
-    from finetune import dpo
-
-    m = dpo.run(load_recipe(TINY_RECIPE, chained))
+def test_dpo_prefers_the_correct_answer_on_held_out_pairs(dpo_run):
+    _, m, _ = dpo_run
     assert m["start_from"][0].endswith("/sft")
     assert m["eval_rewards_accuracy_before"] == 0.0 and m["eval_rewards_margin_before"] == 0.0  # policy == reference
     assert m["eval_rewards_accuracy"] >= 0.8 and m["eval_rewards_margin"] > 0
@@ -29,11 +27,8 @@ def test_dpo_prefers_the_correct_answer_on_held_out_pairs(chained, tiny_base):
     assert m["base_unchanged"]
 
 
-def test_reward_stage_trains_and_saves_its_score_head(chained, sft_run):
-    from finetune import reward
-
-    m = reward.run(load_recipe(TINY_RECIPE, chained))
-    out = load_recipe(TINY_RECIPE, chained).stage_dir("reward")
+def test_reward_stage_trains_and_saves_its_score_head(reward_run):
+    _, m, out = reward_run
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("score" in k for k in weights) and any("lora_B" in k for k in weights)
     assert m["base_unchanged"] and m["global_steps"] > 0
