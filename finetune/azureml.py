@@ -305,8 +305,8 @@ def write_job(recipe: Recipe, stage: str, overrides: list[str], out_dir: Path) -
     spec = (pipeline_job_yaml(recipe, overrides, yaml_dir) if stage == "pipeline"
             else command_job_yaml(recipe, stage, overrides, yaml_dir))
     path = out_dir / f"{Path(recipe.source).stem}-{stage}.yaml"
-    header = ("# Written by `finetune azureml submit`; submit with `az ml job create --file "
-              f"{path.name}` (from this folder) or `finetune azureml submit`.\n")
+    header = (f"# Written by `finetune azureml submit`; paths are relative to this file. Submit with\n"
+              f"#   az ml job create --file {path.name}   (or finetune azureml submit without --dry-run)\n")
     path.write_text(header + yaml.dump(spec, Dumper=_Dumper, sort_keys=False, width=120))
     load_job(path)
     return path
@@ -418,7 +418,7 @@ def main(argv: list[str]) -> int:
         print("usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
               "       finetune azureml submit --help", file=sys.stderr)
         return 2
-    args = parser().parse_args(argv[1:])
+    args = parser().parse_intermixed_args(argv[1:])  # overrides may follow the flags
     flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items()
              if getattr(args, flag) is not None]
     try:

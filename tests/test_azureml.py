@@ -163,10 +163,12 @@ def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
 
 def test_submit_without_a_workspace_says_how_to_name_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no config.json here
-    code = azureml.main(["submit", str(TINY_RECIPE), "--stage", "sft", "--compute", "gpu", "--out", str(tmp_path)])
+    code = azureml.main(["submit", str(TINY_RECIPE), "--stage", "sft", "--compute", "gpu", "--out", str(tmp_path),
+                         "sft.max_steps=2"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "No Azure ML workspace given" in err and "--config PATH" in err and "azureml.workspace_name" in err
+    assert "sft.max_steps=2" in (tmp_path / "tiny_chat-sft.yaml").read_text()  # overrides may follow the flags
 
 
 def test_submit_without_credentials_says_what_to_do(tmp_path, monkeypatch, capsys):
