@@ -5,6 +5,8 @@
     finetune reward RECIPE [key=value ...]       train the reward model (from the SFT output)
     finetune dpo RECIPE [key=value ...]          run DPO (from the SFT output)
     finetune ppo RECIPE [key=value ...]          run PPO (policy from the DPO output, reward from the reward model)
+    finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [key=value ...]
+                                                 run a stage (or --stage pipeline) as an Azure ML job; docs/azureml.md
 
 Every stage also takes --print-config (print the resolved recipe and exit).
 
@@ -32,12 +34,16 @@ def launched() -> bool:
 
 
 def stage_command(stage: str, recipe_path: str, overrides: list[str], accelerate_config: str | None,
-                  num_processes: int | None) -> list[str]:
-    """The command line that runs a stage: plain python, or accelerate launch with its config."""
-    script = str(PACKAGE_DIR / f"{stage}.py")
+                  num_processes: int | None, python: str = sys.executable,
+                  package_dir: str | Path = PACKAGE_DIR) -> list[str]:
+    """The command line that runs a stage: plain python, or accelerate launch with its config.
+
+    `python` and `package_dir` default to this interpreter and this checkout; an Azure ML job builds
+    the same command with `python` and the path inside its code snapshot (finetune.azureml)."""
+    script = str(Path(package_dir) / f"{stage}.py")
     if accelerate_config is None:
-        return [sys.executable, script, recipe_path, *overrides]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+        return [python, script, recipe_path, *overrides]
+    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
     return [*cmd, script, recipe_path, *overrides]
@@ -61,7 +67,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: finetune {{config,{','.join(STAGES)}}} RECIPE [key=value ...]"
+    usage = f"usage: finetune {{config,{','.join(STAGES)},azureml submit}} RECIPE [key=value ...]"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() if argv else usage)
         return 0 if argv else 2
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command in STAGES:
             return run_stage(command, rest)
+        if command == "azureml":
+            from finetune import azureml
+
+            return azureml.main(rest)
     except RecipeError as e:
         print(f"finetune: recipe error:\n{e}", file=sys.stderr)
         return 2

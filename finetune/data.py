@@ -85,15 +85,24 @@ def _read_local(path: Path) -> list:
     return list(enumerate(ds, 1))
 
 
-def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
-    """(display name, [(row number, raw row)]) for a local file or a hub dataset."""
+def local_source(source: DataSource, recipe: Recipe) -> Path | None:
+    """The local file a source names, or None for a hub dataset id. A path that looks local (./, /, ~,
+    or a data file suffix) but does not exist is an error rather than a hub lookup."""
     local = Path(recipe.resolve_path(source.path))
     if local.exists():
+        return local
+    if source.path.startswith((".", "/", "~")) or Path(source.path).suffix.lower() in LOCAL_FORMATS:
+        raise DataError(f"{local}: data file not found (relative paths are relative to the recipe {recipe.source})")
+    return None
+
+
+def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
+    """(display name, [(row number, raw row)]) for a local file or a hub dataset."""
+    local = local_source(source, recipe)
+    if local is not None:
         if local.suffix.lower() not in LOCAL_FORMATS:
             raise DataError(f"{local}: unsupported file type; use one of {sorted(LOCAL_FORMATS)}")
         return str(local), _read_local(local)
-    if source.path.startswith((".", "/", "~")) or Path(source.path).suffix.lower() in LOCAL_FORMATS:
-        raise DataError(f"{local}: data file not found (relative paths are relative to the recipe {recipe.source})")
     from datasets import load_dataset
 
     ds = load_dataset(source.path, source.config, split=source.split)

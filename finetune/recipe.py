@@ -232,6 +232,30 @@ class PpoSection(_Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
 
 
+class AzureMLSection(_Section):
+    """Where and how `finetune azureml submit` runs a stage on Azure ML; the flags of the same name
+    (--compute, --instance-count, ...) override these. Never put a secret here: the job YAML needs none."""
+
+    subscription_id: str | None = Field(None, description="Azure subscription id of the workspace.")
+    resource_group: str | None = Field(None, description="Resource group of the workspace.")
+    workspace_name: str | None = Field(None, description="Azure ML workspace name.")
+    config: str | None = Field(
+        None, description="The workspace's config.json (as the Azure portal downloads it; relative to the recipe), "
+        "instead of the three ids above. Default: ./config.json or ./.azureml/config.json when present.")
+    compute: str | None = Field(None, description="Compute cluster name (required to submit).")
+    instance_count: int = Field(1, gt=0, description="Nodes; each runs gpus_per_node processes.")
+    gpus_per_node: int = Field(1, gt=0, description="Processes per node (PyTorch distribution "
+                               "process_count_per_instance): one per GPU.")
+    environment: str | None = Field(
+        None, description="A registered Azure ML environment (name:version or name@latest); default: build "
+        "azureml/Dockerfile from this repository.")
+    datastore: str = Field("workspaceblobstore", description="Datastore for stage outputs (adapters, export).")
+    output_path: str | None = Field(
+        None, description="Folder on the datastore; each stage writes <output_path>/<stage>/ and later stages "
+        "read from there. Default: finetune/<last part of output_dir>.")
+    experiment_name: str = Field("finetune", description="Azure ML experiment the jobs are filed under.")
+
+
 class Recipe(_Section):
     output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/` (relative to the cwd).")
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
@@ -251,6 +275,7 @@ class Recipe(_Section):
     reward: RewardSection | None = None
     dpo: DpoSection | None = None
     ppo: PpoSection | None = None
+    azureml: AzureMLSection = Field(default_factory=AzureMLSection)
 
     # Where the recipe came from; set by load_recipe, not by YAML.
     source: str = Field("<memory>", exclude=True, description="internal")

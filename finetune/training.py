@@ -28,6 +28,30 @@ def check_precision(recipe: Recipe) -> None:
         )
 
 
+def on_azureml() -> bool:
+    """True inside an Azure ML job (it sets AZUREML_RUN_ID and an azureml:// MLflow tracking URI)."""
+    return "AZUREML_RUN_ID" in os.environ or os.environ.get("MLFLOW_TRACKING_URI", "").startswith("azureml:")
+
+
+def mlflow_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def trackers(recipe: Recipe) -> list[str] | str:
+    """logging.report_to, plus mlflow inside an Azure ML job so the metrics reach the job's run page
+    (the HF MLflow callback logs to the run Azure ML opened). `report_to: [none]` turns this off."""
+    report = list(recipe.logging.report_to)
+    if on_azureml() and "mlflow" not in report and "none" not in report:
+        if mlflow_installed():
+            report.append("mlflow")
+        else:
+            log.warning("running on Azure ML without mlflow installed: metrics stay in the job log; use the "
+                        "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours")
+    return report or "none"
+
+
 def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
     """The stage's TRL config: recipe-owned keys + shared `training` + the stage's own fields."""
     kwargs = dict(
@@ -38,7 +62,7 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
         bf16=recipe.precision == "bf16",
         deepspeed=recipe.resolve_path(recipe.deepspeed),
         logging_steps=recipe.logging.logging_steps,
-        report_to=recipe.logging.report_to or "none",
+        report_to=trackers(recipe),
         use_cpu=not torch.cuda.is_available(),
     )
     kwargs.update(recipe.training_args(stage))

@@ -1,0 +1,442 @@
+"""Run a stage, or the whole pipeline, on an Azure ML cluster (azure-ai-ml SDK v2).
+
+    finetune azureml submit RECIPE --stage sft|reward|dpo|ppo|export|pipeline [--dry-run] [--stream]
+                            [--compute NAME] [--instance-count N] [--gpus-per-node N] ... [key=value ...]
+
+A stage becomes a command job that runs the command a local user runs (`cli.stage_command`:
+`python finetune/<stage>.py RECIPE overrides`) in a snapshot of this repository, once per GPU: the
+PyTorch distribution starts `gpus_per_node` processes on each of `instance_count` nodes with
+RANK / LOCAL_RANK / WORLD_SIZE set, and the trainer reads the recipe's DeepSpeed config. (Azure ML
+has no DeepSpeed distribution and does not take a launcher of our own: pitfalls.md.)
+
+How stages hand adapters to each other: every job keeps the recipe's `output_dir` as its working
+folder and links each earlier stage's output (a job input) to `<output_dir>/<stage>`, exactly where
+the local pipeline leaves it; its own `<output_dir>/<stage>` is copied to its job output (a datastore
+path) at the end. So the recipe's default `start_from` / `reward_from` need no override, and the
+adapter chains a stage records (paths of the adapters it was trained on, read again by PPO and export)
+stay valid in every later job. Pointing those keys at the input mounts instead would record one job's
+mount path, which does not exist in the next job.
+
+`--dry-run` writes the job YAML and loads it with `azure.ai.ml.load_job` (the SDK's own schema check;
+offline, no credentials). Submitting loads the same file and sends it with DefaultAzureCredential.
+The SDK is imported only here, lazily: the rest of finetune works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from finetune.cli import PACKAGE_DIR, stage_command
+from finetune.recipe import Recipe, RecipeError, load_recipe
+
+REPO_DIR = PACKAGE_DIR.parent
+STAGES = ("sft", "reward", "dpo", "ppo", "export")  # pipeline order, as `finetune pipeline` runs them
+COMMAND_SCHEMA = "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"
+PIPELINE_SCHEMA = "https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json"
+DOCKERFILE = "azureml/Dockerfile"
+
+# Which earlier stage outputs a stage reads: {earlier stage: the recipe key whose default points at its
+# output}. None marks an output needed only as part of an adapter chain (the DPO adapter was trained on
+# the SFT model, so PPO and export need the SFT adapter too); it is linked whenever the stage reads any
+# keyed input, and for export whenever the recipe has that stage. A key set to 'base' / 'none' needs no
+# input; a key set to <output_dir>/<stage> reads that stage's output.
+STAGE_INPUTS: dict[str, dict[str, str | None]] = {
+    "sft": {},
+    "reward": {"sft": "reward.start_from"},
+    "dpo": {"sft": "dpo.start_from"},
+    "ppo": {"sft": None, "dpo": "ppo.start_from", "reward": "ppo.reward_from"},
+    "export": {"sft": None, "dpo": None, "ppo": None},
+}
+DATA_STAGES = ("sft", "reward", "dpo", "ppo")  # stages with a `<stage>.data` section
+
+# Flags of `submit` -> azureml.<key> (they override the recipe's azureml section).
+FLAGS = {"subscription": "subscription_id", "resource_group": "resource_group", "workspace": "workspace_name",
+         "config": "config", "compute": "compute", "instance_count": "instance_count",
+         "gpus_per_node": "gpus_per_node", "environment": "environment", "datastore": "datastore",
+         "output_path": "output_path", "experiment": "experiment_name"}
+
+
+class AzureMLError(RuntimeError):
+    """A problem with Azure (credentials, workspace, compute) the user must fix; the message says how."""
+
+
+# ----------------------------------------------------------------------------- building jobs
+
+
+def stage_available(stage: str) -> bool:
+    """Whether this checkout has the stage's script (export and pipeline land on another branch)."""
+    return (PACKAGE_DIR / f"{stage}.py").is_file()
+
+
+def _repo_relative(path: str | Path, what: str, recipe: Recipe) -> str:
+    """A path inside the repository, relative to its root: what the job's code snapshot holds."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(REPO_DIR).as_posix()
+    except ValueError:
+        raise RecipeError(
+            f"{recipe.source}: {what}: {resolved} is outside the repository {REPO_DIR}; an Azure ML job gets a "
+            "snapshot of the repository, so put the file inside it (e.g. under recipes/)") from None
+
+
+def datastore_uri(recipe: Recipe, stage: str) -> str:
+    a = recipe.azureml
+    base = (a.output_path or f"finetune/{Path(recipe.output_dir).name}").strip("/")
+    return f"azureml://datastores/{a.datastore}/paths/{base}/{stage}/"
+
+
+def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
+    """The earlier stage whose output `key` points at (None: it starts from no adapter)."""
+    value = getattr(getattr(recipe, stage), key.split(".", 1)[1], None) if getattr(recipe, stage, None) else None
+    if value is None:
+        return default
+    if value.lower() in ("base", "none"):
+        return None
+    for earlier in STAGES:
+        if Path(value).expanduser() == recipe.stage_dir(earlier):
+            return earlier
+    raise RecipeError(
+        f"{recipe.source}: {key}: {value!r} is not an earlier stage's output; on Azure ML a stage reads earlier "
+        f"stages from the datastore ({datastore_uri(recipe, default)}), so leave {key} unset, set it to "
+        f"<output_dir>/<stage> (e.g. {recipe.stage_dir(default)}), or to base / none")
+
+
+def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
+    """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order."""
+    table = STAGE_INPUTS[stage]
+    keyed = {_upstream(recipe, stage, key, earlier) for earlier, key in table.items() if key is not None}
+    keyed.discard(None)
+    chain = {earlier for earlier, key in table.items() if key is None
+             and (keyed or (stage == "export" and getattr(recipe, earlier, None) is not None))}
+    return [s for s in STAGES if s in keyed | chain]
+
+
+def _data_inputs(recipe: Recipe, stage: str, yaml_dir: Path) -> tuple[dict, list[str]]:
+    """Local data files of a stage -> uri_file / uri_folder inputs and the overrides that point the
+    stage's data lists at them. Hub dataset ids pass through unchanged."""
+    from finetune.data import DataError, local_source
+
+    section = getattr(recipe, stage, None)
+    if stage not in DATA_STAGES or section is None:
+        return {}, []
+    inputs, overrides = {}, []
+    for split in ("train", "eval"):
+        sources, changed = [], False
+        for i, source in enumerate(getattr(section.data, split)):
+            try:
+                local = local_source(source, recipe)
+            except DataError as e:
+                raise RecipeError(f"{recipe.source}: {stage}.data.{split}[{i}].path: {e}") from None
+            entry = source.model_dump(mode="json")
+            if local is not None:
+                name = f"data_{split}_{i}"
+                inputs[name] = {"type": "uri_folder" if local.is_dir() else "uri_file",
+                                "path": os.path.relpath(local, yaml_dir)}
+                entry["path"] = f"${{{{inputs.{name}}}}}"
+                changed = True
+            sources.append(entry)
+        if changed:
+            overrides.append(f"{stage}.data.{split}={json.dumps(sources)}")
+    return inputs, overrides
+
+
+def _model_input(recipe: Recipe, yaml_dir: Path) -> tuple[dict, list[str]]:
+    """A local base model folder becomes a uri_folder input; hub ids and builtin: pass through."""
+    path = Path(recipe.model_path())
+    if recipe.model.name_or_path.startswith("builtin:") or not path.is_dir():
+        return {}, []
+    return ({"model": {"type": "uri_folder", "path": os.path.relpath(path, yaml_dir)}},
+            ["model.name_or_path=${{inputs.model}}"])
+
+
+def _environment(recipe: Recipe, yaml_dir: Path):
+    env = recipe.azureml.environment
+    if env is None:
+        return {"build": {"path": os.path.relpath(REPO_DIR, yaml_dir), "dockerfile_path": DOCKERFILE}}
+    name = env.removeprefix("azureml:")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+|@latest)", name):
+        raise RecipeError(f"{recipe.source}: azureml.environment: {env!r}: name a registered environment as "
+                          "name:version or name@latest (e.g. phi-finetune@latest), or leave it unset to build "
+                          f"{DOCKERFILE}")
+    return f"azureml:{name}"
+
+
+def _check_settings(recipe: Recipe) -> None:
+    if not recipe.azureml.compute:
+        raise RecipeError(f"{recipe.source}: azureml.compute: no compute cluster named; set azureml.compute in the "
+                          "recipe or pass --compute NAME (a GPU cluster of the workspace)")
+    for key in ("deepspeed",):
+        if getattr(recipe, key):
+            _repo_relative(recipe.resolve_path(getattr(recipe, key)), key, recipe)
+    template = recipe.template.name
+    if template.endswith(".jinja"):
+        _repo_relative(recipe.resolve_path(template), "template.name", recipe)
+
+
+@dataclass
+class StageJob:
+    """One stage as a command job: its YAML mapping and the pieces tests and pipelines look at."""
+
+    stage: str
+    spec: dict
+    local_command: list[str]  # the stage's own command line, as a local user runs it
+    upstreams: list[str]
+
+
+def build_stage_job(recipe: Recipe, stage: str, overrides: list[str], yaml_dir: Path,
+                    upstream_binding=None) -> StageJob:
+    """The command job that runs `stage` of `recipe` (loaded with `overrides`, which the job repeats).
+
+    `upstream_binding(earlier)` gives the input for an earlier stage's output: by default its
+    datastore path (where an earlier job wrote it); a pipeline binds the earlier step's output."""
+    if stage not in STAGES:
+        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)} or pipeline")
+    if stage != "export" and getattr(recipe, stage) is None:
+        raise RecipeError(f"{recipe.source}: {stage}: section missing; this recipe has no {stage} stage")
+    _check_settings(recipe)
+    a = recipe.azureml
+    recipe_rel = _repo_relative(recipe.source, "recipe", recipe)
+    data_inputs, data_overrides = _data_inputs(recipe, stage, yaml_dir)
+    model_inputs, model_overrides = _model_input(recipe, yaml_dir)
+    upstreams = stage_upstreams(recipe, stage)
+    bind = upstream_binding or (lambda earlier: {"type": "uri_folder", "path": datastore_uri(recipe, earlier),
+                                                 "mode": "ro_mount"})
+    inputs = {**{u: bind(u) for u in upstreams}, **data_inputs, **model_inputs}
+    job_overrides = [o for o in overrides if not o.startswith("azureml.")] + data_overrides + model_overrides
+    # The launcher is Azure ML's (one process per GPU): the stage runs in-process in each of them.
+    local = stage_command(stage, recipe_rel, job_overrides, None, None, python="python", package_dir="finetune")
+    out = shlex.quote(recipe.output_dir)
+    links = [f"{{ ln -sfn ${{{{inputs.{u}}}}} {shlex.quote(str(recipe.stage_dir(u)))} || "
+             f"test -L {shlex.quote(str(recipe.stage_dir(u)))}; }}" for u in upstreams]
+    copy_out = (f'{{ [ "${{RANK:-0}}" != 0 ] || cp -rL {shlex.quote(str(recipe.stage_dir(stage)))}/. '
+                f"${{{{outputs.{stage}}}}}; }}")
+    command = " &&\n".join([f"mkdir -p {out}", *links, shlex.join(local), copy_out])
+    spec = {
+        "type": "command",
+        "display_name": f"{Path(recipe.source).stem}-{stage}",
+        "code": os.path.relpath(REPO_DIR, yaml_dir),
+        "command": command,
+        "environment": _environment(recipe, yaml_dir),
+        # the snapshot's finetune package wins over the copy installed in the image
+        "environment_variables": {"PYTHONPATH": "."},
+        "compute": f"azureml:{a.compute}",
+        "resources": {"instance_count": a.instance_count},
+        "distribution": {"type": "pytorch", "process_count_per_instance": a.gpus_per_node},
+        "inputs": inputs,
+        "outputs": {stage: {"type": "uri_folder", "path": datastore_uri(recipe, stage), "mode": "rw_mount"}},
+    }
+    if not inputs:
+        del spec["inputs"]
+    return StageJob(stage, spec, local, upstreams)
+
+
+def command_job_yaml(recipe: Recipe, stage: str, overrides: list[str], yaml_dir: Path) -> dict:
+    job = build_stage_job(recipe, stage, overrides, yaml_dir)
+    return {"$schema": COMMAND_SCHEMA, **job.spec, "experiment_name": recipe.azureml.experiment_name}
+
+
+def pipeline_stages(recipe: Recipe) -> list[str]:
+    """The stages `--stage pipeline` runs: each training stage the recipe has a section for, then export."""
+    return [s for s in STAGES if s == "export" or getattr(recipe, s) is not None]
+
+
+def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stages: list[str] | None = None) -> dict:
+    """A pipeline job: one command step per stage; each step's output feeds the later steps' inputs,
+    and is also bound to the stage's datastore path (so single-stage jobs can pick up from it)."""
+    stages = pipeline_stages(recipe) if stages is None else stages
+    steps, outputs = {}, {}
+    for stage in stages:
+        def bind(earlier, stage=stage):
+            if earlier in steps:
+                return f"${{{{parent.jobs.{earlier}.outputs.{earlier}}}}}"
+            return {"type": "uri_folder", "path": datastore_uri(recipe, earlier), "mode": "ro_mount"}
+
+        job = build_stage_job(recipe, stage, overrides, yaml_dir, upstream_binding=bind)
+        outputs[stage] = job.spec["outputs"][stage]
+        steps[stage] = {**job.spec, "outputs": {stage: f"${{{{parent.outputs.{stage}}}}}"}}
+    return {"$schema": PIPELINE_SCHEMA, "type": "pipeline",
+            "display_name": f"{Path(recipe.source).stem}-pipeline",
+            "experiment_name": recipe.azureml.experiment_name,
+            "settings": {"default_compute": f"azureml:{recipe.azureml.compute}"},
+            "outputs": outputs, "jobs": steps}
+
+
+def load_job(path: Path):
+    """The SDK's own loader and schema check (offline)."""
+    from azure.ai.ml import load_job as sdk_load_job
+
+    # the SDK logs a notice per "experimental" class it touches while loading; not ours to act on
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+    try:
+        return sdk_load_job(path)
+    except Exception as e:  # marshmallow / SDK ValidationError: a bug in what we wrote, with the reason
+        raise AzureMLError(f"{path}: the Azure ML SDK refused this job YAML: {e}") from e
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the command: one step a line) as YAML literal blocks."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s
+                                                             else None))
+
+
+def write_job(recipe: Recipe, stage: str, overrides: list[str], out_dir: Path) -> Path:
+    """Write `<out_dir>/<recipe>-<stage>.yaml` for a stage or the pipeline and validate it with load_job."""
+    if stage != "pipeline" and stage not in STAGES:
+        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)} or pipeline")
+    needed = pipeline_stages(recipe) if stage == "pipeline" else [stage]
+    missing = [s for s in needed if not stage_available(s)]
+    if missing:
+        raise RecipeError(f"stage {', '.join(missing)} is not in this checkout (finetune/{missing[0]}.py); "
+                          "update your checkout to a version that has it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yaml_dir = out_dir.resolve()
+    spec = (pipeline_job_yaml(recipe, overrides, yaml_dir) if stage == "pipeline"
+            else command_job_yaml(recipe, stage, overrides, yaml_dir))
+    path = out_dir / f"{Path(recipe.source).stem}-{stage}.yaml"
+    header = (f"# Written by `finetune azureml submit`; paths are relative to this file. Submit with\n"
+              f"#   az ml job create --file {path.name}   (or finetune azureml submit without --dry-run)\n")
+    path.write_text(header + yaml.dump(spec, Dumper=_Dumper, sort_keys=False, width=120))
+    load_job(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- submitting
+
+
+def workspace_ids(recipe: Recipe) -> tuple[str, str, str]:
+    """(subscription, resource group, workspace) from the recipe/flags or a config.json."""
+    a = recipe.azureml
+    ids = (a.subscription_id, a.resource_group, a.workspace_name)
+    if all(ids):
+        return ids
+    candidates = ([Path(recipe.resolve_path(a.config))] if a.config
+                  else [Path("config.json"), Path(".azureml/config.json")])
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        given = f"{a.config} was not found. " if a.config else ""
+        raise AzureMLError(
+            f"No Azure ML workspace given. {given}Name it with azureml.subscription_id, azureml.resource_group and "
+            "azureml.workspace_name in the recipe (or --subscription, --resource-group, --workspace), or download "
+            "the workspace's config.json (Azure portal: the workspace's overview page, 'Download config.json') "
+            "and pass --config PATH. --dry-run needs none of this.")
+    try:
+        data = json.loads(found.read_text())
+        return (a.subscription_id or data["subscription_id"], a.resource_group or data["resource_group"],
+                a.workspace_name or data["workspace_name"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise AzureMLError(f"{found}: not an Azure ML workspace config.json (needs subscription_id, resource_group "
+                           f"and workspace_name; problem: {e}); download it again from the Azure portal") from None
+
+
+ARM_SCOPE = "https://management.azure.com/.default"
+
+
+def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
+    """Submit a validated job YAML; returns the job name. Every Azure failure a user can fix becomes an
+    AzureMLError saying what to do (never a token or key: none is printed or written)."""
+    subscription, group, workspace = workspace_ids(recipe)
+    from azure.ai.ml import MLClient
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+    from azure.identity import DefaultAzureCredential
+
+    credential = DefaultAzureCredential()
+    try:  # ask for a token now: a missing login then reads as one, not as a failure deep in the upload
+        credential.get_token(ARM_SCOPE)
+    except ClientAuthenticationError:
+        raise AzureMLError(
+            "No Azure credentials found. Sign in with `az login` (and `az account set --subscription "
+            f"{subscription}`), or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
+            "principal, or run where a managed identity is available; DefaultAzureCredential tries each of "
+            "these. Then submit again (or use --dry-run to write and check the job YAML offline).") from None
+    client = MLClient(credential, subscription, group, workspace)
+    try:
+        client.workspaces.get(workspace)
+    except (ResourceNotFoundError, HttpResponseError) as e:
+        raise AzureMLError(
+            f"Workspace {workspace!r} in resource group {group!r} of subscription {subscription} was not found or "
+            f"is not accessible ({_reason(e)}). Check the three ids (or download the workspace's config.json from "
+            "the Azure portal and pass --config), and that your account has a role on the workspace.") from None
+    compute = recipe.azureml.compute
+    try:
+        client.compute.get(compute)
+    except (ResourceNotFoundError, HttpResponseError) as e:
+        raise AzureMLError(
+            f"Compute {compute!r} was not found in workspace {workspace!r} ({_reason(e)}). Create a GPU cluster "
+            "(Azure ML studio: Compute > Compute clusters, or `az ml compute create --type AmlCompute --name "
+            f"{compute} --size Standard_NC24ads_A100_v4 --max-instances 2`) or name an existing one with "
+            "--compute / azureml.compute.") from None
+    try:
+        job = client.jobs.create_or_update(load_job(job_path))
+    except HttpResponseError as e:
+        raise AzureMLError(f"Azure ML refused the job ({_reason(e)}). The job YAML is {job_path}; fix the named "
+                           "setting and submit again.") from None
+    print(f"submitted {job.name}\n  studio: {job.studio_url}", flush=True)
+    if stream:
+        client.jobs.stream(job.name)
+    return job.name
+
+
+def _reason(error) -> str:
+    """The service's one-line reason (the message's first line; no headers, no tokens)."""
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0][:300] if message.strip() else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune azureml submit",
+        description="Run a stage of a recipe, or the whole pipeline, as an Azure ML job. Flags override the "
+        "recipe's azureml section.")
+    p.add_argument("recipe", help="recipe YAML inside this repository, e.g. recipes/phi2_chat.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, passed to the stage too (sft.max_steps=20)")
+    p.add_argument("--stage", required=True, choices=[*STAGES, "pipeline"])
+    p.add_argument("--dry-run", action="store_true", help="write and validate the job YAML offline; submit nothing")
+    p.add_argument("--stream", action="store_true", help="follow the job's logs after submitting")
+    p.add_argument("--out", default="azureml-jobs", help="folder for the job YAML (default: azureml-jobs)")
+    for flag, key in FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"azureml.{key}")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "submit":
+        print("usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
+              "       finetune azureml submit --help", file=sys.stderr)
+        return 2
+    args = parser().parse_intermixed_args(argv[1:])  # overrides may follow the flags
+    flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items()
+             if getattr(args, flag) is not None]
+    try:
+        recipe = load_recipe(args.recipe, [*args.overrides, *flags])
+        path = write_job(recipe, args.stage, args.overrides, Path(args.out))
+        print(f"wrote {path} (validated with azure.ai.ml.load_job)", flush=True)
+        if args.dry_run:
+            print(f"  submit it: az ml job create --file {path}  (or this command without --dry-run)")
+            return 0
+        submit(recipe, path, args.stream)
+    except RecipeError as e:
+        print(f"finetune azureml: recipe error:\n{e}", file=sys.stderr)
+        return 2
+    except AzureMLError as e:
+        print(f"finetune azureml: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"finetune azureml: the Azure ML SDK is not installed ({e.name}); pip install 'finetune[azureml]'",
+              file=sys.stderr)
+        return 2
+    return 0
