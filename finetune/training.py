@@ -169,7 +169,16 @@ def adapter_chain(folder: str | Path) -> list[str]:
 
     metrics = Path(folder) / "metrics.json"
     start = json.loads(metrics.read_text()).get("start_from", []) if metrics.is_file() else []
-    return [*start, str(folder)]
+    return [*(_relocated(p, Path(folder)) for p in start), str(folder)]
+
+
+def _relocated(recorded: str, folder: Path) -> str:
+    """A recorded start adapter that no longer exists at its path but sits beside `folder` under the
+    same name (the output folder was moved or copied as a whole, e.g. to another machine)."""
+    beside = folder.parent / Path(recorded).name
+    if not Path(recorded).is_dir() and (beside / "adapter_config.json").is_file():
+        return str(beside)
+    return recorded
 
 
 def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:

@@ -43,3 +43,17 @@ def test_start_from_a_mismatched_or_missing_output_is_refused(chained, tmp_path,
         dpo.run(load_recipe(TINY_RECIPE, chained + ["template.name=phi3"]))
     with pytest.raises(RecipeError, match="dpo.start_from: no adapter at .*run the stage that makes it first"):
         dpo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"]))
+
+
+def test_a_moved_output_folder_keeps_its_adapter_chain(tmp_path):
+    from finetune.training import adapter_chain
+
+    for stage in ("sft", "elsewhere"):
+        (tmp_path / "new" / stage).mkdir(parents=True)
+        (tmp_path / "new" / stage / "adapter_config.json").write_text("{}")
+    dpo = tmp_path / "new" / "dpo"
+    dpo.mkdir()
+    gone, kept = str(tmp_path / "old" / "sft"), str(tmp_path / "new" / "elsewhere")
+    (dpo / "metrics.json").write_text(json.dumps({"start_from": [gone, kept]}))
+    # the recorded SFT folder was moved along with the DPO one: found beside it; an existing path stays
+    assert adapter_chain(dpo) == [str(tmp_path / "new" / "sft"), kept, str(dpo)]
