@@ -36,6 +36,7 @@ class DataReport:
     skipped_bad: int = 0
     skipped_useless: int = 0
     dropped_overlong: int = 0
+    repeated_prompts: int = 0
     used: int = 0
     examples: list[str] = field(default_factory=list)  # first few problems, for the log
 
@@ -51,6 +52,8 @@ class DataReport:
             text += f", {self.skipped_useless} rows with identical chosen and rejected skipped"
         if self.dropped_overlong:
             text += f", {self.dropped_overlong} rows over max_length dropped"
+        if self.repeated_prompts:
+            text += f", {self.repeated_prompts} repeated prompts kept once"
         return text
 
 
@@ -257,15 +260,20 @@ def to_prompt(row, fmt: str, where: str) -> dict:
 
 
 def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int, report: DataReport,
-                     name: str) -> tuple[list[list[int]], list[int]]:
+                     name: str, unique: bool = False) -> tuple[list[list[int]], list[int]]:
     """(inference-prompt token ids, index of each kept row in `rows`); over-long prompts are counted and
-    dropped, never truncated."""
+    dropped, never truncated. With `unique`, a prompt seen before (preference data repeats one per
+    pair) is kept once and counted."""
     from .chat_template import tokenize_prompt
 
-    ids, kept = [], []
+    ids, kept, seen = [], [], set()
     for i, row in enumerate(rows):
         where = _check_row(row, tokenizer, template, name, i)
         p = tokenize_prompt(tokenizer, row["prompt"])
+        if unique and tuple(p) in seen:
+            report.repeated_prompts += 1
+            continue
+        seen.add(tuple(p))
         if len(p) > max_length:
             report.dropped_overlong += 1
             report.note(f"{where}: prompt of {len(p)} tokens > max_prompt_length {max_length}")
@@ -278,6 +286,8 @@ def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_le
     if report.dropped_overlong:
         log.warning("%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated)",
                     name, report.dropped_overlong, max_length)
+    if report.repeated_prompts:
+        log.info("%s: %d repeated prompts kept once (%d distinct)", name, report.repeated_prompts, len(ids))
     return ids, kept
 
 

@@ -287,7 +287,8 @@ def run(recipe: Recipe) -> dict:
     stop_ids, pad_id = end_of_turn_ids(tokenizer, template), tokenizer.pad_token_id
 
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(s.data, recipe, recipe.seed, to_prompt)
-    prompts, kept = tokenize_prompts(train_rows, tokenizer, template, s.max_prompt_length, train_report, "train")
+    prompts, kept = tokenize_prompts(train_rows, tokenizer, template, s.max_prompt_length, train_report, "train",
+                                     unique=s.unique_prompts)
     train_rows = [train_rows[i] for i in kept]
 
     base = load_model(recipe, merge=shared).to(state.device)
@@ -373,6 +374,8 @@ def run(recipe: Recipe) -> dict:
         "updates": len(history), "score_start": _window_mean(history, "score", last=False),
         "score_end": _window_mean(history, "score", last=True), "kl_end": _window_mean(history, "kl", last=True),
         "eos_rate_end": _window_mean(history, "eos_rate", last=True),
+        **{f"{part}_{edge}": _window_mean(history, part, last=edge == "end")
+           for part in ("score_learned_raw", "score_rule") for edge in ("start", "end")},
         "response_length_end": _window_mean(history, "response_length", last=True),
         "correct_rate_before": correct_before, "correct_rate_after": correct_after, **_earlier_correctness(recipe),
         "train_runtime_s": runtime, "seconds_per_update": runtime / len(ran) if ran else None,
@@ -381,6 +384,7 @@ def run(recipe: Recipe) -> dict:
         "adapters_in_sync": in_sync, "start_from": shared, "policy_initialised_from": policy_from, "reward_from": reward_from,
         "reward_function": s.reward_function, "reward_normalisation": scorer.norm, "beta_end": engine.beta,
         "train_prompts": len(prompts), "dropped_overlong_prompts": train_report.dropped_overlong,
+        "repeated_prompts": train_report.repeated_prompts,
         "processes": state.num_processes,
     }
     out = recipe.stage_dir("ppo")
@@ -389,6 +393,11 @@ def run(recipe: Recipe) -> dict:
         earlier = ", ".join(f"{k.split('_')[-1].upper()} {rate(v)}" for k, v in _earlier_correctness(recipe).items())
         print_summary("PPO done", [
             ("score (first -> last 10%)", f"{metrics['score_start']:.3f} -> {metrics['score_end']:.3f}"),
+            *([("learned reward (raw)", f"{metrics['score_learned_raw_start']:.3f} -> "
+                                        f"{metrics['score_learned_raw_end']:.3f}")]
+              if metrics["score_learned_raw_start"] is not None else []),
+            *([("rule reward", f"{metrics['score_rule_start']:.3f} -> {metrics['score_rule_end']:.3f}")]
+              if metrics["score_rule_start"] is not None else []),
             ("KL at the end", f"{metrics['kl_end']:.3f} nats/response (beta {engine.beta:.3g})"),
             ("EOS rate at the end", rate(metrics["eos_rate_end"])),
             ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"

@@ -193,6 +193,8 @@ class PpoSection(_Section):
         "f(prompt, response, example) -> float (example = the data row, e.g. its 'answer'); added to the learned "
         "reward. Modules beside the recipe are importable.")
     reward_function_weight: float = Field(1.0, description="Weight of the rule-based reward in the score.")
+    unique_prompts: bool = Field(True, description="Keep one copy of a repeated prompt (preference data repeats "
+                                 "it once per pair); the count is reported.")
     updates: int = Field(100, gt=0, description="PPO updates (each: rollout, score, optimise).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per update per process.")
     mini_batches: int = Field(1, gt=0, description="Minibatches per PPO epoch (one optimiser step each).")

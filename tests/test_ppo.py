@@ -31,7 +31,7 @@ def ppo_run(sft_run, reward_run, dpo_run):
 
 def test_ppo_raises_the_learned_score_with_a_bounded_kl(ppo_run):
     recipe, m, out = ppo_run
-    assert m["updates"] == recipe.ppo.updates == 30
+    assert m["updates"] == recipe.ppo.updates and m["repeated_prompts"] == 496 - 124 and m["train_prompts"] == 124
     assert m["score_end"] > m["score_start"], m
     assert 0 <= m["kl_end"] < 5 and all(map(torch.isfinite, torch.tensor([m["score_end"], m["kl_end"]])))
     assert 0 <= m["eos_rate_end"] <= 1 and m["base_unchanged"]
@@ -43,11 +43,11 @@ def test_ppo_raises_the_learned_score_with_a_bounded_kl(ppo_run):
     assert m["peak_memory_mb"] > 0 and 0 < m["generation_share"] < 1
 
     rows = [json.loads(line) for line in (out / "updates.jsonl").read_text().splitlines()]
-    assert [r["update"] for r in rows] == list(range(1, 31))
+    assert [r["update"] for r in rows] == list(range(1, recipe.ppo.updates + 1))
     assert {"score", "kl", "response_length", "eos_rate", "policy_loss", "value_loss", "clipfrac",
             "approxkl", *TIMING} <= set(rows[0])
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["score_end"] == m["score_end"] and saved["updates"] == 30
+    assert saved["score_end"] == m["score_end"] and saved["updates"] == recipe.ppo.updates
 
 
 def test_ppo_output_is_a_plain_peft_adapter_on_the_sft_model(ppo_run):
@@ -116,7 +116,8 @@ def test_missing_stage_outputs_are_refused_before_loading(tmp_path):
     with pytest.raises(RecipeError, match=r"ppo.start_from: no adapter at .*/dpo; run `finetune dpo"):
         ppo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"]))
     with pytest.raises(RecipeError, match="ppo.reward_from is none and no ppo.reward_function is set"):
-        ppo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "ppo.start_from=base", "ppo.reward_from=none"]))
+        ppo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "ppo.start_from=base", "ppo.reward_from=none",
+                                                "ppo.reward_function=null"]))
 
 
 def test_two_processes_under_accelerate_launch(sft_run, reward_run, tmp_path):
