@@ -338,12 +338,14 @@ def learning_runs():
 
 
 def test_a8_learns_a_synthetic_reward_for_three_seeds(learning_runs):
-    # Calibrated on this code (seeds 0/1/2, see the closing note of issue 4); threshold ~70% of the worst.
+    # Measured on this code (60 updates x 32): first/last 10% means 0.040->0.336, 0.059->0.156, 0.042->0.338
+    # for seeds 0/1/2 (8.4x, 2.6x, 8.0x); the issue's bar is 2x.
     for seed, (first, last, kl) in learning_runs.items():
         assert last >= 2 * first, (seed, first, last)
 
 
 def test_a8_a_large_kl_coefficient_keeps_the_policy_close(learning_runs):
+    # Measured: beta 0.5 ends at KL 0.030 nats/response (score flat, 0.033->0.035); beta 0.05 at 4.24.
     first, last, kl = learn(0, 0.5)
     small_beta_kl = learning_runs[0][2]
     assert kl < 0.25 and kl < 0.25 * small_beta_kl, (kl, small_beta_kl)
