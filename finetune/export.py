@@ -245,6 +245,8 @@ def run(recipe: Recipe) -> dict:
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users
     print_summary("export done", [
         ("model", f"{stage}: {' + '.join(chain)} merged into {recipe.model.name_or_path}"),
         ("dtype", f"{dtype_name} ({len(metrics['shards'])} safetensors shard(s), max {section.max_shard_size})"),

@@ -135,6 +135,15 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     trained = [s for s in stages if s in EXPORTABLE_STAGES]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
+
+    def write_report(curves: str | None = None) -> dict:
+        # after every stage too: a pipeline killed later still leaves the times of what it finished
+        report = {"recipe": str(recipe_path), "overrides": overrides, "output_dir": str(out), "stages": rows,
+                  "seconds": time.time() - started, "curves": curves,
+                  "complete": failed is None and len(rows) == len(stages)}
+        write_json(report_path, report)
+        return report
+
     for i, stage in enumerate(stages, 1):
         where = recipe.stage_dir(stage)
         if finished(recipe, stage) and not rerun:
@@ -157,12 +166,10 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
             failed = (stage, code)
             break
         rows.append(report_row(recipe, stage, "ran", seconds))
+        write_report()
         rerun = True
     drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
-    report = {"recipe": str(recipe_path), "overrides": overrides, "output_dir": str(out), "stages": rows,
-              "seconds": time.time() - started, "curves": str(out / CURVES) if drawn else None,
-              "complete": failed is None and len(rows) == len(stages)}
-    write_json(report_path, report)
+    report = write_report(str(out / CURVES) if drawn else None)
     title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
