@@ -128,7 +128,8 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
         else:
             role = "not part of this model"
         k = key_metrics(name, m)
-        rows.append(f"| {name} | {role} | {k['metric']}: {figure(k['before'])} → {figure(k['after'])} | "
+        rows.append(f"| {name} | {role} | {k['metric']}: {figure(k['before'], k['metric'])} → "
+                    f"{figure(k['after'], k['metric'])} | "
                     f"{rate(k['correct_before'])} → {rate(k['correct_after'])} |")
     base = recipe.model.name_or_path
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",

@@ -158,9 +158,12 @@ def key_metrics(stage: str, metrics: dict) -> dict:
             "correct_after": metrics.get(c_after) if c_after else None}
 
 
-def figure(value) -> str:
+def figure(value, metric: str | None = None) -> str:
+    """A metric value for a table: accuracies as percentages, small numbers in scientific notation."""
     if value is None:
         return "n/a"
-    if isinstance(value, float) and (abs(value) < 1e-3 and value != 0):
+    if metric and "accuracy" in metric:
+        return rate(value)
+    if isinstance(value, float) and abs(value) < 1e-3 and value != 0:
         return f"{value:.1e}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

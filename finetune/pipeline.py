@@ -64,7 +64,8 @@ def format_table(rows: list[dict]) -> str:
             change = f"{figure(r['after'])}" + (f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
                                                 if r.get("export_dtype") not in (None, "fp32") else "")
         else:
-            change = f"{figure(r['before'])} -> {figure(r['after'])}" if r["metric"] else "n/a"
+            change = f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] \
+                else "n/a"
         correct = ("n/a" if r["correct_before"] is None and r["correct_after"] is None
                    else f"{rate(r['correct_before'])} -> {rate(r['correct_after'])}")
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}s" + (" (earlier)" if r["seconds_from_earlier_run"]
@@ -72,8 +73,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append([r["stage"], r["status"], r["metric"] or "n/a", change, correct, seconds, r["output"]])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)),
-                      *(fmt.format(*line) for line in lines)])
+    return "\n".join(fmt.format(*line).rstrip() for line in [header, ["-" * w for w in widths], *lines])
 
 
 def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:

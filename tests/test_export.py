@@ -10,7 +10,7 @@ import torch
 
 from finetune.recipe import RecipeError, load_recipe
 
-from .conftest import ROOT, TINY_RECIPE, subprocess_env, write_jsonl
+from .conftest import PIPELINE_QUICK, ROOT, TINY_RECIPE, subprocess_env, write_jsonl
 
 PLAIN_TRANSFORMERS = r"""
 import json, sys
@@ -34,7 +34,7 @@ print(json.dumps({"finetune_imported": "finetune" in sys.modules, "eos": model.g
 @pytest.fixture(scope="module")
 def exported(pipeline_run):
     out = pipeline_run["out"]
-    recipe = load_recipe(TINY_RECIPE, [f"output_dir={out}"])
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={out}", *PIPELINE_QUICK])
     return recipe, out / "export", json.loads((out / "export" / "metrics.json").read_text())
 
 

@@ -22,8 +22,8 @@ def test_killed_pipeline_continues_where_it_stopped(pipeline_run):
     for stage in ("sft", "reward", "dpo"):
         assert f"{stage}: skipped (finished output in" in stderr
     ppo = json.loads((pipeline_run["out"] / "ppo" / "metrics.json").read_text())
-    assert ppo["resumed_from_update"] and ppo["resumed_from_update"] >= 10  # PPO went on from its checkpoint
-    assert ppo["updates"] == 30
+    assert ppo["resumed_from_update"] and ppo["resumed_from_update"] >= 4  # PPO went on from its checkpoint
+    assert ppo["updates"] == 12
     print(f"\npipeline: first run {pipeline_run['first_seconds']:.0f}s (killed in ppo), "
           f"second run {pipeline_run['second_seconds']:.0f}s\n{pipeline_run['second'].stdout}")
 
@@ -49,7 +49,7 @@ def test_report_table_and_curves(pipeline_run):
     for stage in ("sft", "reward", "dpo"):  # the training curves the plot is drawn from
         history = json.loads((out / stage / "log_history.json").read_text())
         assert [h for h in history if "loss" in h]
-    assert (out / "ppo" / "updates.jsonl").read_text().count("\n") == 30
+    assert (out / "ppo" / "updates.jsonl").read_text().count("\n") == 12
 
 
 def test_rerun_of_a_finished_pipeline_skips_everything(pipeline_run):
