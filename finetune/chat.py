@@ -85,6 +85,23 @@ def _load_folder(path: Path) -> Loaded:
     return Loaded(model.eval(), tokenizer, stop, str(path))
 
 
+def reply_streamer(tokenizer):
+    """transformers' TextStreamer (prints each finished word as generation goes), minus the whitespace a
+    template puts between its generation prompt and the reply ("Output: 5" -> "5")."""
+    from transformers import TextStreamer
+
+    class ReplyStreamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 @dataclass
 class ChatSession:
     """One conversation: the messages so far; `send` adds a user turn and the model's reply."""
@@ -108,8 +125,6 @@ class ChatSession:
 
     @torch.no_grad()
     def send(self, text: str, stream: bool = False) -> str:
-        from transformers import TextStreamer
-
         tok, model = self.loaded.tokenizer, self.loaded.model
         self.messages.append({"role": "user", "content": text})
         inputs = {k: v.to(model.device) for k, v in self.prompt().items()}
@@ -117,7 +132,7 @@ class ChatSession:
             else dict(do_sample=False)
         out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, eos_token_id=self.loaded.stop_ids,
                              pad_token_id=tok.pad_token_id, **sampling,
-                             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None)
+                             streamer=reply_streamer(tok) if stream else None)
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
         cut = next((i for i, t in enumerate(new) if t in self.loaded.stop_ids), len(new))
         reply = tok.decode(new[:cut], skip_special_tokens=True).strip()

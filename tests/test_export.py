@@ -12,6 +12,9 @@ from finetune.recipe import RecipeError, load_recipe
 
 from .conftest import PIPELINE_QUICK, ROOT, TINY_RECIPE, subprocess_env, write_jsonl
 
+# The first test here pays for the session's one pipeline run (minutes on 2 busy cores).
+pytestmark = pytest.mark.timeout(2400)
+
 PLAIN_TRANSFORMERS = r"""
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,6 +10,9 @@ from finetune.recipe import RecipeError, load_recipe
 
 from .conftest import ROOT, TINY_RECIPE, subprocess_env
 
+# The first test here pays for the session's one pipeline run (minutes on 2 busy cores).
+pytestmark = pytest.mark.timeout(2400)
+
 
 def test_killed_pipeline_continues_where_it_stopped(pipeline_run):
     before = pipeline_run["finished_before_kill"]
