@@ -67,8 +67,8 @@ def test_export_is_a_complete_hf_folder_of_the_ppo_chain(exported):
 
 
 def test_plain_transformers_in_a_process_without_finetune_answers_and_stops(exported, tmp_path):
-    _, folder, _ = exported
-    rows = held_out(12)
+    _, folder, metrics = exported
+    rows = held_out()
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(folder),
                           json.dumps([r["messages"][0]["content"] for r in rows])],
@@ -81,8 +81,9 @@ def test_plain_transformers_in_a_process_without_finetune_answers_and_stops(expo
     assert all(r["prompt"] == f"Instruct: {row['messages'][0]['content']}\nOutput:" for r, row in zip(replies, rows))
     stopped = [r for r in replies if r["new"] and r["new"][-1] == eos and len(r["new"]) < 16]
     assert len(stopped) == len(replies)  # every reply ends at the end-of-turn token, none runs to the budget
-    correct = sum(r["reply"] == row["answer"] for r, row in zip(replies, rows))
-    assert correct >= len(rows) // 2, replies  # the tiny base answers none (see the pipeline table)
+    rate = sum(r["reply"] == row["answer"] for r, row in zip(replies, rows)) / len(rows)
+    assert rate > metrics["correct_rate_base"] + 0.3, replies  # the tiny base answers (almost) none
+    assert rate == pytest.approx(metrics["correct_rate_after"], abs=0.1)  # what the export itself measured
 
 
 def test_merged_logits_equal_base_plus_stacked_adapters(exported, tiny_base):
@@ -189,39 +190,43 @@ def test_generate_writes_a_reply_per_prompt(exported, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def train_facts(n):
+def questions(n):
     rows = [json.loads(x) for x in (ROOT / "data/tiny/sft_train.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in rows
-            if r["messages"][0]["role"] == "user" and len(r["messages"]) == 2][:n]
+    return [r["messages"][0]["content"] for r in rows if r["messages"][0]["role"] == "user"][:n]
 
 
 def test_chat_driven_through_stdin_streams_replies_and_resets(exported):
+    from finetune.chat import ChatSession, load_for_chat
+
     _, folder, _ = exported
-    (q1, a1), (q2, a2) = train_facts(2)
+    q1, q2 = questions(2)
+    loaded = load_for_chat(str(folder), [])
+    fresh = [ChatSession(loaded, max_new_tokens=8).send(q) for q in (q1, q2)]  # each as a new conversation
     res = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(folder), "--max-new-tokens", "8"],
                          input=f"{q1}\n/reset\n{q2}\n/exit\nnever read\n", cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"assistant> {a1}\n" in res.stdout and f"assistant> {a2}\n" in res.stdout
-    assert "(new conversation)" in res.stdout and "/reset starts a new conversation" in res.stderr
-    assert res.stdout.count("assistant> ") == 2  # /exit stopped before the last line
+    # the streamed text is the reply; after /reset the second question is answered as in a new conversation
+    assert res.stdout == f"you> assistant> {fresh[0]}\nyou> (new conversation)\nyou> assistant> {fresh[1]}\nyou> "
+    assert "/reset starts a new conversation" in res.stderr
 
 
 def test_chat_session_keeps_the_conversation_and_a_recipe_merges_in_memory(exported, tmp_path):
     from finetune.chat import ChatSession, load_for_chat
 
     recipe, folder, _ = exported
-    (q1, a1), (q2, a2) = train_facts(2)
+    q1, q2 = questions(2)
     session = ChatSession(load_for_chat(str(folder), []), max_new_tokens=8)
-    assert session.send(q1) == a1
-    session.send(q2)
+    r1 = session.send(q1)
+    r2 = session.send(q2)
+    assert r1 and r2 and session.messages[-1] == {"role": "assistant", "content": r2}
     tok = session.loaded.tokenizer
-    assert tok.decode(session.prompt()["input_ids"][0]).startswith(f"Instruct: {q1}\nOutput: {a1}<|endoftext|>\n"
-                                                                   f"Instruct: {q2}\n")
+    assert tok.decode(session.prompt()["input_ids"][0]).startswith(f"Instruct: {q1}\nOutput: {r1}<|endoftext|>\n"
+                                                                   f"Instruct: {q2}\nOutput: {r2}<|endoftext|>\n")
     session.reset()
     assert session.messages == []
     # a recipe whose export folder is absent: the same chain merged in memory answers the same
     from_recipe = load_for_chat(str(TINY_RECIPE), [f"output_dir={recipe.output_dir}",
                                                    f"export.output={tmp_path / 'none'}"])
     assert "merged in memory" in from_recipe.description
-    assert ChatSession(from_recipe, max_new_tokens=8).send(q1) == a1
+    assert ChatSession(from_recipe, max_new_tokens=8).send(q1) == r1
