@@ -37,10 +37,10 @@ from pathlib import Path
 import yaml
 
 from finetune.cli import PACKAGE_DIR, stage_command
-from finetune.recipe import Recipe, RecipeError, load_recipe
+from finetune.recipe import PIPELINE_STAGES, Recipe, RecipeError, load_recipe
 
 REPO_DIR = PACKAGE_DIR.parent
-STAGES = ("sft", "reward", "dpo", "ppo", "export")  # pipeline order, as `finetune pipeline` runs them
+STAGES = PIPELINE_STAGES  # pipeline order, as `finetune pipeline` runs them
 COMMAND_SCHEMA = "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"
 PIPELINE_SCHEMA = "https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json"
 DOCKERFILE = "azureml/Dockerfile"

@@ -5,6 +5,13 @@
     finetune reward RECIPE [key=value ...]       train the reward model (from the SFT output)
     finetune dpo RECIPE [key=value ...]          run DPO (from the SFT output)
     finetune ppo RECIPE [key=value ...]          run PPO (policy from the DPO output, reward from the reward model)
+    finetune export RECIPE [key=value ...] [--force]
+                                                 merge the last stage's adapters into the base: a plain HF model folder
+    finetune pipeline RECIPE [key=value ...] [--force]
+                                                 sft -> reward -> dpo -> ppo -> export, skipping finished stages
+    finetune chat MODEL_DIR_OR_RECIPE            talk to the model in the terminal (/reset, /exit)
+    finetune generate MODEL_DIR_OR_RECIPE --prompts FILE --out FILE.jsonl
+                                                 answer every prompt of a file (greedy), write jsonl
     finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [key=value ...]
                                                  run a stage (or --stage pipeline) as an Azure ML job; docs/azureml.md
 
@@ -12,7 +19,8 @@ Every stage also takes --print-config (print the resolved recipe and exit).
 
 A stage whose recipe names `launch.accelerate_config` re-runs itself as
 `accelerate launch --config_file <that> finetune/<stage>.py RECIPE ...`, exactly the command a user
-would type, unless it is already running under a launcher.
+would type, unless it is already running under a launcher. Export never needs a launcher (no DeepSpeed,
+no GPU) and always runs in this process.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from pathlib import Path
 
 from finetune.recipe import RecipeError, dump_recipe, load_recipe
 
-STAGES = ("sft", "reward", "dpo", "ppo")
+STAGES = ("sft", "reward", "dpo", "ppo", "export")
+TOOLS = ("config", "pipeline", "chat", "generate", "azureml")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -53,7 +62,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
     import importlib
 
     module = importlib.import_module(f"finetune.{stage}")
-    if "--print-config" in argv or launched() or not argv:
+    if stage == "export" or "--print-config" in argv or launched() or not argv:
         return module.main(argv)
     recipe_path, overrides = argv[0], argv[1:]
     recipe = load_recipe(recipe_path, overrides)
@@ -67,7 +76,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: finetune {{config,{','.join(STAGES)},azureml submit}} RECIPE [key=value ...]"
+    usage = f"usage: finetune {{{','.join(STAGES + TOOLS)}}} RECIPE [key=value ...]  (finetune --help for more)"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() if argv else usage)
         return 0 if argv else 2
@@ -85,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             from finetune import azureml
 
             return azureml.main(rest)
+        if command == "pipeline":
+            from finetune import pipeline
+
+            return pipeline.main(rest)
+        if command in ("chat", "generate"):
+            from finetune import chat
+
+            return chat.main(command, rest)
     except RecipeError as e:
         print(f"finetune: recipe error:\n{e}", file=sys.stderr)
         return 2

@@ -259,6 +259,28 @@ def to_prompt(row, fmt: str, where: str) -> dict:
     return out
 
 
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompts from a local file, for `finetune generate`: .txt (one user prompt per non-empty line) or
+    jsonl / json / parquet / csv rows in any form `to_prompt` takes; a bad row stops with file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompts file not found")
+    if path.suffix.lower() == ".txt":
+        return [{"prompt": [{"role": "user", "content": line.strip()}], "example": {}}
+                for line in path.read_text().split("\n") if line.strip()]
+    if path.suffix.lower() not in LOCAL_FORMATS:
+        raise DataError(f"{path}: unsupported prompts file; use .txt (one prompt per line) or one of "
+                        f"{sorted(LOCAL_FORMATS)}")
+    out = []
+    for n, row in _read_local(path):
+        if isinstance(row, DataError):
+            raise row
+        out.append(to_prompt(row, "auto", f"{path}: row {n}"))
+    if not out:
+        raise DataError(f"{path}: no prompts in the file")
+    return out
+
+
 def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int, report: DataReport,
                      name: str, unique: bool = False) -> tuple[list[list[int]], list[int]]:
     """(inference-prompt token ids, index of each kept row in `rows`); over-long prompts are counted and

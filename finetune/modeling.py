@@ -151,6 +151,24 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: 
     return model
 
 
+def load_stacked(recipe: Recipe, adapters: list[str]):
+    """The base with `adapters` loaded unmerged and all active at once (their LoRA updates add up):
+    what merging them in order must equal, the reference of the export's parity check."""
+    from peft import PeftModel
+
+    model = load_model(recipe)
+    names = [f"adapter_{i}" for i in range(len(adapters))]
+    device = str(next(model.parameters()).device)
+    for i, (folder, name) in enumerate(zip(adapters, names)):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, folder, adapter_name=name, torch_device=device)
+        else:
+            model.load_adapter(folder, adapter_name=name, torch_device=device)
+    if names:
+        model.base_model.set_adapter(names, inference_mode=True)
+    return model.eval()
+
+
 def quantization_config(recipe: Recipe):
     if not torch.cuda.is_available():
         raise RecipeError(

@@ -89,7 +89,7 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
 
 def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) -> Path:
     """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json. Every launched process calls this; the main one writes."""
+    template, resolved recipe, metrics.json, log_history.json. Every launched process calls this; the main one writes."""
     out = recipe.stage_dir(stage)
     main_process = trainer.accelerator.is_main_process
     tmp = staging_dir(out, reset=main_process)
@@ -99,6 +99,8 @@ def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) ->
     if main_process:
         try:
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
+            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
+            write_json(tmp / "log_history.json", trainer.state.log_history)
             write_stage_files(tmp, recipe, metrics)
             commit_dir(tmp, out)
         except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
@@ -122,3 +124,46 @@ def _broadcast_from_main(value):
 
 def rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def finished(recipe: Recipe, stage: str) -> bool:
+    """A stage's output is complete: its metrics.json is written last, inside the atomically renamed folder."""
+    return (recipe.stage_dir(stage) / "metrics.json").is_file()
+
+
+# Each stage's headline figure (name, before key, after key) and its held-out correctness keys (the
+# model the stage started from, the model it made): what the pipeline table and model card show.
+KEY_METRICS = {
+    "sft": ("eval loss", "eval_loss_before", "eval_loss_after"),
+    "reward": ("pair accuracy", "eval_accuracy_before", "eval_accuracy"),
+    "dpo": ("reward accuracy", "eval_rewards_accuracy_before", "eval_rewards_accuracy"),
+    "ppo": ("score", "score_start", "score_end"),
+    "export": ("logit parity max|diff| fp32", None, "parity_max_abs_diff_fp32"),
+}
+CORRECTNESS_KEYS = {
+    "sft": ("correct_rate_before", "correct_rate_after"),
+    "dpo": ("correct_rate_start", "correct_rate_after"),
+    "ppo": ("correct_rate_before", "correct_rate_after"),
+    "export": ("correct_rate_base", "correct_rate_after"),
+}
+
+
+def key_metrics(stage: str, metrics: dict) -> dict:
+    """The headline figures of a stage's metrics.json (None where a stage has no such figure)."""
+    name, before, after = KEY_METRICS.get(stage, (None, None, None))
+    c_before, c_after = CORRECTNESS_KEYS.get(stage, (None, None))
+    return {"metric": name, "before": metrics.get(before) if before else None,
+            "after": metrics.get(after) if after else None,
+            "correct_before": metrics.get(c_before) if c_before else None,
+            "correct_after": metrics.get(c_after) if c_after else None}
+
+
+def figure(value, metric: str | None = None) -> str:
+    """A metric value for a table: accuracies as percentages, small numbers in scientific notation."""
+    if value is None:
+        return "n/a"
+    if metric and "accuracy" in metric:
+        return rate(value)
+    if isinstance(value, float) and abs(value) < 1e-3 and value != 0:
+        return f"{value:.1e}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -234,6 +234,48 @@ class PpoSection(_Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
 
 
+EXPORTABLE_STAGES = ("sft", "dpo", "ppo")  # stages whose output is a chat model (the reward model is not)
+PIPELINE_STAGES = ("sft", "reward", "dpo", "ppo", "export")
+
+
+class ExportSection(_Section):
+    """Merge a stage's adapter chain into the base and write a plain Hugging Face model folder."""
+
+    stage: Literal["auto", "sft", "dpo", "ppo"] = Field(
+        "auto", description="Which stage's model to export: its adapter chain (the adapters it was trained on, then "
+        "its own) is merged into the base. auto = the last finished of ppo, dpo, sft.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="dtype of the exported weights (merging always runs in fp32 first). auto = precision.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers size string: 500MB, 2GB).")
+    output: str | None = Field(None, description="Target folder (default: <output_dir>/export; relative to the cwd "
+                               "like output_dir).")
+    force: bool = Field(False, description="Replace an existing target (also `finetune export RECIPE --force`).")
+    parity_prompts: int = Field(4, ge=0, description="Prompts on which the merged model's logits are compared with "
+                                "base + unmerged adapters (recorded in the model card); 0 skips the check.")
+    eval_generate_rows: int | None = Field(
+        None, ge=0, description="Held-out SFT prompts the exported model answers greedily to measure correctness "
+        "(default: sft.eval_generate_rows; 0 skips).")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise ValueError("not a size; write e.g. 500MB or 2GB") from None
+        return value
+
+
+class PipelineSection(_Section):
+    stages: list[Literal["sft", "reward", "dpo", "ppo", "export"]] | None = Field(
+        None, description="Stages `finetune pipeline` runs, always in the order sft, reward, dpo, ppo, export. "
+        "Default: every stage this recipe has a section for, then export.")
+    force: bool = Field(False, description="Run every stage even when its finished output exists (also "
+                        "`finetune pipeline RECIPE --force`).")
+
+
 class AzureMLSection(_Section):
     """Where and how `finetune azureml submit` runs a stage on Azure ML; the flags of the same name
     (--compute, --instance-count, ...) override these. Never put a secret here: the job YAML needs none."""
@@ -278,6 +320,8 @@ class Recipe(_Section):
     dpo: DpoSection | None = None
     ppo: PpoSection | None = None
     azureml: AzureMLSection = Field(default_factory=AzureMLSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
 
     # Where the recipe came from; set by load_recipe, not by YAML.
     source: str = Field("<memory>", exclude=True, description="internal")
@@ -288,6 +332,9 @@ class Recipe(_Section):
             raise ValueError("model.load_in_4bit needs precision fp16 or bf16 (the 4-bit compute dtype)")
         if self.model.load_in_4bit and self.deepspeed:
             raise ValueError("model.load_in_4bit cannot be combined with deepspeed (ZeRO cannot shard 4-bit weights)")
+        for stage in self.pipeline.stages or ():
+            if stage != "export" and getattr(self, stage) is None:
+                raise ValueError(f"pipeline.stages lists {stage!r}, but the recipe has no {stage} section")
         return self
 
     # ---- paths resolved against the recipe file ----
@@ -311,7 +358,14 @@ class Recipe(_Section):
         return str(beside.resolve()) if beside.is_dir() else name
 
     def stage_dir(self, stage: str) -> Path:
+        if stage == "export" and self.export.output:
+            return Path(self.export.output).expanduser()
         return Path(self.output_dir) / stage
+
+    def pipeline_stages(self) -> list[str]:
+        """The stages `finetune pipeline` runs, in pipeline order."""
+        wanted = self.pipeline.stages or [s for s in PIPELINE_STAGES if s == "export" or getattr(self, s) is not None]
+        return [s for s in PIPELINE_STAGES if s in wanted]
 
     def start_adapters(self, stage: str) -> list[str]:
         """Adapter folders a stage merges into the base before training (default: the SFT output)."""

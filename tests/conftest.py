@@ -80,3 +80,51 @@ def subprocess_env() -> dict:
     env.setdefault("FINETUNE_CACHE", str(Path.home() / ".cache" / "finetune"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
+
+
+# The tiny recipe with shorter reward / DPO / PPO runs (SFT as shipped, so the export has learnt the task):
+# the full recipe's figures are in the README; the tests check behaviour, and CI has 2 cores.
+PIPELINE_QUICK = ["reward.num_train_epochs=1", "dpo.num_train_epochs=2", "ppo.updates=12", "ppo.save_every=4"]
+
+
+def _wait_for(path: Path, proc, timeout: float) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.5)
+    return path.exists()
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, tiny_base):
+    """The whole pipeline on the offline default, killed (the pipeline and its stage process, SIGKILL)
+    once PPO has saved its first checkpoint, then run again to the end. Shared by the pipeline, export
+    and chat tests: one full run for all of them (the CI machine has 2 cores)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    cmd = [sys.executable, "-m", "finetune.cli", "pipeline", str(TINY_RECIPE), f"output_dir={out}", *PIPELINE_QUICK]
+    logs = out.parent
+    started = time.time()
+    with open(logs / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the kill reaches the stage too
+        reached = _wait_for(out / "ppo-checkpoints" / "update-4" / "state.json", proc, timeout=1200)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first_seconds = time.time() - started
+    assert reached, "the pipeline never reached PPO's first checkpoint:\n" + (logs / "first.log").read_text()[-4000:]
+    finished_before_kill = {s: (out / s / "metrics.json").is_file() for s in ("sft", "reward", "dpo", "ppo", "export")}
+    started = time.time()
+    second = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"out": out, "cmd": cmd, "finished_before_kill": finished_before_kill, "second": second,
+            "first_seconds": first_seconds, "second_seconds": time.time() - started,
+            "report": json.loads((out / "pipeline_report.json").read_text())}

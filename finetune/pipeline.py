@@ -1,0 +1,198 @@
+"""The whole recipe in one command: sft -> reward -> dpo -> ppo -> export, each stage in its own process.
+
+    finetune pipeline RECIPE [key=value ...] [--force]
+
+Each stage runs exactly as `finetune <stage> RECIPE [key=value ...]` would launch it (plain python,
+or `accelerate launch --config_file <launch.accelerate_config>`; export always plain), with the same
+overrides. `pipeline.stages` picks a subset; the order is always the one above.
+
+Continuing after a stop: a stage whose finished output exists (`<output_dir>/<stage>/metrics.json`,
+written last inside the atomically renamed folder; the complete export folder) is skipped, and an
+unfinished stage resumes from its checkpoints. Once a stage has run, every later stage runs again
+from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. `--force`
+(`pipeline.force=true`) runs everything again.
+
+At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
+same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
+`<output_dir>/pipeline_curves.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from finetune.outputs import figure, finished, key_metrics, rate, write_json
+from finetune.recipe import EXPORTABLE_STAGES, Recipe, RecipeError, load_recipe
+
+REPORT = "pipeline_report.json"
+CURVES = "pipeline_curves.png"
+
+
+def stage_command(recipe: Recipe, recipe_path: str, stage: str, overrides: list[str]) -> list[str]:
+    """How `finetune <stage>` launches the stage (the recipe's accelerate config; export never needs one)."""
+    from finetune import cli
+
+    if stage == "export":
+        return cli.stage_command(stage, recipe_path, overrides, None, None)
+    return cli.stage_command(stage, recipe_path, overrides, recipe.resolve_path(recipe.launch.accelerate_config),
+                             recipe.launch.num_processes)
+
+
+def _metrics(recipe: Recipe, stage: str) -> dict:
+    f = recipe.stage_dir(stage) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
+    row = {"stage": stage, "status": status, **key_metrics(stage, _metrics(recipe, stage)),
+           "seconds": seconds, "seconds_from_earlier_run": earlier, "output": str(recipe.stage_dir(stage))}
+    if stage == "export" and row["after"] is not None:
+        m = _metrics(recipe, stage)
+        row["export_dtype"], row["parity_export_dtype"] = m.get("dtype"), m.get("parity_max_abs_diff_export_dtype")
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["stage", "status", "key metric", "before -> after", "held-out correct", "time", "output"]
+    lines = []
+    for r in rows:
+        if r["stage"] == "export" and r["after"] is not None:
+            change = f"{figure(r['after'])}" + (f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
+                                                if r.get("export_dtype") not in (None, "fp32") else "")
+        else:
+            change = f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] \
+                else "n/a"
+        correct = ("n/a" if r["correct_before"] is None and r["correct_after"] is None
+                   else f"{rate(r['correct_before'])} -> {rate(r['correct_after'])}")
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}s" + (" (earlier)" if r["seconds_from_earlier_run"]
+                                                                             else "")
+        lines.append([r["stage"], r["status"], r["metric"] or "n/a", change, correct, seconds, r["output"]])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*line).rstrip() for line in [header, ["-" * w for w in widths], *lines])
+
+
+def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
+    """One panel per stage with recorded curves: training loss per step (sft, reward, dpo; from
+    log_history.json) and score and KL per update (ppo; from updates.jsonl). Returns the stages drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for stage in stages:
+        folder = recipe.stage_dir(stage)
+        if stage == "ppo" and (folder / "updates.jsonl").is_file():
+            rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
+            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
+        elif (folder / "log_history.json").is_file():
+            rows = json.loads((folder / "log_history.json").read_text())
+            curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
+    if not curves:
+        return []
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (stage, (xlabel, series)) in zip(axes[0], curves.items()):
+        first = True
+        for (name, points), color in zip(series.items(), ("tab:blue", "tab:red")):
+            target = ax if first else ax.twinx()
+            if points:
+                target.plot(*zip(*points), color=color, label=name)
+            target.set_ylabel(name, color=color)
+            first = False
+        ax.set_title(stage)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return list(curves)
+
+
+def _earlier_seconds(report: Path) -> dict:
+    if not report.is_file():
+        return {}
+    try:
+        rows = json.loads(report.read_text()).get("stages", [])
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {r["stage"]: r["seconds"] for r in rows if r.get("seconds") is not None}
+
+
+def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
+    """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
+    the exit status: 0, or that of the first stage that failed."""
+    recipe = load_recipe(recipe_path, overrides)
+    stages = recipe.pipeline_stages()
+    out = Path(recipe.output_dir)
+    report_path = out / REPORT
+    earlier = _earlier_seconds(report_path)
+    trained = [s for s in stages if s in EXPORTABLE_STAGES]
+    rerun = force or recipe.pipeline.force
+    rows, failed, started = [], None, time.time()
+
+    def write_report(curves: str | None = None) -> dict:
+        # after every stage too: a pipeline killed later still leaves the times of what it finished
+        report = {"recipe": str(recipe_path), "overrides": overrides, "output_dir": str(out), "stages": rows,
+                  "seconds": time.time() - started, "curves": curves,
+                  "complete": failed is None and len(rows) == len(stages)}
+        write_json(report_path, report)
+        return report
+
+    for i, stage in enumerate(stages, 1):
+        where = recipe.stage_dir(stage)
+        if finished(recipe, stage) and not rerun:
+            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
+            rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
+            continue
+        extra = []
+        if stage == "export" and recipe.export.stage == "auto" and trained:
+            extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
+        if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
+            extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+        cmd = stage_command(recipe, recipe_path, stage, [*overrides, *extra])
+        print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        code = subprocess.call(cmd)
+        seconds = time.time() - t0
+        if code != 0:
+            code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+            rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
+            failed = (stage, code)
+            break
+        rows.append(report_row(recipe, stage, "ran", seconds))
+        write_report()
+        rerun = True
+    drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
+    report = write_report(str(out / CURVES) if drawn else None)
+    title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
+    print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
+    print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
+    if failed:
+        print(f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped",
+              file=sys.stderr)
+    return 0 if failed is None else failed[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="finetune pipeline", description="Run every stage of a recipe in order.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
+    parser.add_argument("--force", action="store_true", help="run every stage again even if its output exists")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args.recipe, args.overrides, args.force)
+    except RecipeError as e:
+        print(f"finetune pipeline: recipe error:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
