@@ -245,15 +245,10 @@ def command_job_yaml(recipe: Recipe, stage: str, overrides: list[str], yaml_dir:
     return {"$schema": COMMAND_SCHEMA, **job.spec, "experiment_name": recipe.azureml.experiment_name}
 
 
-def pipeline_stages(recipe: Recipe) -> list[str]:
-    """The stages `--stage pipeline` runs: each training stage the recipe has a section for, then export."""
-    return [s for s in STAGES if s == "export" or getattr(recipe, s) is not None]
-
-
 def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stages: list[str] | None = None) -> dict:
     """A pipeline job: one command step per stage; each step's output feeds the later steps' inputs,
     and is also bound to the stage's datastore path (so single-stage jobs can pick up from it)."""
-    stages = pipeline_stages(recipe) if stages is None else stages
+    stages = recipe.pipeline_stages() if stages is None else stages
     steps, outputs = {}, {}
     for stage in stages:
         def bind(earlier, stage=stage):
@@ -295,7 +290,7 @@ def write_job(recipe: Recipe, stage: str, overrides: list[str], out_dir: Path) -
     """Write `<out_dir>/<recipe>-<stage>.yaml` for a stage or the pipeline and validate it with load_job."""
     if stage != "pipeline" and stage not in STAGES:
         raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)} or pipeline")
-    needed = pipeline_stages(recipe) if stage == "pipeline" else [stage]
+    needed = recipe.pipeline_stages() if stage == "pipeline" else [stage]
     missing = [s for s in needed if not stage_available(s)]
     if missing:
         raise RecipeError(f"stage {', '.join(missing)} is not in this checkout (finetune/{missing[0]}.py); "
