@@ -69,7 +69,7 @@ def test_stage_dry_run_loads_with_the_sdk_and_says_what_the_recipe_says(tmp_path
         assert f"{stage}.data.{split}=" in job.command and f"${{{{inputs.data_{split}_0}}}}" in job.command
     # the environment is built from the repository's Dockerfile, with the repository as its context
     assert job.environment.build.dockerfile_path == "azureml/Dockerfile"
-    assert Path(job.environment.build.path).resolve() == ROOT
+    assert (path.parent / job.environment.build.path).resolve() == ROOT  # relative to the YAML, like code
     assert (path.parent / job.code).resolve() == ROOT
     assert job.environment_variables == {"PYTHONPATH": "."}
 
