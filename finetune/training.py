@@ -28,8 +28,9 @@ def check_precision(recipe: Recipe) -> None:
         )
 
 
-def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
-    """The stage's TRL config: recipe-owned keys + shared `training` + the stage's own fields."""
+def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
+    """The stage's TRL config: recipe-owned keys + finetune's `defaults` for the stage + shared
+    `training` + the stage's own fields (later wins), then `fixed`."""
     kwargs = dict(
         output_dir=str(checkpoint_dir(recipe, stage)),
         seed=recipe.seed,
@@ -40,6 +41,7 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
         logging_steps=recipe.logging.logging_steps,
         report_to=recipe.logging.report_to or "none",
         use_cpu=not torch.cuda.is_available(),
+        **(defaults or {}),
     )
     kwargs.update(recipe.training_args(stage))
     kwargs.update(fixed)
