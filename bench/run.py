@@ -93,8 +93,8 @@ class _Meter:
 
     def figures(self, warmup: int) -> dict:
         # step k's batch is the k-th collated one; the window runs from the end of the last warm-up step
-        measured = self.tokens[warmup + 1 : len(self.times)]
-        seconds = self.times[-1] - self.times[warmup]
+        measured = self.tokens[warmup : len(self.times)]
+        seconds = self.times[-1] - self.times[warmup - 1]
         return {"tokens_per_s": sum(measured) / seconds, "seconds_per_step": seconds / len(measured),
                 "tokens_per_step": sum(measured) / len(measured), "measured_steps": len(measured)}
 
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
     if args.worker:
         print(json.dumps(worker(args.stage, args.worker, args.model, args.steps, args.warmup)))
         return 0
