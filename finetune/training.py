@@ -28,6 +28,13 @@ def check_precision(recipe: Recipe) -> None:
         )
 
 
+# finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
+# checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
+# and only pays when activations do not fit, so here it is off unless a recipe asks for it
+# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
+TRL_DEFAULTS = {"gradient_checkpointing": False}
+
+
 def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
     """The stage's TRL config: recipe-owned keys + finetune's `defaults` for the stage + shared
     `training` + the stage's own fields (later wins), then `fixed`."""
@@ -41,6 +48,7 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         logging_steps=recipe.logging.logging_steps,
         report_to=recipe.logging.report_to or "none",
         use_cpu=not torch.cuda.is_available(),
+        **TRL_DEFAULTS,
         **(defaults or {}),
     )
     kwargs.update(recipe.training_args(stage))
