@@ -142,14 +142,14 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
         ds = tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", DataReport(), "train")
         trainer = make_trainer(recipe, args, add_lora(model, recipe), tokenizer, ds, callbacks=[meter.callback])
     else:
-        from trl import DPOConfig
+        from trl import DPOConfig, DPOTrainer
 
-        from finetune.dpo import _trainer_class, make_trainer
+        from finetune.dpo import make_trainer
         from finetune.training import trl_config
 
         args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
         pairs = tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", DataReport(), "train")
-        cls = _trainer_class()
+        cls = DPOTrainer  # time the one-off reference pass (it runs inside the trainer's constructor)
         inner = cls._precompute_ref_logps
 
         def timed(self, *a, **k):
