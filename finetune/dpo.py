@@ -41,6 +41,14 @@ def _trainer_class():
     return PreTokenizedDPOTrainer
 
 
+def make_trainer(args, model, tokenizer, train_pairs, eval_pairs=None, **extra):
+    """TRL's DPOTrainer on our tokenized pairs. TRL already runs chosen and rejected as one
+    concatenated forward (batch = [chosen; rejected]) and reads log-probs from the fused LM head;
+    with `precompute_ref_log_probs` the reference runs once over the data before training."""
+    return _trainer_class()(model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs,
+                            processing_class=tokenizer, **extra)
+
+
 def run(recipe: Recipe) -> dict:
     from trl import DPOConfig
 
@@ -59,8 +67,7 @@ def run(recipe: Recipe) -> dict:
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters; reference = the start model (adapters disabled)", trainable, total)
 
-    trainer = _trainer_class()(model=model, args=args, train_dataset=pairs["train"], eval_dataset=pairs["eval"],
-                               processing_class=tokenizer)
+    trainer = make_trainer(args, model, tokenizer, pairs["train"], pairs["eval"])
     pad, beta = tokenizer.pad_token_id, args.beta
     place_for_eval(model, args, recipe)
     before = dpo_eval(model, pairs["eval"], beta, pad)

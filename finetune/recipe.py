@@ -620,7 +620,8 @@ def reference_markdown() -> str:
              "a test keeps it in step with the code.", "",
              "Relative paths in a recipe are relative to the recipe file, except `output_dir` (relative to the "
              "directory you run from). Stage sections also take any field of the stage's TRL config "
-             "(`sft`: `trl.SFTConfig`, e.g. `sft.max_steps`, `sft.max_length`, `sft.packing`), and `training` "
+             "(`sft`: `trl.SFTConfig`, e.g. `sft.max_steps`, `sft.max_length`, `sft.packing`; finetune's SFT default is "
+             "`packing: true`, padding-free packs, see docs/benchmarks.md), and `training` "
              "takes `transformers.TrainingArguments` fields shared by every stage. These keys are owned by "
              "the recipe elsewhere and refused in training sections:", ""]
     lines += [f"- `{k}` → {v}" for k, v in OWNED_ELSEWHERE.items()]

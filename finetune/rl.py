@@ -58,10 +58,15 @@ class PPOSettings:
     adam_epsilon: float = 1e-5
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    # Speed switches, on by default; bench/ turns them off for its baseline (docs/benchmarks.md). Not
+    # recipe keys: switching one off only makes PPO slower.
+    generate_use_cache: bool = True        # KV cache in rollouts (off: every new token re-reads the prefix)
+    generation_batch_size: int | None = None  # prompts per generate() call; None = the whole rollout batch
+    response_only_logits: bool = True      # LM head on the response positions only (off: every position)
 
     @classmethod
     def from_section(cls, section) -> "PPOSettings":
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -140,11 +145,16 @@ class MultiAdapterModel(nn.Module):
         return self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
 
-    def logprobs(self, ids, mask, prompt_width: int, temperature: float, entropy: bool = False):
+    def logprobs(self, ids, mask, prompt_width: int, temperature: float, entropy: bool = False,
+                 response_only: bool = True):
         """Log-probs (fp32) of the response tokens ids[:, P:] under the active adapter, at `temperature`
-        as sampled (pitfall 6); logits only for the response positions (logits_to_keep)."""
-        h = self.hidden(ids, mask)[:, prompt_width - 1 : -1]
-        logits = self.lm_head(h).float() / temperature
+        as sampled (pitfall 6); logits only for the response positions (logits_to_keep), unless
+        `response_only` is off (the benchmark's baseline: vocab-sized logits at every position)."""
+        if response_only:
+            logits = self.lm_head(self.hidden(ids, mask)[:, prompt_width - 1 : -1]).float()
+        else:
+            logits = self.lm_head(self.hidden(ids, mask)).float()[:, prompt_width - 1 : -1]
+        logits = logits / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, ids[:, prompt_width:, None])[..., 0]
         if not entropy:
@@ -345,19 +355,33 @@ class PPOEngine:
         s = self.s
         config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
                                   max_new_tokens=s.response_length, min_new_tokens=0,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True)
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                  use_cache=s.generate_use_cache)
         self.model.peft.eval()
+        chunk = s.generation_batch_size or len(prompt_ids)
+        responses, scores = [], []
         with self.model.active(POLICY):
-            out = self.model.peft.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                           output_scores=return_scores, return_dict_in_generate=True)
-        responses = out.sequences[:, prompt_ids.shape[1]:]
-        if responses.shape[1] < s.response_length:  # every sequence stopped early
-            fill = torch.full((len(responses), s.response_length - responses.shape[1]), self.pad_id,
-                              dtype=responses.dtype, device=responses.device)
-            responses = torch.cat([responses, fill], dim=1)
+            for i in range(0, len(prompt_ids), chunk):
+                ids, mask = prompt_ids[i : i + chunk], prompt_mask[i : i + chunk]
+                keep = mask.any(0)  # left padding: drop the columns no prompt of this chunk uses
+                ids, mask = ids[:, keep], mask[:, keep]
+                out = self.model.peft.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                               output_scores=return_scores, return_dict_in_generate=True)
+                responses.append(self._pad_response(out.sequences[:, ids.shape[1]:]))
+                if return_scores:
+                    scores.append(torch.stack(out.scores, dim=1))
+        responses = torch.cat(responses)
         if return_scores:
-            return responses, torch.stack(out.scores, dim=1)
+            return responses, torch.cat(scores)
         return responses
+
+    def _pad_response(self, responses: torch.Tensor) -> torch.Tensor:
+        """Responses padded to response_length (every sequence of a batch may stop early)."""
+        missing = self.s.response_length - responses.shape[1]
+        if missing <= 0:
+            return responses
+        fill = torch.full((len(responses), missing), self.pad_id, dtype=responses.dtype, device=responses.device)
+        return torch.cat([responses, fill], dim=1)
 
     @torch.no_grad()
     def score_rollout(self, prompt_ids, prompt_mask, responses) -> tuple[Rollout, dict]:
@@ -374,9 +398,10 @@ class PPOEngine:
         for i in range(0, len(ids), s.micro_batch_size):
             sl = slice(i, i + s.micro_batch_size)
             with m.active(POLICY):
-                logp, ent = m.logprobs(ids[sl], mask[sl], P, s.temperature, entropy=True)
+                logp, ent = m.logprobs(ids[sl], mask[sl], P, s.temperature, entropy=True,
+                                       response_only=s.response_only_logits)
             with m.active(REFERENCE):
-                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature)
+                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature, response_only=s.response_only_logits)
             with m.active(VALUE):
                 values = m.values(ids[sl], mask[sl], P)
             for k, v in (("logp", logp), ("ref", ref), ("values", values), ("entropy", ent)):
@@ -444,7 +469,8 @@ class PPOEngine:
         micro-batch's share of the minibatch's tokens) and back-propagated inside its adapter's block."""
         s, m = self.s, self.model
         with m.active(POLICY, grad=True):
-            logp, _ = m.logprobs(ro.ids[micro], ro.mask[micro], ro.prompt_width, s.temperature)
+            logp, _ = m.logprobs(ro.ids[micro], ro.mask[micro], ro.prompt_width, s.temperature,
+                                 response_only=s.response_only_logits)
             pg, pg_stats = rl_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], ro.resp_mask[micro],
                                                s.clip_range)
             self._backward(pg * weight)

@@ -14,26 +14,57 @@ import logging
 import sys
 
 from finetune.chat_template import tokenize_prompt
-from finetune.data import tokenize_conversations, train_eval_rows
+from finetune.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
 from finetune.evaluation import eval_loss, held_out_correctness
-from finetune.modeling import add_lora, count_parameters, load_model, load_tokenizer, template_for
+from finetune.modeling import DTYPES, add_lora, choose_attention, count_parameters, load_model, load_tokenizer, template_for
 from finetune.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.recipe import Recipe, stage_main
 from finetune.training import check_precision, place_for_eval, train, trl_config
 
 log = logging.getLogger("finetune.sft")
 
+# Defaults finetune sets over SFTConfig's (a recipe value wins). Packing is measured in docs/benchmarks.md:
+# on chat data of realistic lengths most of a padded batch is padding.
+SFT_DEFAULTS = {"packing": True}
+
+
+def sft_args(recipe: Recipe):
+    """The SFTConfig of a recipe, with finetune's defaults under the recipe's own values."""
+    from trl import SFTConfig
+
+    return trl_config(recipe, "sft", SFTConfig, defaults=SFT_DEFAULTS, eval_strategy="no")
+
+
+def make_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds=None, **extra):
+    """SFTTrainer over tokenized rows (input_ids / labels), packed when `args.packing`: padding-free
+    packs, each sequence with its own position ids, so no FLOPs go to padding and no sequence attends
+    to another. With FlashAttention-2 that is TRL's own packing (bfd packs flattened into one row, the
+    varlen kernel reads the sequence boundaries); with SDPA or eager, packs stay one row each
+    (`PackedRowsCollator`), since SDPA on one flattened row would attend over the whole batch (B*L)^2."""
+    from trl import SFTTrainer
+
+    attn = choose_attention(recipe.model.attn_implementation, DTYPES[recipe.precision])[0]
+    collator = None
+    if args.packing and attn != "flash_attention_2":
+        rows = len(train_ds)
+        train_ds = pack_rows(train_ds, args.max_length)
+        log.info("packing: %d rows into %d rows of at most %d tokens (position ids per sequence, %s)",
+                 rows, len(train_ds), args.max_length, attn)
+        args.packing = False  # TRL would flatten the batch into one row (padding-free for flash-attn varlen only)
+        collator = PackedRowsCollator(tokenizer.pad_token_id)
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, data_collator=collator, **extra)
+
 
 def run(recipe: Recipe) -> dict:
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     section = recipe.sft
     check_precision(recipe)
     set_seed(recipe.seed)
     template = template_for(recipe)
     tokenizer = load_tokenizer(recipe)
-    args = trl_config(recipe, "sft", SFTConfig, eval_strategy="no")
+    args = sft_args(recipe)
     main_process = args.process_index == 0
     setup_logging(main_process)
 
@@ -49,8 +80,7 @@ def run(recipe: Recipe) -> dict:
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+    trainer = make_trainer(recipe, args, model, tokenizer, train_ds, eval_ds)
     place_for_eval(model, args, recipe)
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,

@@ -52,8 +52,16 @@ def trackers(recipe: Recipe) -> list[str] | str:
     return report or "none"
 
 
-def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
-    """The stage's TRL config: recipe-owned keys + shared `training` + the stage's own fields."""
+# finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
+# checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
+# and only pays when activations do not fit, so here it is off unless a recipe asks for it
+# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
+TRL_DEFAULTS = {"gradient_checkpointing": False}
+
+
+def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
+    """The stage's TRL config: recipe-owned keys + finetune's `defaults` for the stage + shared
+    `training` + the stage's own fields (later wins), then `fixed`."""
     kwargs = dict(
         output_dir=str(checkpoint_dir(recipe, stage)),
         seed=recipe.seed,
@@ -64,6 +72,8 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
         logging_steps=recipe.logging.logging_steps,
         report_to=trackers(recipe),
         use_cpu=not torch.cuda.is_available(),
+        **TRL_DEFAULTS,
+        **(defaults or {}),
     )
     kwargs.update(recipe.training_args(stage))
     kwargs.update(fixed)
