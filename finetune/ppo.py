@@ -229,6 +229,25 @@ def load_checkpoint(folder: Path, model, engine, scorer, state) -> int:
 # ----------------------------------------------------------------------------- the stage
 
 
+class Processes:
+    """Rank, world size, device and barrier of this launch. Taken from torch.distributed when it is
+    initialised: accelerate's PartialState reports rank 0 of 1 on every process under its DeepSpeed
+    launcher on CPU (accelerate 1.15), which made both processes write the same checkpoint."""
+
+    def __init__(self, partial_state):
+        import torch.distributed as dist
+
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.device = partial_state.device
+        self.process_index = self._dist.get_rank() if self._dist else partial_state.process_index
+        self.num_processes = self._dist.get_world_size() if self._dist else partial_state.num_processes
+        self.is_main_process = self.process_index == 0
+
+    def wait_for_everyone(self) -> None:
+        if self._dist is not None:
+            self._dist.barrier()
+
+
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -271,7 +290,7 @@ def run(recipe: Recipe) -> dict:
 
     s = recipe.ppo
     check_precision(recipe)
-    state = PartialState()
+    state = Processes(PartialState())
     main = state.is_main_process
     setup_logging(main)
     if recipe.deepspeed and main:
