@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
@@ -91,12 +93,23 @@ def held_out_correctness(model, tokenizer, template: ChatTemplate, rows: list[di
                          max_new_tokens: int) -> tuple[float | None, list[str]]:
     """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness.
 
-    Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt)."""
-    rows = [r for r in rows if "answer" in r][:limit]
+    Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt).
+    A prompt that several rows share (preference data pairs one prompt with several rejected
+    replies) is answered and counted once."""
+    seen, kept, prompts = set(), [], []
+    for r in rows:
+        if "answer" not in r:
+            continue
+        prompt = r["prompt"] if "prompt" in r else r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" \
+            else r["messages"]
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen and len(kept) < limit:
+            seen.add(key)
+            kept.append(r)
+            prompts.append(prompt)
+    rows = kept
     if not rows:
         return None, []
-    prompts = [r["prompt"] if "prompt" in r else
-               r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in rows]
     replies = generate_answers(model, tokenizer, template, prompts, max_new_tokens)
     return correctness(rows, replies), replies
 

@@ -57,3 +57,18 @@ def test_a_moved_output_folder_keeps_its_adapter_chain(tmp_path):
     (dpo / "metrics.json").write_text(json.dumps({"start_from": [gone, kept]}))
     # the recorded SFT folder was moved along with the DPO one: found beside it; an existing path stays
     assert adapter_chain(dpo) == [str(tmp_path / "new" / "sft"), kept, str(dpo)]
+
+
+def test_held_out_correctness_counts_a_shared_prompt_once(monkeypatch):
+    from finetune import evaluation
+
+    asked = []
+    monkeypatch.setattr(evaluation, "generate_answers",
+                        lambda model, tok, template, prompts, n: asked.extend(prompts) or ["7"] * len(prompts))
+    q = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    rows = [{"prompt": q("3 plus 4?"), "answer": "7", "rejected": r} for r in ("6", "8", "9")]
+    rows += [{"prompt": q("2 plus 2?"), "answer": "4"}, {"prompt": q("no answer")}]
+    rate, replies = evaluation.held_out_correctness(None, None, None, rows, limit=64, max_new_tokens=4)
+    assert asked == [q("3 plus 4?"), q("2 plus 2?")] and rate == 0.5  # not 3 of 4 rows right
+    rate, _ = evaluation.held_out_correctness(None, None, None, rows, limit=1, max_new_tokens=4)
+    assert rate == 1.0  # the limit counts distinct prompts
