@@ -33,6 +33,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
+HELD_OUT_WRONG = 4  # wrong answers paired with each held-out fact
 BUILD_VERSION = 1  # bump when the build below changes, so caches rebuild
 SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
 OPPOSITES = [
@@ -114,19 +115,26 @@ def sft_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def wrong_answer(f: dict, rng: random.Random) -> str:
-    """A plausible wrong answer of the same kind (a near sum, another letter, another word)."""
+def wrong_answers(f: dict) -> list[str]:
+    """The plausible wrong answers of a fact, of the same kind (a near sum, another letter, another word)."""
     if f["family"] == "add":
         c = int(f["answer"])
-        return str(rng.choice([x for x in (c - 2, c - 1, c + 1, c + 2) if x >= 0]))
+        return [str(x) for x in (c - 2, c - 1, c + 1, c + 2) if x >= 0]
     if f["family"] == "letter":
-        return rng.choice([chr(97 + i) for i in range(26) if chr(97 + i) != f["answer"]])
-    words = sorted({w for pair in OPPOSITES for w in pair} - {f["answer"]})
-    return rng.choice(words)
+        return [chr(97 + i) for i in range(26) if chr(97 + i) != f["answer"]]
+    return sorted({w for pair in OPPOSITES for w in pair} - {f["answer"]})
+
+
+def wrong_answer(f: dict, rng: random.Random) -> str:
+    return rng.choice(wrong_answers(f))
 
 
 def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Preference pairs: the correct answer is chosen, a wrong one rejected (train / held-out facts)."""
+    """Preference pairs: the correct answer is chosen, a wrong one rejected (train / held-out facts).
+
+    Each fact gets 4 pairs: training facts with wrong answers drawn at random, held-out facts with 4
+    distinct wrong answers (fewer for the smallest sums), so the held-out accuracy is measured on 123
+    pairs rather than 31 (one pair is 3 points of 31: too coarse for a 0.9 bar)."""
     rng = random.Random(seed + 2)
     train_facts, held = split_facts(seed)
 
@@ -137,7 +145,12 @@ def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
     train = [pair(f) for f in train_facts for _ in range(4)]  # several wrong answers per fact
     rng.shuffle(train)
-    return train, [pair(f) for f in held]
+    held_pairs = []
+    for f in held:
+        base = pair(f)
+        for w in rng.sample(wrong_answers(f), min(HELD_OUT_WRONG, len(wrong_answers(f)))):
+            held_pairs.append(dict(base, rejected=[{"role": "assistant", "content": w}]))
+    return train, held_pairs
 
 
 def write_data(folder: str | Path) -> None:
