@@ -5,12 +5,21 @@ cached under $FINETUNE_CACHE (default ~/.cache/finetune):
   1. a byte-level BPE tokenizer shaped like Phi-2's (bos = eos = unk = <|endoftext|>, no pad token),
      trained on the corpus below;
   2. a 4-layer PhiForCausalLM (partial rotary 0.4 like Phi-2) pre-trained, all parameters, for a
-     few seconds on that corpus, so LoRA has knowledge to build on, as with a real base model.
+     few minutes on that corpus, so LoRA has knowledge to build on, as with a real base model.
 
 The task has checkable answers (small sums, the next letter, opposites). The corpus states every
 fact, held-out ones included, as plain text and as "Q: ... A: ..." lines, but never in a chat
 template: SFT has to teach the chat format and to stop at the end of the turn, and the held-out
 prompts measure whether that generalises to facts never seen in chat form.
+
+The corpus also grades answers, right and wrong, as web text does ("Quiz: What is 3 plus 4?
+Answer: 8 wrong."), for every fact, again never in chat form. A real base model can tell a right
+answer from a wrong one before any reward training; without these lines the tiny one could not
+(linear probes on every layer at the reward model's read-out position found no correctness signal,
+and the reward model fell below chance on held-out facts: it memorised which answers were right
+in training). The reward stage has to carry that judgement into the chat format, as SFT carries the
+answers; held-out pairs measure whether it does. The verdict comes right after the answer because
+a transformers reward model reads the last answer token (pad == eos, see rl_math).
 
 `python -m finetune.tiny write-data data/tiny` rewrites the shipped jsonl files (tests check the
 shipped files equal this generator's output).
@@ -34,7 +43,9 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 HELD_OUT_WRONG = 4  # wrong answers paired with each held-out fact
-BUILD_VERSION = 1  # bump when the build below changes, so caches rebuild
+GRADED_RIGHT, GRADED_WRONG = 2, 2  # graded answers per fact in each copy of the corpus
+PRETRAIN_STEPS = 2500  # the verdicts need ~4x the steps the answers alone did (600)
+BUILD_VERSION = 2  # bump when the build below changes, so caches rebuild
 SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
 OPPOSITES = [
     ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"), ("day", "night"),
@@ -84,13 +95,21 @@ def corpus_documents(seed: int = 0) -> list[str]:
         lines.append(f"Q: {f['question']}\nA: {f['answer']}")
     docs = []
     for _ in range(3):
-        rng.shuffle(lines)
+        graded = [quiz_line(f, f["answer"]) for f in facts()] * GRADED_RIGHT
+        graded += [quiz_line(f, w) for f in facts() for w in rng.sample(wrong_answers(f), GRADED_WRONG)]
+        copy = lines + graded
+        rng.shuffle(copy)
         i = 0
-        while i < len(lines):
+        while i < len(copy):
             k = rng.randint(3, 6)
-            docs.append("\n".join(lines[i : i + k]))
+            docs.append("\n".join(copy[i : i + k]))
             i += k
     return docs
+
+
+def quiz_line(f: dict, answer: str) -> str:
+    """A graded answer in plain text; the verdict is the token right after the answer."""
+    return f"Quiz: {f['question']} Answer: {answer} {'right' if answer == f['answer'] else 'wrong'}."
 
 
 def sft_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -213,7 +232,7 @@ def pretrain(model, tokenizer, steps: int, seed: int, block: int = 64, batch: in
     model.train()
     from tqdm.auto import tqdm
 
-    for _ in tqdm(range(steps), desc="pre-training tiny-phi", disable=None):
+    for step in tqdm(range(steps), desc="pre-training tiny-phi", disable=None):
         idx = torch.randint(len(blocks), (batch,), generator=gen)
         out = model(input_ids=blocks[idx], labels=blocks[idx])
         out.loss.backward()
@@ -222,6 +241,8 @@ def pretrain(model, tokenizer, steps: int, seed: int, block: int = 64, batch: in
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        if (step + 1) % 500 == 0:  # progress in logs too, where the bar is off (no terminal)
+            log.info("tiny-phi pre-training step %d/%d, loss %.3f", step + 1, steps, sum(losses[-50:]) / 50)
     model.eval()
     return losses
 
@@ -247,7 +268,7 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_tiny_phi(steps: int = 600, seed: int = 0) -> Path:
+def ensure_tiny_phi(steps: int = PRETRAIN_STEPS, seed: int = 0) -> Path:
     """Path of the cached tiny base model folder, building it (atomically) if absent."""
     target = cache_root() / f"tiny-phi-{_build_key(steps, seed)}"
     if (target / "config.json").is_file():

@@ -21,10 +21,9 @@ def test_dpo_prefers_the_correct_answer_on_held_out_pairs(dpo_run):
     _, m, _ = dpo_run
     assert m["start_from"][0].endswith("/sft")
     assert m["eval_rewards_accuracy_before"] == 0.0 and m["eval_rewards_margin_before"] == 0.0  # policy == reference
-    # 123 held-out pairs; chance is 0.5. The issue's 0.9 bar is not reached on the tiny task (issue 3).
-    assert m["eval_rewards_accuracy"] >= 0.65 and m["eval_rewards_margin"] > 0
+    assert m["eval_rewards_accuracy"] >= 0.9 and m["eval_rewards_margin"] > 0  # 123 held-out pairs
     assert m["eval_loss"] < m["eval_loss_before"]
-    assert m["correct_rate_after"] >= m["correct_rate_start"]
+    assert m["correct_rate_after"] >= m["correct_rate_start"] + 0.1  # the NLL term keeps end-of-turn
     assert m["base_unchanged"]
 
 
@@ -33,6 +32,7 @@ def test_reward_stage_trains_and_saves_its_score_head(reward_run):
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("score" in k for k in weights) and any("lora_B" in k for k in weights)
     assert m["base_unchanged"] and m["global_steps"] > 0
+    assert m["eval_accuracy"] >= 0.8 > 0.6 >= m["eval_accuracy_before"]  # held-out facts, 123 pairs
     assert set(json.loads((out / "metrics.json").read_text())) >= {"eval_accuracy_before", "eval_accuracy"}
     assert all(torch.isfinite(torch.tensor([m["eval_margin"], m["train_loss"]])))
 
