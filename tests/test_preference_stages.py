@@ -32,7 +32,7 @@ def test_reward_stage_trains_and_saves_its_score_head(reward_run):
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("score" in k for k in weights) and any("lora_B" in k for k in weights)
     assert m["base_unchanged"] and m["global_steps"] > 0
-    assert m["eval_accuracy"] >= 0.8 > 0.6 >= m["eval_accuracy_before"]  # held-out facts, 123 pairs
+    assert m["eval_accuracy"] >= max(0.8, m["eval_accuracy_before"] + 0.2)  # held-out facts, 123 pairs
     assert set(json.loads((out / "metrics.json").read_text())) >= {"eval_accuracy_before", "eval_accuracy"}
     assert all(torch.isfinite(torch.tensor([m["eval_margin"], m["train_loss"]])))
 
