@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 HELD_OUT_WRONG = 4  # wrong answers paired with each held-out fact
-GRADED_RIGHT, GRADED_WRONG = 2, 2  # graded answers per fact in each copy of the corpus
-PRETRAIN_STEPS = 2500  # the verdicts need ~4x the steps the answers alone did (600)
+GRADED_RIGHT, GRADED_WRONG = 3, 3  # graded answers per fact in each copy of the corpus
+PRETRAIN_STEPS = 4000  # the verdicts need ~7x the steps the answers alone did (600)
 BUILD_VERSION = 2  # bump when the build below changes, so caches rebuild
 SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
 OPPOSITES = [
@@ -96,7 +96,8 @@ def corpus_documents(seed: int = 0) -> list[str]:
     docs = []
     for _ in range(3):
         graded = [quiz_line(f, f["answer"]) for f in facts()] * GRADED_RIGHT
-        graded += [quiz_line(f, w) for f in facts() for w in rng.sample(wrong_answers(f), GRADED_WRONG)]
+        graded += [quiz_line(f, w) for f in facts()
+                   for w in rng.sample(wrong_answers(f), min(GRADED_WRONG, len(wrong_answers(f))))]
         copy = lines + graded
         rng.shuffle(copy)
         i = 0
