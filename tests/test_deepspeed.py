@@ -52,3 +52,21 @@ def test_dpo_under_zero2_two_processes(tmp_path, sft_run):
     launch_zero2("dpo", tmp_path, "dpo.max_steps=6", "dpo.eval_generate_rows=4")
     metrics = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
     assert metrics["global_steps"] == 6 and metrics["eval_rewards_margin"] > 0 and metrics["base_unchanged"]
+
+
+def test_reward_model_under_zero2_two_processes(tmp_path, sft_run):
+    """The reward stage (sequence-classification head + LoRA) under ZeRO-2: trains, saves its score head."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, _, sft_out = sft_run
+    shutil.copytree(sft_out, tmp_path / "sft")
+    res = launch_zero2("reward", tmp_path, "reward.max_steps=6")
+    assert "reward model done" in res.stderr
+    metrics = json.loads((tmp_path / "reward" / "metrics.json").read_text())
+    assert metrics["global_steps"] == 6 and metrics["base_unchanged"]
+    assert metrics["eval_margin"] != metrics["eval_margin_before"]  # the head and adapter moved
+    weights = load_file(str(tmp_path / "reward" / "adapter_model.safetensors"))
+    assert any("score" in k for k in weights)
+    assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in weights.items())
