@@ -96,8 +96,7 @@ def corpus_documents(seed: int = 0) -> list[str]:
     docs = []
     for _ in range(3):
         graded = [quiz_line(f, f["answer"]) for f in facts()] * GRADED_RIGHT
-        graded += [quiz_line(f, w) for f in facts()
-                   for w in rng.sample(wrong_answers(f), min(GRADED_WRONG, len(wrong_answers(f))))]
+        graded += [quiz_line(f, w) for f in facts() for w in sample_wrong_answers(f, rng, GRADED_WRONG)]
         copy = lines + graded
         rng.shuffle(copy)
         i = 0
@@ -149,6 +148,12 @@ def wrong_answer(f: dict, rng: random.Random) -> str:
     return rng.choice(wrong_answers(f))
 
 
+def sample_wrong_answers(f: dict, rng: random.Random, k: int) -> list[str]:
+    """Up to k distinct wrong answers (the smallest sums have fewer than 4)."""
+    options = wrong_answers(f)
+    return rng.sample(options, min(k, len(options)))
+
+
 def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Preference pairs: the correct answer is chosen, a wrong one rejected (train / held-out facts).
 
@@ -168,7 +173,7 @@ def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     held_pairs = []
     for f in held:
         base = pair(f)
-        for w in rng.sample(wrong_answers(f), min(HELD_OUT_WRONG, len(wrong_answers(f)))):
+        for w in sample_wrong_answers(f, rng, HELD_OUT_WRONG):
             held_pairs.append(dict(base, rejected=[{"role": "assistant", "content": w}]))
     return train, held_pairs
 
