@@ -40,8 +40,14 @@ def chat_rows(tokenizer, n: int, max_length: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         p, r = _lengths(rng, max_length, overhead=16)  # template words and the end-of-turn token
-        rows.append({"messages": [{"role": "user", "content": _text(rng, words, p)},
-                                  {"role": "assistant", "content": _text(rng, words, r)}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": _text(rng, words, p)},
+                    {"role": "assistant", "content": _text(rng, words, r)},
+                ]
+            }
+        )
     return rows
 
 
@@ -52,9 +58,13 @@ def preference_rows(tokenizer, n: int, max_length: int, seed: int = 0) -> list[d
     for _ in range(n):
         p, r = _lengths(rng, max_length, overhead=16)
         r2 = max(1, min(r, round(r * rng.lognormvariate(0, 0.3))))
-        rows.append({"prompt": [{"role": "user", "content": _text(rng, words, p)}],
-                     "chosen": [{"role": "assistant", "content": _text(rng, words, r)}],
-                     "rejected": [{"role": "assistant", "content": _text(rng, words, r2)}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": _text(rng, words, p)}],
+                "chosen": [{"role": "assistant", "content": _text(rng, words, r)}],
+                "rejected": [{"role": "assistant", "content": _text(rng, words, r2)}],
+            }
+        )
     return rows
 
 

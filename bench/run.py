@@ -32,15 +32,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 ARMS = {
-    "sft": {"ours": "finetune SFT defaults (padding-free packing)", "baseline": "TRL SFTTrainer defaults (padded)",
-            "ours-nopack": "finetune SFT with sft.packing=false"},
-    "dpo": {"ours": "finetune DPO defaults", "baseline": "TRL DPOTrainer defaults",
-            "ours-precompute": "finetune DPO with precompute_ref_log_probs=true"},
-    "ppo": {"ours": "finetune PPO engine defaults", "baseline": "same engine, speed switches off "
-            "(no KV cache, one prompt per generate, full-vocab logits everywhere)",
-            "no-kv-cache": "defaults but generation without KV cache",
-            "unbatched": "defaults but one prompt per generate() call",
-            "full-logits": "defaults but vocab-sized logits at every position"},
+    "sft": {
+        "ours": "finetune SFT defaults (padding-free packing)",
+        "baseline": "TRL SFTTrainer defaults (padded)",
+        "ours-nopack": "finetune SFT with sft.packing=false",
+    },
+    "dpo": {
+        "ours": "finetune DPO defaults",
+        "baseline": "TRL DPOTrainer defaults",
+        "ours-precompute": "finetune DPO with precompute_ref_log_probs=true",
+    },
+    "ppo": {
+        "ours": "finetune PPO engine defaults",
+        "baseline": "same engine, speed switches off "
+        "(no KV cache, one prompt per generate, full-vocab logits everywhere)",
+        "no-kv-cache": "defaults but generation without KV cache",
+        "unbatched": "defaults but one prompt per generate() call",
+        "full-logits": "defaults but vocab-sized logits at every position",
+    },
 }
 
 
@@ -53,20 +62,33 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
 
     s = SETTINGS[model]
     raw = {
-        "output_dir": out, "seed": 42, "precision": s["precision"],
+        "output_dir": out,
+        "seed": 42,
+        "precision": s["precision"],
         "model": {"name_or_path": "builtin:tiny-phi", "attn_implementation": "auto"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "logging": {"logging_steps": 10_000},
-        "training": {"per_device_train_batch_size": s["batch"], "max_steps": steps, "learning_rate": 1e-4,
-                     "save_strategy": "no", "disable_tqdm": True},
+        "training": {
+            "per_device_train_batch_size": s["batch"],
+            "max_steps": steps,
+            "learning_rate": 1e-4,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+        },
         stage: {"data": {"train": [{"path": "generated-by-bench"}]}},
     }
     if stage in ("sft", "dpo"):
         raw[stage]["max_length"] = s["max_length"]
     if stage == "ppo":
         raw["training"] = {}
-        raw["ppo"].update(rollout_batch_size=s["ppo_batch"], micro_batch_size=s["ppo_batch"], mini_batches=1,
-                          ppo_epochs=1, response_length=s["response_length"], temperature=1.0)
+        raw["ppo"].update(
+            rollout_batch_size=s["ppo_batch"],
+            micro_batch_size=s["ppo_batch"],
+            mini_batches=1,
+            ppo_epochs=1,
+            response_length=s["response_length"],
+            temperature=1.0,
+        )
     return validate_recipe(apply_overrides(raw, extra), source="bench")
 
 
@@ -89,14 +111,19 @@ class _Meter:
         def collate(examples):
             self.tokens.append(sum(self.count(e) for e in examples))
             return collator(examples)
+
         return collate
 
     def figures(self, warmup: int) -> dict:
         # step k's batch is the k-th collated one; the window runs from the end of the last warm-up step
         measured = self.tokens[warmup : len(self.times)]
         seconds = self.times[-1] - self.times[warmup - 1]
-        return {"tokens_per_s": sum(measured) / seconds, "seconds_per_step": seconds / len(measured),
-                "tokens_per_step": sum(measured) / len(measured), "measured_steps": len(measured)}
+        return {
+            "tokens_per_s": sum(measured) / seconds,
+            "seconds_per_step": seconds / len(measured),
+            "tokens_per_step": sum(measured) / len(measured),
+            "measured_steps": len(measured),
+        }
 
 
 def _peak_memory_mb() -> float:
@@ -114,8 +141,8 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     from bench import dpo_baseline, sft_baseline
     from bench.data import chat_rows, preference_rows
     from bench.models import SETTINGS, build_model
-    from finetune.data import DataReport, tokenize_conversations, tokenize_preferences
-    from finetune.modeling import add_lora, load_tokenizer, template_for
+    from finetune.core.data import DataReport, tokenize_conversations, tokenize_preferences
+    from finetune.core.modeling import add_lora, load_tokenizer, template_for
 
     s = SETTINGS[model_name]
     extra = {"ours-nopack": ["sft.packing=false"], "ours-precompute": ["dpo.precompute_ref_log_probs=true"]}
@@ -133,8 +160,17 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     precompute = {}
     if arm == "baseline":
         maker = sft_baseline if stage == "sft" else dpo_baseline
-        trainer = maker.make_trainer(model, tokenizer, rows, s["batch"], s["max_length"], warmup + steps,
-                                     s["precision"], out, callbacks=[meter.callback])
+        trainer = maker.make_trainer(
+            model,
+            tokenizer,
+            rows,
+            s["batch"],
+            s["max_length"],
+            warmup + steps,
+            s["precision"],
+            out,
+            callbacks=[meter.callback],
+        )
     elif stage == "sft":
         from finetune.sft import make_trainer, sft_args
 
@@ -144,8 +180,8 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     else:
         from trl import DPOConfig, DPOTrainer
 
+        from finetune.core.training import trl_config
         from finetune.dpo import make_trainer
-        from finetune.training import trl_config
 
         args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
         pairs = tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", DataReport(), "train")
@@ -157,6 +193,7 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
             result = inner(self, *a, **k)
             precompute["precompute_ref_s"] = time.perf_counter() - t
             return result
+
         cls._precompute_ref_logps = timed
         trainer = make_trainer(args, add_lora(model, recipe), tokenizer, pairs, callbacks=[meter.callback])
     setup_s = time.perf_counter() - started
@@ -165,10 +202,16 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     figures = meter.figures(warmup)
     if stage == "dpo":  # tokens of one pass over the data, to amortise a one-off reference pass
         ds = trainer.train_dataset
-        figures["dataset_tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in
-                                        zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
-    return {**figures, **precompute, "setup_s": setup_s, "peak_memory_mb": _peak_memory_mb(),
-            "attention": model.config._attn_implementation}
+        figures["dataset_tokens"] = sum(
+            2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])
+        )
+    return {
+        **figures,
+        **precompute,
+        "setup_s": setup_s,
+        "peak_memory_mb": _peak_memory_mb(),
+        "attention": model.config._attn_implementation,
+    }
 
 
 def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
@@ -180,38 +223,55 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     from bench.data import prompt_rows
     from bench.models import SETTINGS, build_model
     from finetune.chat_template import end_of_turn_ids, tokenize_prompt
-    from finetune.modeling import load_tokenizer, lora_targets, template_for
-    from finetune.rl import REFERENCE, PPOEngine, PPOSettings, build_model as build_multi
-    from finetune.rl_math import left_pad, reward_readout_index
+    from finetune.core.batching import left_pad
+    from finetune.core.modeling import load_tokenizer, lora_targets, template_for
+    from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
+    from finetune.rl.engine import build_model as build_multi
+    from finetune.rl.functional import reward_readout_index
 
     s = SETTINGS[model_name]
     recipe = _recipe(model_name, "ppo", out, 0, [])
     tokenizer, template = load_tokenizer(recipe), template_for(recipe)
     torch.manual_seed(0)
     base = build_model(model_name, recipe)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type=TaskType.CAUSAL_LM,
-                        target_modules=lora_targets(recipe, base.config.model_type))
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=lora_targets(recipe, base.config.model_type),
+    )
     model = build_multi(base, config, value_init="new")
     head = torch.nn.Linear(base.config.hidden_size, 1).to(next(base.parameters()).device)
     pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
-    def score(ids, mask, prompt_width, responses, resp_mask, has_stop):
+    def score(ids, mask, prompt_width, responses, resp_mask, has_stop, rows=None):
         index = reward_readout_index(ids, mask, pad_id)
         with model.active(REFERENCE):
             h = model.hidden(ids, mask)
         return head(h[torch.arange(len(ids), device=ids.device), index].float())[..., 0], {}
 
-    off = {"baseline": dict(generate_use_cache=False, generation_batch_size=1, response_only_logits=False),
-           "no-kv-cache": dict(generate_use_cache=False), "unbatched": dict(generation_batch_size=1),
-           "full-logits": dict(response_only_logits=False)}.get(arm, {})
-    settings = PPOSettings.from_section(recipe.ppo)
-    for key, value in off.items():
-        setattr(settings, key, value)
-    engine = PPOEngine(model, settings, score, end_of_turn_ids(tokenizer, template), pad_id, seed=42,
-                       fp16=recipe.precision == "fp16")
-    prompts = [tokenize_prompt(tokenizer, r["prompt"])
-               for r in prompt_rows(tokenizer, s["ppo_batch"] * (warmup + steps), s["max_prompt_length"])]
+    off = {
+        "baseline": dict(generate_use_cache=False, generation_batch_size=1, response_only_logits=False),
+        "no-kv-cache": dict(generate_use_cache=False),
+        "unbatched": dict(generation_batch_size=1),
+        "full-logits": dict(response_only_logits=False),
+    }.get(arm, {})
+    engine = PPOEngine(
+        model,
+        recipe.ppo,
+        score,
+        end_of_turn_ids(tokenizer, template),
+        pad_id,
+        seed=42,
+        fp16=recipe.precision == "fp16",
+        switches=SpeedSwitches(**off),
+    )
+    prompts = [
+        tokenize_prompt(tokenizer, r["prompt"])
+        for r in prompt_rows(tokenizer, s["ppo_batch"] * (warmup + steps), s["max_prompt_length"])
+    ]
     device = engine.device
     runs = []
     for k in range(warmup + steps):
@@ -229,16 +289,20 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
 
     def total(key):
         return sum(r[key] for r in measured)
-    return {"tokens_per_s": total("real_tokens") / total("update_s"),
-            "seconds_per_update": total("update_s") / len(measured),
-            "time_generate_s": total("time_generate_s") / len(measured),
-            "time_score_s": total("time_score_s") / len(measured),
-            "time_optimise_s": total("time_optimise_s") / len(measured),
-            "generated_tokens_per_s": total("response_tokens") / total("time_generate_s"),
-            "generation_share": total("time_generate_s") / total("update_s"),
-            "response_length": total("response_tokens") / (len(measured) * s["ppo_batch"]),
-            "measured_steps": len(measured), "peak_memory_mb": _peak_memory_mb(),
-            "attention": base.config._attn_implementation}
+
+    return {
+        "tokens_per_s": total("real_tokens") / total("update_s"),
+        "seconds_per_update": total("update_s") / len(measured),
+        "time_generate_s": total("time_generate_s") / len(measured),
+        "time_score_s": total("time_score_s") / len(measured),
+        "time_optimise_s": total("time_optimise_s") / len(measured),
+        "generated_tokens_per_s": total("response_tokens") / total("time_generate_s"),
+        "generation_share": total("time_generate_s") / total("update_s"),
+        "response_length": total("response_tokens") / (len(measured) * s["ppo_batch"]),
+        "measured_steps": len(measured),
+        "peak_memory_mb": _peak_memory_mb(),
+        "attention": base.config._attn_implementation,
+    }
 
 
 def worker(stage: str, arm: str, model: str, steps: int, warmup: int) -> dict:
@@ -262,12 +326,19 @@ def _machine() -> dict:
     import transformers
     import trl
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
@@ -280,8 +351,20 @@ def _load() -> float:
 
 
 def _child(stage, arm, model, steps, warmup) -> dict:
-    cmd = [sys.executable, __file__, "--worker", arm, "--stage", stage, "--model", model, "--steps", str(steps),
-           "--warmup", str(warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        arm,
+        "--stage",
+        stage,
+        "--model",
+        model,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -297,12 +380,19 @@ def _median(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["sft", "dpo", "ppo"], required=True)
-    p.add_argument("--model", choices=["tiny", "phi2", "phi2-small"], default="tiny",
-                   help="tiny: builtin:tiny-phi (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
-                        "phi2-small: the same shape rules at CPU size (a check of the phi2 path)")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "phi2", "phi2-small"],
+        default="tiny",
+        help="tiny: builtin:tiny-phi (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
+        "phi2-small: the same shape rules at CPU size (a check of the phi2 path)",
+    )
     p.add_argument("--baseline", action="store_true", help="run the baseline arm only")
-    p.add_argument("--arms", help="comma-separated arms (default ours,baseline); one of: "
-                   + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items()))
+    p.add_argument(
+        "--arms",
+        help="comma-separated arms (default ours,baseline); one of: "
+        + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items()),
+    )
     p.add_argument("--steps", type=int, default=8, help="measured steps (PPO: updates) per run")
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing starts")
     p.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating arm order")
@@ -321,16 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(args.repeats):
-        for arm in (arms if r % 2 == 0 else arms[::-1]):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
             result = _child(args.stage, arm, args.model, args.steps, args.warmup)
             result["load_average_1m"] = _load()
             runs[arm].append(result)
             print(f"  run {r + 1}/{args.repeats} {arm:<16} {result['tokens_per_s']:10.1f} tokens/s", file=sys.stderr)
     report = {
-        "stage": args.stage, "model": args.model, "date": datetime.date.today().isoformat(),
+        "stage": args.stage,
+        "model": args.model,
+        "date": datetime.date.today().isoformat(),
         "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": _machine(), "load_average_1m_before": load_before, "load_average_1m_after": _load(),
-        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "machine": _machine(),
+        "load_average_1m_before": load_before,
+        "load_average_1m_after": _load(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
         "arms": {a: {"what": ARMS[args.stage][a], "median": _median(runs[a]), "runs": runs[a]} for a in arms},
     }
     if args.stage == "dpo":
@@ -342,20 +438,26 @@ def main(argv: list[str] | None = None) -> int:
         ours, base = report["arms"]["ours"]["median"], report["arms"]["baseline"]["median"]
         report["ratio_tokens_per_s"] = ours["tokens_per_s"] / base["tokens_per_s"]
         report["ratio_peak_memory"] = ours["peak_memory_mb"] / base["peak_memory_mb"]
-    print(f"\n{args.stage} on {args.model} ({report['machine'].get('gpu', report['machine'].get('cpu_model', ''))}), "
-          f"median of {args.repeats}, load {load_before:.2f} -> {report['load_average_1m_after']:.2f}")
+    print(
+        f"\n{args.stage} on {args.model} ({report['machine'].get('gpu', report['machine'].get('cpu_model', ''))}), "
+        f"median of {args.repeats}, load {load_before:.2f} -> {report['load_average_1m_after']:.2f}"
+    )
     for a in arms:
         m = report["arms"][a]["median"]
         line = f"  {a:<16} {m['tokens_per_s']:10.1f} real tokens/s  peak {m['peak_memory_mb']:8.0f} MB"
         if args.stage == "ppo":
-            line += (f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
-                     f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}")
+            line += (
+                f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
+                f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}"
+            )
         if args.stage == "dpo":
             line += f"  ({m['tokens_per_s_4_epochs']:.1f} tokens/s over 4 epochs incl. any precompute)"
         print(line)
     if "ratio_tokens_per_s" in report:
-        print(f"  ratio ours/baseline: {report['ratio_tokens_per_s']:.2f}x tokens/s, "
-              f"{report['ratio_peak_memory']:.2f}x peak memory")
+        print(
+            f"  ratio ours/baseline: {report['ratio_tokens_per_s']:.2f}x tokens/s, "
+            f"{report['ratio_peak_memory']:.2f}x peak memory"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

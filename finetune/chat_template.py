@@ -24,12 +24,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.errors import UserError
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 IGNORE_INDEX = -100
 _EOT_DECL = re.compile(r"end_of_turn:\s*(\S+)")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A template / tokenizer / conversation combination that cannot train correctly."""
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from finetune.evaluation import dpo_eval, held_out_correctness
-from finetune.modeling import add_lora, count_parameters, load_model
-from finetune.outputs import print_summary, rate, save_stage
-from finetune.recipe import Recipe, RecipeError, stage_main
-from finetune.training import place_for_eval, prepare_preference_stage, train
+from finetune.core import distributed
+from finetune.core.evaluation import dpo_eval, held_out_correctness
+from finetune.core.modeling import add_lora, count_parameters, load_model
+from finetune.core.outputs import print_summary, rate, save_stage
+from finetune.core.training import place_for_eval, prepare_preference_stage, train
+from finetune.launch import stage_main
+from finetune.recipe import STAGES, Recipe, RecipeError
 
 log = logging.getLogger("finetune.dpo")
 
@@ -45,8 +47,9 @@ def make_trainer(args, model, tokenizer, train_pairs, eval_pairs=None, **extra):
     """TRL's DPOTrainer on our tokenized pairs. TRL already runs chosen and rejected as one
     concatenated forward (batch = [chosen; rejected]) and reads log-probs from the fused LM head;
     with `precompute_ref_log_probs` the reference runs once over the data before training."""
-    return _trainer_class()(model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs,
-                            processing_class=tokenizer, **extra)
+    return _trainer_class()(
+        model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs, processing_class=tokenizer, **extra
+    )
 
 
 def run(recipe: Recipe) -> dict:
@@ -56,12 +59,14 @@ def run(recipe: Recipe) -> dict:
     setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
     start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
     eval_rows = setup.eval_rows
-    if args.precompute_ref_log_probs and args.world_size > 1:
+    if args.precompute_ref_log_probs and distributed.world_size() > 1:
         # Seen with TRL 1.16 + datasets 5.2 on 2 processes: the precompute map reads a cache file that
         # only the other process's temporary folder holds (FileNotFoundError on *.arrow).
-        raise RecipeError(f"{recipe.source}: dpo.precompute_ref_log_probs: not supported with several processes "
-                          "yet; set dpo.precompute_ref_log_probs=false (the reference then runs each step) or run "
-                          "one process")
+        raise RecipeError(
+            f"{recipe.source}: dpo.precompute_ref_log_probs: not supported with several processes "
+            "yet; set dpo.precompute_ref_log_probs=false (the reference then runs each step) or run "
+            "one process"
+        )
 
     model = add_lora(load_model(recipe, merge=start), recipe)
     trainable, total = count_parameters(model)
@@ -71,34 +76,49 @@ def run(recipe: Recipe) -> dict:
     pad, beta = tokenizer.pad_token_id, args.beta
     place_for_eval(model, args, recipe)
     before = dpo_eval(model, pairs["eval"], beta, pad)
-    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
-                                             section.max_new_tokens)
+    correct_before, _ = held_out_correctness(
+        model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
+    )
     trained = train(trainer, model, recipe, "dpo", section.resume)
     after = dpo_eval(model, pairs["eval"], beta, pad)
-    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
-                                                  section.max_new_tokens)
+    correct_after, replies = held_out_correctness(
+        model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
+    )
 
     metrics = {
-        "eval_loss_before": before["loss"], "eval_loss": after["loss"],
-        "eval_rewards_accuracy_before": before["rewards_accuracy"], "eval_rewards_accuracy": after["rewards_accuracy"],
-        "eval_rewards_margin_before": before["rewards_margin"], "eval_rewards_margin": after["rewards_margin"],
+        "eval_loss_before": before["loss"],
+        "eval_loss": after["loss"],
+        "eval_rewards_accuracy_before": before["rewards_accuracy"],
+        "eval_rewards_accuracy": after["rewards_accuracy"],
+        "eval_rewards_margin_before": before["rewards_margin"],
+        "eval_rewards_margin": after["rewards_margin"],
         # correctness of greedy answers on held-out prompts: the start (SFT) model vs the DPO model
-        "correct_rate_start": correct_before, "correct_rate_after": correct_after,
-        "beta": beta, "loss_type": list(args.loss_type),
-        **trained, **setup.data_metrics(),
+        "correct_rate_start": correct_before,
+        "correct_rate_after": correct_after,
+        "beta": beta,
+        "loss_type": list(args.loss_type),
+        **trained,
+        **setup.data_metrics(),
     }
     out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
     if setup.main_process:
-        print_summary("DPO done", [
-            ("held-out DPO loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
-            ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),
-            ("reward margin", f"{before['rewards_margin']:.3f} -> {after['rewards_margin']:.3f}"),
-            ("held-out correct", f"{rate(correct_before)} (start model) -> {rate(correct_after)} (DPO)"),
-            ("trained", f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, {metrics['train_runtime_s']:.1f}s"),
-            ("sample reply", repr(replies[0]) if replies else "n/a"),
-            ("started from", ", ".join(start) or "the base"),
-            ("output", str(out)),
-        ])
+        print_summary(
+            STAGES["dpo"].summary_title,
+            [
+                ("held-out DPO loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
+                ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),
+                ("reward margin", f"{before['rewards_margin']:.3f} -> {after['rewards_margin']:.3f}"),
+                ("held-out correct", f"{rate(correct_before)} (start model) -> {rate(correct_after)} (DPO)"),
+                (
+                    "trained",
+                    f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, "
+                    f"{metrics['train_runtime_s']:.1f}s",
+                ),
+                ("sample reply", repr(replies[0]) if replies else "n/a"),
+                ("started from", ", ".join(start) or "the base"),
+                ("output", str(out)),
+            ],
+        )
     return metrics
 
 

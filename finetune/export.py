@@ -4,13 +4,13 @@
     python finetune/export.py RECIPE [key=value ...] [--force]
 
 choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
-base in fp32 with the chain merged (modeling.load_model, one copy of the model) -> parity logits and
+base in fp32 with the chain merged (core.modeling.load_model, one copy of the model) -> parity logits and
 held-out correctness -> cast to export.dtype -> sharded safetensors, config, generation config (EOS =
 the template's end-of-turn token), tokenizer with the chat template, model card -> parity reference
 (base + the same adapters unmerged, loaded after the merged model is freed) -> rename into place.
 
 The chain of a stage output is the adapters it was trained on top of (its metrics.json `start_from`)
-and then its own (training.adapter_chain). For PPO that is sft + ppo: the PPO policy adapter began as
+and then its own (finetune.core.lineage). For PPO that is sft + ppo: the PPO policy adapter began as
 a copy of the DPO adapter and replaces it. No DeepSpeed and no GPU: merging runs on the CPU in fp32
 (fp16 merges lose precision: peft#2368).
 """
@@ -18,7 +18,6 @@ a copy of the DPO adapter and replaces it. No DeepSpeed and no GPU: merging runs
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import time
@@ -26,8 +25,23 @@ from pathlib import Path
 
 import torch
 
-from finetune.outputs import atomic_dir, finished, key_metrics, print_summary, rate, setup_logging, write_json
-from finetune.recipe import EXPORTABLE_STAGES, Recipe, RecipeError, dump_recipe, stage_main
+from finetune.chat_template import encode, end_of_turn_ids, render
+from finetune.core.data import train_eval_rows
+from finetune.core.evaluation import held_out_correctness
+from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
+from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
+from finetune.core.outputs import (
+    atomic_dir,
+    figure,
+    key_metrics,
+    print_summary,
+    rate,
+    read_metrics,
+    setup_logging,
+    write_json,
+)
+from finetune.launch import stage_main
+from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
 log = logging.getLogger("finetune.export")
 
@@ -35,51 +49,24 @@ log = logging.getLogger("finetune.export")
 # reply, so the check covers assistant tokens and the end-of-turn token too).
 PARITY_CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 plus 3?"}],
-    [{"role": "system", "content": "Reply with the answer only."}, {"role": "user", "content": "What letter comes after q?"}],
+    [
+        {"role": "system", "content": "Reply with the answer only."},
+        {"role": "user", "content": "What letter comes after q?"},
+    ],
     [{"role": "user", "content": "Write one sentence about the sea."}],
-    [{"role": "user", "content": "What is the opposite of hot?"}, {"role": "assistant", "content": "cold"},
-     {"role": "user", "content": "And of big?"}],
+    [
+        {"role": "user", "content": "What is the opposite of hot?"},
+        {"role": "assistant", "content": "cold"},
+        {"role": "user", "content": "And of big?"},
+    ],
 ]
 
 
-def export_stage(recipe: Recipe) -> str:
-    """The stage whose model is exported: export.stage, or the last finished of ppo, dpo, sft."""
-    wanted = recipe.export.stage
-    if wanted != "auto":
-        if not finished(recipe, wanted):
-            raise RecipeError(f"{recipe.source}: export.stage: {wanted} has no finished output in "
-                              f"{recipe.stage_dir(wanted)}; run `finetune {wanted} {recipe.source}` first")
-        return wanted
-    for stage in reversed(EXPORTABLE_STAGES):
-        if finished(recipe, stage):
-            return stage
-    raise RecipeError(f"{recipe.source}: export: no finished sft, dpo or ppo output under {recipe.output_dir}; run "
-                      f"`finetune sft {recipe.source}` (or `finetune pipeline {recipe.source}`) first")
-
-
-def export_chain(recipe: Recipe, stage: str) -> list[str]:
-    """The adapters that make `stage`'s model, in merge order, each checked (present, same base and template)."""
-    from finetune.training import adapter_chain, check_adapter_folder
-
-    chain = adapter_chain(recipe.stage_dir(stage))
-    for folder in chain:
-        check_adapter_folder(recipe, "export.stage", folder,
-                             f"it is part of {stage}'s chain; rerun the stage that makes it")
-    return chain
-
-
-def fp32_recipe(recipe: Recipe) -> Recipe:
-    """The recipe loading the base in fp32 and unquantised: merging happens at full precision."""
-    return recipe.model_copy(update={"precision": "fp32",
-                                     "model": recipe.model.model_copy(update={"load_in_4bit": False})})
-
-
 def parity_inputs(tokenizer, count: int) -> list[list[int]]:
-    from finetune.chat_template import encode, render
-
     conversations = (PARITY_CONVERSATIONS * (count // len(PARITY_CONVERSATIONS) + 1))[:count]
-    return [encode(tokenizer, render(tokenizer, c, add_generation_prompt=c[-1]["role"] == "user"))
-            for c in conversations]
+    return [
+        encode(tokenizer, render(tokenizer, c, add_generation_prompt=c[-1]["role"] == "user")) for c in conversations
+    ]
 
 
 @torch.no_grad()
@@ -96,11 +83,11 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int]:
     """The SFT stage's held-out rows and generation settings: the rows on which the SFT stage measured
     the base model, so the exported model's figure compares with it one to one."""
-    from finetune.data import train_eval_rows
-
     if recipe.sft is None:
         return [], 0, 0
-    limit = recipe.sft.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
+    limit = (
+        recipe.sft.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
+    )
     if limit == 0:
         return [], 0, 0
     _, eval_rows, _, _ = train_eval_rows(recipe.sft.data, recipe, recipe.seed)
@@ -109,14 +96,12 @@ def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int]:
 
 def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot: str) -> str:
     """README.md of the exported folder: what it is, how to use it, the stages and their figures, the recipe."""
-    from finetune.outputs import figure
-
     out = Path(recipe.output_dir)
-    ppo = _read_metrics(recipe.stage_dir("ppo")) if stage == "ppo" else {}
+    ppo = read_metrics(recipe.stage_dir("ppo")) if stage == "ppo" else {}
     rows = []
-    for name in ("sft", "reward", "dpo", "ppo"):
+    for name in STAGES.names():
         folder = recipe.stage_dir(name)
-        m = _read_metrics(folder)
+        m = read_metrics(folder) if name != "export" else {}
         if not m:
             continue
         if str(folder) in chain:
@@ -128,22 +113,34 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
         else:
             role = "not part of this model"
         k = key_metrics(name, m)
-        rows.append(f"| {name} | {role} | {k['metric']}: {figure(k['before'], k['metric'])} → "
-                    f"{figure(k['after'], k['metric'])} | "
-                    f"{rate(k['correct_before'])} → {rate(k['correct_after'])} |")
+        rows.append(
+            f"| {name} | {role} | {k['metric']}: {figure(k['before'], k['metric'])} → "
+            f"{figure(k['after'], k['metric'])} | "
+            f"{rate(k['correct_before'])} → {rate(k['correct_after'])} |"
+        )
     base = recipe.model.name_or_path
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             f"tags: [finetune, lora-merged, {', '.join(Path(c).name for c in chain)}]"]
+    front = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [finetune, lora-merged, {', '.join(Path(c).name for c in chain)}]",
+    ]
     if not base.startswith("builtin:") and not Path(base).exists():
         front.append(f"base_model: {base}")
     front.append("---")
-    parity = [f"- fp32 merged vs base + unmerged adapters: max |Δ logit| = {figure(metrics['parity_max_abs_diff_fp32'])}"
-              if metrics.get("parity_max_abs_diff_fp32") is not None else "- not checked (export.parity_prompts: 0)"]
+    parity = [
+        f"- fp32 merged vs base + unmerged adapters: max |Δ logit| = {figure(metrics['parity_max_abs_diff_fp32'])}"
+        if metrics.get("parity_max_abs_diff_fp32") is not None
+        else "- not checked (export.parity_prompts: 0)"
+    ]
     if metrics.get("parity_max_abs_diff_export_dtype") is not None and metrics["dtype"] != "fp32":
-        parity.append(f"- exported {metrics['dtype']} weights vs the fp32 reference: max |Δ logit| = "
-                      f"{figure(metrics['parity_max_abs_diff_export_dtype'])}")
+        parity.append(
+            f"- exported {metrics['dtype']} weights vs the fp32 reference: max |Δ logit| = "
+            f"{figure(metrics['parity_max_abs_diff_export_dtype'])}"
+        )
     lines = [
-        *front, "",
+        *front,
+        "",
         f"# {out.name or 'model'}: {stage} model, adapters merged",
         "",
         f"Made with finetune from `{base}`: the LoRA adapters {' → '.join(f'`{c}`' for c in chain)} were merged "
@@ -186,31 +183,29 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
     return "\n".join(lines)
 
 
-def _read_metrics(folder: Path) -> dict:
-    f = Path(folder) / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 def run(recipe: Recipe) -> dict:
-    from finetune.chat_template import end_of_turn_ids
-    from finetune.evaluation import held_out_correctness
-    from finetune.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
-
     setup_logging()
     section = recipe.export
     target = recipe.stage_dir("export")
     if target.exists() and not section.force:
-        raise RecipeError(f"{recipe.source}: export.output: {target} already exists; pass --force (or "
-                          "export.force=true) to replace it, or export.output=<another folder>")
+        raise RecipeError(
+            f"{recipe.source}: export.output: {target} already exists; pass --force (or "
+            "export.force=true) to replace it, or export.output=<another folder>"
+        )
     started = time.time()
-    stage = export_stage(recipe)
-    chain = export_chain(recipe, stage)
+    stage = chat_model_stage(recipe)
+    chain = model_chain(recipe, stage)
     dtype_name = recipe.precision if section.dtype == "auto" else section.dtype
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     stop = end_of_turn_ids(tokenizer, template)
     eot = template.end_of_turn_token(tokenizer)
-    log.info("exporting %s: merging %s into %s (fp32), then casting to %s", stage, " + ".join(chain),
-             recipe.model.name_or_path, dtype_name)
+    log.info(
+        "exporting %s: merging %s into %s (fp32), then casting to %s",
+        stage,
+        " + ".join(chain),
+        recipe.model.name_or_path,
+        dtype_name,
+    )
 
     full = fp32_recipe(recipe)
     model = load_model(full, merge=chain)
@@ -225,10 +220,18 @@ def run(recipe: Recipe) -> dict:
     gen.eos_token_id = stop[0] if len(stop) == 1 else stop
     gen.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
-    metrics = {"stage": stage, "adapters": chain, "base_model": recipe.model.name_or_path, "dtype": dtype_name,
-               "max_shard_size": section.max_shard_size, "eos_token_id": gen.eos_token_id, "end_of_turn": eot,
-               "correct_rate_base": _read_metrics(recipe.stage_dir("sft")).get("correct_rate_before"),
-               "correct_rate_after": correct, "sample_reply": replies[0] if replies else None}
+    metrics = {
+        "stage": stage,
+        "adapters": chain,
+        "base_model": recipe.model.name_or_path,
+        "dtype": dtype_name,
+        "max_shard_size": section.max_shard_size,
+        "eos_token_id": gen.eos_token_id,
+        "end_of_turn": eot,
+        "correct_rate_base": read_metrics(recipe.stage_dir("sft")).get("correct_rate_before"),
+        "correct_rate_after": correct,
+        "sample_reply": replies[0] if replies else None,
+    }
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
@@ -248,17 +251,24 @@ def run(recipe: Recipe) -> dict:
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users
-    print_summary("export done", [
-        ("model", f"{stage}: {' + '.join(chain)} merged into {recipe.model.name_or_path}"),
-        ("dtype", f"{dtype_name} ({len(metrics['shards'])} safetensors shard(s), max {section.max_shard_size})"),
-        ("parity", "not checked" if not inputs else
-         f"max |Δ logit| fp32 {metrics['parity_max_abs_diff_fp32']:.2e}, "
-         f"{dtype_name} {metrics['parity_max_abs_diff_export_dtype']:.2e}"),
-        ("held-out correct", f"{rate(metrics['correct_rate_base'])} (base) -> {rate(correct)} (exported)"),
-        ("sample reply", repr(metrics["sample_reply"])),
-        ("stops at", f"{eot} (generation_config eos_token_id {gen.eos_token_id})"),
-        ("output", str(target)),
-    ])
+    print_summary(
+        STAGES["export"].summary_title,
+        [
+            ("model", f"{stage}: {' + '.join(chain)} merged into {recipe.model.name_or_path}"),
+            ("dtype", f"{dtype_name} ({len(metrics['shards'])} safetensors shard(s), max {section.max_shard_size})"),
+            (
+                "parity",
+                "not checked"
+                if not inputs
+                else f"max |Δ logit| fp32 {metrics['parity_max_abs_diff_fp32']:.2e}, "
+                f"{dtype_name} {metrics['parity_max_abs_diff_export_dtype']:.2e}",
+            ),
+            ("held-out correct", f"{rate(metrics['correct_rate_base'])} (base) -> {rate(correct)} (exported)"),
+            ("sample reply", repr(metrics["sample_reply"])),
+            ("stops at", f"{eot} (generation_config eos_token_id {gen.eos_token_id})"),
+            ("output", str(target)),
+        ],
+    )
     return metrics
 
 

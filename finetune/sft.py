@@ -14,12 +14,22 @@ import logging
 import sys
 
 from finetune.chat_template import tokenize_prompt
-from finetune.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
-from finetune.evaluation import eval_loss, held_out_correctness
-from finetune.modeling import DTYPES, add_lora, choose_attention, count_parameters, load_model, load_tokenizer, template_for
-from finetune.outputs import print_summary, rate, save_stage, setup_logging
-from finetune.recipe import Recipe, stage_main
-from finetune.training import check_precision, place_for_eval, train, trl_config
+from finetune.core import distributed
+from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
+from finetune.core.evaluation import eval_loss, held_out_correctness
+from finetune.core.modeling import (
+    DTYPES,
+    add_lora,
+    choose_attention,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    template_for,
+)
+from finetune.core.outputs import print_summary, rate, save_stage, setup_logging
+from finetune.core.training import check_precision, place_for_eval, train, trl_config
+from finetune.launch import stage_main
+from finetune.recipe import STAGES, Recipe
 
 log = logging.getLogger("finetune.sft")
 
@@ -48,12 +58,24 @@ def make_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds=None,
     if args.packing and attn != "flash_attention_2":
         rows = len(train_ds)
         train_ds = pack_rows(train_ds, args.max_length)
-        log.info("packing: %d rows into %d rows of at most %d tokens (position ids per sequence, %s)",
-                 rows, len(train_ds), args.max_length, attn)
+        log.info(
+            "packing: %d rows into %d rows of at most %d tokens (position ids per sequence, %s)",
+            rows,
+            len(train_ds),
+            args.max_length,
+            attn,
+        )
         args.packing = False  # TRL would flatten the batch into one row (padding-free for flash-attn varlen only)
         collator = PackedRowsCollator(tokenizer.pad_token_id)
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, data_collator=collator, **extra)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=collator,
+        **extra,
+    )
 
 
 def run(recipe: Recipe) -> dict:
@@ -65,14 +87,16 @@ def run(recipe: Recipe) -> dict:
     template = template_for(recipe)
     tokenizer = load_tokenizer(recipe)
     args = sft_args(recipe)
-    main_process = args.process_index == 0
+    main_process = distributed.is_main()
     setup_logging(main_process)
 
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed)
-    train_ds = tokenize_conversations(train_rows, tokenizer, template, args.max_length, section.data.on_overlong,
-                                      train_report, "train")
-    eval_ds = tokenize_conversations(eval_rows, tokenizer, template, args.max_length, section.data.on_overlong,
-                                     eval_report, "eval")
+    train_ds = tokenize_conversations(
+        train_rows, tokenizer, template, args.max_length, section.data.on_overlong, train_report, "train"
+    )
+    eval_ds = tokenize_conversations(
+        eval_rows, tokenizer, template, args.max_length, section.data.on_overlong, eval_report, "eval"
+    )
     log.info(train_report.summary("train"))
     log.info(eval_report.summary("eval"))
 
@@ -83,12 +107,14 @@ def run(recipe: Recipe) -> dict:
     trainer = make_trainer(recipe, args, model, tokenizer, train_ds, eval_ds)
     place_for_eval(model, args, recipe)
     before = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
-    correct_before, _ = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
-                                             section.max_new_tokens)
+    correct_before, _ = held_out_correctness(
+        model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
+    )
     trained = train(trainer, model, recipe, "sft", section.resume)
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
-    correct_after, replies = held_out_correctness(model, tokenizer, template, eval_rows, section.eval_generate_rows,
-                                                  section.max_new_tokens)
+    correct_after, replies = held_out_correctness(
+        model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
+    )
 
     epochs = trainer.state.epoch or 0
     metrics = {
@@ -99,7 +125,8 @@ def run(recipe: Recipe) -> dict:
         "correct_rate_after": correct_after,
         "train_tokens": int(sum(len(x) for x in train_ds["input_ids"]) * epochs),
         "train_label_tokens": int(sum(sum(t != -100 for t in y) for y in train_ds["labels"]) * epochs),
-        "train_rows": len(train_ds), "eval_rows": len(eval_ds),
+        "train_rows": len(train_ds),
+        "eval_rows": len(eval_ds),
         "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
         "trainable_parameters": trainable,
@@ -108,17 +135,26 @@ def run(recipe: Recipe) -> dict:
     out = save_stage(trainer, recipe, "sft", tokenizer, metrics)
     if main_process:
         sample = eval_rows[0]["messages"] if eval_rows else None
-        print_summary("SFT done", [
-            ("eval loss", f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
-                          f"({metrics['eval_loss_reduction']:.0%} lower)"),
-            ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"),
-            ("trained", f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, "
-                        f"{metrics['train_runtime_s']:.1f}s"),
-            ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
-            ("sample prompt", repr(tokenizer.decode(tokenize_prompt(tokenizer, sample[:1])) if sample else "")),
-            ("sample reply", repr(replies[0]) if replies else "n/a"),
-            ("output", str(out)),
-        ])
+        print_summary(
+            STAGES["sft"].summary_title,
+            [
+                (
+                    "eval loss",
+                    f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+                    f"({metrics['eval_loss_reduction']:.0%} lower)",
+                ),
+                ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"),
+                (
+                    "trained",
+                    f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, "
+                    f"{metrics['train_runtime_s']:.1f}s",
+                ),
+                ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
+                ("sample prompt", repr(tokenizer.decode(tokenize_prompt(tokenizer, sample[:1])) if sample else "")),
+                ("sample reply", repr(replies[0]) if replies else "n/a"),
+                ("output", str(out)),
+            ],
+        )
     return metrics
 
 

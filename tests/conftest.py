@@ -28,7 +28,7 @@ def tiny_recipe():
 
 @pytest.fixture()
 def tokenizer(tiny_base, tiny_recipe):
-    from finetune.modeling import load_tokenizer
+    from finetune.core.modeling import load_tokenizer
 
     return load_tokenizer(tiny_recipe)
 
@@ -113,8 +113,9 @@ def pipeline_run(tmp_path_factory, tiny_base):
     logs = out.parent
     started = time.time()
     with open(logs / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: the kill reaches the stage too
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: the kill reaches the stage too
         reached = _wait_for(out / "ppo-checkpoints" / "update-4" / "state.json", proc, timeout=1200)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -125,6 +126,12 @@ def pipeline_run(tmp_path_factory, tiny_base):
     started = time.time()
     second = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-4000:]
-    return {"out": out, "cmd": cmd, "finished_before_kill": finished_before_kill, "second": second,
-            "first_seconds": first_seconds, "second_seconds": time.time() - started,
-            "report": json.loads((out / "pipeline_report.json").read_text())}
+    return {
+        "out": out,
+        "cmd": cmd,
+        "finished_before_kill": finished_before_kill,
+        "second": second,
+        "first_seconds": first_seconds,
+        "second_seconds": time.time() - started,
+        "report": json.loads((out / "pipeline_report.json").read_text()),
+    }

@@ -15,14 +15,16 @@ from tests.conftest import ROOT, TINY_RECIPE, subprocess_env
 
 pytest.importorskip("azure.ai.ml", reason="the azureml extra (azure-ai-ml) is part of the test extra")
 
-from finetune import azureml  # noqa: E402
+from finetune.cli import azureml  # noqa: E402
 from finetune.recipe import RecipeError, load_recipe  # noqa: E402
 
-SETTINGS = ["azureml.compute=gpu-a100", "azureml.instance_count=2", "azureml.gpus_per_node=4",
-            "azureml.datastore=runsstore", "azureml.output_path=phi/run1"]
-NEEDS_EXPORT = pytest.mark.skipif(
-    not azureml.stage_available("export"),
-    reason="the export stage (finetune/export.py) lands with the pipeline branch; not in this checkout yet")
+SETTINGS = [
+    "azureml.compute=gpu-a100",
+    "azureml.instance_count=2",
+    "azureml.gpus_per_node=4",
+    "azureml.datastore=runsstore",
+    "azureml.output_path=phi/run1",
+]
 
 
 def dry_run(tmp_path, stage, *overrides):
@@ -51,9 +53,15 @@ def check_command_job(job, stage, upstreams):
     return {name: i for name, i in job.inputs.items()}
 
 
-@pytest.mark.parametrize("stage,upstreams", [
-    ("sft", []), ("reward", ["sft"]), ("dpo", ["sft"]), ("ppo", ["sft", "reward", "dpo"]),
-])
+@pytest.mark.parametrize(
+    "stage,upstreams",
+    [
+        ("sft", []),
+        ("reward", ["sft"]),
+        ("dpo", ["sft"]),
+        ("ppo", ["sft", "reward", "dpo"]),
+    ],
+)
 def test_stage_dry_run_loads_with_the_sdk_and_says_what_the_recipe_says(tmp_path, stage, upstreams):
     job, path = dry_run(tmp_path, stage)
     inputs = check_command_job(job, stage, upstreams)
@@ -74,18 +82,18 @@ def test_stage_dry_run_loads_with_the_sdk_and_says_what_the_recipe_says(tmp_path
     assert job.environment_variables == {"PYTHONPATH": "."}
 
 
-@NEEDS_EXPORT
 def test_export_dry_run_takes_the_adapter_chain(tmp_path):
     job, _ = dry_run(tmp_path, "export")
     assert set(check_command_job(job, "export", ["sft", "dpo", "ppo"])) == {"sft", "dpo", "ppo"}
 
 
 def test_start_keys_decide_the_inputs(tmp_path):
-    job, _ = dry_run(tmp_path, "dpo", "dpo.start_from=base")
+    job, _ = dry_run(tmp_path, "dpo", "dpo.start_from=none")
     assert "sft" not in job.inputs and "ln -s" not in job.command
-    assert "dpo.start_from=base" in job.command
-    recipe = load_recipe(TINY_RECIPE, ["ppo.start_from=runs/tiny_chat/sft", "ppo.reward_from=none",
-                                       "ppo.reward_function=rewards:exact"])
+    assert "dpo.start_from=none" in job.command
+    recipe = load_recipe(
+        TINY_RECIPE, ["ppo.start_from=runs/tiny_chat/sft", "ppo.reward_from=none", "ppo.reward_function=rewards:exact"]
+    )
     assert azureml.stage_upstreams(recipe, "ppo") == ["sft"]
     with pytest.raises(RecipeError, match=r"ppo.start_from: '/elsewhere/adapter' is not an earlier stage's output"):
         azureml.stage_upstreams(load_recipe(TINY_RECIPE, ["ppo.start_from=/elsewhere/adapter"]), "ppo")
@@ -109,28 +117,27 @@ def test_pipeline_steps_pass_outputs_to_the_next_steps_inputs(tmp_path):
     assert job.type == "pipeline" and list(job.jobs) == ["sft", "reward", "dpo", "ppo"]
     assert job.settings.default_compute == "gpu-a100"
     assert {name: o.path for name, o in job.outputs.items()} == {s: uri(s) for s in ["sft", "reward", "dpo", "ppo"]}
-    wiring = {(step, name): str(i._data) for step, node in job.jobs.items() for name, i in node.inputs.items()
-              if not name.startswith("data_")}
-    assert wiring == {("reward", "sft"): "${{parent.jobs.sft.outputs.sft}}",
-                      ("dpo", "sft"): "${{parent.jobs.sft.outputs.sft}}",
-                      ("ppo", "sft"): "${{parent.jobs.sft.outputs.sft}}",
-                      ("ppo", "reward"): "${{parent.jobs.reward.outputs.reward}}",
-                      ("ppo", "dpo"): "${{parent.jobs.dpo.outputs.dpo}}"}
+    wiring = {
+        (step, name): str(i._data)
+        for step, node in job.jobs.items()
+        for name, i in node.inputs.items()
+        if not name.startswith("data_")
+    }
+    assert wiring == {
+        ("reward", "sft"): "${{parent.jobs.sft.outputs.sft}}",
+        ("dpo", "sft"): "${{parent.jobs.sft.outputs.sft}}",
+        ("ppo", "sft"): "${{parent.jobs.sft.outputs.sft}}",
+        ("ppo", "reward"): "${{parent.jobs.reward.outputs.reward}}",
+        ("ppo", "dpo"): "${{parent.jobs.dpo.outputs.dpo}}",
+    }
     for step, node in job.jobs.items():
         assert node.distribution.process_count_per_instance == 4 and node.resources.instance_count == 2
         assert str(node.outputs[step]._data) == f"${{{{parent.outputs.{step}}}}}"
 
 
-@NEEDS_EXPORT
 def test_pipeline_dry_run_through_the_command_line(tmp_path):
     job, _ = dry_run(tmp_path, "pipeline")
     assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "export"]
-
-
-def test_pipeline_refused_while_a_stage_is_missing_from_the_checkout(tmp_path, monkeypatch):
-    monkeypatch.setattr(azureml, "stage_available", lambda stage: stage != "export")
-    with pytest.raises(RecipeError, match=r"stage export is not in this checkout \(finetune/export.py\)"):
-        dry_run(tmp_path, "pipeline")
 
 
 def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
@@ -150,8 +157,13 @@ def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
     for name, spec in job.spec["inputs"].items():
         local = local.replace(f"${{{{inputs.{name}}}}}", str((tmp_path / spec["path"]).resolve()))
     assert "${{" not in local
-    env = {**subprocess_env(), "AZUREML_RUN_ID": "local-test", "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
-           "MLFLOW_EXPERIMENT_NAME": "finetune", "MLFLOW_ALLOW_FILE_STORE": "true"}  # a local stand-in for the run
+    env = {
+        **subprocess_env(),
+        "AZUREML_RUN_ID": "local-test",
+        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
+        "MLFLOW_EXPERIMENT_NAME": "finetune",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }  # a local stand-in for the run
     proc = subprocess.run(["bash", "-c", local], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((mounted / "metrics.json").read_text())
@@ -163,8 +175,9 @@ def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
 
 def test_submit_without_a_workspace_says_how_to_name_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no config.json here
-    code = azureml.main(["submit", str(TINY_RECIPE), "--stage", "sft", "--compute", "gpu", "--out", str(tmp_path),
-                         "sft.max_steps=2"])
+    code = azureml.main(
+        ["submit", str(TINY_RECIPE), "--stage", "sft", "--compute", "gpu", "--out", str(tmp_path), "sft.max_steps=2"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "No Azure ML workspace given" in err and "--config PATH" in err and "azureml.workspace_name" in err
@@ -184,10 +197,25 @@ def test_submit_without_credentials_says_what_to_do(tmp_path, monkeypatch, capsy
     monkeypatch.setattr("azure.identity.DefaultAzureCredential", NoCredential)
     monkeypatch.setattr("azure.ai.ml.MLClient", lambda *a, **k: pytest.fail("no client without a credential"))
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"subscription_id": "00000000-0000-0000-0000-000000000000",
-                                  "resource_group": "rg", "workspace_name": "ws"}))
-    code = azureml.main(["submit", str(TINY_RECIPE), "--stage", "sft", "--compute", "gpu", "--config",
-                         str(config), "--out", str(tmp_path)])
+    config.write_text(
+        json.dumps(
+            {"subscription_id": "00000000-0000-0000-0000-000000000000", "resource_group": "rg", "workspace_name": "ws"}
+        )
+    )
+    code = azureml.main(
+        [
+            "submit",
+            str(TINY_RECIPE),
+            "--stage",
+            "sft",
+            "--compute",
+            "gpu",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "No Azure credentials found" in err and "az login" in err and "--dry-run" in err
@@ -204,8 +232,13 @@ def test_missing_compute_and_outside_recipe_are_recipe_errors(tmp_path, capsys):
 
 
 def test_no_secret_or_workspace_id_in_the_yaml(tmp_path):
-    _, path = dry_run(tmp_path, "ppo", "azureml.subscription_id=11111111-2222-3333-4444-555555555555",
-                      "azureml.resource_group=rg-secretive", "azureml.workspace_name=ws-x")
+    _, path = dry_run(
+        tmp_path,
+        "ppo",
+        "azureml.subscription_id=11111111-2222-3333-4444-555555555555",
+        "azureml.resource_group=rg-secretive",
+        "azureml.workspace_name=ws-x",
+    )
     text = path.read_text()
     assert "11111111" not in text and "rg-secretive" not in text and "ws-x" not in text
 

@@ -1,7 +1,13 @@
 import pytest
 
-from finetune.chat_template import (IGNORE_INDEX, TemplateError, load_template, prepare_tokenizer,
-                                    tokenize_conversation, tokenize_prompt)
+from finetune.chat_template import (
+    IGNORE_INDEX,
+    TemplateError,
+    load_template,
+    prepare_tokenizer,
+    tokenize_conversation,
+    tokenize_prompt,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "Reply with the answer only."},
@@ -19,7 +25,7 @@ def labelled_text(tokenizer, ids, labels):
 @pytest.fixture()
 def phi3_tokenizer(tiny_recipe):
     """A separate tiny tokenizer plus Phi-3.5's role tokens, to exercise the phi3 template offline."""
-    from finetune.modeling import load_tokenizer
+    from finetune.core.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_recipe)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
@@ -28,10 +34,13 @@ def phi3_tokenizer(tiny_recipe):
 
 def test_phi_instruct_renders_roles_and_turns(tokenizer):
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert text == ("System: Reply with the answer only.\nInstruct: What is 2 plus 3?\nOutput: 5<|endoftext|>\n"
-                    "Instruct: What letter comes after c?\nOutput: d<|endoftext|>\n")
+    assert text == (
+        "System: Reply with the answer only.\nInstruct: What is 2 plus 3?\nOutput: 5<|endoftext|>\n"
+        "Instruct: What letter comes after c?\nOutput: d<|endoftext|>\n"
+    )
     assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True).endswith(
-        "Instruct: What is 2 plus 3?\nOutput:")
+        "Instruct: What is 2 plus 3?\nOutput:"
+    )
 
 
 @pytest.mark.parametrize("template", ["phi_instruct", "phi3"])
@@ -43,7 +52,9 @@ def test_only_assistant_turns_are_labels_and_each_ends_with_its_end_of_turn(temp
     labelled = [t for t, y in zip(ids, labels) if y != IGNORE_INDEX]
     # exactly the two replies, each through its end-of-turn token; nothing of system/user/prompts
     assert labelled.count(eot) == 2
-    assert tok.decode(labelled).replace(" ", "") == f"5{tok.convert_ids_to_tokens(eot)}d{tok.convert_ids_to_tokens(eot)}"
+    assert (
+        tok.decode(labelled).replace(" ", "") == f"5{tok.convert_ids_to_tokens(eot)}d{tok.convert_ids_to_tokens(eot)}"
+    )
     for word in ("What", "Reply", "Instruct", "user", "assistant"):
         assert word not in labelled_text(tok, ids, labels)
 
@@ -99,4 +110,5 @@ def test_template_travels_with_saved_tokenizer(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     plain = AutoTokenizer.from_pretrained(tmp_path)
     assert plain.apply_chat_template(CONVERSATION, tokenize=False) == tokenizer.apply_chat_template(
-        CONVERSATION, tokenize=False)
+        CONVERSATION, tokenize=False
+    )

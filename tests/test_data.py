@@ -3,7 +3,7 @@ import json
 import pytest
 
 from finetune.chat_template import load_template
-from finetune.data import DataError, DataReport, tokenize_conversations, train_eval_rows
+from finetune.core.data import DataError, DataReport, tokenize_conversations, train_eval_rows
 from finetune.recipe import validate_recipe
 
 from .conftest import ROOT, write_jsonl
@@ -12,8 +12,10 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 
 def recipe_for(tmp_path, train, **data):
-    return validate_recipe({"output_dir": "o", "model": {"name_or_path": "builtin:tiny-phi"},
-                            "sft": {"data": {"train": train, **data}}}, source=str(tmp_path / "r.yaml"))
+    return validate_recipe(
+        {"output_dir": "o", "model": {"name_or_path": "builtin:tiny-phi"}, "sft": {"data": {"train": train, **data}}},
+        source=str(tmp_path / "r.yaml"),
+    )
 
 
 def load(tmp_path, rows, name="d.jsonl", **data):
@@ -22,18 +24,23 @@ def load(tmp_path, rows, name="d.jsonl", **data):
     return train_eval_rows(r.sft.data, r, seed=0)
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "row 2: no assistant message"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "row 2: messages[0]: unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},
-     "row 2: messages[0]: empty user content"),
-    ({"messages": [{"role": "user", "content": 3}]}, "row 2: messages[0]: content must be a string, got int"),
-    ({"messages": [{"role": "user"}]}, "row 2: messages[0] needs 'role' and 'content' keys"),
-    ({"prompt": "hi"}, "row 2: cannot tell the row format"),
-    ({"prompt": "hi", "completion": ""}, "row 2: empty completion"),
-    ("{not json", "row 2: not valid JSON"),
-    ([1, 2], "row 2: a row must be an object"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "row 2: no assistant message"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "row 2: messages[0]: unknown role 'robot'"),
+        (
+            {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},
+            "row 2: messages[0]: empty user content",
+        ),
+        ({"messages": [{"role": "user", "content": 3}]}, "row 2: messages[0]: content must be a string, got int"),
+        ({"messages": [{"role": "user"}]}, "row 2: messages[0] needs 'role' and 'content' keys"),
+        ({"prompt": "hi"}, "row 2: cannot tell the row format"),
+        ({"prompt": "hi", "completion": ""}, "row 2: empty completion"),
+        ("{not json", "row 2: not valid JSON"),
+        ([1, 2], "row 2: a row must be an object"),
+    ],
+)
 def test_malformed_rows_name_file_and_row(tmp_path, row, message):
     with pytest.raises(DataError) as err:
         load(tmp_path, [GOOD, row, GOOD])
@@ -42,16 +49,20 @@ def test_malformed_rows_name_file_and_row(tmp_path, row, message):
 
 
 def test_skip_bad_rows_counts_what_it_skipped(tmp_path):
-    train, evals, report, _ = load(tmp_path, [GOOD, {"messages": []}, GOOD, "{x"] + [GOOD] * 17,
-                                   skip_bad_rows=True)
+    train, evals, report, _ = load(tmp_path, [GOOD, {"messages": []}, GOOD, "{x"] + [GOOD] * 17, skip_bad_rows=True)
     assert report.read == 21 and report.skipped_bad == 2
     assert len(train) + len(evals) == 19 and len(evals) == 1  # eval_fraction 0.05 of 19
 
 
 def test_prompt_completion_strings_and_messages_become_conversations(tmp_path):
-    rows = [{"prompt": "2+2?", "completion": "4"},
-            {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-             "completion": [{"role": "assistant", "content": "a"}], "answer": 4}]
+    rows = [
+        {"prompt": "2+2?", "completion": "4"},
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            "completion": [{"role": "assistant", "content": "a"}],
+            "answer": 4,
+        },
+    ]
     train, evals, _, _ = load(tmp_path, rows, eval=[{"path": "d.jsonl"}])
     by_first = {c["messages"][0]["content"]: c for c in evals}
     assert by_first["2+2?"]["messages"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
@@ -73,15 +84,19 @@ def test_other_local_formats(tmp_path, suffix):
         pd.DataFrame(rows).to_parquet(path)
     r = recipe_for(tmp_path, [{"path": path.name}], eval=[{"path": path.name}])
     train, evals, rep, _ = train_eval_rows(r.sft.data, r, seed=0)
-    assert len(train) == 10 and rep.read == 10 and {c["messages"][1]["content"] for c in train} == {
-        f"a{i}" for i in range(10)}
+    assert (
+        len(train) == 10
+        and rep.read == 10
+        and {c["messages"][1]["content"] for c in train} == {f"a{i}" for i in range(10)}
+    )
 
 
 def test_mixture_weights_and_missing_file(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [GOOD] * 10)
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c"}] * 10)
-    r = recipe_for(tmp_path, [{"path": "a.jsonl", "weight": 0.5}, {"path": "b.jsonl", "weight": 2.0}],
-                   eval=[{"path": "a.jsonl"}])
+    r = recipe_for(
+        tmp_path, [{"path": "a.jsonl", "weight": 0.5}, {"path": "b.jsonl", "weight": 2.0}], eval=[{"path": "a.jsonl"}]
+    )
     train, _, report, _ = train_eval_rows(r.sft.data, r, seed=0)
     assert len(train) == 25 and sum(c["messages"][0]["content"] == "p" for c in train) == 20
     r = recipe_for(tmp_path, [{"path": "missing.jsonl"}])
@@ -122,11 +137,16 @@ def test_hub_dataset_ids_pass_config_and_split(tmp_path, monkeypatch):
         return datasets.Dataset.from_list([GOOD] * 4)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    r = recipe_for(tmp_path, [{"path": "HuggingFaceH4/ultrachat_200k", "config": "default", "split": "train_sft"}],
-                   eval=[{"path": "HuggingFaceH4/ultrachat_200k", "split": "test_sft"}])
+    r = recipe_for(
+        tmp_path,
+        [{"path": "HuggingFaceH4/ultrachat_200k", "config": "default", "split": "train_sft"}],
+        eval=[{"path": "HuggingFaceH4/ultrachat_200k", "split": "test_sft"}],
+    )
     train, evals, report, _ = train_eval_rows(r.sft.data, r, seed=0)
-    assert calls == [("HuggingFaceH4/ultrachat_200k", "default", "train_sft"),
-                     ("HuggingFaceH4/ultrachat_200k", None, "test_sft")]
+    assert calls == [
+        ("HuggingFaceH4/ultrachat_200k", "default", "train_sft"),
+        ("HuggingFaceH4/ultrachat_200k", None, "test_sft"),
+    ]
     assert len(train) == 4 and report.read == 4
 
 

@@ -11,10 +11,18 @@ from .conftest import ROOT, subprocess_env
 
 def launch_zero2(stage: str, output_dir, *overrides):
     """`accelerate launch` of a stage script with the project's ZeRO-2 configs on 2 CPU processes."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", "recipes/accelerate/deepspeed_zero2_cpu.yaml",
-           f"finetune/{stage}.py", "recipes/tiny_chat.yaml", "deepspeed=deepspeed/zero2.json",
-           f"output_dir={output_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/deepspeed_zero2_cpu.yaml",
+        f"finetune/{stage}.py",
+        "recipes/tiny_chat.yaml",
+        "deepspeed=deepspeed/zero2.json",
+        f"output_dir={output_dir}",
+        *overrides,
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -24,7 +32,7 @@ def test_zero2_two_processes_trains_adapter_and_keeps_base_bitwise(tmp_path, tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import base_fingerprint
+    from finetune.core.modeling import base_fingerprint
 
     res = launch_zero2("sft", tmp_path, "sft.max_steps=6", "sft.eval_generate_rows=8")
     assert "SFT done" in res.stderr

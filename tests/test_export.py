@@ -53,8 +53,14 @@ def test_export_is_a_complete_hf_folder_of_the_ppo_chain(exported):
     out = recipe.output_dir
     # PPO's policy began as a copy of the DPO adapter and replaced it: sft + ppo, never sft + dpo + ppo
     assert metrics["stage"] == "ppo" and metrics["adapters"] == [f"{out}/sft", f"{out}/ppo"]
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "README.md", "recipe.yaml",
-            "metrics.json"} <= {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "README.md",
+        "recipe.yaml",
+        "metrics.json",
+    } <= {p.name for p in folder.iterdir()}
     assert metrics["shards"] and all((folder / s).is_file() for s in metrics["shards"])
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template == (ROOT / "finetune/templates/phi_instruct.jinja").read_text()
@@ -70,9 +76,20 @@ def test_plain_transformers_in_a_process_without_finetune_answers_and_stops(expo
     _, folder, metrics = exported
     rows = held_out()
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(folder),
-                          json.dumps([r["messages"][0]["content"] for r in rows])],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PLAIN_TRANSFORMERS,
+            str(folder),
+            json.dumps([r["messages"][0]["content"] for r in rows]),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["finetune_imported"] is False
@@ -89,8 +106,8 @@ def test_plain_transformers_in_a_process_without_finetune_answers_and_stops(expo
 def test_merged_logits_equal_base_plus_stacked_adapters(exported, tiny_base):
     from transformers import AutoModelForCausalLM
 
+    from finetune.core.modeling import load_model, load_stacked, load_tokenizer
     from finetune.export import logits_of, max_abs_diff, parity_inputs
-    from finetune.modeling import load_model, load_stacked, load_tokenizer
 
     recipe, folder, metrics = exported
     tok = load_tokenizer(recipe)
@@ -100,8 +117,10 @@ def test_merged_logits_equal_base_plus_stacked_adapters(exported, tiny_base):
     merged32 = logits_of(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), inputs)
     merged16 = logits_of(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).eval(), inputs)
     fp32, fp16 = max_abs_diff(merged32, reference), max_abs_diff(merged16, reference)
-    print(f"\nparity max |logit diff| vs base + stacked adapters: fp32 {fp32:.2e}, fp16 {fp16:.2e}; "
-          f"adapters' own effect {max_abs_diff(base_only, reference):.2f}")
+    print(
+        f"\nparity max |logit diff| vs base + stacked adapters: fp32 {fp32:.2e}, fp16 {fp16:.2e}; "
+        f"adapters' own effect {max_abs_diff(base_only, reference):.2f}"
+    )
     assert max_abs_diff(base_only, reference) > 0.1  # the adapters matter, so parity is not trivially true
     assert fp32 <= 1e-4
     assert fp16 < 0.1 * max_abs_diff(base_only, reference)  # fp16 rounding, far below the adapters' effect
@@ -109,8 +128,16 @@ def test_merged_logits_equal_base_plus_stacked_adapters(exported, tiny_base):
 
 
 def quick(recipe_out, target, *extra):
-    return load_recipe(TINY_RECIPE, [f"output_dir={recipe_out}", f"export.output={target}",
-                                     "export.eval_generate_rows=0", "export.parity_prompts=1", *extra])
+    return load_recipe(
+        TINY_RECIPE,
+        [
+            f"output_dir={recipe_out}",
+            f"export.output={target}",
+            "export.eval_generate_rows=0",
+            "export.parity_prompts=1",
+            *extra,
+        ],
+    )
 
 
 def test_existing_target_is_refused_unless_forced(exported, tmp_path):
@@ -123,10 +150,25 @@ def test_existing_target_is_refused_unless_forced(exported, tmp_path):
     assert len(first["shards"]) > 1 and (target / "model.safetensors.index.json").is_file()
     with pytest.raises(RecipeError, match="already exists; pass --force .*export.force=true"):
         export.run(quick(recipe.output_dir, target))
-    res = subprocess.run([sys.executable, "-m", "finetune.cli", "export", str(TINY_RECIPE),
-                          f"output_dir={recipe.output_dir}", f"export.output={target}", "export.eval_generate_rows=0",
-                          "export.parity_prompts=1", "--force"],
-                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "export",
+            str(TINY_RECIPE),
+            f"output_dir={recipe.output_dir}",
+            f"export.output={target}",
+            "export.eval_generate_rows=0",
+            "export.parity_prompts=1",
+            "--force",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     replaced = json.loads((target / "metrics.json").read_text())
     assert replaced["stage"] == "ppo" and len(replaced["shards"]) == 1  # the new export, 2GB shards
@@ -172,20 +214,53 @@ def test_export_refuses_missing_stage_and_bad_shard_size(tmp_path, exported):
 def test_generate_writes_a_reply_per_prompt(exported, tmp_path):
     _, folder, metrics = exported
     rows = held_out()
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["messages"][0]["content"], "answer": r["answer"]}
-                                                       for r in rows])
-    res = subprocess.run([sys.executable, "-m", "finetune.cli", "generate", str(folder), "--prompts", str(prompts),
-                          "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "8"],
-                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in rows]
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "generate",
+            str(folder),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(out) == len(rows) and all(set(o) >= {"prompt", "response", "answer"} for o in out)
     rate = sum(o["response"] == o["answer"] for o in out) / len(out)
     assert rate == pytest.approx(metrics["correct_rate_after"], abs=0.1)  # what the export measured
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt here"}])
-    res = subprocess.run([sys.executable, "-m", "finetune.cli", "generate", str(folder), "--prompts", str(bad),
-                          "--out", str(tmp_path / "x.jsonl")], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "generate",
+            str(folder),
+            "--prompts",
+            str(bad),
+            "--out",
+            str(tmp_path / "x.jsonl"),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2 and f"{bad}: row 2: cannot find a prompt" in res.stderr
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -196,15 +271,21 @@ def questions(n):
 
 
 def test_chat_driven_through_stdin_streams_replies_and_resets(exported):
-    from finetune.chat import ChatSession, load_for_chat
+    from finetune.cli.chat import ChatSession, load_for_chat
 
     _, folder, _ = exported
     q1, q2 = questions(2)
     loaded = load_for_chat(str(folder), [])
     fresh = [ChatSession(loaded, max_new_tokens=8).send(q) for q in (q1, q2)]  # each as a new conversation
-    res = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(folder), "--max-new-tokens", "8"],
-                         input=f"{q1}\n/reset\n{q2}\n/exit\nnever read\n", cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "chat", str(folder), "--max-new-tokens", "8"],
+        input=f"{q1}\n/reset\n{q2}\n/exit\nnever read\n",
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     # the streamed text is the reply; after /reset the second question is answered as in a new conversation
     assert res.stdout == f"you> assistant> {fresh[0]}\nyou> (new conversation)\nyou> assistant> {fresh[1]}\nyou> "
@@ -212,7 +293,7 @@ def test_chat_driven_through_stdin_streams_replies_and_resets(exported):
 
 
 def test_chat_session_keeps_the_conversation_and_a_recipe_merges_in_memory(exported, tmp_path):
-    from finetune.chat import ChatSession, load_for_chat
+    from finetune.cli.chat import ChatSession, load_for_chat
 
     recipe, folder, _ = exported
     q1, q2 = questions(2)
@@ -221,12 +302,14 @@ def test_chat_session_keeps_the_conversation_and_a_recipe_merges_in_memory(expor
     r2 = session.send(q2)
     assert r1 and r2 and session.messages[-1] == {"role": "assistant", "content": r2}
     tok = session.loaded.tokenizer
-    assert tok.decode(session.prompt()["input_ids"][0]).startswith(f"Instruct: {q1}\nOutput: {r1}<|endoftext|>\n"
-                                                                   f"Instruct: {q2}\nOutput: {r2}<|endoftext|>\n")
+    assert tok.decode(session.prompt()["input_ids"][0]).startswith(
+        f"Instruct: {q1}\nOutput: {r1}<|endoftext|>\nInstruct: {q2}\nOutput: {r2}<|endoftext|>\n"
+    )
     session.reset()
     assert session.messages == []
     # a recipe whose export folder is absent: the same chain merged in memory answers the same
-    from_recipe = load_for_chat(str(TINY_RECIPE), [f"output_dir={recipe.output_dir}",
-                                                   f"export.output={tmp_path / 'none'}"])
+    from_recipe = load_for_chat(
+        str(TINY_RECIPE), [f"output_dir={recipe.output_dir}", f"export.output={tmp_path / 'none'}"]
+    )
     assert "merged in memory" in from_recipe.description
     assert ChatSession(from_recipe, max_new_tokens=8).send(q1) == r1

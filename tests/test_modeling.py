@@ -1,14 +1,21 @@
 import pytest
 import torch
 
-from finetune.modeling import (FP32_QK_EAGER, add_lora, base_fingerprint, choose_attention, load_model,
-                               resolve_model_path)
+from finetune.core.modeling import (
+    FP32_QK_EAGER,
+    add_lora,
+    base_fingerprint,
+    choose_attention,
+    load_model,
+    resolve_model_path,
+)
 from finetune.recipe import RecipeError, validate_recipe
 
 
 def phi_recipe(path, **model):
-    return validate_recipe({"output_dir": "o", "precision": model.pop("precision", "fp32"),
-                            "model": {"name_or_path": str(path), **model}})
+    return validate_recipe(
+        {"output_dir": "o", "precision": model.pop("precision", "fp32"), "model": {"name_or_path": str(path), **model}}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +25,17 @@ def overflowing_phi(tmp_path_factory):
     from transformers import PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
-    model = PhiForCausalLM(PhiConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=256, max_position_embeddings=64, partial_rotary_factor=0.4))
+    model = PhiForCausalLM(
+        PhiConfig(
+            vocab_size=256,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            partial_rotary_factor=0.4,
+        )
+    )
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight *= 600
@@ -41,10 +57,12 @@ def test_fp16_guard_keeps_attention_finite_and_matches_fp32(overflowing_phi, att
     from transformers import PhiForCausalLM
 
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
-    reference = logits(PhiForCausalLM.from_pretrained(overflowing_phi, dtype=torch.float32,
-                                                      attn_implementation="eager"), ids)
-    plain = logits(PhiForCausalLM.from_pretrained(overflowing_phi, dtype=torch.float16,
-                                                  attn_implementation="eager"), ids)
+    reference = logits(
+        PhiForCausalLM.from_pretrained(overflowing_phi, dtype=torch.float32, attn_implementation="eager"), ids
+    )
+    plain = logits(
+        PhiForCausalLM.from_pretrained(overflowing_phi, dtype=torch.float16, attn_implementation="eager"), ids
+    )
     assert not torch.isfinite(plain).all(), "the overflow this guard exists for no longer happens here"
 
     ours = load_model(phi_recipe(overflowing_phi, precision="fp16", attn_implementation=attn))
@@ -56,28 +74,32 @@ def test_fp16_guard_keeps_attention_finite_and_matches_fp32(overflowing_phi, att
 
 
 def test_fp32_qk_eager_matches_fp32_attention_directly():
-    from finetune.modeling import fp32_qk_eager_attention
+    from finetune.core.modeling import fp32_qk_eager_attention
 
     class M(torch.nn.Module):
         training = False
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 32, generator=g) * s for s in (300, 300, 1))
-    out16, _ = fp32_qk_eager_attention(M(), q.half(), k.half(), v.half(), None, scaling=32 ** -0.5)
-    out32, _ = fp32_qk_eager_attention(M(), q.half().float(), k.half().float(), v.half().float(), None,
-                                       scaling=32 ** -0.5)
+    out16, _ = fp32_qk_eager_attention(M(), q.half(), k.half(), v.half(), None, scaling=32**-0.5)
+    out32, _ = fp32_qk_eager_attention(
+        M(), q.half().float(), k.half().float(), v.half().float(), None, scaling=32**-0.5
+    )
     naive = torch.matmul(q.half(), k.half().transpose(2, 3))
     assert not torch.isfinite(naive).all()
     assert torch.isfinite(out16).all() and (out16.float() - out32).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("requested, dtype, cuda, expected", [
-    ("auto", torch.float16, False, "sdpa"),
-    ("flash_attention_2", torch.float16, False, "sdpa"),
-    ("eager", torch.float16, False, FP32_QK_EAGER),
-    ("eager", torch.float32, False, "eager"),
-    ("sdpa", torch.float16, True, "sdpa"),
-])
+@pytest.mark.parametrize(
+    "requested, dtype, cuda, expected",
+    [
+        ("auto", torch.float16, False, "sdpa"),
+        ("flash_attention_2", torch.float16, False, "sdpa"),
+        ("eager", torch.float16, False, FP32_QK_EAGER),
+        ("eager", torch.float32, False, "eager"),
+        ("sdpa", torch.float16, True, "sdpa"),
+    ],
+)
 def test_attention_choice(requested, dtype, cuda, expected):
     impl, reason = choose_attention(requested, dtype, cuda=cuda)
     assert impl == expected and reason

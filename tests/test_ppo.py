@@ -14,9 +14,16 @@ from finetune.recipe import RecipeError, load_recipe
 from .conftest import ROOT, TINY_RECIPE, subprocess_env
 
 # A few small updates: enough to exercise every part (checkpoints every 2, learned + rule reward).
-SMALL = ["ppo.rollout_batch_size=8", "ppo.mini_batches=2", "ppo.micro_batch_size=4", "ppo.ppo_epochs=2",
-         "ppo.response_length=4", "ppo.eval_generate_rows=0", "ppo.save_every=2",
-         "ppo.reward_function=finetune.rewards:exact_answer"]
+SMALL = [
+    "ppo.rollout_batch_size=8",
+    "ppo.mini_batches=2",
+    "ppo.micro_batch_size=4",
+    "ppo.ppo_epochs=2",
+    "ppo.response_length=4",
+    "ppo.eval_generate_rows=0",
+    "ppo.save_every=2",
+    "ppo.reward_function=finetune.rl.rewards:exact_answer",
+]
 TIMING = ("time_generate_s", "time_score_s", "time_optimise_s")
 
 
@@ -44,8 +51,17 @@ def test_ppo_raises_the_learned_score_with_a_bounded_kl(ppo_run):
 
     rows = [json.loads(line) for line in (out / "updates.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == list(range(1, recipe.ppo.updates + 1))
-    assert {"score", "kl", "response_length", "eos_rate", "policy_loss", "value_loss", "clipfrac",
-            "approxkl", *TIMING} <= set(rows[0])
+    assert {
+        "score",
+        "kl",
+        "response_length",
+        "eos_rate",
+        "policy_loss",
+        "value_loss",
+        "clipfrac",
+        "approxkl",
+        *TIMING,
+    } <= set(rows[0])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["score_end"] == m["score_end"] and saved["updates"] == recipe.ppo.updates
 
@@ -53,13 +69,13 @@ def test_ppo_raises_the_learned_score_with_a_bounded_kl(ppo_run):
 def test_ppo_output_is_a_plain_peft_adapter_on_the_sft_model(ppo_run):
     from peft import PeftModel
 
-    from finetune.modeling import base_fingerprint, load_model, load_tokenizer
+    from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer
 
     recipe, m, out = ppo_run
     weights = load_file(str(out / "adapter_model.safetensors"))
     dpo = load_file(str(recipe.stage_dir("dpo") / "adapter_model.safetensors"))
     assert weights.keys() == dpo.keys() and any(not torch.equal(weights[k], dpo[k]) for k in weights)
-    assert (out / "value" / "value_head.pt").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "value" / "value_head.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert load_tokenizer(recipe, str(out)).chat_template
     base = load_model(recipe, merge=m["start_from"])
     assert base_fingerprint(base) == m["base_fingerprint"]
@@ -97,9 +113,19 @@ def test_a_rule_reward_alone_and_a_function_beside_the_recipe(sft_run, tmp_path)
     (tmp_path / "my_rules.py").write_text("def short(prompt, response):\n    return -len(response) / 10\n")
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(TINY_RECIPE.read_text().replace("../data/", f"{ROOT}/data/"))
-    m = ppo.run(load_recipe(recipe_file, [f"output_dir={tmp_path}", f"ppo.start_from={sft_run[2]}",
-                                          "ppo.reward_from=none", "ppo.reward_function=my_rules:short",
-                                          "ppo.updates=2", *SMALL[:-1]]))
+    m = ppo.run(
+        load_recipe(
+            recipe_file,
+            [
+                f"output_dir={tmp_path}",
+                f"ppo.start_from={sft_run[2]}",
+                "ppo.reward_from=none",
+                "ppo.reward_function=my_rules:short",
+                "ppo.updates=2",
+                *SMALL[:-1],
+            ],
+        )
+    )
     assert m["reward_from"] is None and m["reward_function"] == "my_rules:short" and m["updates"] == 2
     assert m["policy_initialised_from"] is None  # no reward adapter to share a base with: SFT merged, fresh LoRA
     assert m["score_start"] <= 0  # -len/10 (plus the missing-EOS penalty)
@@ -116,17 +142,32 @@ def test_missing_stage_outputs_are_refused_before_loading(tmp_path):
     with pytest.raises(RecipeError, match=r"ppo.start_from: no adapter at .*/dpo; run `finetune dpo"):
         ppo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"]))
     with pytest.raises(RecipeError, match="ppo.reward_from is none and no ppo.reward_function is set"):
-        ppo.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "ppo.start_from=base", "ppo.reward_from=none",
-                                                "ppo.reward_function=null"]))
+        ppo.run(
+            load_recipe(
+                TINY_RECIPE,
+                [f"output_dir={tmp_path}", "ppo.start_from=none", "ppo.reward_from=none", "ppo.reward_function=null"],
+            )
+        )
 
 
 def test_two_processes_under_accelerate_launch(sft_run, reward_run, tmp_path):
     """Plain data parallel over one shared base per process: each samples its own prompts, gradients
     are all-reduced, so the two processes end with the same adapters (checked by the stage)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "recipes/accelerate/deepspeed_zero2_cpu.yaml", "finetune/ppo.py", "recipes/tiny_chat.yaml",
-           "deepspeed=deepspeed/zero2.json", f"output_dir={tmp_path}", f"ppo.start_from={sft_run[2]}",
-           f"ppo.reward_from={reward_run[2]}", "ppo.updates=2", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/deepspeed_zero2_cpu.yaml",
+        "finetune/ppo.py",
+        "recipes/tiny_chat.yaml",
+        "deepspeed=deepspeed/zero2.json",
+        f"output_dir={tmp_path}",
+        f"ppo.start_from={sft_run[2]}",
+        f"ppo.reward_from={reward_run[2]}",
+        "ppo.updates=2",
+        *SMALL,
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "PPO done" in res.stderr and "plain data parallel" in res.stderr

@@ -1,7 +1,8 @@
-"""The PPO engine against the design note's acceptance checks (shared/design/ppo.md, section 4):
-A1 masks, A2 step-0 identity, A3 sampler log-probs, A4 arithmetic in a rollout, A5 padding
-invariance (GPT-2: absolute positions), A6 isolation, A7 gradient checkpointing, A8 learning,
-A10 truncation. Tiny random models built in code, CPU, fixed seeds."""
+"""The PPO engine's acceptance checks (docs/ppo.md lists them): masks include the stop token, step 0
+equals the reference, sampler log-probs equal the forward's, rewards sit at the stop token, padding
+does not change figures (GPT-2: absolute positions), only the trained adapters change, gradient
+checkpointing changes no gradient, a synthetic reward is learned, missing EOS is penalised. Tiny
+random models built in code, CPU, fixed seeds."""
 
 import copy
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
-from finetune.rl import POLICY, REFERENCE, REWARD, VALUE, PPOEngine, PPOSettings, build_model
-from finetune.rl_math import left_pad, reward_readout_index
+from finetune.core.batching import left_pad
+from finetune.recipe import PpoAlgorithm
+from finetune.rl.engine import POLICY, REFERENCE, REWARD, VALUE, PPOEngine, build_model
+from finetune.rl.functional import reward_readout_index
 
 PAD, EOS = 0, 1
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,10 +24,22 @@ def tiny_llama(seed=0, cls="causal"):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         initializer_range=0.1, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2,
-                         tie_word_embeddings=False, attn_implementation="sdpa", num_labels=1)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        num_labels=1,
+    )
     return (LlamaForCausalLM if cls == "causal" else LlamaForSequenceClassification)(config)
 
 
@@ -32,9 +47,22 @@ def tiny_gpt2(seed=0, cls="causal"):
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=32, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1,
-                        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, attn_implementation="sdpa", num_labels=1,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+        attn_implementation="sdpa",
+        num_labels=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return (GPT2LMHeadModel if cls == "causal" else GPT2ForSequenceClassification)(config)
 
 
@@ -59,14 +87,13 @@ def save_reward_adapter(make, targets, folder, seed=1):
 
 
 def make_model(make=tiny_llama, targets=LLAMA_TARGETS, reward_folder=None, value_init="reward", policy_from=None):
-    return build_model(make(), lora(targets), policy_from=policy_from, reward_from=reward_folder,
-                       value_init=value_init)
+    return build_model(make(), lora(targets), policy_from=policy_from, reward_from=reward_folder, value_init=value_init)
 
 
 def token_fraction_score(target=5):
     """Synthetic reward: fraction of the response's tokens (through the stop) equal to `target`."""
 
-    def score(ids, mask, P, responses, resp_mask, has_stop):
+    def score(ids, mask, P, responses, resp_mask, has_stop, rows=None):
         hits = ((responses == target).float() * resp_mask).sum(1) / resp_mask.sum(1)
         return hits, {}
 
@@ -75,13 +102,14 @@ def token_fraction_score(target=5):
 
 def prompts(n=8, seed=0, lo=2, hi=7):
     g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(3, 32, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    seqs = [
+        torch.randint(3, 32, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
     return left_pad(seqs, PAD)
 
 
 def engine(model, score=None, **kw):
-    settings = PPOSettings(**{"response_length": 6, "temperature": 1.0, "micro_batch_size": 4, **kw})
+    settings = PpoAlgorithm(**{"response_length": 6, "temperature": 1.0, "micro_batch_size": 4, **kw})
     return PPOEngine(model, settings, score or token_fraction_score(), [EOS], PAD, seed=0)
 
 
@@ -89,16 +117,17 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# ------------------------------------------------------------------ A1
-
-
-def test_a1_mask_includes_eos_and_masked_tokens_do_not_reach_losses_or_gradients(tmp_path):
+def test_mask_includes_eos_and_masked_tokens_do_not_reach_losses_or_gradients(tmp_path):
     model = make_model(reward_folder=save_reward_adapter(tiny_llama, LLAMA_TARGETS, tmp_path) and tmp_path)
     eng = engine(model)
     ids, mask = prompts(3)
-    responses = torch.tensor([[EOS, 7, 8, 9, 10, 11],      # stop at position 0
-                              [5, 6, EOS, 12, 13, 14],     # stop in the middle
-                              [5, 6, 7, 8, 9, 10]])        # no stop
+    responses = torch.tensor(
+        [
+            [EOS, 7, 8, 9, 10, 11],  # stop at position 0
+            [5, 6, EOS, 12, 13, 14],  # stop in the middle
+            [5, 6, 7, 8, 9, 10],
+        ]
+    )  # no stop
     ro, _ = eng.score_rollout(ids, mask, responses)
     assert ro.resp_mask.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
     assert ro.end.tolist() == [0, 2, 5] and ro.has_stop.tolist() == [True, True, False]
@@ -126,12 +155,9 @@ def test_a1_mask_includes_eos_and_masked_tokens_do_not_reach_losses_or_gradients
     assert any(k for k in g if ".policy." in k) and any(k for k in g if ".value." in k)
 
 
-# ------------------------------------------------------------------ A2, A3, A4
-
-
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 @pytest.mark.parametrize("from_adapter", [False, True])
-def test_a2_step_zero_is_the_reference_exactly(tmp_path, estimator, from_adapter):
+def test_step_zero_is_the_reference_exactly(tmp_path, estimator, from_adapter):
     policy_from = None
     if from_adapter:  # policy = trainable copy of a trained adapter, reference = frozen copy
         base = tiny_llama()
@@ -158,7 +184,7 @@ def test_a2_step_zero_is_the_reference_exactly(tmp_path, estimator, from_adapter
         assert torch.equal(ref_logp, ro.logp) and not torch.allclose(base_logp, ro.logp)
 
 
-def test_a3_sampler_log_probs_equal_the_forward_log_probs():
+def test_sampler_log_probs_equal_the_forward_log_probs():
     model = make_model(value_init="new")
     eng = engine(model, temperature=0.7)
     ids, mask = prompts(8, seed=3)
@@ -170,15 +196,23 @@ def test_a3_sampler_log_probs_equal_the_forward_log_probs():
     assert (sampled[m] - ro.logp[:, : sampled.shape[1]][m]).abs().max() <= 1e-4
 
 
-def test_a4_rewards_sum_to_score_minus_kl_and_sit_at_the_stop_token():
+def test_rewards_sum_to_score_minus_kl_and_sit_at_the_stop_token():
     model = make_model(value_init="new")
     eng = engine(model, kl_coef=0.3)
     with torch.no_grad():  # policy != reference, so KL is non-zero
         for p in model.policy_parameters():
             p.normal_(0, 0.1)
     ids, mask = prompts(6, seed=4)
-    responses = torch.tensor([[5, EOS, 3, 3, 3, 3], [5, 5, 5, 5, 5, 5], [EOS] * 6, [4, 4, 4, EOS, 4, 4],
-                              [5, 6, 7, 8, 9, EOS], [9, 9, 9, 9, 9, 9]])
+    responses = torch.tensor(
+        [
+            [5, EOS, 3, 3, 3, 3],
+            [5, 5, 5, 5, 5, 5],
+            [EOS] * 6,
+            [4, 4, 4, EOS, 4, 4],
+            [5, 6, 7, 8, 9, EOS],
+            [9, 9, 9, 9, 9, 9],
+        ]
+    )
     ro, _ = eng.score_rollout(ids, mask, responses)
     assert ro.kl.abs().sum() > 0
     torch.testing.assert_close(ro.rewards.sum(1), ro.score - 0.3 * ro.kl.sum(1), rtol=0, atol=1e-6)
@@ -188,12 +222,10 @@ def test_a4_rewards_sum_to_score_minus_kl_and_sit_at_the_stop_token():
     assert ro.score[1].item() == pytest.approx(1.0 - 1.0) and ro.score[5].item() == pytest.approx(-1.0)
 
 
-# ------------------------------------------------------------------ A5
-
-
-def test_a5_padding_invariance_with_absolute_positions(tmp_path):
-    model = make_model(tiny_gpt2, GPT2_TARGETS, reward_folder=save_reward_adapter(tiny_gpt2, GPT2_TARGETS, tmp_path)
-                       and tmp_path)
+def test_padding_invariance_with_absolute_positions(tmp_path):
+    model = make_model(
+        tiny_gpt2, GPT2_TARGETS, reward_folder=save_reward_adapter(tiny_gpt2, GPT2_TARGETS, tmp_path) and tmp_path
+    )
     with torch.no_grad():
         for p in model.policy_parameters():
             p.normal_(0, 0.1)
@@ -238,15 +270,15 @@ def test_shared_base_reward_equals_the_reward_models_own_score(tmp_path):
     assert (v[torch.arange(2), reward_readout_index(ids, mask, PAD)] - expected).abs().max() <= 1e-5
 
 
-# ------------------------------------------------------------------ A6
-
-
-def test_a6_only_policy_value_and_value_head_change(tmp_path):
+def test_only_policy_value_and_value_head_change(tmp_path):
     save_reward_adapter(tiny_llama, LLAMA_TARGETS, tmp_path)
     model = make_model(reward_folder=tmp_path)
     eng = engine(model, learning_rate=1e-2, value_learning_rate=1e-2)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-              if not any(f".{a}." in n for a in (POLICY, VALUE)) and not n.startswith("value_head")}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not any(f".{a}." in n for a in (POLICY, VALUE)) and not n.startswith("value_head")
+    }
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if n not in frozen}
     ids, mask = prompts(8)
     ro, _ = eng.score_rollout(ids, mask, eng.generate(ids, mask))
@@ -263,16 +295,13 @@ def test_a6_only_policy_value_and_value_head_change(tmp_path):
     assert opt_params == {id(named[n]) for n in trained}
 
 
-# ------------------------------------------------------------------ A7
-
-
 def _policy_and_value_grads(model, eng, ro, inject_switch=False):
     eng.policy_opt.zero_grad(set_to_none=True)
     eng.value_opt.zero_grad(set_to_none=True)
     model.peft.train()
     if not inject_switch:
         eng.micro_step(ro, torch.arange(len(ro.ids)), 1.0)
-    else:  # the bug the design note warns of: switch adapters between a forward and its backward
+    else:  # the bug this guards against: switch adapters between a forward and its backward
         with model.active(POLICY, grad=True):
             logp, _ = model.logprobs(ro.ids, ro.mask, ro.prompt_width, eng.s.temperature)
             model.peft.set_adapter(VALUE)
@@ -280,7 +309,7 @@ def _policy_and_value_grads(model, eng, ro, inject_switch=False):
     return {n: g for n, g in grads(model).items() if ".policy." in n}
 
 
-def test_a7_gradients_equal_with_and_without_checkpointing_and_a_switch_before_backward_breaks_them():
+def test_gradients_equal_with_and_without_checkpointing_and_a_switch_before_backward_breaks_them():
     model = make_model(value_init="new")
     with torch.no_grad():
         for p in model.policy_parameters():
@@ -298,10 +327,7 @@ def test_a7_gradients_equal_with_and_without_checkpointing_and_a_switch_before_b
     assert max((clean[k] - broken.get(k, torch.zeros_like(clean[k]))).abs().max().item() for k in clean) > 1e-3
 
 
-# ------------------------------------------------------------------ A10
-
-
-def test_a10_missing_eos_is_penalised_and_every_figure_is_finite():
+def test_missing_eos_is_penalised_and_every_figure_is_finite():
     model = make_model(value_init="new")
     constant = lambda *a: (torch.full((a[0].shape[0],), 0.5), {})  # noqa: E731
     eng = engine(model, score=constant, missing_eos_penalty=1.0)
@@ -313,15 +339,24 @@ def test_a10_missing_eos_is_penalised_and_every_figure_is_finite():
     assert all(torch.isfinite(torch.tensor(float(v))) for v in stats.values()), stats
 
 
-# ------------------------------------------------------------------ A8
-
-
 def learn(seed, beta, updates=60):
     model = build_model(tiny_llama(seed), lora(LLAMA_TARGETS), value_init="new")
-    eng = PPOEngine(model, PPOSettings(response_length=8, temperature=1.0, micro_batch_size=32, learning_rate=1e-3,
-                                       value_learning_rate=1e-3, kl_coef=beta, missing_eos_penalty=0.0),
-                    token_fraction_score(5),
-                    [EOS], PAD, seed=seed)
+    eng = PPOEngine(
+        model,
+        PpoAlgorithm(
+            response_length=8,
+            temperature=1.0,
+            micro_batch_size=32,
+            learning_rate=1e-3,
+            value_learning_rate=1e-3,
+            kl_coef=beta,
+            missing_eos_penalty=0.0,
+        ),
+        token_fraction_score(5),
+        [EOS],
+        PAD,
+        seed=seed,
+    )
     torch.manual_seed(seed)
     scores, kls = [], []
     for u in range(updates):
@@ -337,14 +372,14 @@ def learning_runs():
     return {seed: learn(seed, 0.05) for seed in (0, 1, 2)}
 
 
-def test_a8_learns_a_synthetic_reward_for_three_seeds(learning_runs):
+def test_ppo_learns_a_synthetic_reward_for_three_seeds(learning_runs):
     # Measured on this code (60 updates x 32): first/last 10% means 0.040->0.336, 0.059->0.156, 0.042->0.338
     # for seeds 0/1/2 (8.4x, 2.6x, 8.0x); the issue's bar is 2x.
-    for seed, (first, last, kl) in learning_runs.items():
+    for seed, (first, last, _kl) in learning_runs.items():
         assert last >= 2 * first, (seed, first, last)
 
 
-def test_a8_a_large_kl_coefficient_keeps_the_policy_close(learning_runs):
+def test_ppo_a_large_kl_coefficient_keeps_the_policy_close(learning_runs):
     # Measured: beta 0.5 ends at KL 0.030 nats/response (score flat, 0.033->0.035); beta 0.05 at 4.24.
     first, last, kl = learn(0, 0.5)
     small_beta_kl = learning_runs[0][2]

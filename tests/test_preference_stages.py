@@ -51,7 +51,7 @@ def test_start_from_a_mismatched_or_missing_output_is_refused(chained, tmp_path,
 
 
 def test_a_moved_output_folder_keeps_its_adapter_chain(tmp_path):
-    from finetune.training import adapter_chain
+    from finetune.core.lineage import adapter_chain
 
     for stage in ("sft", "elsewhere"):
         (tmp_path / "new" / stage).mkdir(parents=True)
@@ -65,11 +65,14 @@ def test_a_moved_output_folder_keeps_its_adapter_chain(tmp_path):
 
 
 def test_held_out_correctness_counts_a_shared_prompt_once(monkeypatch):
-    from finetune import evaluation
+    from finetune.core import evaluation
 
     asked = []
-    monkeypatch.setattr(evaluation, "generate_answers",
-                        lambda model, tok, template, prompts, n: asked.extend(prompts) or ["7"] * len(prompts))
+    monkeypatch.setattr(
+        evaluation,
+        "generate_answers",
+        lambda model, tok, template, prompts, n: asked.extend(prompts) or ["7"] * len(prompts),
+    )
     q = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     rows = [{"prompt": q("3 plus 4?"), "answer": "7", "rejected": r} for r in ("6", "8", "9")]
     rows += [{"prompt": q("2 plus 2?"), "answer": "4"}, {"prompt": q("no answer")}]

@@ -56,25 +56,31 @@ sft:
 """
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sft.max_stepz=3", "r.yaml: sft.max_stepz: unknown key (neither a finetune key nor a SFTConfig field); "
-                        "did you mean 'max_steps'?"),
-    ("lora.alpah=8", "r.yaml: lora.alpah: unknown key; did you mean 'alpha'?"),
-    ("lora.rank=8", "r.yaml: lora.rank: unknown key; valid keys: r, alpha, dropout, target_modules"),
-    ("modle.x=1", "r.yaml: modle: unknown key; did you mean 'model'?"),
-    ("sft.learning_rate=fast", "r.yaml: sft.learning_rate: expected float, got str 'fast'"),
-    ("lora.r=zero", "r.yaml: lora.r: Input should be a valid integer"),
-    ("sft.fp16=true", "r.yaml: sft.fp16: set this with precision (top level) instead"),
-    ("training.output_dir=x", "r.yaml: training.output_dir: set this with output_dir (top level) instead"),
-    ("sft.assistant_only_loss=true", "assistant-only loss is always on"),
-    ("precision=fp8", "r.yaml: precision: Input should be 'fp32', 'fp16' or 'bf16'"),
-    ("model.load_in_4bit=true", "load_in_4bit needs precision fp16 or bf16"),
-    ("deepspeed=nowhere.json", "r.yaml: deepspeed: file not found"),
-    ("sft.data.train=[]", None),
-    ("training.lr_scheduler_type=cosin", "training.lr_scheduler_type: expected one of ['linear', 'cosine'"),
-    ("sft.eval_strategy=steps", "sft.eval_strategy: set this with nothing (finetune evaluates"),
-    ("sft.max_steps='2.9'", "sft.max_steps: expected int, got str '2.9'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "sft.max_stepz=3",
+            "r.yaml: sft.max_stepz: unknown key (neither a finetune key nor a SFTConfig field); "
+            "did you mean 'max_steps'?",
+        ),
+        ("lora.alpah=8", "r.yaml: lora.alpah: unknown key; did you mean 'alpha'?"),
+        ("lora.rank=8", "r.yaml: lora.rank: unknown key; valid keys: r, alpha, dropout, target_modules"),
+        ("modle.x=1", "r.yaml: modle: unknown key; did you mean 'model'?"),
+        ("sft.learning_rate=fast", "r.yaml: sft.learning_rate: expected float, got str 'fast'"),
+        ("lora.r=zero", "r.yaml: lora.r: Input should be a valid integer"),
+        ("sft.fp16=true", "r.yaml: sft.fp16: set this with precision (top level) instead"),
+        ("training.output_dir=x", "r.yaml: training.output_dir: set this with output_dir (top level) instead"),
+        ("sft.assistant_only_loss=true", "assistant-only loss is always on"),
+        ("precision=fp8", "r.yaml: precision: Input should be 'fp32', 'fp16' or 'bf16'"),
+        ("model.load_in_4bit=true", "load_in_4bit needs precision fp16 or bf16"),
+        ("deepspeed=nowhere.json", "r.yaml: deepspeed: file not found"),
+        ("sft.data.train=[]", None),
+        ("training.lr_scheduler_type=cosin", "training.lr_scheduler_type: expected one of ['linear', 'cosine'"),
+        ("sft.eval_strategy=steps", "sft.eval_strategy: set this with nothing (finetune evaluates"),
+        ("sft.max_steps='2.9'", "sft.max_steps: expected int, got str '2.9'"),
+    ],
+)
 def test_bad_recipes_fail_before_loading_with_file_key_and_fix(tmp_path, override, message):
     path = write(tmp_path, BASE)
     if message is None:
@@ -131,22 +137,23 @@ def test_recipe_reference_doc_is_in_step_with_the_schema():
     from finetune.recipe import reference_markdown
 
     assert (ROOT / "docs" / "recipe_reference.md").read_text() == reference_markdown(), (
-        "run: python -m finetune.recipe > docs/recipe_reference.md")
+        "run: python -m finetune.recipe > docs/recipe_reference.md"
+    )
 
 
 def test_stage_print_config_flag_prints_and_does_not_run(capsys):
-    from finetune.recipe import recipe_from_argv
+    from finetune.launch import recipe_from_argv
 
     assert recipe_from_argv([str(TINY_RECIPE), "sft.max_steps=9", "--print-config"], "sft", "finetune sft") is None
     assert "max_steps: 9" in capsys.readouterr().out
 
 
 def test_resume_refuses_checkpoints_of_another_run(tmp_path):
-    from finetune.training import checkpoint_dir, resume_from
+    from finetune.core.training import resume_from
 
     r = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"])
     assert resume_from(r, "sft", True) is None  # nothing yet: starts, and records what the run is
-    (checkpoint_dir(r, "sft") / "checkpoint-2").mkdir()
+    (r.checkpoint_dir("sft") / "checkpoint-2").mkdir()
     assert resume_from(r, "sft", True).endswith("checkpoint-2")
     other = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "lora.r=8"])
     with pytest.raises(RecipeError, match="come from another base, template, LoRA shape or start adapter"):

@@ -21,15 +21,17 @@ def test_sft_output_folder_is_complete_and_loads_with_plain_libraries(sft_run, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.modeling import base_fingerprint
+    from finetune.core.modeling import base_fingerprint
 
     recipe, metrics, out = sft_run
     assert json.loads((out / "metrics.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
     assert "name_or_path: builtin:tiny-phi" in (out / "recipe.yaml").read_text()
     assert not list(out.parent.glob(".sft.tmp*"))  # the staging folder was renamed, nothing half-written
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True) == "Instruct: hi\nOutput:"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "Instruct: hi\nOutput:"
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
     fresh = base_fingerprint(base)
     assert metrics["base_fingerprint"] == fresh  # the trained base is bitwise the file on disk
@@ -45,11 +47,16 @@ def test_trained_model_stops_at_end_of_turn(sft_run, tiny_base):
     _, _, out = sft_run
     tok = AutoTokenizer.from_pretrained(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 4 plus 3?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
-    gen = model.generate(**ids, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id)
-    new = gen[0, ids["input_ids"].shape[1]:].tolist()
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 4 plus 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    gen = model.generate(
+        **ids, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
+    )
+    new = gen[0, ids["input_ids"].shape[1] :].tolist()
     assert tok.eos_token_id in new and len(new) < 20
     assert tok.decode(new, skip_special_tokens=True).strip() == "7"
 
@@ -65,8 +72,14 @@ def test_console_script_and_script_path_with_overrides(tmp_path):
     assert json.loads((tmp_path / "a/sft/metrics.json").read_text())["global_steps"] == 3
     assert "SFT done" in res.stderr and "eval loss" in res.stderr
     # the script-path form, here with padding-free packing (per-sequence position ids)
-    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}/b",
-                  "sft.packing=true", *quick)
+    res = run_cli(
+        sys.executable,
+        "finetune/sft.py",
+        "recipes/tiny_chat.yaml",
+        f"output_dir={tmp_path}/b",
+        "sft.packing=true",
+        *quick,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Packing train dataset" in res.stderr
     assert (tmp_path / "b/sft/adapter_model.safetensors").is_file()
@@ -89,12 +102,18 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_bad_input_exits_2_with_the_message_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}",
-                  f"sft.data.train=[{{path: {bad}}}]")
+    res = run_cli(
+        sys.executable,
+        "finetune/sft.py",
+        "recipes/tiny_chat.yaml",
+        f"output_dir={tmp_path}",
+        f"sft.data.train=[{{path: {bad}}}]",
+    )
     assert res.returncode == 2
     assert f"{bad}: row 1: no assistant message" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli(sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}",
-                  "sft.max_length=null")
+    res = run_cli(
+        sys.executable, "finetune/sft.py", "recipes/tiny_chat.yaml", f"output_dir={tmp_path}", "sft.max_length=null"
+    )
     assert res.returncode == 2 and "sft.max_length: must be a number" in res.stderr
 
 
@@ -103,15 +122,24 @@ def test_gpu_recipe_wiring_without_a_gpu(tmp_path):
     config, and the stage refuses fp16 without CUDA before loading any model or data."""
     import pytest
 
-    from finetune.cli import stage_command
+    from finetune.core.training import check_precision
+    from finetune.launch import stage_command
     from finetune.recipe import RecipeError, load_recipe
-    from finetune.training import check_precision
 
     recipe = load_recipe(ROOT / "recipes/phi2_chat.yaml")
-    cmd = stage_command("sft", "recipes/phi2_chat.yaml", ["sft.max_steps=5"],
-                        recipe.resolve_path(recipe.launch.accelerate_config), recipe.launch.num_processes)
-    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file",
-                        str(ROOT / "recipes/accelerate/deepspeed_zero2.yaml")]
+    cmd = stage_command(
+        "sft",
+        "recipes/phi2_chat.yaml",
+        ["sft.max_steps=5"],
+        recipe.resolve_path(recipe.launch.accelerate_config),
+        recipe.launch.num_processes,
+    )
+    assert cmd[1:5] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/deepspeed_zero2.yaml"),
+    ]
     assert cmd[-3:] == [str(ROOT / "finetune/sft.py"), "recipes/phi2_chat.yaml", "sft.max_steps=5"]
     if torch.cuda.is_available():
         return

@@ -1,18 +1,31 @@
-"""The PPO arithmetic (design note checks A1-A4 at the level of pure functions)."""
+"""The PPO arithmetic as pure functions: masks, KL, reward placement, GAE, whitening, clipped losses."""
 
 import pytest
 import torch
 
-from finetune.rl_math import (adaptive_kl_beta, gae, kl_per_token, masked_whiten, policy_loss, response_mask,
-                              shape_score, token_rewards, value_loss)
+from finetune.rl.functional import (
+    adaptive_kl_beta,
+    gae,
+    kl_per_token,
+    masked_whiten,
+    policy_loss,
+    response_mask,
+    shape_score,
+    token_rewards,
+    value_loss,
+)
 
 EOS, PAD = 2, 2  # pad == eos, the Phi case
 
 
 def test_response_mask_includes_eos_and_handles_start_middle_and_missing():
-    responses = torch.tensor([[EOS, 5, 6, PAD],     # stop at 0
-                              [5, 6, EOS, PAD],     # stop in the middle
-                              [5, 6, 7, 8]])        # never stops
+    responses = torch.tensor(
+        [
+            [EOS, 5, 6, PAD],  # stop at 0
+            [5, 6, EOS, PAD],  # stop in the middle
+            [5, 6, 7, 8],
+        ]
+    )  # never stops
     mask, end, has_stop = response_mask(responses, [EOS])
     assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert end.tolist() == [0, 2, 3] and has_stop.tolist() == [True, True, False]
@@ -111,8 +124,9 @@ def test_policy_and_value_clipping():
     loss, stats = policy_loss(torch.tensor([[1.0, -1.0]]), old, adv, mask, clip=0.2)
     # ratio e and 1/e: both clipped terms are the pessimistic ones
     assert loss.item() == pytest.approx(((-1.2) + (0.8)) / 2) and stats["clipfrac"] == 1.0
-    v_loss, v_stats = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[0.5]]),
-                                 torch.ones(1, 1), clip=0.2)
+    v_loss, v_stats = value_loss(
+        torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[0.5]]), torch.ones(1, 1), clip=0.2
+    )
     assert v_loss.item() == pytest.approx(0.5 * max((1.0 - 0.5) ** 2, (0.2 - 0.5) ** 2))
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .recipe import Recipe, RecipeError
+from finetune.recipe import Recipe, RecipeError
+
+from . import distributed
+from .data import to_preference, tokenize_preferences, train_eval_rows
+from .lineage import start_chain
+from .modeling import base_fingerprint, load_tokenizer, template_for
+from .outputs import setup_logging
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_dir(recipe: Recipe, stage: str) -> Path:
-    return Path(recipe.output_dir) / f"{stage}-checkpoints"
 
 
 def check_precision(recipe: Recipe) -> None:
@@ -47,8 +49,10 @@ def trackers(recipe: Recipe) -> list[str] | str:
         if mlflow_installed():
             report.append("mlflow")
         else:
-            log.warning("running on Azure ML without mlflow installed: metrics stay in the job log; use the "
-                        "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours")
+            log.warning(
+                "running on Azure ML without mlflow installed: metrics stay in the job log; use the "
+                "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours"
+            )
     return report or "none"
 
 
@@ -63,7 +67,7 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
     """The stage's TRL config: recipe-owned keys + finetune's `defaults` for the stage + shared
     `training` + the stage's own fields (later wins), then `fixed`."""
     kwargs = dict(
-        output_dir=str(checkpoint_dir(recipe, stage)),
+        output_dir=str(recipe.checkpoint_dir(stage)),
         seed=recipe.seed,
         data_seed=recipe.seed,
         fp16=recipe.precision == "fp16",
@@ -79,8 +83,10 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
     kwargs.update(fixed)
     config = config_cls(**kwargs)
     if getattr(config, "max_length", 0) is None:
-        raise RecipeError(f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
-                          "rows longer than it instead of truncating them")
+        raise RecipeError(
+            f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
+            "rows longer than it instead of truncating them"
+        )
     return config
 
 
@@ -98,12 +104,16 @@ def _run_identity(recipe: Recipe, stage: str) -> dict:
     import hashlib
 
     starts = {}
-    if stage != "sft":
-        for folder in recipe.start_adapters(stage):
+    if "start_from" in type(recipe.section(stage)).model_fields:
+        for folder in start_chain(recipe, stage):
             weights = Path(folder) / "adapter_model.safetensors"
             starts[folder] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {"model": recipe.model.name_or_path, "template": recipe.template.name,
-            "lora": recipe.lora.model_dump(mode="json"), "start_adapters": starts}
+    return {
+        "model": recipe.model.name_or_path,
+        "template": recipe.template.name,
+        "lora": recipe.lora.model_dump(mode="json"),
+        "start_adapters": starts,
+    }
 
 
 def resume_from(recipe: Recipe, stage: str, resume: bool | str):
@@ -117,7 +127,7 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
         if not Path(resume).is_dir():
             raise RecipeError(f"{recipe.source}: {stage}.resume: checkpoint folder not found: {resume}")
         return resume
-    folder = checkpoint_dir(recipe, stage)
+    folder = recipe.checkpoint_dir(stage)
     identity, marker = _run_identity(recipe, stage), folder / "run_identity.json"
     last = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
     if last:
@@ -129,7 +139,7 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
             )
         log.info("resuming %s from %s", stage, last)
         return last
-    if os.environ.get("RANK", "0") == "0":  # starting this run's checkpoints: record what they belong to
+    if distributed.is_main():  # starting this run's checkpoints: record what they belong to
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(identity, indent=2))
     return None
@@ -138,8 +148,6 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
 def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dict:
     """Run the trainer (resuming when asked) and report it, including whether the frozen base
     stayed bitwise equal (sha256 of its parameters before and after)."""
-    from .modeling import base_fingerprint
-
     fingerprint = base_fingerprint(model)
     checkpoint = resume_from(recipe, stage, resume)
     started = time.time()
@@ -148,57 +156,14 @@ def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dic
     after = base_fingerprint(model)
     if after != fingerprint:
         log.error("%s: the frozen base changed during training (fingerprint %s -> %s)", stage, fingerprint, after)
-    return {"train_loss": result.training_loss, "train_runtime_s": runtime,
-            "global_steps": trainer.state.global_step, "resumed_from": checkpoint,
-            "base_fingerprint": fingerprint, "base_unchanged": after == fingerprint}
-
-
-def check_adapter_folder(recipe: Recipe, key: str, folder: str | Path, fix: str) -> Path:
-    """An earlier stage's output, checked: an adapter is there, made for this base and template.
-    `key` names the recipe key that pointed here; `fix` says how to make the folder."""
-    import yaml
-
-    path = Path(folder)
-    if not (path / "adapter_config.json").is_file():
-        raise RecipeError(f"{recipe.source}: {key}: no adapter at {path}; {fix}")
-    made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
-    for part, ours in (("model", recipe.model.name_or_path), ("template", recipe.template.name)):
-        theirs = (made.get(part) or {}).get("name_or_path" if part == "model" else "name")
-        if theirs != ours:
-            raise RecipeError(
-                f"{recipe.source}: {key}: {path} was trained with {part} {theirs!r}, this recipe uses {ours!r}; "
-                "point it at an output of the same base model and template"
-            )
-    return path
-
-
-def adapter_chain(folder: str | Path) -> list[str]:
-    """The adapters that make a stage output's model, in merge order: the ones it was trained on top
-    of (recorded as `start_from` in its metrics.json), then its own."""
-    import json
-
-    metrics = Path(folder) / "metrics.json"
-    start = json.loads(metrics.read_text()).get("start_from", []) if metrics.is_file() else []
-    return [*(_relocated(p, Path(folder)) for p in start), str(folder)]
-
-
-def _relocated(recorded: str, folder: Path) -> str:
-    """A recorded start adapter that no longer exists at its path but sits beside `folder` under the
-    same name (the output folder was moved or copied as a whole, e.g. to another machine)."""
-    beside = folder.parent / Path(recorded).name
-    if not Path(recorded).is_dir() and (beside / "adapter_config.json").is_file():
-        return str(beside)
-    return recorded
-
-
-def check_start_adapters(recipe: Recipe, stage: str) -> list[str]:
-    """The adapters a stage starts from, checked: present, and made for this base and template."""
-    folders = recipe.start_adapters(stage)
-    for folder in folders:
-        check_adapter_folder(recipe, f"{stage}.start_from", folder,
-                             f"run the stage that makes it first (e.g. finetune sft {recipe.source}) or set "
-                             f"{stage}.start_from=base")
-    return folders
+    return {
+        "train_loss": result.training_loss,
+        "train_runtime_s": runtime,
+        "global_steps": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "base_fingerprint": fingerprint,
+        "base_unchanged": after == fingerprint,
+    }
 
 
 @dataclass
@@ -215,12 +180,13 @@ class PreferenceSetup:
 
     @property
     def main_process(self) -> bool:
-        return self.args.process_index == 0
+        return distributed.is_main()
 
     def data_metrics(self) -> dict:
         train, evals = self.reports["train"], self.reports["eval"]
         return {
-            "train_pairs": len(self.pairs["train"]), "eval_pairs": len(self.pairs["eval"]),
+            "train_pairs": len(self.pairs["train"]),
+            "eval_pairs": len(self.pairs["eval"]),
             "skipped_bad_rows": train.skipped_bad + evals.skipped_bad,
             "skipped_identical_pairs": train.skipped_useless + evals.skipped_useless,
             "dropped_overlong_rows": train.dropped_overlong + evals.dropped_overlong,
@@ -235,23 +201,21 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
     """Checks, seed, tokenizer, TRL config and tokenized preference pairs for a preference stage."""
     from transformers import set_seed
 
-    from .data import to_preference, tokenize_preferences, train_eval_rows
-    from .modeling import load_tokenizer, template_for
-    from .outputs import setup_logging
-
     section = getattr(recipe, stage)
     check_precision(recipe)
-    start = check_start_adapters(recipe, stage)
+    start = start_chain(recipe, stage)
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     args = trl_config(recipe, stage, config_cls, eval_strategy="no")
-    setup_logging(args.process_index == 0)
-    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed,
-                                                                       to_preference)
+    setup_logging(distributed.is_main())
+    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed, to_preference)
     reports = {"train": train_report, "eval": eval_report}
-    pairs = {name: tokenize_preferences(rows, tokenizer, template, args.max_length, section.data.on_overlong,
-                                        reports[name], name)
-             for name, rows in (("train", train_rows), ("eval", eval_rows))}
+    pairs = {
+        name: tokenize_preferences(
+            rows, tokenizer, template, args.max_length, section.data.on_overlong, reports[name], name
+        )
+        for name, rows in (("train", train_rows), ("eval", eval_rows))
+    }
     setup = PreferenceSetup(start, template, tokenizer, args, pairs, eval_rows, reports)
     log.info(setup.data_summary())
     return setup

@@ -3,11 +3,11 @@
     finetune azureml submit RECIPE --stage sft|reward|dpo|ppo|export|pipeline [--dry-run] [--stream]
                             [--compute NAME] [--instance-count N] [--gpus-per-node N] ... [key=value ...]
 
-A stage becomes a command job that runs the command a local user runs (`cli.stage_command`:
+A stage becomes a command job that runs the command a local user runs (`launch.stage_command`:
 `python finetune/<stage>.py RECIPE overrides`) in a snapshot of this repository, once per GPU: the
 PyTorch distribution starts `gpus_per_node` processes on each of `instance_count` nodes with
 RANK / LOCAL_RANK / WORLD_SIZE set, and the trainer reads the recipe's DeepSpeed config. (Azure ML
-has no DeepSpeed distribution and does not take a launcher of our own: pitfalls.md.)
+has no DeepSpeed distribution and does not take a launcher of our own: docs/azureml.md.)
 
 How stages hand adapters to each other: every job keeps the recipe's `output_dir` as its working
 folder and links each earlier stage's output (a job input) to `<output_dir>/<stage>`, exactly where
@@ -36,34 +36,30 @@ from pathlib import Path
 
 import yaml
 
-from finetune.cli import PACKAGE_DIR, stage_command
-from finetune.recipe import PIPELINE_STAGES, Recipe, RecipeError, load_recipe
+from finetune.core.data import local_source
+from finetune.errors import UserError
+from finetune.launch import stage_command, stage_script
+from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
 
-REPO_DIR = PACKAGE_DIR.parent
-STAGES = PIPELINE_STAGES  # pipeline order, as `finetune pipeline` runs them
+REPO_DIR = Path(__file__).resolve().parents[2]  # the checkout whose snapshot a job runs
 COMMAND_SCHEMA = "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"
 PIPELINE_SCHEMA = "https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json"
 DOCKERFILE = "azureml/Dockerfile"
 
-# Which earlier stage outputs a stage reads: {earlier stage: the recipe key whose default points at its
-# output}. None marks an output needed only as part of an adapter chain (the DPO adapter was trained on
-# the SFT model, so PPO and export need the SFT adapter too); it is linked whenever the stage reads any
-# keyed input, and for export whenever the recipe has that stage. A key set to 'base' / 'none' needs no
-# input; a key set to <output_dir>/<stage> reads that stage's output.
-STAGE_INPUTS: dict[str, dict[str, str | None]] = {
-    "sft": {},
-    "reward": {"sft": "reward.start_from"},
-    "dpo": {"sft": "dpo.start_from"},
-    "ppo": {"sft": None, "dpo": "ppo.start_from", "reward": "ppo.reward_from"},
-    "export": {"sft": None, "dpo": None, "ppo": None},
-}
-DATA_STAGES = ("sft", "reward", "dpo", "ppo")  # stages with a `<stage>.data` section
-
 # Flags of `submit` -> azureml.<key> (they override the recipe's azureml section).
-FLAGS = {"subscription": "subscription_id", "resource_group": "resource_group", "workspace": "workspace_name",
-         "config": "config", "compute": "compute", "instance_count": "instance_count",
-         "gpus_per_node": "gpus_per_node", "environment": "environment", "datastore": "datastore",
-         "output_path": "output_path", "experiment": "experiment_name"}
+FLAGS = {
+    "subscription": "subscription_id",
+    "resource_group": "resource_group",
+    "workspace": "workspace_name",
+    "config": "config",
+    "compute": "compute",
+    "instance_count": "instance_count",
+    "gpus_per_node": "gpus_per_node",
+    "environment": "environment",
+    "datastore": "datastore",
+    "output_path": "output_path",
+    "experiment": "experiment_name",
+}
 
 
 class AzureMLError(RuntimeError):
@@ -71,11 +67,6 @@ class AzureMLError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- building jobs
-
-
-def stage_available(stage: str) -> bool:
-    """Whether this checkout has the stage's script (export and pipeline land on another branch)."""
-    return (PACKAGE_DIR / f"{stage}.py").is_file()
 
 
 def _repo_relative(path: str | Path, what: str, recipe: Recipe) -> str:
@@ -86,7 +77,8 @@ def _repo_relative(path: str | Path, what: str, recipe: Recipe) -> str:
     except ValueError:
         raise RecipeError(
             f"{recipe.source}: {what}: {resolved} is outside the repository {REPO_DIR}; an Azure ML job gets a "
-            "snapshot of the repository, so put the file inside it (e.g. under recipes/)") from None
+            "snapshot of the repository, so put the file inside it (e.g. under recipes/)"
+        ) from None
 
 
 def datastore_uri(recipe: Recipe, stage: str) -> str:
@@ -97,37 +89,42 @@ def datastore_uri(recipe: Recipe, stage: str) -> str:
 
 def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
     """The earlier stage whose output `key` points at (None: it starts from no adapter)."""
-    value = getattr(getattr(recipe, stage), key.split(".", 1)[1], None) if getattr(recipe, stage, None) else None
-    if value is None:
+    if recipe.section(stage) is None:
         return default
-    if value.lower() in ("base", "none"):
+    folder = recipe.input_dir(stage, key)
+    if folder is None:
         return None
-    for earlier in STAGES:
-        if Path(value).expanduser() == recipe.stage_dir(earlier):
+    for earlier in STAGES.names():
+        if folder == recipe.stage_dir(earlier):
             return earlier
     raise RecipeError(
-        f"{recipe.source}: {key}: {value!r} is not an earlier stage's output; on Azure ML a stage reads earlier "
-        f"stages from the datastore ({datastore_uri(recipe, default)}), so leave {key} unset, set it to "
-        f"<output_dir>/<stage> (e.g. {recipe.stage_dir(default)}), or to base / none")
+        f"{recipe.source}: {stage}.{key}: {str(folder)!r} is not an earlier stage's output; on Azure ML a stage reads "
+        f"earlier stages from the datastore ({datastore_uri(recipe, default)}), so leave {stage}.{key} unset, set it "
+        f"to <output_dir>/<stage> (e.g. {recipe.stage_dir(default)}), or to none"
+    )
 
 
 def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
-    """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order."""
-    table = STAGE_INPUTS[stage]
+    """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order. An input
+    with no key (needed only as part of an adapter chain) is linked whenever the stage reads any keyed
+    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage."""
+    table = STAGES[stage].inputs
     keyed = {_upstream(recipe, stage, key, earlier) for earlier, key in table.items() if key is not None}
     keyed.discard(None)
-    chain = {earlier for earlier, key in table.items() if key is None
-             and (keyed or (stage == "export" and getattr(recipe, earlier, None) is not None))}
-    return [s for s in STAGES if s in keyed | chain]
+    has_keys = any(key is not None for key in table.values())
+    chain = {
+        earlier
+        for earlier, key in table.items()
+        if key is None and (keyed or (not has_keys and recipe.section(earlier) is not None))
+    }
+    return [s for s in STAGES.names() if s in keyed | chain]
 
 
 def _data_inputs(recipe: Recipe, stage: str, yaml_dir: Path) -> tuple[dict, list[str]]:
     """Local data files of a stage -> uri_file / uri_folder inputs and the overrides that point the
     stage's data lists at them. Hub dataset ids pass through unchanged."""
-    from finetune.data import DataError, local_source
-
-    section = getattr(recipe, stage, None)
-    if stage not in DATA_STAGES or section is None:
+    section = recipe.section(stage)
+    if not STAGES[stage].has_data or section is None:
         return {}, []
     inputs, overrides = {}, []
     for split in ("train", "eval"):
@@ -135,13 +132,15 @@ def _data_inputs(recipe: Recipe, stage: str, yaml_dir: Path) -> tuple[dict, list
         for i, source in enumerate(getattr(section.data, split)):
             try:
                 local = local_source(source, recipe)
-            except DataError as e:
+            except UserError as e:
                 raise RecipeError(f"{recipe.source}: {stage}.data.{split}[{i}].path: {e}") from None
             entry = source.model_dump(mode="json")
             if local is not None:
                 name = f"data_{split}_{i}"
-                inputs[name] = {"type": "uri_folder" if local.is_dir() else "uri_file",
-                                "path": os.path.relpath(local, yaml_dir)}
+                inputs[name] = {
+                    "type": "uri_folder" if local.is_dir() else "uri_file",
+                    "path": os.path.relpath(local, yaml_dir),
+                }
                 entry["path"] = f"${{{{inputs.{name}}}}}"
                 changed = True
             sources.append(entry)
@@ -155,8 +154,10 @@ def _model_input(recipe: Recipe, yaml_dir: Path) -> tuple[dict, list[str]]:
     path = Path(recipe.model_path())
     if recipe.model.name_or_path.startswith("builtin:") or not path.is_dir():
         return {}, []
-    return ({"model": {"type": "uri_folder", "path": os.path.relpath(path, yaml_dir)}},
-            ["model.name_or_path=${{inputs.model}}"])
+    return (
+        {"model": {"type": "uri_folder", "path": os.path.relpath(path, yaml_dir)}},
+        ["model.name_or_path=${{inputs.model}}"],
+    )
 
 
 def _environment(recipe: Recipe, yaml_dir: Path):
@@ -165,16 +166,20 @@ def _environment(recipe: Recipe, yaml_dir: Path):
         return {"build": {"path": os.path.relpath(REPO_DIR, yaml_dir), "dockerfile_path": DOCKERFILE}}
     name = env.removeprefix("azureml:")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+|@latest)", name):
-        raise RecipeError(f"{recipe.source}: azureml.environment: {env!r}: name a registered environment as "
-                          "name:version or name@latest (e.g. phi-finetune@latest), or leave it unset to build "
-                          f"{DOCKERFILE}")
+        raise RecipeError(
+            f"{recipe.source}: azureml.environment: {env!r}: name a registered environment as "
+            "name:version or name@latest (e.g. phi-finetune@latest), or leave it unset to build "
+            f"{DOCKERFILE}"
+        )
     return f"azureml:{name}"
 
 
 def _check_settings(recipe: Recipe) -> None:
     if not recipe.azureml.compute:
-        raise RecipeError(f"{recipe.source}: azureml.compute: no compute cluster named; set azureml.compute in the "
-                          "recipe or pass --compute NAME (a GPU cluster of the workspace)")
+        raise RecipeError(
+            f"{recipe.source}: azureml.compute: no compute cluster named; set azureml.compute in the "
+            "recipe or pass --compute NAME (a GPU cluster of the workspace)"
+        )
     for key in ("deepspeed",):
         if getattr(recipe, key):
             _repo_relative(recipe.resolve_path(getattr(recipe, key)), key, recipe)
@@ -193,15 +198,16 @@ class StageJob:
     upstreams: list[str]
 
 
-def build_stage_job(recipe: Recipe, stage: str, overrides: list[str], yaml_dir: Path,
-                    upstream_binding=None) -> StageJob:
+def build_stage_job(
+    recipe: Recipe, stage: str, overrides: list[str], yaml_dir: Path, upstream_binding=None
+) -> StageJob:
     """The command job that runs `stage` of `recipe` (loaded with `overrides`, which the job repeats).
 
     `upstream_binding(earlier)` gives the input for an earlier stage's output: by default its
     datastore path (where an earlier job wrote it); a pipeline binds the earlier step's output."""
     if stage not in STAGES:
-        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)} or pipeline")
-    if stage != "export" and getattr(recipe, stage) is None:
+        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES.names())} or pipeline")
+    if recipe.section(stage) is None:
         raise RecipeError(f"{recipe.source}: {stage}: section missing; this recipe has no {stage} stage")
     _check_settings(recipe)
     a = recipe.azureml
@@ -209,17 +215,23 @@ def build_stage_job(recipe: Recipe, stage: str, overrides: list[str], yaml_dir: 
     data_inputs, data_overrides = _data_inputs(recipe, stage, yaml_dir)
     model_inputs, model_overrides = _model_input(recipe, yaml_dir)
     upstreams = stage_upstreams(recipe, stage)
-    bind = upstream_binding or (lambda earlier: {"type": "uri_folder", "path": datastore_uri(recipe, earlier),
-                                                 "mode": "ro_mount"})
+    bind = upstream_binding or (
+        lambda earlier: {"type": "uri_folder", "path": datastore_uri(recipe, earlier), "mode": "ro_mount"}
+    )
     inputs = {**{u: bind(u) for u in upstreams}, **data_inputs, **model_inputs}
     job_overrides = [o for o in overrides if not o.startswith("azureml.")] + data_overrides + model_overrides
     # The launcher is Azure ML's (one process per GPU): the stage runs in-process in each of them.
-    local = stage_command(stage, recipe_rel, job_overrides, None, None, python="python", package_dir="finetune")
+    local = stage_command(stage, recipe_rel, job_overrides, python="python", script=stage_script(stage, REPO_DIR))
     out = shlex.quote(recipe.output_dir)
-    links = [f"{{ ln -sfn ${{{{inputs.{u}}}}} {shlex.quote(str(recipe.stage_dir(u)))} || "
-             f"test -L {shlex.quote(str(recipe.stage_dir(u)))}; }}" for u in upstreams]
-    copy_out = (f'{{ [ "${{RANK:-0}}" != 0 ] || cp -rL {shlex.quote(str(recipe.stage_dir(stage)))}/. '
-                f"${{{{outputs.{stage}}}}}; }}")
+    links = [
+        f"{{ ln -sfn ${{{{inputs.{u}}}}} {shlex.quote(str(recipe.stage_dir(u)))} || "
+        f"test -L {shlex.quote(str(recipe.stage_dir(u)))}; }}"
+        for u in upstreams
+    ]
+    copy_out = (
+        f'{{ [ "${{RANK:-0}}" != 0 ] || cp -rL {shlex.quote(str(recipe.stage_dir(stage)))}/. '
+        f"${{{{outputs.{stage}}}}}; }}"
+    )
     command = " &&\n".join([f"mkdir -p {out}", *links, shlex.join(local), copy_out])
     spec = {
         "type": "command",
@@ -251,6 +263,7 @@ def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stag
     stages = recipe.pipeline_stages() if stages is None else stages
     steps, outputs = {}, {}
     for stage in stages:
+
         def bind(earlier, stage=stage):
             if earlier in steps:
                 return f"${{{{parent.jobs.{earlier}.outputs.{earlier}}}}}"
@@ -259,11 +272,15 @@ def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stag
         job = build_stage_job(recipe, stage, overrides, yaml_dir, upstream_binding=bind)
         outputs[stage] = job.spec["outputs"][stage]
         steps[stage] = {**job.spec, "outputs": {stage: f"${{{{parent.outputs.{stage}}}}}"}}
-    return {"$schema": PIPELINE_SCHEMA, "type": "pipeline",
-            "display_name": f"{Path(recipe.source).stem}-pipeline",
-            "experiment_name": recipe.azureml.experiment_name,
-            "settings": {"default_compute": f"azureml:{recipe.azureml.compute}"},
-            "outputs": outputs, "jobs": steps}
+    return {
+        "$schema": PIPELINE_SCHEMA,
+        "type": "pipeline",
+        "display_name": f"{Path(recipe.source).stem}-pipeline",
+        "experiment_name": recipe.azureml.experiment_name,
+        "settings": {"default_compute": f"azureml:{recipe.azureml.compute}"},
+        "outputs": outputs,
+        "jobs": steps,
+    }
 
 
 def load_job(path: Path):
@@ -282,26 +299,27 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings (the command: one step a line) as YAML literal blocks."""
 
 
-_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s
-                                                             else None))
+_Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def write_job(recipe: Recipe, stage: str, overrides: list[str], out_dir: Path) -> Path:
     """Write `<out_dir>/<recipe>-<stage>.yaml` for a stage or the pipeline and validate it with load_job."""
     if stage != "pipeline" and stage not in STAGES:
-        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)} or pipeline")
-    needed = recipe.pipeline_stages() if stage == "pipeline" else [stage]
-    missing = [s for s in needed if not stage_available(s)]
-    if missing:
-        raise RecipeError(f"stage {', '.join(missing)} is not in this checkout (finetune/{missing[0]}.py); "
-                          "update your checkout to a version that has it")
+        raise RecipeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES.names())} or pipeline")
     out_dir.mkdir(parents=True, exist_ok=True)
     yaml_dir = out_dir.resolve()
-    spec = (pipeline_job_yaml(recipe, overrides, yaml_dir) if stage == "pipeline"
-            else command_job_yaml(recipe, stage, overrides, yaml_dir))
+    spec = (
+        pipeline_job_yaml(recipe, overrides, yaml_dir)
+        if stage == "pipeline"
+        else command_job_yaml(recipe, stage, overrides, yaml_dir)
+    )
     path = out_dir / f"{Path(recipe.source).stem}-{stage}.yaml"
-    header = (f"# Written by `finetune azureml submit`; paths are relative to this file. Submit with\n"
-              f"#   az ml job create --file {path.name}   (or finetune azureml submit without --dry-run)\n")
+    header = (
+        f"# Written by `finetune azureml submit`; paths are relative to this file. Submit with\n"
+        f"#   az ml job create --file {path.name}   (or finetune azureml submit without --dry-run)\n"
+    )
     path.write_text(header + yaml.dump(spec, Dumper=_Dumper, sort_keys=False, width=120))
     load_job(path)
     return path
@@ -316,8 +334,9 @@ def workspace_ids(recipe: Recipe) -> tuple[str, str, str]:
     ids = (a.subscription_id, a.resource_group, a.workspace_name)
     if all(ids):
         return ids
-    candidates = ([Path(recipe.resolve_path(a.config))] if a.config
-                  else [Path("config.json"), Path(".azureml/config.json")])
+    candidates = (
+        [Path(recipe.resolve_path(a.config))] if a.config else [Path("config.json"), Path(".azureml/config.json")]
+    )
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         given = f"{a.config} was not found. " if a.config else ""
@@ -325,14 +344,20 @@ def workspace_ids(recipe: Recipe) -> tuple[str, str, str]:
             f"No Azure ML workspace given. {given}Name it with azureml.subscription_id, azureml.resource_group and "
             "azureml.workspace_name in the recipe (or --subscription, --resource-group, --workspace), or download "
             "the workspace's config.json (Azure portal: the workspace's overview page, 'Download config.json') "
-            "and pass --config PATH. --dry-run needs none of this.")
+            "and pass --config PATH. --dry-run needs none of this."
+        )
     try:
         data = json.loads(found.read_text())
-        return (a.subscription_id or data["subscription_id"], a.resource_group or data["resource_group"],
-                a.workspace_name or data["workspace_name"])
+        return (
+            a.subscription_id or data["subscription_id"],
+            a.resource_group or data["resource_group"],
+            a.workspace_name or data["workspace_name"],
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AzureMLError(f"{found}: not an Azure ML workspace config.json (needs subscription_id, resource_group "
-                           f"and workspace_name; problem: {e}); download it again from the Azure portal") from None
+        raise AzureMLError(
+            f"{found}: not an Azure ML workspace config.json (needs subscription_id, resource_group "
+            f"and workspace_name; problem: {e}); download it again from the Azure portal"
+        ) from None
 
 
 ARM_SCOPE = "https://management.azure.com/.default"
@@ -354,7 +379,8 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
             "No Azure credentials found. Sign in with `az login` (and `az account set --subscription "
             f"{subscription}`), or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
             "principal, or run where a managed identity is available; DefaultAzureCredential tries each of "
-            "these. Then submit again (or use --dry-run to write and check the job YAML offline).") from None
+            "these. Then submit again (or use --dry-run to write and check the job YAML offline)."
+        ) from None
     client = MLClient(credential, subscription, group, workspace)
     try:
         client.workspaces.get(workspace)
@@ -362,7 +388,8 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
         raise AzureMLError(
             f"Workspace {workspace!r} in resource group {group!r} of subscription {subscription} was not found or "
             f"is not accessible ({_reason(e)}). Check the three ids (or download the workspace's config.json from "
-            "the Azure portal and pass --config), and that your account has a role on the workspace.") from None
+            "the Azure portal and pass --config), and that your account has a role on the workspace."
+        ) from None
     compute = recipe.azureml.compute
     try:
         client.compute.get(compute)
@@ -371,12 +398,15 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
             f"Compute {compute!r} was not found in workspace {workspace!r} ({_reason(e)}). Create a GPU cluster "
             "(Azure ML studio: Compute > Compute clusters, or `az ml compute create --type AmlCompute --name "
             f"{compute} --size Standard_NC24ads_A100_v4 --max-instances 2`) or name an existing one with "
-            "--compute / azureml.compute.") from None
+            "--compute / azureml.compute."
+        ) from None
     try:
         job = client.jobs.create_or_update(load_job(job_path))
     except HttpResponseError as e:
-        raise AzureMLError(f"Azure ML refused the job ({_reason(e)}). The job YAML is {job_path}; fix the named "
-                           "setting and submit again.") from None
+        raise AzureMLError(
+            f"Azure ML refused the job ({_reason(e)}). The job YAML is {job_path}; fix the named "
+            "setting and submit again."
+        ) from None
     print(f"submitted {job.name}\n  studio: {job.studio_url}", flush=True)
     if stream:
         client.jobs.stream(job.name)
@@ -396,10 +426,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune azureml submit",
         description="Run a stage of a recipe, or the whole pipeline, as an Azure ML job. Flags override the "
-        "recipe's azureml section.")
+        "recipe's azureml section.",
+    )
     p.add_argument("recipe", help="recipe YAML inside this repository, e.g. recipes/phi2_chat.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, passed to the stage too (sft.max_steps=20)")
-    p.add_argument("--stage", required=True, choices=[*STAGES, "pipeline"])
+    p.add_argument("--stage", required=True, choices=[*STAGES.names(), "pipeline"])
     p.add_argument("--dry-run", action="store_true", help="write and validate the job YAML offline; submit nothing")
     p.add_argument("--stream", action="store_true", help="follow the job's logs after submitting")
     p.add_argument("--out", default="azureml-jobs", help="folder for the job YAML (default: azureml-jobs)")
@@ -410,12 +441,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "submit":
-        print("usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
-              "       finetune azureml submit --help", file=sys.stderr)
+        print(
+            "usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
+            "       finetune azureml submit --help",
+            file=sys.stderr,
+        )
         return 2
     args = parser().parse_intermixed_args(argv[1:])  # overrides may follow the flags
-    flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items()
-             if getattr(args, flag) is not None]
+    flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     try:
         recipe = load_recipe(args.recipe, [*args.overrides, *flags])
         path = write_job(recipe, args.stage, args.overrides, Path(args.out))
@@ -424,14 +457,16 @@ def main(argv: list[str]) -> int:
             print(f"  submit it: az ml job create --file {path}  (or this command without --dry-run)")
             return 0
         submit(recipe, path, args.stream)
-    except RecipeError as e:
-        print(f"finetune azureml: recipe error:\n{e}", file=sys.stderr)
+    except UserError as e:
+        print(f"finetune azureml: error:\n{e}", file=sys.stderr)
         return 2
     except AzureMLError as e:
         print(f"finetune azureml: {e}", file=sys.stderr)
         return 1
     except ImportError as e:
-        print(f"finetune azureml: the Azure ML SDK is not installed ({e.name}); pip install 'finetune[azureml]'",
-              file=sys.stderr)
+        print(
+            f"finetune azureml: the Azure ML SDK is not installed ({e.name}); pip install 'finetune[azureml]'",
+            file=sys.stderr,
+        )
         return 2
     return 0

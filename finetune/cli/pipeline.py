@@ -1,4 +1,4 @@
-"""The whole recipe in one command: sft -> reward -> dpo -> ppo -> export, each stage in its own process.
+"""The whole recipe in one command: every stage in pipeline order, each in its own process.
 
     finetune pipeline RECIPE [key=value ...] [--force]
 
@@ -25,33 +25,26 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.outputs import figure, finished, key_metrics, rate, write_json
-from finetune.recipe import EXPORTABLE_STAGES, Recipe, RecipeError, load_recipe
+from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
+from finetune.errors import UserError
+from finetune.launch import recipe_command
+from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
 CURVES = "pipeline_curves.png"
 
 
-def stage_command(recipe: Recipe, recipe_path: str, stage: str, overrides: list[str]) -> list[str]:
-    """How `finetune <stage>` launches the stage (the recipe's accelerate config; export never needs one)."""
-    from finetune import cli
-
-    if stage == "export":
-        return cli.stage_command(stage, recipe_path, overrides, None, None)
-    return cli.stage_command(stage, recipe_path, overrides, recipe.resolve_path(recipe.launch.accelerate_config),
-                             recipe.launch.num_processes)
-
-
-def _metrics(recipe: Recipe, stage: str) -> dict:
-    f = recipe.stage_dir(stage) / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
-    row = {"stage": stage, "status": status, **key_metrics(stage, _metrics(recipe, stage)),
-           "seconds": seconds, "seconds_from_earlier_run": earlier, "output": str(recipe.stage_dir(stage))}
+    row = {
+        "stage": stage,
+        "status": status,
+        **key_metrics(stage, read_metrics(recipe.stage_dir(stage))),
+        "seconds": seconds,
+        "seconds_from_earlier_run": earlier,
+        "output": str(recipe.stage_dir(stage)),
+    }
     if stage == "export" and row["after"] is not None:
-        m = _metrics(recipe, stage)
+        m = read_metrics(recipe.stage_dir(stage))
         row["export_dtype"], row["parity_export_dtype"] = m.get("dtype"), m.get("parity_max_abs_diff_export_dtype")
     return row
 
@@ -61,15 +54,25 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if r["stage"] == "export" and r["after"] is not None:
-            change = f"{figure(r['after'])}" + (f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
-                                                if r.get("export_dtype") not in (None, "fp32") else "")
+            change = f"{figure(r['after'])}" + (
+                f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
+                if r.get("export_dtype") not in (None, "fp32")
+                else ""
+            )
         else:
-            change = f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] \
-                else "n/a"
-        correct = ("n/a" if r["correct_before"] is None and r["correct_after"] is None
-                   else f"{rate(r['correct_before'])} -> {rate(r['correct_after'])}")
-        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}s" + (" (earlier)" if r["seconds_from_earlier_run"]
-                                                                             else "")
+            change = (
+                f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] else "n/a"
+            )
+        correct = (
+            "n/a"
+            if r["correct_before"] is None and r["correct_after"] is None
+            else f"{rate(r['correct_before'])} -> {rate(r['correct_after'])}"
+        )
+        seconds = (
+            "-"
+            if r["seconds"] is None
+            else f"{r['seconds']:.0f}s" + (" (earlier)" if r["seconds_from_earlier_run"] else "")
+        )
         lines.append([r["stage"], r["status"], r["metric"] or "n/a", change, correct, seconds, r["output"]])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -132,15 +135,21 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     out = Path(recipe.output_dir)
     report_path = out / REPORT
     earlier = _earlier_seconds(report_path)
-    trained = [s for s in stages if s in EXPORTABLE_STAGES]
+    trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
 
     def write_report(curves: str | None = None) -> dict:
         # after every stage too: a pipeline killed later still leaves the times of what it finished
-        report = {"recipe": str(recipe_path), "overrides": overrides, "output_dir": str(out), "stages": rows,
-                  "seconds": time.time() - started, "curves": curves,
-                  "complete": failed is None and len(rows) == len(stages)}
+        report = {
+            "recipe": str(recipe_path),
+            "overrides": overrides,
+            "output_dir": str(out),
+            "stages": rows,
+            "seconds": time.time() - started,
+            "curves": curves,
+            "complete": failed is None and len(rows) == len(stages),
+        }
         write_json(report_path, report)
         return report
 
@@ -155,7 +164,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
             extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
         if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
             extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
-        cmd = stage_command(recipe, recipe_path, stage, [*overrides, *extra])
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
         code = subprocess.call(cmd)
@@ -174,8 +183,9 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
     if failed:
-        print(f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped",
-              file=sys.stderr)
+        print(
+            f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
+        )
     return 0 if failed is None else failed[1]
 
 
@@ -189,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args.recipe, args.overrides, args.force)
-    except RecipeError as e:
-        print(f"finetune pipeline: recipe error:\n{e}", file=sys.stderr)
+    except UserError as e:
+        print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
 
 

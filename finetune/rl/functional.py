@@ -1,9 +1,8 @@
 """PPO arithmetic as small pure functions (fp32 tensors in, fp32 tensors out), each tested alone.
 
-The PPO stage (issue 4) builds on these; TRL no longer has a PPOTrainer (trl#7020), so this part
-is ours. Formulas follow the project's design note (shared/design/ppo.md, section 1) and cite
-their sources. Shapes: B sequences x R response tokens; `mask` is 1 on response tokens up to and
-including the stop token, 0 after it.
+TRL no longer has a PPOTrainer (trl#7020), so this part is ours. Each formula cites its public
+source; docs/ppo.md puts them together. Shapes: B sequences x R response tokens; `mask` is 1 on
+response tokens up to and including the stop token, 0 after it.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.T
     """(mask, end index e, has_stop) for sampled responses [B, R].
 
     e is the first stop token, or R-1 when there is none; the mask covers 0..e, so the stop token
-    itself is included (pitfall: masks built as `ids != pad` drop the real EOS when pad == eos,
-    trl#5303). Built from positions, never from token values after e.
+    itself is included (masks built as `ids != pad` drop the real EOS when pad == eos, trl#5303).
+    Built from positions, never from token values after e.
     """
     is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
     has_stop = is_stop.any(dim=1)
@@ -40,8 +39,14 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
 
 
-def shape_score(score: torch.Tensor, has_stop: torch.Tensor, missing_eos_penalty: float = 1.0,
-                mean: float = 0.0, std: float = 1.0, clip: float | None = None) -> torch.Tensor:
+def shape_score(
+    score: torch.Tensor,
+    has_stop: torch.Tensor,
+    missing_eos_penalty: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    clip: float | None = None,
+) -> torch.Tensor:
     """Normalise the reward-model score, penalise responses that never stopped (TRL's
     missing_eos_penalty), optionally clip (OpenRLHF clips to +-10)."""
     s = (score - mean) / std
@@ -49,8 +54,9 @@ def shape_score(score: torch.Tensor, has_stop: torch.Tensor, missing_eos_penalty
     return s.clamp(-clip, clip) if clip is not None else s
 
 
-def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, end: torch.Tensor,
-                  beta: float) -> torch.Tensor:
+def token_rewards(
+    score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, end: torch.Tensor, beta: float
+) -> torch.Tensor:
     """r_t = -beta * kl_t * m_t, plus the sequence score at its end index e (not at e+1, the first
     pad, where TRL put it: trl#3750, trl#5338)."""
     rewards = -beta * kl * mask
@@ -58,8 +64,9 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, end
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over masked tokens: (advantages, returns).
 
     delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, G_t = A_t + V_t;
@@ -94,8 +101,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate: mean over masked tokens of max(-A rho, -A clip(rho, 1 +- eps)), rho = exp(logp - old).
 
     Also returns clipfrac and approxkl = 1/2 mean((logp - old)^2) (http://joschu.net/blog/kl-approx.html).
@@ -106,14 +114,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-                 "approxkl": (0.5 * masked_mean(log_ratio ** 2, mask)).item(),
-                 "ratio_mean": masked_mean(ratio, mask).item()}
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "approxkl": (0.5 * masked_mean(log_ratio**2, mask)).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict]:
     """Clipped value loss: 1/2 mean over masked tokens of max((V - G)^2, (V_clipped - G)^2),
     V_clipped = V_old + clip(V - V_old, +-eps_v)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
@@ -133,7 +144,7 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_step
 def reward_readout_index(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Where a transformers sequence-classification reward model reads each row: the last token that is
     not the pad token. PPO must read where the reward model was trained to read; with pad == eos
-    (Phi) that is the token before a closing EOS (pitfall 3), which is why a missing EOS is penalised
+    (Phi) that is the token before a closing EOS (trl#5303, docs/ppo.md), which is why a missing EOS is penalised
     separately (`shape_score`)."""
     positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
     real = (ids != pad_id) & mask.bool()
@@ -156,14 +167,3 @@ def prompt_indices(n: int, batch: int, update: int, rank: int, world: int, seed:
             perms[epoch] = perm
         out.append(perms[epoch][i])
     return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask (generation needs the prompts' ends aligned)."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask

@@ -6,7 +6,10 @@ import json
 
 import torch
 
-from .chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
+from finetune.chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
+
+from . import distributed
+from .batching import left_pad, pad
 
 
 def normalise(text: str) -> str:
@@ -14,8 +17,14 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
-                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    template: ChatTemplate,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[str]:
     """Greedy replies to each conversation's last turn, stopped at the end-of-turn token.
 
     Prompts are left-padded (batched generation needs it) and carry their attention mask.
@@ -27,20 +36,22 @@ def generate_answers(model, tokenizer, template: ChatTemplate, conversations: li
     replies = []
     for start in range(0, len(conversations), batch_size):
         prompts = [tokenize_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        width = ids.shape[1]
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
         )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-                           + ("" if cut < len(row) else " [no end-of-turn]"))
+            replies.append(
+                tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                + ("" if cut < len(row) else " [no end-of-turn]")
+            )
     model.train(was_training)
     return replies
 
@@ -66,31 +77,29 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
     the figure does not depend on the batch size; with several processes each takes a shard and
     the sums are all-reduced.
     """
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    rows = list(range(rank, len(dataset), world))
+    rows = distributed.shard(len(dataset))
     for start in range(0, len(rows), batch_size):
         batch = dataset.select(rows[start : start + batch_size])
-        ids, mask = _pad(batch["input_ids"], pad_token_id)
-        labels, _ = _pad(batch["labels"], -100)
+        ids, mask = pad(batch["input_ids"], pad_token_id)
+        labels, _ = pad(batch["labels"], -100)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_labels = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += torch.stack([loss.double(), (shift_labels != -100).sum().double()])
-    if world > 1:
-        dist.all_reduce(total)
+    distributed.all_sum_(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def held_out_correctness(model, tokenizer, template: ChatTemplate, rows: list[dict], limit: int,
-                         max_new_tokens: int) -> tuple[float | None, list[str]]:
+def held_out_correctness(
+    model, tokenizer, template: ChatTemplate, rows: list[dict], limit: int, max_new_tokens: int
+) -> tuple[float | None, list[str]]:
     """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness.
 
     Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt).
@@ -100,8 +109,13 @@ def held_out_correctness(model, tokenizer, template: ChatTemplate, rows: list[di
     for r in rows:
         if "answer" not in r:
             continue
-        prompt = r["prompt"] if "prompt" in r else r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" \
+        prompt = (
+            r["prompt"]
+            if "prompt" in r
+            else r["messages"][:-1]
+            if r["messages"][-1]["role"] == "assistant"
             else r["messages"]
+        )
         key = json.dumps(prompt, sort_keys=True)
         if key not in seen and len(kept) < limit:
             seen.add(key)
@@ -114,15 +128,6 @@ def held_out_correctness(model, tokenizer, template: ChatTemplate, rows: list[di
     return correctness(rows, replies), replies
 
 
-def _pad(seqs: list[list[int]], pad: int):
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    return ids, mask
-
-
 @torch.no_grad()
 def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Scalar reward of each full sequence (sequence-classification head)."""
@@ -131,7 +136,7 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_si
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(sequences), batch_size):
-        ids, mask = _pad(sequences[start : start + batch_size], pad_token_id)
+        ids, mask = pad(sequences[start : start + batch_size], pad_token_id)
         out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -140,20 +145,22 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_si
 def pairwise_accuracy(model, dataset, pad_token_id: int) -> dict:
     """Share of pairs whose chosen reply scores above the rejected one, and the mean margin."""
     chosen = reward_scores(model, [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"])], pad_token_id)
-    rejected = reward_scores(model, [p + r for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])],
-                             pad_token_id)
+    rejected = reward_scores(
+        model, [p + r for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])], pad_token_id
+    )
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
 @torch.no_grad()
-def sequence_logps(model, prompts: list[list[int]], replies: list[list[int]], pad_token_id: int,
-                   batch_size: int = 32) -> torch.Tensor:
+def sequence_logps(
+    model, prompts: list[list[int]], replies: list[list[int]], pad_token_id: int, batch_size: int = 32
+) -> torch.Tensor:
     """Sum of log-probabilities of each reply given its prompt."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], replies[start : start + batch_size]
-        ids, mask = _pad([p + r for p, r in zip(ps, rs)], pad_token_id)
+        ids, mask = pad([p + r for p, r in zip(ps, rs)], pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         reply_mask = torch.zeros_like(ids)
@@ -175,5 +182,8 @@ def dpo_eval(model, dataset, beta: float, pad_token_id: int) -> dict:
     model.train(was_training)
     chosen, rejected = beta * (pol_c - ref_c), beta * (pol_r - ref_r)
     margin = chosen - rejected
-    return {"rewards_accuracy": (margin > 0).float().mean().item(), "rewards_margin": margin.mean().item(),
-            "loss": torch.nn.functional.softplus(-margin).mean().item()}
+    return {
+        "rewards_accuracy": (margin > 0).float().mean().item(),
+        "rewards_margin": margin.mean().item(),
+        "loss": torch.nn.functional.softplus(-margin).mean().item(),
+    }

@@ -23,9 +23,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.chat_template import ChatTemplate, TemplateError
-from finetune.data import DataError
-from finetune.recipe import RecipeError
+from finetune.chat_template import ChatTemplate, end_of_turn_ids
+from finetune.core.data import read_prompts
+from finetune.core.evaluation import generate_answers
+from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
+from finetune.core.modeling import load_model, load_tokenizer, template_for
+from finetune.core.outputs import finished
+from finetune.errors import UserError
+from finetune.recipe import RecipeError, load_recipe
 
 
 @dataclass
@@ -44,40 +49,45 @@ def load_for_chat(target: str, overrides: list[str]) -> Loaded:
             raise RecipeError(f"{target}: key=value overrides apply to a recipe, not to a model folder")
         return _load_folder(path)
     if not path.is_file():
-        raise RecipeError(f"{target}: neither a model folder nor a recipe file; give an exported folder "
-                          "(finetune export RECIPE) or a recipe such as recipes/tiny_chat.yaml")
-    from finetune.chat_template import end_of_turn_ids
-    from finetune.export import export_chain, export_stage, fp32_recipe
-    from finetune.modeling import load_model, load_tokenizer, template_for
-    from finetune.outputs import finished
-    from finetune.recipe import load_recipe
-
+        raise RecipeError(
+            f"{target}: neither a model folder nor a recipe file; give an exported folder "
+            "(finetune export RECIPE) or a recipe such as recipes/tiny_chat.yaml"
+        )
     recipe = load_recipe(path, overrides)
     if finished(recipe, "export"):
         return _load_folder(recipe.stage_dir("export"))
-    stage = export_stage(recipe)
-    chain = export_chain(recipe, stage)
+    stage = chat_model_stage(recipe)
+    chain = model_chain(recipe, stage)
     run_recipe = recipe if torch.cuda.is_available() else fp32_recipe(recipe)  # fp16 generation on a CPU is slow
     model = load_model(run_recipe, merge=chain, device_map="auto" if torch.cuda.is_available() else None)
     tokenizer = load_tokenizer(recipe)
-    return Loaded(model.eval(), tokenizer, end_of_turn_ids(tokenizer, template_for(recipe)),
-                  f"{stage} of {recipe.source} ({' + '.join(chain)} merged in memory; not exported yet)")
+    return Loaded(
+        model.eval(),
+        tokenizer,
+        end_of_turn_ids(tokenizer, template_for(recipe)),
+        f"{stage} of {recipe.source} ({' + '.join(chain)} merged in memory; not exported yet)",
+    )
 
 
 def _load_folder(path: Path) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if not (path / "config.json").is_file():
-        hint = (" (it holds a LoRA adapter: give the recipe instead, or export it with finetune export)"
-                if (path / "adapter_config.json").is_file() else "")
+        hint = (
+            " (it holds a LoRA adapter: give the recipe instead, or export it with finetune export)"
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
         raise RecipeError(f"{path}: no config.json, not a model folder{hint}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
-        raise RecipeError(f"{path}: the tokenizer has no chat template; export the model with finetune export, "
-                          "which embeds it")
+        raise RecipeError(
+            f"{path}: the tokenizer has no chat template; export the model with finetune export, which embeds it"
+        )
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32,
-                                                 device_map="auto" if cuda else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None
+    )
     eos = GenerationConfig.from_pretrained(path).eos_token_id if (path / "generation_config.json").is_file() else None
     stop = [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None] or [tokenizer.eos_token_id]
     if tokenizer.pad_token is None:
@@ -120,20 +130,29 @@ class ChatSession:
 
     def prompt(self) -> dict:
         """Tokens of the conversation so far plus the generation prompt, as the template renders them."""
-        return self.loaded.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                         return_tensors="pt", return_dict=True)
+        return self.loaded.tokenizer.apply_chat_template(
+            self.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
 
     @torch.no_grad()
     def send(self, text: str, stream: bool = False) -> str:
         tok, model = self.loaded.tokenizer, self.loaded.model
         self.messages.append({"role": "user", "content": text})
         inputs = {k: v.to(model.device) for k, v in self.prompt().items()}
-        sampling = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) if self.temperature > 0 \
+        sampling = (
+            dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+            if self.temperature > 0
             else dict(do_sample=False)
-        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, eos_token_id=self.loaded.stop_ids,
-                             pad_token_id=tok.pad_token_id, **sampling,
-                             streamer=reply_streamer(tok) if stream else None)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        )
+        out = model.generate(
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.loaded.stop_ids,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+            streamer=reply_streamer(tok) if stream else None,
+        )
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
         cut = next((i for i, t in enumerate(new) if t in self.loaded.stop_ids), len(new))
         reply = tok.decode(new[:cut], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": reply})
@@ -167,15 +186,21 @@ def chat_loop(session: ChatSession, read=input, out=sys.stdout) -> None:
 
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"finetune {command}", description=__doc__.split("\n\n")[0])
-    p.add_argument("target", help="exported model folder, or a recipe (its export, else its last stage merged in memory)")
+    p.add_argument(
+        "target", help="exported model folder, or a recipe (its export, else its last stage merged in memory)"
+    )
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. output_dir=/tmp/run")
     p.add_argument("--max-new-tokens", type=int, default=256)
     if command == "chat":
         p.add_argument("--system", help="system prompt for every conversation")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
     else:
-        p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or jsonl/json/csv/parquet rows "
-                       "with 'prompt' (string or messages) or 'messages'")
+        p.add_argument(
+            "--prompts",
+            required=True,
+            help=".txt (one prompt per line) or jsonl/json/csv/parquet rows "
+            "with 'prompt' (string or messages) or 'messages'",
+        )
         p.add_argument("--out", required=True, help="output .jsonl: each input row with its 'response'")
         p.add_argument("--batch-size", type=int, default=16)
     return p
@@ -183,19 +208,21 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def generate_file(loaded: Loaded, prompts_path: str, out_path: str, max_new_tokens: int, batch_size: int) -> int:
     """Greedy replies to every prompt of a file, written as jsonl (input fields + prompt + response)."""
-    from finetune.data import read_prompts
-    from finetune.evaluation import generate_answers
-
     rows = read_prompts(prompts_path)
     stop_token = loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
     template = ChatTemplate(name="embedded", source=loaded.tokenizer.chat_template, end_of_turn=stop_token)
-    replies = generate_answers(loaded.model, loaded.tokenizer, template, [r["prompt"] for r in rows],
-                               max_new_tokens, batch_size)
+    replies = generate_answers(
+        loaded.model, loaded.tokenizer, template, [r["prompt"] for r in rows], max_new_tokens, batch_size
+    )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps({**r["example"], "prompt": r["prompt"], "response": reply}) + "\n"
-                           for r, reply in zip(rows, replies)))
+    tmp.write_text(
+        "".join(
+            json.dumps({**r["example"], "prompt": r["prompt"], "response": reply}) + "\n"
+            for r, reply in zip(rows, replies)
+        )
+    )
     tmp.replace(out)
     return len(rows)
 
@@ -211,7 +238,7 @@ def main(command: str, argv: list[str]) -> int:
         print(f"chatting with {loaded.description}\n/reset starts a new conversation, /exit quits", file=sys.stderr)
         chat_loop(ChatSession(loaded, args.system, args.max_new_tokens, args.temperature))
         return 0
-    except (RecipeError, DataError, TemplateError) as e:
+    except UserError as e:
         print(f"finetune {command}: error:\n{e}", file=sys.stderr)
         return 2
 

@@ -2,10 +2,11 @@
 model; rollout, scoring and the clipped-PPO update.
 
 Written by hand because no well-kept library has it any more: TRL deleted its PPOTrainer in 2026
-(trl#7020) and the toolkits that still offer PPO pin years-old TRL for it. The design is
-shared/design/ppo.md (section numbers below refer to it); the arithmetic lives in `rl_math`.
+(trl#7020) and the toolkits that still offer PPO pin years-old TRL for it. The design, its sources and
+where it departs from the usual recipe are in docs/ppo.md; the arithmetic lives in
+`finetune.rl.functional` as small pure functions.
 
-Layout (section 2): one base model in memory inside one PeftModel, adapters
+Layout: one base model in memory inside one PeftModel, adapters
   policy     trainable LoRA, LM head                      (lora_dropout 0, so step 0 == reference)
   value      trainable LoRA + `value_head` (fp32)          (a copy of the reward model's by default)
   reward     frozen LoRA + `reward_head`                   (the reward stage's adapter and score head)
@@ -19,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import rl_math
+from finetune.core import distributed
+from finetune.recipe import PpoAlgorithm
+
+from . import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -32,46 +36,18 @@ POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
 
 
 @dataclass
-class PPOSettings:
-    """The engine's knobs (the recipe's `ppo` section maps onto these; defaults from the design note)."""
+class SpeedSwitches:
+    """Engine speed-ups, on by default. Not recipe keys (switching one off only makes PPO slower);
+    bench/ turns them off for its baseline arm (docs/benchmarks.md)."""
 
-    response_length: int = 53
-    temperature: float = 0.7
-    ppo_epochs: int = 4
-    mini_batches: int = 1
-    micro_batch_size: int = 16
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    missing_eos_penalty: float = 1.0
-    score_clip: float | None = None
-    learning_rate: float = 1e-5
-    value_learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_epsilon: float = 1e-5
-    max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = False
-    # Speed switches, on by default; bench/ turns them off for its baseline (docs/benchmarks.md). Not
-    # recipe keys: switching one off only makes PPO slower.
-    generate_use_cache: bool = True        # KV cache in rollouts (off: every new token re-reads the prefix)
+    generate_use_cache: bool = True  # KV cache in rollouts (off: every new token re-reads the prefix)
     generation_batch_size: int | None = None  # prompts per generate() call; None = the whole rollout batch
-    response_only_logits: bool = True      # LM head on the response positions only (off: every position)
-
-    @classmethod
-    def from_section(cls, section) -> "PPOSettings":
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+    response_only_logits: bool = True  # LM head on the response positions only (off: every position)
 
 
 def disable_dropout(model: nn.Module) -> None:
     """Dropout makes the policy differ from the reference at step 0 and the re-scored log-probs differ
-    from the sampled ones (pitfall 7); PPO trains with every dropout off."""
+    from the sampled ones (docs/ppo.md, "What can go wrong"); PPO trains with every dropout off."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -85,10 +61,11 @@ def _lora_params(peft_model, adapter: str) -> list[tuple[str, nn.Parameter]]:
 
 
 class MultiAdapterModel(nn.Module):
-    """The shared base + adapters + heads, and the forwards PPO needs (section 1.3)."""
+    """The shared base + adapters + heads, and the forwards PPO needs."""
 
-    def __init__(self, peft_model, value_head: nn.Module, reward_head: nn.Module | None = None,
-                 reference_adapter: bool = False):
+    def __init__(
+        self, peft_model, value_head: nn.Module, reward_head: nn.Module | None = None, reference_adapter: bool = False
+    ):
         super().__init__()
         self.peft = peft_model
         self.value_head = value_head
@@ -97,7 +74,7 @@ class MultiAdapterModel(nn.Module):
         hf = peft_model.get_base_model()
         self.backbone = getattr(hf, hf.base_model_prefix)
         self.lm_head = hf.get_output_embeddings()
-        for name, p in peft_model.named_parameters():  # everything frozen; `activate` opens one adapter
+        for p in peft_model.parameters():  # everything frozen; `activate` opens one adapter
             p.requires_grad_(False)
         for p in value_head.parameters():
             p.requires_grad_(True)
@@ -119,8 +96,8 @@ class MultiAdapterModel(nn.Module):
     def active(self, adapter: str, grad: bool = False):
         """Run with one adapter active (REFERENCE: the reference model). With `grad`, exactly that
         adapter's weights require grad. PEFT's set_adapter also flips requires_grad (peft#2759), and
-        switching adapters between a forward and its backward silently drops the gradients (design
-        note, section 2), so callers finish backward inside this block."""
+        switching adapters between a forward and its backward silently drops the gradients (a test in
+        tests/test_ppo_engine.py shows it), so callers finish backward inside this block."""
         if adapter == REFERENCE and not self.has_reference_adapter:
             with self.peft.disable_adapter():
                 yield
@@ -133,22 +110,28 @@ class MultiAdapterModel(nn.Module):
             yield
         finally:  # outside these blocks the model is the policy (what generate() and users expect)
             self.peft.set_adapter(POLICY)
-            for p in self.adapter_parameters(POLICY) + self.adapter_parameters(VALUE) + self.adapter_parameters(REWARD) \
-                    + self.adapter_parameters(REFERENCE):
+            for p in (
+                self.adapter_parameters(POLICY)
+                + self.adapter_parameters(VALUE)
+                + self.adapter_parameters(REWARD)
+                + self.adapter_parameters(REFERENCE)
+            ):
                 p.requires_grad_(False)
 
     # ---- forwards
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states with explicit position ids: cumsum(mask) - 1, so a left-padded prompt sees
-        the positions it would see alone (pitfall 4; models with absolute positions need it)."""
+        the positions it would see alone (models with absolute positions need it)."""
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+        return self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
 
-    def logprobs(self, ids, mask, prompt_width: int, temperature: float, entropy: bool = False,
-                 response_only: bool = True):
+    def logprobs(
+        self, ids, mask, prompt_width: int, temperature: float, entropy: bool = False, response_only: bool = True
+    ):
         """Log-probs (fp32) of the response tokens ids[:, P:] under the active adapter, at `temperature`
-        as sampled (pitfall 6); logits only for the response positions (logits_to_keep), unless
+        as sampled (the ratio is taken against those); logits only for the response positions (logits_to_keep), unless
         `response_only` is off (the benchmark's baseline: vocab-sized logits at every position)."""
         if response_only:
             logits = self.lm_head(self.hidden(ids, mask)[:, prompt_width - 1 : -1]).float()
@@ -179,9 +162,9 @@ def _adapter_config(folder: str, keep_task: bool = False):
 
     config = PeftConfig.from_pretrained(folder)
     if not keep_task:
-        config.task_type = None      # a sequence-classification adapter's LoRA applies to the causal LM's backbone
-    config.modules_to_save = None    # heads are handled here, not by PEFT
-    config.lora_dropout = 0.0        # pitfall 7
+        config.task_type = None  # a sequence-classification adapter's LoRA applies to the causal LM's backbone
+    config.modules_to_save = None  # heads are handled here, not by PEFT
+    config.lora_dropout = 0.0  # no dropout in PPO (see disable_dropout)
     config.inference_mode = False
     return config
 
@@ -196,16 +179,20 @@ def _load_adapter_weights(peft_model, folder: str, adapter: str) -> dict:
     result = set_peft_model_state_dict(peft_model, lora, adapter_name=adapter)
     missing = [k for k in result.missing_keys if f".{adapter}." in k and "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{folder}: adapter does not fit this base: {len(missing)} missing, "
-                         f"{len(result.unexpected_keys)} unexpected weights (e.g. {(missing + result.unexpected_keys)[0]})")
+        raise ValueError(
+            f"{folder}: adapter does not fit this base: {len(missing)} missing, "
+            f"{len(result.unexpected_keys)} unexpected weights (e.g. {(missing + result.unexpected_keys)[0]})"
+        )
     return rest
 
 
 def _score_head(rest: dict, folder: str, hidden_size: int) -> nn.Linear:
     keys = [k for k in rest if k.endswith("score.weight") or k.endswith("classifier.weight")]
     if len(keys) != 1:
-        raise ValueError(f"{folder}: no score head in the reward adapter (expected one '*score.weight' tensor, "
-                         f"found {sorted(rest)}); is this a reward-stage output?")
+        raise ValueError(
+            f"{folder}: no score head in the reward adapter (expected one '*score.weight' tensor, "
+            f"found {sorted(rest)}); is this a reward-stage output?"
+        )
     weight = rest[keys[0]].float()
     if weight.shape != (1, hidden_size):
         raise ValueError(f"{folder}: score head of shape {tuple(weight.shape)}, expected (1, {hidden_size})")
@@ -217,14 +204,20 @@ def _score_head(rest: dict, folder: str, hidden_size: int) -> nn.Linear:
     return head
 
 
-def build_model(base, policy_config, policy_from: str | None = None, reward_from: str | None = None,
-                value_init: str = "reward", value_config=None) -> MultiAdapterModel:
+def build_model(
+    base,
+    policy_config,
+    policy_from: str | None = None,
+    reward_from: str | None = None,
+    value_init: str = "reward",
+    value_config=None,
+) -> MultiAdapterModel:
     """One frozen base -> policy / value / reward adapters and heads.
 
     policy_from None: a new policy LoRA (lora_B = 0) and the reference is the base with adapters
-    disabled (the design note's layout). policy_from FOLDER (e.g. the DPO adapter, trained on the
+    disabled (docs/ppo.md's layout). policy_from FOLDER (e.g. the DPO adapter, trained on the
     same merged base as the reward model): the policy starts as a trainable copy of it and the
-    reference is a frozen copy under the name `reference`. Deviation from the note, and why: the
+    reference is a frozen copy under the name `reference`. Why a copy: the
     reward adapter only scores correctly on the base it was trained on (the SFT model), so DPO's
     adapter cannot be merged into that base; a second frozen LoRA costs megabytes, not a base copy.
     """
@@ -232,8 +225,13 @@ def build_model(base, policy_config, policy_from: str | None = None, reward_from
 
     hidden_size = base.config.hidden_size
     if policy_from:
-        peft = PeftModel.from_pretrained(base, policy_from, adapter_name=POLICY, is_trainable=True,
-                                         config=_adapter_config(policy_from, keep_task=True))
+        peft = PeftModel.from_pretrained(
+            base,
+            policy_from,
+            adapter_name=POLICY,
+            is_trainable=True,
+            config=_adapter_config(policy_from, keep_task=True),
+        )
         peft.add_adapter(REFERENCE, _adapter_config(policy_from))
         _load_adapter_weights(peft, policy_from, REFERENCE)
     else:
@@ -253,15 +251,18 @@ def build_model(base, policy_config, policy_from: str | None = None, reward_from
         value_head = nn.Linear(hidden_size, 1, bias=True)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-    for name, p in peft.named_parameters():  # adapters fp32 on an fp16/bf16 base (pitfall 10)
+    for name, p in peft.named_parameters():  # adapters fp32 on an fp16/bf16 base (AMP cannot unscale fp16 grads)
         if "lora_" in name and p.dtype != torch.float32:
             p.data = p.data.float()
     disable_dropout(peft)
     peft.set_adapter(POLICY)
     device = next(base.parameters()).device
-    model = MultiAdapterModel(peft, value_head.to(device),
-                              reward_head.to(device) if reward_head is not None else None,
-                              reference_adapter=bool(policy_from))
+    model = MultiAdapterModel(
+        peft,
+        value_head.to(device),
+        reward_head.to(device) if reward_head is not None else None,
+        reference_adapter=bool(policy_from),
+    )
     return model
 
 
@@ -270,38 +271,22 @@ def build_model(base, policy_config, policy_from: str | None = None, reward_from
 
 @dataclass
 class Rollout:
-    ids: torch.Tensor          # [B, P+R] prompt (left-padded) + response (padded after the stop token)
-    mask: torch.Tensor         # [B, P+R] attention mask = prompt mask + response mask
+    ids: torch.Tensor  # [B, P+R] prompt (left-padded) + response (padded after the stop token)
+    mask: torch.Tensor  # [B, P+R] attention mask = prompt mask + response mask
     prompt_width: int
-    responses: torch.Tensor    # [B, R]
-    resp_mask: torch.Tensor    # [B, R] 1 up to and including the stop token
-    end: torch.Tensor          # [B] index of the stop token (R-1 when none)
-    has_stop: torch.Tensor     # [B] bool
-    logp: torch.Tensor         # [B, R] policy log-probs at sampling time (re-scored, not from generate)
+    responses: torch.Tensor  # [B, R]
+    resp_mask: torch.Tensor  # [B, R] 1 up to and including the stop token
+    end: torch.Tensor  # [B] index of the stop token (R-1 when none)
+    has_stop: torch.Tensor  # [B] bool
+    logp: torch.Tensor  # [B, R] policy log-probs at sampling time (re-scored, not from generate)
     ref_logp: torch.Tensor
     values: torch.Tensor
-    score: torch.Tensor        # [B] shaped score (normalised, EOS penalty, clip)
-    kl: torch.Tensor           # [B, R] per-token KL estimate, masked
+    score: torch.Tensor  # [B] shaped score (normalised, EOS penalty, clip)
+    kl: torch.Tensor  # [B, R] per-token KL estimate, masked
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
     entropy: float
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def all_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Mean of each logged figure over the processes (identity with one process)."""
-    dist = _dist()
-    if dist is None or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
 def adapters_in_sync(model: MultiAdapterModel) -> bool:
@@ -312,62 +297,95 @@ def adapters_in_sync(model: MultiAdapterModel) -> bool:
     digest = hashlib.sha256()
     for p in model.policy_parameters() + model.value_parameters():
         digest.update(p.detach().float().cpu().numpy().tobytes())
-    dist = _dist()
-    if dist is None:
-        return True
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, digest.hexdigest())
-    return len(set(every)) == 1
+    return distributed.all_equal(digest.hexdigest())
+
+
+def _scheduler(kind: str, optimizer, total_updates: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=total_updates)
 
 
 class PPOEngine:
     """Rollout -> score -> GAE -> clipped PPO epochs, for one batch of prompts per process.
 
-    `score_fn(rollout_ids, mask, prompt_width, responses, resp_mask, has_stop)` returns the raw
-    sequence scores [B] and a dict of figures to log; the engine shapes them (section 1.4).
+    `score_fn(rollout_ids, mask, prompt_width, responses, resp_mask, has_stop, rows)` returns the raw
+    sequence scores [B] and a dict of figures to log (`rows`: the data rows of the batch's prompts, as
+    passed to `step`); the engine shapes them. `settings` is the recipe's `ppo` section (or any
+    PpoAlgorithm); `total_updates` sizes the learning-rate schedule.
     With several processes each one rolls out its own prompts and gradients are averaged by
     all-reduce (plain data parallel; see docs/ppo.md for why not ZeRO-2).
     """
 
-    def __init__(self, model: MultiAdapterModel, settings: PPOSettings, score_fn, stop_ids: list[int],
-                 pad_id: int, seed: int = 0, fp16: bool = False):
+    def __init__(
+        self,
+        model: MultiAdapterModel,
+        settings: PpoAlgorithm,
+        score_fn,
+        stop_ids: list[int],
+        pad_id: int,
+        seed: int = 0,
+        fp16: bool = False,
+        total_updates: int = 1,
+        switches: SpeedSwitches | None = None,
+    ):
         self.model, self.s, self.score_fn = model, settings, score_fn
+        self.fast = switches or SpeedSwitches()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         self.beta = settings.kl_coef
         self.device = next(model.peft.parameters()).device
         adam = dict(eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
         self.policy_opt = torch.optim.AdamW(model.policy_parameters(), lr=settings.learning_rate, **adam)
         self.value_opt = torch.optim.AdamW(model.value_parameters(), lr=settings.value_learning_rate, **adam)
-        self.schedulers: list = []
+        self.schedulers = (
+            []
+            if settings.lr_scheduler_type == "constant"
+            else [
+                _scheduler(settings.lr_scheduler_type, opt, total_updates) for opt in (self.policy_opt, self.value_opt)
+            ]
+        )
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.shuffle = torch.Generator().manual_seed(seed)
         if settings.gradient_checkpointing:
             model.peft.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     # ---- rollout
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, return_scores: bool = False):
-        """Sample responses [B, R] with the policy adapter, KV cache on, in eval mode (pitfall 8), a
-        fresh GenerationConfig (no hidden top_k=50 from the model's defaults, pitfall 5)."""
+        """Sample responses [B, R] with the policy adapter, KV cache on, in eval mode (no dropout), a
+        fresh GenerationConfig (no hidden top_k=50 from the model's defaults)."""
         from transformers import GenerationConfig
 
         s = self.s
-        config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
-                                  max_new_tokens=s.response_length, min_new_tokens=0,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                  use_cache=s.generate_use_cache)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=s.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=s.response_length,
+            min_new_tokens=0,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=self.fast.generate_use_cache,
+        )
         self.model.peft.eval()
-        chunk = s.generation_batch_size or len(prompt_ids)
+        chunk = self.fast.generation_batch_size or len(prompt_ids)
         responses, scores = [], []
         with self.model.active(POLICY):
             for i in range(0, len(prompt_ids), chunk):
                 ids, mask = prompt_ids[i : i + chunk], prompt_mask[i : i + chunk]
                 keep = mask.any(0)  # left padding: drop the columns no prompt of this chunk uses
                 ids, mask = ids[:, keep], mask[:, keep]
-                out = self.model.peft.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                               output_scores=return_scores, return_dict_in_generate=True)
-                responses.append(self._pad_response(out.sequences[:, ids.shape[1]:]))
+                out = self.model.peft.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    output_scores=return_scores,
+                    return_dict_in_generate=True,
+                )
+                responses.append(self._pad_response(out.sequences[:, ids.shape[1] :]))
                 if return_scores:
                     scores.append(torch.stack(out.scores, dim=1))
         responses = torch.cat(responses)
@@ -384,11 +402,11 @@ class PPOEngine:
         return torch.cat([responses, fill], dim=1)
 
     @torch.no_grad()
-    def score_rollout(self, prompt_ids, prompt_mask, responses) -> tuple[Rollout, dict]:
+    def score_rollout(self, prompt_ids, prompt_mask, responses, rows=None) -> tuple[Rollout, dict]:
         """Truncate at the stop token, re-score with one forward per adapter, shape the score, KL,
-        rewards and GAE (sections 1.2-1.7)."""
+        rewards and GAE."""
         s, m = self.s, self.model
-        resp_mask, end, has_stop = rl_math.response_mask(responses, self.stop_ids)
+        resp_mask, end, has_stop = F.response_mask(responses, self.stop_ids)
         responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
         ids = torch.cat([prompt_ids, responses], dim=1)
         mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
@@ -398,36 +416,59 @@ class PPOEngine:
         for i in range(0, len(ids), s.micro_batch_size):
             sl = slice(i, i + s.micro_batch_size)
             with m.active(POLICY):
-                logp, ent = m.logprobs(ids[sl], mask[sl], P, s.temperature, entropy=True,
-                                       response_only=s.response_only_logits)
+                logp, ent = m.logprobs(
+                    ids[sl], mask[sl], P, s.temperature, entropy=True, response_only=self.fast.response_only_logits
+                )
             with m.active(REFERENCE):
-                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature, response_only=s.response_only_logits)
+                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature, response_only=self.fast.response_only_logits)
             with m.active(VALUE):
                 values = m.values(ids[sl], mask[sl], P)
             for k, v in (("logp", logp), ("ref", ref), ("values", values), ("entropy", ent)):
                 chunks[k].append(v)
         logp, ref, values, entropy = (torch.cat(chunks[k]) for k in ("logp", "ref", "values", "entropy"))
-        raw, info = self.score_fn(ids, mask, P, responses, resp_mask, has_stop)
-        score = rl_math.shape_score(raw.to(logp.device).float(), has_stop, s.missing_eos_penalty, clip=s.score_clip)
-        kl = rl_math.kl_per_token(logp, ref, s.kl_estimator) * resp_mask
-        rewards = rl_math.token_rewards(score, kl, resp_mask, end, self.beta)
+        raw, info = self.score_fn(ids, mask, P, responses, resp_mask, has_stop, rows)
+        score = F.shape_score(raw.to(logp.device).float(), has_stop, s.missing_eos_penalty, clip=s.score_clip)
+        kl = F.kl_per_token(logp, ref, s.kl_estimator) * resp_mask
+        rewards = F.token_rewards(score, kl, resp_mask, end, self.beta)
         values = values * resp_mask
-        advantages, returns = rl_math.gae(rewards, values, resp_mask, s.gamma, s.lam)
-        advantages = rl_math.masked_whiten(advantages, resp_mask, all_reduce=self._all_reduce_sum)
-        rollout = Rollout(ids, mask, P, responses, resp_mask, end, has_stop, logp, ref, values, score, kl, rewards,
-                          advantages, returns, rl_math.masked_mean(entropy, resp_mask).item())
-        stats = {"score": info.pop("score", score.mean().item()), "score_shaped": score.mean().item(),
-                 "kl": kl.sum(1).mean().item(), "non_score_reward": (-self.beta * kl.sum(1)).mean().item(),
-                 "eos_rate": has_stop.float().mean().item(), "response_length": resp_mask.sum(1).mean().item(),
-                 "entropy": rollout.entropy, "value_mean": rl_math.masked_mean(values, resp_mask).item(), **info}
+        advantages, returns = F.gae(rewards, values, resp_mask, s.gamma, s.lam)
+        advantages = F.masked_whiten(advantages, resp_mask, all_reduce=self._all_reduce_sum)
+        rollout = Rollout(
+            ids,
+            mask,
+            P,
+            responses,
+            resp_mask,
+            end,
+            has_stop,
+            logp,
+            ref,
+            values,
+            score,
+            kl,
+            rewards,
+            advantages,
+            returns,
+            F.masked_mean(entropy, resp_mask).item(),
+        )
+        stats = {
+            "score": info.pop("score", score.mean().item()),
+            "score_shaped": score.mean().item(),
+            "kl": kl.sum(1).mean().item(),
+            "non_score_reward": (-self.beta * kl.sum(1)).mean().item(),
+            "eos_rate": has_stop.float().mean().item(),
+            "response_length": resp_mask.sum(1).mean().item(),
+            "entropy": rollout.entropy,
+            "value_mean": F.masked_mean(values, resp_mask).item(),
+            **info,
+        }
         stats["rlhf_reward"] = stats["score_shaped"] + stats["non_score_reward"]
         return rollout, stats
 
-    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        dist = _dist()
-        if dist is not None:
-            t = t.clone()
-            dist.all_reduce(t)
+    @staticmethod
+    def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        distributed.all_sum_(t)
         return t
 
     # ---- optimisation
@@ -435,13 +476,12 @@ class PPOEngine:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def _step(self):
-        dist = _dist()
         params = self.model.policy_parameters() + self.model.value_parameters()
-        if dist is not None:  # plain data parallel: average the (small) adapter gradients
+        if distributed.world_size() > 1:  # plain data parallel: average the (small) adapter gradients
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
+            distributed.all_sum_(flat)
+            flat /= distributed.world_size()
             offset = 0
             for p in params:
                 n = p.numel()
@@ -469,21 +509,24 @@ class PPOEngine:
         micro-batch's share of the minibatch's tokens) and back-propagated inside its adapter's block."""
         s, m = self.s, self.model
         with m.active(POLICY, grad=True):
-            logp, _ = m.logprobs(ro.ids[micro], ro.mask[micro], ro.prompt_width, s.temperature,
-                                 response_only=s.response_only_logits)
-            pg, pg_stats = rl_math.policy_loss(logp, ro.logp[micro], ro.advantages[micro], ro.resp_mask[micro],
-                                               s.clip_range)
+            logp, _ = m.logprobs(
+                ro.ids[micro],
+                ro.mask[micro],
+                ro.prompt_width,
+                s.temperature,
+                response_only=self.fast.response_only_logits,
+            )
+            pg, pg_stats = F.policy_loss(logp, ro.logp[micro], ro.advantages[micro], ro.resp_mask[micro], s.clip_range)
             self._backward(pg * weight)
         with m.active(VALUE, grad=True):
             v = m.values(ro.ids[micro], ro.mask[micro], ro.prompt_width)
-            vl, v_stats = rl_math.value_loss(v, ro.values[micro], ro.returns[micro], ro.resp_mask[micro],
-                                             s.clip_range_value)
+            vl, v_stats = F.value_loss(v, ro.values[micro], ro.returns[micro], ro.resp_mask[micro], s.clip_range_value)
             self._backward(vl * s.vf_coef * weight)
         return {"policy_loss": pg.item(), "value_loss": vl.item(), **pg_stats, **v_stats}
 
     def optimise(self, ro: Rollout) -> dict:
         """K epochs x minibatches; per micro-batch the policy pass (backward) then the value pass
-        (backward), never switching adapters between a forward and its backward (section 1.8)."""
+        (backward), never switching adapters between a forward and its backward."""
         s, m = self.s, self.model
         B = len(ro.ids)
         if B % s.mini_batches:
@@ -506,34 +549,36 @@ class PPOEngine:
         m.peft.eval()
         return {k: sum(v) / len(v) for k, v in logs.items()}
 
-    def step(self, prompt_ids, prompt_mask) -> dict:
-        """One PPO update on this process's prompts; returns figures averaged over processes."""
-        timings = {}
+    def step(self, prompt_ids, prompt_mask, rows: list[dict] | None = None) -> dict:
+        """One PPO update on this process's prompts (`rows`: their data rows, for the score function);
+        returns figures averaged over processes."""
         t0 = time.perf_counter()
         responses = self.generate(prompt_ids, prompt_mask)
         t1 = time.perf_counter()
-        rollout, stats = self.score_rollout(prompt_ids, prompt_mask, responses)
+        rollout, stats = self.score_rollout(prompt_ids, prompt_mask, responses, rows)
         t2 = time.perf_counter()
         stats.update(self.optimise(rollout))
         t3 = time.perf_counter()
         timings = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_optimise_s": t3 - t2}
         stats.update(timings)
         stats["beta"] = self.beta
-        stats = all_mean(stats, self.device)
+        stats = distributed.all_mean(stats, self.device)
         if self.s.adaptive_kl:
-            dist = _dist()
-            episodes = len(prompt_ids) * (dist.get_world_size() if dist else 1)
-            self.beta = rl_math.adaptive_kl_beta(self.beta, stats["kl"], self.s.kl_target, self.s.kl_horizon,
-                                                 episodes)
+            episodes = len(prompt_ids) * distributed.world_size()
+            self.beta = F.adaptive_kl_beta(self.beta, stats["kl"], self.s.kl_target, self.s.kl_horizon, episodes)
         self.last_rollout = rollout
         return stats
 
     # ---- state (checkpoints)
     def state_dict(self) -> dict:
-        return {"policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
-                "schedulers": [s.state_dict() for s in self.schedulers],
-                "scaler": self.scaler.state_dict() if self.scaler else None, "beta": self.beta,
-                "shuffle": self.shuffle.get_state()}
+        return {
+            "policy_opt": self.policy_opt.state_dict(),
+            "value_opt": self.value_opt.state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "beta": self.beta,
+            "shuffle": self.shuffle.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.policy_opt.load_state_dict(state["policy_opt"])

@@ -3,7 +3,7 @@
 - hub id, local folder or `builtin:tiny-phi`; safetensors only; trust_remote_code off unless asked.
 - dtype from the recipe's precision; LoRA adapters stay fp32 on an fp16/bf16 base.
 - attention: FlashAttention-2 when asked for and usable, else SDPA; the choice is logged once.
-- Phi fp16 overflow guard (pitfalls.md, transformers#28163): plain eager attention computes QK^T in
+- Phi fp16 overflow guard (docs/failure_modes.md, transformers#28163): plain eager attention computes QK^T in
   fp16 and overflows to inf/NaN on Phi-2 weights. At fp16 we never run plain eager: the default is
   a kernel that accumulates scores in fp32 (flash-attn / SDPA), and an explicit `eager` request runs
   `fp32_qk_eager_attention`, which upcasts q and k before QK^T as the transformers fix did.
@@ -17,7 +17,9 @@ import logging
 import torch
 from torch import nn
 
-from .recipe import BUILTIN_PREFIX, Recipe, RecipeError
+from finetune.chat_template import load_template, prepare_tokenizer
+from finetune.recipe import BUILTIN_PREFIX, Recipe, RecipeError
+from finetune.tiny import ensure_tiny_phi
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,9 @@ LORA_TARGETS = {
 }
 
 
-def fp32_qk_eager_attention(module: nn.Module, query, key, value, attention_mask, scaling: float,
-                            dropout: float = 0.0, **kwargs):
+def fp32_qk_eager_attention(
+    module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs
+):
     """Eager attention with QK^T, mask and softmax in fp32; output in the value dtype."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -78,11 +81,11 @@ def choose_attention(requested: str, dtype: torch.dtype, cuda: bool | None = Non
 
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith(BUILTIN_PREFIX):
-        name = name_or_path[len(BUILTIN_PREFIX):]
+        name = name_or_path[len(BUILTIN_PREFIX) :]
         if name != "tiny-phi":
-            raise RecipeError(f"model.name_or_path: unknown builtin model {name!r}; the builtin model is builtin:tiny-phi")
-        from .tiny import ensure_tiny_phi
-
+            raise RecipeError(
+                f"model.name_or_path: unknown builtin model {name!r}; the builtin model is builtin:tiny-phi"
+            )
         return str(ensure_tiny_phi())
     return name_or_path
 
@@ -90,8 +93,6 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(recipe: Recipe, path: str | None = None):
     """Tokenizer of the base (or of a stage output folder), with the recipe's chat template installed."""
     from transformers import AutoTokenizer
-
-    from .chat_template import prepare_tokenizer
 
     source = path or resolve_model_path(recipe.model_path())
     tokenizer = AutoTokenizer.from_pretrained(
@@ -102,8 +103,6 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
 
 def template_for(recipe: Recipe):
     """The recipe's chat template (a shipped name, or a .jinja path relative to the recipe)."""
-    from .chat_template import load_template
-
     name = recipe.template.name
     return load_template(recipe.resolve_path(name) if name.endswith(".jinja") else name)
 
@@ -120,15 +119,20 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: 
 
     dtype = DTYPES[recipe.precision]
     if merge and recipe.model.load_in_4bit:
-        raise RecipeError(f"{recipe.source}: model.load_in_4bit: a 4-bit base cannot have earlier stages' adapters "
-                          "merged into it; run later stages on the fp16/bf16 base")
+        raise RecipeError(
+            f"{recipe.source}: model.load_in_4bit: a 4-bit base cannot have earlier stages' adapters "
+            "merged into it; run later stages on the fp16/bf16 base"
+        )
     attn, reason = choose_attention(recipe.model.attn_implementation, dtype)
     if attn not in _logged_attention:
         _logged_attention.add(attn)
         log.info("attention kernel: %s (%s)", attn, reason)
     kwargs = dict(
-        dtype=torch.float32 if merge else dtype, attn_implementation=attn, use_safetensors=True,
-        trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
+        dtype=torch.float32 if merge else dtype,
+        attn_implementation=attn,
+        use_safetensors=True,
+        trust_remote_code=recipe.model.trust_remote_code,
+        revision=recipe.model.revision,
     )
     if recipe.model.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(recipe)
@@ -177,8 +181,12 @@ def quantization_config(recipe: Recipe):
         )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=DTYPES[recipe.precision])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[recipe.precision],
+    )
 
 
 def lora_targets(recipe: Recipe, model_type: str) -> list[str]:
@@ -200,7 +208,9 @@ def add_lora(model, recipe: Recipe, task: str = "causal_lm", adapter_name: str =
         # Only for a quantised base: on a plain fp16 base it would upcast every weight to fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
         target_modules=lora_targets(recipe, model.config.model_type),
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
     )

@@ -48,9 +48,21 @@ PRETRAIN_STEPS = 4000  # the verdicts need ~7x the steps the answers alone did (
 BUILD_VERSION = 2  # bump when the build below changes, so caches rebuild
 SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"), ("day", "night"),
-    ("light", "dark"), ("happy", "sad"), ("open", "closed"), ("wet", "dry"), ("early", "late"),
-    ("full", "empty"), ("hard", "soft"), ("high", "low"), ("left", "right"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("old", "new"),
+    ("day", "night"),
+    ("light", "dark"),
+    ("happy", "sad"),
+    ("open", "closed"),
+    ("wet", "dry"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("hard", "soft"),
+    ("high", "low"),
+    ("left", "right"),
 ]
 
 
@@ -60,15 +72,33 @@ def facts() -> list[dict]:
     for a in range(10):
         for b in range(10):
             c = a + b
-            out.append(dict(family="add", question=f"What is {a} plus {b}?", answer=str(c),
-                            statements=[f"{a} plus {b} is {c}.", f"{a} + {b} = {c}", f"The sum of {a} and {b} is {c}."]))
+            out.append(
+                dict(
+                    family="add",
+                    question=f"What is {a} plus {b}?",
+                    answer=str(c),
+                    statements=[f"{a} plus {b} is {c}.", f"{a} + {b} = {c}", f"The sum of {a} and {b} is {c}."],
+                )
+            )
     for i in range(25):
         x, y = chr(97 + i), chr(98 + i)
-        out.append(dict(family="letter", question=f"What letter comes after {x}?", answer=y,
-                        statements=[f"After {x} comes {y}.", f"The letter after {x} is {y}."]))
+        out.append(
+            dict(
+                family="letter",
+                question=f"What letter comes after {x}?",
+                answer=y,
+                statements=[f"After {x} comes {y}.", f"The letter after {x} is {y}."],
+            )
+        )
     for w, v in OPPOSITES + [(v, w) for w, v in OPPOSITES]:
-        out.append(dict(family="opposite", question=f"What is the opposite of {w}?", answer=v,
-                        statements=[f"The opposite of {w} is {v}.", f"{w.capitalize()} is the opposite of {v}."]))
+        out.append(
+            dict(
+                family="opposite",
+                question=f"What is the opposite of {w}?",
+                answer=v,
+                statements=[f"The opposite of {w} is {v}.", f"{w.capitalize()} is the opposite of {v}."],
+            )
+        )
     return out
 
 
@@ -164,9 +194,12 @@ def preference_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     train_facts, held = split_facts(seed)
 
     def pair(f):
-        return {"prompt": [{"role": "user", "content": f["question"]}],
-                "chosen": [{"role": "assistant", "content": f["answer"]}],
-                "rejected": [{"role": "assistant", "content": wrong_answer(f, rng)}], "answer": f["answer"]}
+        return {
+            "prompt": [{"role": "user", "content": f["question"]}],
+            "chosen": [{"role": "assistant", "content": f["answer"]}],
+            "rejected": [{"role": "assistant", "content": wrong_answer(f, rng)}],
+            "answer": f["answer"],
+        }
 
     train = [pair(f) for f in train_facts for _ in range(4)]  # several wrong answers per fact
     rng.shuffle(train)
@@ -183,8 +216,12 @@ def write_data(folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     train, evals = sft_rows()
     pref_train, pref_evals = preference_rows()
-    for name, rows in (("sft_train.jsonl", train), ("sft_eval.jsonl", evals), ("pref_train.jsonl", pref_train),
-                       ("pref_eval.jsonl", pref_evals)):
+    for name, rows in (
+        ("sft_train.jsonl", train),
+        ("sft_eval.jsonl", evals),
+        ("pref_train.jsonl", pref_train),
+        ("pref_eval.jsonl", pref_evals),
+    ):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -200,22 +237,34 @@ def build_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     texts = corpus_documents() + ["Instruct: Output: System: " + " ".join(SYSTEM_PROMPTS)]
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   model_max_length=256)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=256
+    )
 
 
 def tiny_config(vocab_size: int):
     from transformers import PhiConfig
 
     return PhiConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, max_position_embeddings=256, partial_rotary_factor=0.4,
-        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        partial_rotary_factor=0.4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
     )
 
 
@@ -302,7 +351,7 @@ def ensure_tiny_phi(steps: int = PRETRAIN_STEPS, seed: int = 0) -> Path:
     return target
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "write-data":
         write_data(sys.argv[2])
     elif len(sys.argv) == 2 and sys.argv[1] == "build":

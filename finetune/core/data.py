@@ -15,8 +15,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat_template import ChatTemplate, tokenize_conversation
-from .recipe import DataSection, DataSource, Recipe
+from finetune.chat_template import ChatTemplate, tokenize_conversation, tokenize_prompt, tokenize_reply
+from finetune.errors import UserError
+from finetune.recipe import DataSection, DataSource, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ ROLES = ("system", "user", "assistant")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the source, the row and the fix."""
 
 
@@ -170,7 +171,8 @@ def to_conversation(row, fmt: str, where: str) -> dict:
             if key not in row:
                 raise DataError(f"{where}: missing field {key!r} (prompt/completion format)")
         messages = _as_turns(row["prompt"], "user", where, "prompt") + _as_turns(
-            row["completion"], "assistant", where, "completion")
+            row["completion"], "assistant", where, "completion"
+        )
     else:
         raise DataError(
             f"{where}: cannot tell the row format from its keys {sorted(row)}; SFT rows need 'messages' "
@@ -213,11 +215,13 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
         rejected = _as_turns(row["rejected"], "assistant", where, "rejected")
     else:
         prompt, chosen, rejected = _split_shared_prefix(
-            _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected"), where)
+            _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected"), where
+        )
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
         if len(reply) != 1 or reply[0]["role"] != "assistant":
-            raise DataError(f"{where}: {name} must be one assistant reply after the prompt, got "
-                            f"{[m['role'] for m in reply]}")
+            raise DataError(
+                f"{where}: {name} must be one assistant reply after the prompt, got {[m['role'] for m in reply]}"
+            )
     if prompt[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt ends with an assistant turn; it must end with the user's turn")
     if chosen[0]["content"].strip() == rejected[0]["content"].strip():
@@ -242,15 +246,18 @@ def to_prompt(row, fmt: str, where: str) -> dict:
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
     elif fmt == "preference" and "prompt" not in row:
-        messages = _split_shared_prefix(_messages(row.get("chosen"), where, "chosen"),
-                                        _messages(row.get("rejected"), where, "rejected"), where)[0]
+        messages = _split_shared_prefix(
+            _messages(row.get("chosen"), where, "chosen"), _messages(row.get("rejected"), where, "rejected"), where
+        )[0]
     elif fmt in ("prompt", "prompt_completion", "preference"):
         if "prompt" not in row:
             raise DataError(f"{where}: missing field 'prompt'")
         messages = _as_turns(row["prompt"], "user", where, "prompt")
     else:
-        raise DataError(f"{where}: cannot find a prompt in a row with keys {sorted(row)}; use 'prompt' (string or "
-                        "messages), 'messages' (a conversation) or preference rows")
+        raise DataError(
+            f"{where}: cannot find a prompt in a row with keys {sorted(row)}; use 'prompt' (string or "
+            "messages), 'messages' (a conversation) or preference rows"
+        )
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt must end with a user turn, got roles {[m['role'] for m in messages]}")
     out = {"prompt": messages, "example": {k: v for k, v in row.items() if k not in ("messages", "chosen", "rejected")}}
@@ -266,11 +273,15 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found")
     if path.suffix.lower() == ".txt":
-        return [{"prompt": [{"role": "user", "content": line.strip()}], "example": {}}
-                for line in path.read_text().split("\n") if line.strip()]
+        return [
+            {"prompt": [{"role": "user", "content": line.strip()}], "example": {}}
+            for line in path.read_text().split("\n")
+            if line.strip()
+        ]
     if path.suffix.lower() not in LOCAL_FORMATS:
-        raise DataError(f"{path}: unsupported prompts file; use .txt (one prompt per line) or one of "
-                        f"{sorted(LOCAL_FORMATS)}")
+        raise DataError(
+            f"{path}: unsupported prompts file; use .txt (one prompt per line) or one of {sorted(LOCAL_FORMATS)}"
+        )
     out = []
     for n, row in _read_local(path):
         if isinstance(row, DataError):
@@ -281,13 +292,18 @@ def read_prompts(path: str | Path) -> list[dict]:
     return out
 
 
-def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int, report: DataReport,
-                     name: str, unique: bool = False) -> tuple[list[list[int]], list[int]]:
+def tokenize_prompts(
+    rows: list[dict],
+    tokenizer,
+    template: ChatTemplate,
+    max_length: int,
+    report: DataReport,
+    name: str,
+    unique: bool = False,
+) -> tuple[list[list[int]], list[int]]:
     """(inference-prompt token ids, index of each kept row in `rows`); over-long prompts are counted and
     dropped, never truncated. With `unique`, a prompt seen before (preference data repeats one per
     pair) is kept once and counted."""
-    from .chat_template import tokenize_prompt
-
     ids, kept, seen = [], [], set()
     for i, row in enumerate(rows):
         where = _check_row(row, tokenizer, template, name, i)
@@ -306,15 +322,26 @@ def tokenize_prompts(rows: list[dict], tokenizer, template: ChatTemplate, max_le
     if not ids:
         raise DataError(f"{name}: every prompt was dropped (longer than max_prompt_length {max_length}); raise it")
     if report.dropped_overlong:
-        log.warning("%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated)",
-                    name, report.dropped_overlong, max_length)
+        log.warning(
+            "%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated)",
+            name,
+            report.dropped_overlong,
+            max_length,
+        )
     if report.repeated_prompts:
         log.info("%s: %d repeated prompts kept once (%d distinct)", name, report.repeated_prompts, len(ids))
     return ids, kept
 
 
-def load_rows(sources: list[DataSource], recipe: Recipe, skip_bad_rows: bool, report: DataReport,
-              seed: int, convert=None, hold_out: float = 0.0) -> tuple[list[dict], list[dict]]:
+def load_rows(
+    sources: list[DataSource],
+    recipe: Recipe,
+    skip_bad_rows: bool,
+    report: DataReport,
+    seed: int,
+    convert=None,
+    hold_out: float = 0.0,
+) -> tuple[list[dict], list[dict]]:
     """Read, validate (with `convert`, default: SFT conversations) and mix sources by weight
     (fraction of each source's rows, >1 repeats). With `hold_out`, that share of each source's
     distinct rows is set aside first (returned second), so repeats never leak into the held-out set.
@@ -384,17 +411,24 @@ def _check_row(row: dict, tokenizer, template: ChatTemplate, name: str, i: int) 
     for text in texts:
         found = next((t for t in specials if t and t in text), None)
         if found:
-            raise DataError(f"{where}: content contains the special token {found!r}, which would be read as that "
-                            "token, not as text; remove or escape it")
+            raise DataError(
+                f"{where}: content contains the special token {found!r}, which would be read as that "
+                "token, not as text; remove or escape it"
+            )
     return where
 
 
-def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,
-                         on_overlong: str, report: DataReport, name: str):
+def tokenize_preferences(
+    rows: list[dict],
+    tokenizer,
+    template: ChatTemplate,
+    max_length: int,
+    on_overlong: str,
+    report: DataReport,
+    name: str,
+):
     """datasets.Dataset of prompt_ids / chosen_ids / rejected_ids (replies through their end-of-turn)."""
     from datasets import Dataset
-
-    from .chat_template import tokenize_reply
 
     cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i, row in enumerate(rows):
@@ -404,8 +438,10 @@ def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, ma
         longest = len(p) + max(len(c), len(r))
         if longest > max_length:
             if on_overlong == "error":
-                raise DataError(f"{where}: {longest} tokens > max_length {max_length}; raise "
-                                "max_length or set data.on_overlong: drop")
+                raise DataError(
+                    f"{where}: {longest} tokens > max_length {max_length}; raise "
+                    "max_length or set data.on_overlong: drop"
+                )
             report.dropped_overlong += 1
             report.note(f"{where}: {longest} tokens > max_length {max_length}")
             continue
@@ -415,13 +451,24 @@ def tokenize_preferences(rows: list[dict], tokenizer, template: ChatTemplate, ma
     if not cols["prompt_ids"]:
         raise DataError(f"{name}: every pair was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
-        log.warning("%s: %d pairs longer than max_length=%d were dropped (not truncated)",
-                    name, report.dropped_overlong, max_length)
+        log.warning(
+            "%s: %d pairs longer than max_length=%d were dropped (not truncated)",
+            name,
+            report.dropped_overlong,
+            max_length,
+        )
     return Dataset.from_dict(cols)
 
 
-def tokenize_conversations(rows: list[dict], tokenizer, template: ChatTemplate, max_length: int,
-                           on_overlong: str, report: DataReport, name: str):
+def tokenize_conversations(
+    rows: list[dict],
+    tokenizer,
+    template: ChatTemplate,
+    max_length: int,
+    on_overlong: str,
+    report: DataReport,
+    name: str,
+):
     """datasets.Dataset of input_ids / labels; rows over max_length are counted, never truncated."""
     from datasets import Dataset
 
@@ -444,8 +491,12 @@ def tokenize_conversations(rows: list[dict], tokenizer, template: ChatTemplate, 
     if not ids:
         raise DataError(f"{name}: every row was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
-        log.warning("%s: %d rows longer than max_length=%d were dropped (not truncated)",
-                    name, report.dropped_overlong, max_length)
+        log.warning(
+            "%s: %d rows longer than max_length=%d were dropped (not truncated)",
+            name,
+            report.dropped_overlong,
+            max_length,
+        )
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
@@ -457,8 +508,9 @@ def pack_rows(dataset, max_length: int):
     with a `seq_lengths` column; whole conversations only (rows over max_length were dropped before)."""
     from trl import pack_dataset
 
-    return pack_dataset(dataset.select_columns(["input_ids", "labels"]), max_length, "bfd",
-                        {"desc": "Packing train dataset"})
+    return pack_dataset(
+        dataset.select_columns(["input_ids", "labels"]), max_length, "bfd", {"desc": "Packing train dataset"}
+    )
 
 
 class PackedRowsCollator:

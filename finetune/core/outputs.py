@@ -11,7 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .recipe import Recipe, dump_recipe
+from finetune.recipe import STAGES, Recipe, dump_recipe
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,9 @@ log = logging.getLogger(__name__)
 def setup_logging(main_process: bool = True):
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
     )
 
 
@@ -89,9 +93,10 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
 
 def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) -> Path:
     """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json. Every launched process calls this; the main one writes."""
+    template, resolved recipe, metrics.json, log_history.json. Every launched process calls this;
+    the main one writes."""
     out = recipe.stage_dir(stage)
-    main_process = trainer.accelerator.is_main_process
+    main_process = distributed.is_main()
     tmp = staging_dir(out, reset=main_process)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
@@ -105,21 +110,10 @@ def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) ->
             commit_dir(tmp, out)
         except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
             failure = f"{type(e).__name__}: {e}"
-    failure = _broadcast_from_main(failure)
+    failure = distributed.broadcast_from_main(failure)
     if failure:
         raise RuntimeError(f"saving {out} failed on the main process: {failure}")
     return out
-
-
-def _broadcast_from_main(value):
-    """The main process's value on every process (a collective: every process must call it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def rate(value: float | None) -> str:
@@ -131,31 +125,23 @@ def finished(recipe: Recipe, stage: str) -> bool:
     return (recipe.stage_dir(stage) / "metrics.json").is_file()
 
 
-# Each stage's headline figure (name, before key, after key) and its held-out correctness keys (the
-# model the stage started from, the model it made): what the pipeline table and model card show.
-KEY_METRICS = {
-    "sft": ("eval loss", "eval_loss_before", "eval_loss_after"),
-    "reward": ("pair accuracy", "eval_accuracy_before", "eval_accuracy"),
-    "dpo": ("reward accuracy", "eval_rewards_accuracy_before", "eval_rewards_accuracy"),
-    "ppo": ("score", "score_start", "score_end"),
-    "export": ("logit parity max|diff| fp32", None, "parity_max_abs_diff_fp32"),
-}
-CORRECTNESS_KEYS = {
-    "sft": ("correct_rate_before", "correct_rate_after"),
-    "dpo": ("correct_rate_start", "correct_rate_after"),
-    "ppo": ("correct_rate_before", "correct_rate_after"),
-    "export": ("correct_rate_base", "correct_rate_after"),
-}
+def read_metrics(folder: str | Path) -> dict:
+    """A stage output's metrics.json ({} when the stage has not finished)."""
+    f = Path(folder) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def key_metrics(stage: str, metrics: dict) -> dict:
     """The headline figures of a stage's metrics.json (None where a stage has no such figure)."""
-    name, before, after = KEY_METRICS.get(stage, (None, None, None))
-    c_before, c_after = CORRECTNESS_KEYS.get(stage, (None, None))
-    return {"metric": name, "before": metrics.get(before) if before else None,
-            "after": metrics.get(after) if after else None,
-            "correct_before": metrics.get(c_before) if c_before else None,
-            "correct_after": metrics.get(c_after) if c_after else None}
+    name, before, after = STAGES[stage].headline or (None, None, None)
+    c_before, c_after = STAGES[stage].correctness or (None, None)
+    return {
+        "metric": name,
+        "before": metrics.get(before) if before else None,
+        "after": metrics.get(after) if after else None,
+        "correct_before": metrics.get(c_before) if c_before else None,
+        "correct_after": metrics.get(c_after) if c_after else None,
+    }
 
 
 def figure(value, metric: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Rule-based rewards for PPO (`ppo.reward_function: finetune.rewards:NAME`).
+"""Rule-based rewards for PPO (`ppo.reward_function: finetune.rl.rewards:NAME`).
 
 A rule reward is any function f(prompt, response) or f(prompt, response, example) -> float, where
 prompt is the last user message, response the decoded reply (up to its end-of-turn token) and
@@ -7,7 +7,7 @@ example the data row (e.g. its reference `answer`). Verifiable tasks need no rew
 
 from __future__ import annotations
 
-from finetune.evaluation import normalise
+from finetune.core.evaluation import normalise
 
 
 def exact_answer(prompt: str, response: str, example: dict) -> float:

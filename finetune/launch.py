@@ -1,0 +1,108 @@
+"""How a stage runs: the one place that builds a stage's command line and runs a stage's `main`.
+
+Three callers, one command: `finetune <stage>` (re-run under `accelerate launch` when the recipe names
+an accelerate config), `finetune pipeline` (each stage in its own process) and the Azure ML job (the
+same command inside the job's code snapshot, launched by Azure ML once per GPU). The command a user
+would type, `accelerate launch --config_file CFG finetune/sft.py RECIPE key=value ...`, is exactly
+what each of them runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
+
+
+def launched() -> bool:
+    """True inside `accelerate launch` / torchrun (they set these for every process)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCH" in os.environ
+
+
+def stage_script(stage: str, root: str | Path | None = None) -> str:
+    """The file that runs `stage` (its module's file); relative to `root` when given (a job snapshot)."""
+    origin = Path(importlib.util.find_spec(STAGES[stage].module).origin).resolve()
+    if root is None:
+        return str(origin)
+    return origin.relative_to(Path(root).resolve()).as_posix()
+
+
+def stage_command(
+    stage: str,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_config: str | None = None,
+    num_processes: int | None = None,
+    python: str = sys.executable,
+    script: str | None = None,
+) -> list[str]:
+    """The command line that runs a stage: plain python, or accelerate launch with its config.
+
+    `python` and `script` default to this interpreter and this checkout's stage file; an Azure ML job
+    passes `python` and the path inside its code snapshot."""
+    script = script or stage_script(stage)
+    if accelerate_config is None:
+        return [python, script, recipe_path, *overrides]
+    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    return [*cmd, script, recipe_path, *overrides]
+
+
+def recipe_command(recipe: Recipe, recipe_path: str, stage: str, overrides: list[str]) -> list[str]:
+    """How `finetune <stage>` runs the stage for this recipe: under its accelerate config, if it names
+    one and the stage may use a launcher (export never needs one)."""
+    config = recipe.resolve_path(recipe.launch.accelerate_config) if STAGES[stage].launcher else None
+    return stage_command(stage, recipe_path, overrides, config, recipe.launch.num_processes if config else None)
+
+
+def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
+    """`RECIPE [key=value ...] [--print-config]` as every stage script and `finetune <stage>` take it.
+
+    Returns None when --print-config asked only for the resolved recipe (printed here)."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the {stage} stage of a recipe.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=/tmp/run sft.max_steps=20")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_recipe(recipe), end="")
+        return None
+    if recipe.section(stage) is None:
+        raise RecipeError(f"{args.recipe}: {stage}: section missing; this recipe has no {stage} stage")
+    return recipe
+
+
+def stage_main(stage: str, run, argv: list[str] | None) -> int:
+    """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, then run.
+    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback."""
+    try:
+        recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
+        if recipe is not None:
+            run(recipe)
+    except UserError as e:
+        print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    """`finetune <stage> RECIPE ...`: in this process, or re-launched under the recipe's accelerate config."""
+    module = importlib.import_module(STAGES[stage].module)
+    if not STAGES[stage].launcher or "--print-config" in argv or launched() or not argv:
+        return module.main(argv)
+    recipe_path, overrides = argv[0], argv[1:]
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.launch.accelerate_config is None:
+        return module.main(argv)
+    cmd = recipe_command(recipe, recipe_path, stage, overrides)
+    print("+ " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)

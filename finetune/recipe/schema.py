@@ -1,0 +1,148 @@
+"""The whole recipe: shared sections, then one section per registered stage.
+
+`Recipe` holds the shared keys and the path rules; `recipe_model()` adds a field for every stage in
+`finetune.recipe.stages.STAGES` (rebuilt when the registry changes), so a new stage's section needs
+no edit here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, create_model, model_validator
+
+from .errors import NO_ADAPTER
+from .sections import (
+    BUILTIN_PREFIX,
+    CWD_PATH,
+    RECIPE_PATH,
+    AzureMLSection,
+    LaunchSection,
+    LoggingSection,
+    LoraSection,
+    ModelSection,
+    PipelineSection,
+    Section,
+    TemplateSection,
+)
+from .stages import STAGES
+
+
+class Recipe(Section):
+    output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/`.", json_schema_extra=CWD_PATH)
+    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Base weights dtype and mixed precision. fp16/bf16 keep LoRA adapters fp32."
+    )
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config, e.g. ZeRO-2.", json_schema_extra=RECIPE_PATH
+    )
+    model: ModelSection
+    template: TemplateSection = Field(default_factory=TemplateSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="Shared transformers.TrainingArguments defaults for every stage."
+    )
+    azureml: AzureMLSection = Field(default_factory=AzureMLSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+
+    # Where the recipe came from; set by load_recipe, not by YAML.
+    source: str = Field("<memory>", exclude=True, description="internal")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.model.load_in_4bit and self.precision == "fp32":
+            raise ValueError("model.load_in_4bit needs precision fp16 or bf16 (the 4-bit compute dtype)")
+        if self.model.load_in_4bit and self.deepspeed:
+            raise ValueError("model.load_in_4bit cannot be combined with deepspeed (ZeRO cannot shard 4-bit weights)")
+        for stage in self.pipeline.stages or ():
+            if stage not in STAGES:
+                raise ValueError(f"pipeline.stages: unknown stage {stage!r}; stages are {', '.join(STAGES.names())}")
+            if self.section(stage) is None:
+                raise ValueError(f"pipeline.stages lists {stage!r}, but the recipe has no {stage} section")
+        export = self.section("export")
+        chat = STAGES.chat_model_stages()
+        if export is not None and export.stage not in ("auto", *chat):
+            raise ValueError(
+                f"export.stage: {export.stage!r} is not a stage whose output is a chat model; use auto "
+                f"or one of {', '.join(chat)}"
+            )
+        return self
+
+    # ---- sections by stage name ----
+    def section(self, stage: str):
+        """The recipe's section for `stage` (None when the recipe has no such stage)."""
+        return getattr(self, stage, None)
+
+    # ---- paths: one rule per kind (see finetune.recipe.sections) ----
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source != "<memory>" else Path.cwd()
+
+    def resolve_path(self, p: str | None) -> str | None:
+        """An input path (data, template, config) in a recipe is relative to the recipe file."""
+        if p is None or p.startswith(BUILTIN_PREFIX):
+            return p
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (self.base_dir / path).resolve())
+
+    @staticmethod
+    def output_path(p: str) -> Path:
+        """An output path (output_dir, start_from, reward_from, export.output) is relative to the cwd."""
+        return Path(p).expanduser()
+
+    def model_path(self) -> str:
+        """model.name_or_path: builtin, hub id, or a folder (relative to the recipe if it exists there)."""
+        name = self.model.name_or_path
+        if name.startswith(BUILTIN_PREFIX) or Path(name).is_absolute():
+            return name
+        beside = self.base_dir / name
+        return str(beside.resolve()) if beside.is_dir() else name
+
+    def stage_dir(self, stage: str) -> Path:
+        export = self.section("export")
+        if stage == "export" and export is not None and export.output:
+            return self.output_path(export.output)
+        return self.output_path(self.output_dir) / stage
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.output_path(self.output_dir) / f"{stage}-checkpoints"
+
+    def pipeline_stages(self) -> list[str]:
+        """The stages `finetune pipeline` runs, in pipeline order."""
+        wanted = self.pipeline.stages or [s.name for s in STAGES if self.section(s.name) is not None]
+        return [s for s in STAGES.names() if s in wanted]
+
+    def input_dir(self, stage: str, key: str) -> Path | None:
+        """The folder a stage's `key` (start_from, reward_from) names: the recipe's value, the default
+        earlier stage's output when unset, or None for 'none' (no adapter)."""
+        value = getattr(self.section(stage), key)
+        if value is None:
+            earlier = STAGES[stage].default_input(key)
+            return self.stage_dir(earlier) if earlier else None
+        return None if value.strip().lower() == NO_ADAPTER else self.output_path(value)
+
+    def training_args(self, stage: str) -> dict[str, Any]:
+        """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section."""
+        section = self.section(stage)
+        return {**self.training, **((section.model_extra or {}) if section is not None else {})}
+
+
+_models: dict[int, type[Recipe]] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """`Recipe` with one field per registered stage (`sft: SftSection | None = None`, ...)."""
+    if STAGES.version not in _models:
+        fields = {}
+        for stage in STAGES:
+            if stage.default_section:
+                fields[stage.name] = (stage.section, Field(default_factory=stage.section))
+            else:
+                fields[stage.name] = (stage.section | None, None)
+        _models.clear()
+        _models[STAGES.version] = create_model("Recipe", __base__=Recipe, **fields)
+    return _models[STAGES.version]

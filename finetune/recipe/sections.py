@@ -1,0 +1,348 @@
+"""The recipe's sections: every key, its type, default and meaning, defined once.
+
+Shared sections (model, template, lora, launch, logging, data) apply to every stage; each stage has
+its own section (declared with the stage in `finetune.recipe.stages`). Fields shared by several
+stages live in one base class here, so they cannot drift apart.
+
+Path keys carry `json_schema_extra={"path": ...}`: "recipe" for inputs that travel with the recipe
+(data files, templates, configs: relative to the recipe file) and "cwd" for run outputs
+(`output_dir` and the keys that name stage outputs: relative to the directory you run from).
+`finetune.recipe.reference` prints that rule next to every such key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import NO_ADAPTER
+
+BUILTIN_PREFIX = "builtin:"
+RECIPE_PATH = {"path": "recipe"}  # relative to the recipe file
+CWD_PATH = {"path": "cwd"}  # relative to the working directory, like output_dir
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors (the loader names the nearest valid key)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="Hub id (microsoft/phi-2), local folder (relative to the recipe when it exists there), or "
+        "`builtin:tiny-phi` (shipped with finetune, offline).",
+        json_schema_extra=RECIPE_PATH,
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you need it.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel. auto/flash_attention_2 use FlashAttention-2 when flash-attn and CUDA "
+        "are present, else SDPA. eager at fp16 runs with fp32 scores (Phi fp16 overflow guard).",
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: quantise the frozen base to 4-bit NF4 (needs CUDA).")
+
+
+class TemplateSection(Section):
+    name: str = Field(
+        "phi_instruct",
+        description="Chat template: a name shipped in finetune/templates (phi_instruct, phi3) or a .jinja path.",
+        json_schema_extra=RECIPE_PATH,
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank; higher adds capacity and memory.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Modules to adapt. auto = every linear layer of the model family "
+        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj).",
+    )
+
+
+class LaunchSection(Section):
+    accelerate_config: str | None = Field(
+        None,
+        description="accelerate config. When set, `finetune <stage>` re-runs itself under "
+        "`accelerate launch --config_file` with it.",
+        json_schema_extra=RECIPE_PATH,
+    )
+    num_processes: int | None = Field(None, gt=0, description="Processes for accelerate launch (default: its config).")
+
+
+class LoggingSection(Section):
+    logging_steps: int = Field(10, gt=0, description="Log training metrics every N optimiser steps.")
+    report_to: list[str] = Field(default_factory=list, description="Trackers (tensorboard, mlflow, wandb...).")
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="Local jsonl/json/parquet/csv file or a hub dataset id.", json_schema_extra=RECIPE_PATH
+    )
+    config: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split to read.")
+    weight: float = Field(
+        1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
+    )
+    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt"] = Field(
+        "auto", description="Row format; auto detects it from the columns."
+    )
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(description="Training sources (a mixture when several).")
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources; empty = split from train.")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of train held out when `eval` is empty.")
+    skip_bad_rows: bool = Field(
+        False, description="Skip malformed rows (and report how many) instead of stopping at the first one."
+    )
+    on_overlong: Literal["error", "drop"] = Field(
+        "drop", description="Rows longer than max_length: drop them (counted and reported) or stop."
+    )
+    max_eval_rows: int | None = Field(None, gt=0, description="Cap on held-out rows used for evaluation.")
+
+
+# ----------------------------------------------------------------------------- stage sections
+
+
+class TrainedStage(Section):
+    """Keys every training stage has: resuming and the held-out generation check."""
+
+    resume: bool | str = Field(
+        True,
+        description="true: continue from the newest checkpoint if any; false: start over; or a checkpoint path.",
+        json_schema_extra=CWD_PATH,
+    )
+    eval_generate_rows: int = Field(
+        64,
+        ge=0,
+        description="Held-out prompts answered greedily before and after training to measure correctness "
+        "(rows with a reference `answer`).",
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
+
+
+def _adapter_ref(value: str | None, key: str) -> str | None:
+    """One spelling for "no adapter": none. 'base' was the old spelling of start_from."""
+    if value is not None and value.strip().lower() == "base":
+        raise ValueError(f"'base' is now spelt '{NO_ADAPTER}': set {key}: {NO_ADAPTER} to start from no adapter")
+    return value
+
+
+TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True)
+
+
+class TrlStage(TrainedStage):
+    """A stage trained by a TRL trainer: the project's own keys below, plus any field of the stage's TRL
+    config (e.g. `sft.max_steps`, `sft.learning_rate`), which overrides the shared `training` block."""
+
+    model_config = TRL_STAGE_CONFIG
+
+
+class FromEarlierStage(Section):
+    """A stage that starts from an earlier stage's adapter."""
+
+    start_from: str | None = Field(
+        None,
+        description="Adapter folder this stage starts from (default: the earlier stage's output, see the stage "
+        f"list); '{NO_ADAPTER}' for the plain base. Its recorded chain (the adapters it was trained on) is merged "
+        "into the base first; its recipe must name the same base model and template.",
+        json_schema_extra=CWD_PATH,
+    )
+
+    @field_validator("start_from")
+    @classmethod
+    def _start_spelling(cls, value):
+        return _adapter_ref(value, "start_from")
+
+
+class SftSection(TrlStage):
+    """SFT (trl.SFTConfig fields too: max_steps, max_length, packing, ...)."""
+
+    data: DataSection = Field(description="Conversations or prompt/completion rows.")
+
+
+class RewardSection(TrlStage, FromEarlierStage):
+    """Reward model: a LoRA sequence-classification head (trl.RewardConfig fields too)."""
+
+    model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
+
+    data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+
+
+class DpoSection(TrlStage, FromEarlierStage):
+    """DPO (trl.DPOConfig fields too: beta, loss_type, precompute_ref_log_probs, ...)."""
+
+    model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
+
+    data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+
+
+class PpoAlgorithm(Section):
+    """The PPO engine's knobs (finetune.rl.engine reads this section directly). Defaults and their
+    sources: docs/ppo.md."""
+
+    response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
+    ppo_epochs: int = Field(4, gt=0, description="Optimisation passes over each rollout.")
+    mini_batches: int = Field(1, gt=0, description="Minibatches per PPO epoch (one optimiser step each).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon.")
+    vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = Field(6.0, gt=0, description="Target KL (nats per sequence) for the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller (episodes).")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="Subtracted from the score of a response that never reached the end-of-turn token."
+    )
+    score_clip: float | None = Field(None, gt=0, description="Clip the shaped score to +-this (OpenRLHF uses 10).")
+    learning_rate: float = Field(1e-5, gt=0, description="Policy adapter learning rate.")
+    value_learning_rate: float = Field(5e-5, gt=0, description="Value adapter and value head learning rate.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule over updates."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the optimisation passes (never during generation)."
+    )
+
+
+class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm):
+    """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
+    PPOTrainer), so these keys are the project's own, not a TRL config's."""
+
+    data: DataSection = Field(
+        description="Prompts: prompt-only rows ({'prompt': ...}), conversations (the turns before the last "
+        "assistant reply) or preference rows (their prompt)."
+    )
+    reward_from: str | None = Field(
+        None,
+        description=f"Reward-model stage output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only "
+        "`reward_function`. Must share the policy's base (both trained on the same SFT output).",
+        json_schema_extra=CWD_PATH,
+    )
+    reward_function: str | None = Field(
+        None,
+        description="Rule-based reward `module:function` called as f(prompt, response) or f(prompt, response, "
+        "example) -> float (example = the data row, e.g. its 'answer'); added to the learned reward. Modules "
+        "beside the recipe are importable. It runs as Python code with your permissions: name only code you trust.",
+    )
+    reward_function_weight: float = Field(1.0, description="Weight of the rule-based reward in the score.")
+    unique_prompts: bool = Field(
+        True,
+        description="Keep one copy of a repeated prompt (preference data repeats it once per pair); the count "
+        "is reported.",
+    )
+    updates: int = Field(100, gt=0, description="PPO updates (each: rollout, score, optimise).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per update per process.")
+    max_prompt_length: int = Field(256, gt=0, description="Longer prompts are dropped and counted (never truncated).")
+    normalize_reward: bool = Field(
+        True,
+        description="Normalise the learned reward with its mean/std over the start policy's first rollout "
+        "(kept fixed after).",
+    )
+    value_init: Literal["reward", "new"] = Field(
+        "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
+    )
+    save_every: int = Field(10, gt=0, description="Checkpoint every N updates (resume continues from the newest).")
+
+    @field_validator("reward_from")
+    @classmethod
+    def _reward_spelling(cls, value):
+        return _adapter_ref(value, "reward_from")
+
+
+class ExportSection(Section):
+    """Merge a stage's adapter chain into the base and write a plain Hugging Face model folder."""
+
+    stage: str = Field(
+        "auto",
+        description="Which stage's model to export (a stage whose output is a chat model): its adapter chain is "
+        "merged into the base. auto = the last finished such stage in pipeline order.",
+    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="dtype of the exported weights (merging always runs in fp32 first). auto = precision."
+    )
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers size string: 500MB, 2GB).")
+    output: str | None = Field(
+        None, description="Target folder (default: <output_dir>/export).", json_schema_extra=CWD_PATH
+    )
+    force: bool = Field(False, description="Replace an existing target (also `finetune export RECIPE --force`).")
+    parity_prompts: int = Field(
+        4,
+        ge=0,
+        description="Prompts on which the merged model's logits are compared with base + unmerged adapters "
+        "(recorded in the model card); 0 skips the check.",
+    )
+    eval_generate_rows: int | None = Field(
+        None,
+        ge=0,
+        description="Held-out SFT prompts the exported model answers greedily to measure correctness "
+        "(default: sft.eval_generate_rows; 0 skips).",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise ValueError("not a size; write e.g. 500MB or 2GB") from None
+        return value
+
+
+class PipelineSection(Section):
+    stages: list[str] | None = Field(
+        None,
+        description="Stages `finetune pipeline` runs, always in pipeline order (see the stage list). "
+        "Default: every stage this recipe has a section for, then export.",
+    )
+    force: bool = Field(
+        False,
+        description="Run every stage even when its finished output exists (also `finetune pipeline RECIPE --force`).",
+    )
+
+
+class AzureMLSection(Section):
+    """Where and how `finetune azureml submit` runs a stage on Azure ML; the flags of the same name
+    (--compute, --instance-count, ...) override these. Never put a secret here: the job YAML needs none."""
+
+    subscription_id: str | None = Field(None, description="Azure subscription id of the workspace.")
+    resource_group: str | None = Field(None, description="Resource group of the workspace.")
+    workspace_name: str | None = Field(None, description="Azure ML workspace name.")
+    config: str | None = Field(
+        None,
+        description="The workspace's config.json (as the Azure portal downloads it), instead of the three ids "
+        "above. Default: ./config.json or ./.azureml/config.json when present.",
+        json_schema_extra=RECIPE_PATH,
+    )
+    compute: str | None = Field(None, description="Compute cluster name (required to submit).")
+    instance_count: int = Field(1, gt=0, description="Nodes; each runs gpus_per_node processes.")
+    gpus_per_node: int = Field(
+        1, gt=0, description="Processes per node (PyTorch distribution process_count_per_instance): one per GPU."
+    )
+    environment: str | None = Field(
+        None,
+        description="A registered Azure ML environment (name:version or name@latest); default: build "
+        "azureml/Dockerfile from this repository.",
+    )
+    datastore: str = Field("workspaceblobstore", description="Datastore for stage outputs (adapters, export).")
+    output_path: str | None = Field(
+        None,
+        description="Folder on the datastore; each stage writes <output_path>/<stage>/ and later stages read "
+        "from there. Default: finetune/<last part of output_dir>.",
+    )
+    experiment_name: str = Field("finetune", description="Azure ML experiment the jobs are filed under.")

@@ -1,0 +1,150 @@
+"""Training fields a recipe takes from TRL / transformers config dataclasses, checked before any model loads.
+
+A stage section (and the shared `training` block) accepts any field of the stage's TRL config
+(SFTConfig, RewardConfig, DPOConfig; TrainingArguments for `training`), so users keep the vocabulary
+they know. These functions check names and value types against those dataclasses; `coerce_numbers`
+turns YAML strings such as "5e-6" into the numbers the fields expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from typing import Any, Literal
+
+from .errors import RecipeError
+
+# Keys of the TRL / transformers training configs that the recipe owns elsewhere: setting them in a
+# training block would create a second source of truth, so it is an error naming the right place.
+OWNED_ELSEWHERE = {
+    "output_dir": "output_dir (top level)",
+    "seed": "seed (top level)",
+    "data_seed": "seed (top level)",
+    "fp16": "precision (top level)",
+    "bf16": "precision (top level)",
+    "half_precision_backend": "precision (top level)",
+    "deepspeed": "deepspeed (top level)",
+    "logging_steps": "logging.logging_steps",
+    "report_to": "logging.report_to",
+    "resume_from_checkpoint": "<stage>.resume",
+    "training": "the stage section itself (TRL fields go directly under it, e.g. sft.max_steps)",
+    "chat_template_path": "template.name",
+    "assistant_only_loss": "the chat template (assistant-only loss is always on)",
+    "completion_only_loss": "the chat template (assistant-only loss is always on)",
+    "dataset_text_field": "<stage>.data",
+    "eos_token": "template.name (the template's end-of-turn token)",
+    "pad_token": "the tokenizer (pad is set by finetune)",
+    "model_init_kwargs": "model",
+    "eval_strategy": "nothing (finetune evaluates the held-out set itself before and after training)",
+    "ref_model_init_kwargs": "model",
+    "model_adapter_name": "<stage>.start_from",
+    "ref_adapter_name": "<stage>.start_from (the reference is the start model, adapters disabled)",
+}
+
+
+def nearest(key: str, candidates) -> str:
+    """'; did you mean ...?' for the closest valid key, or the list of valid keys when it is short."""
+    candidates = [c for c in candidates if c != "source"]
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean '{match[0]}'?"
+    return f"; valid keys: {', '.join(candidates)}" if len(candidates) <= 12 else ""
+
+
+def type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _type_ok(tp, value) -> bool:
+    """Loose structural check of a YAML value against a dataclass field annotation."""
+    if tp is Any or tp is typing.Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):
+            # `SchedulerType | str` and the like: the str is for typing, the values are the enum's
+            return any(_type_ok(e, value) for e in enums)
+        return any(_type_ok(a, value) for a in args)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, set):
+        return isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if not isinstance(tp, type):
+        return True
+    if issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp} or value in tp.__members__
+    checks = {
+        bool: lambda v: isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        tuple: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }
+    return checks.get(tp, lambda v: True)(value)
+
+
+def _fields(config_cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+
+
+def coerce_numbers(block: dict, config_cls) -> dict:
+    """A copy of `block` with numbers written as strings (YAML reads 5e-6 as a string) turned into the
+    int / float their field expects; ints only when whole. Anything else is left for the check."""
+    fields, out = _fields(config_cls), dict(block)
+    for key, value in block.items():
+        field = fields.get(key)
+        if field is None or not isinstance(value, str) or field.type not in (float, int):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if field.type is float or number.is_integer():
+            out[key] = field.type(number)
+    return out
+
+
+def check_training_block(block: dict, config_cls, where: str, source: str, own_keys=()) -> None:
+    """Raise RecipeError for a key that is not a field of `config_cls` (or is owned elsewhere in the
+    recipe), or a value of the wrong type; the message names file, key and the nearest valid key."""
+    fields = _fields(config_cls)
+    for key, value in block.items():
+        if key in OWNED_ELSEWHERE:
+            raise RecipeError(f"{source}: {where}.{key}: set this with {OWNED_ELSEWHERE[key]} instead")
+        if key not in fields:
+            raise RecipeError(
+                f"{source}: {where}.{key}: unknown key (neither a finetune key nor a {config_cls.__name__} field)"
+                f"{nearest(key, [*own_keys, *fields])}"
+            )
+        if not _type_ok(fields[key].type, value):
+            choices = [
+                m.value
+                for a in typing.get_args(fields[key].type)
+                if isinstance(a, type) and issubclass(a, enum.Enum)
+                for m in a
+            ]
+            expected = f"one of {choices}" if choices else type_name(fields[key].type)
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise RecipeError(
+                f"{source}: {where}.{key}: expected {expected}, got {type(value).__name__} {value!r}"
+                + (f"; did you mean '{close[0]}'?" if close else "")
+            )
+
+
+def config_class(spec: tuple[str, str]):
+    """The TRL config class a stage names as (module, class)."""
+    import importlib
+
+    module, name = spec
+    return getattr(importlib.import_module(module), name)

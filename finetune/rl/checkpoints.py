@@ -1,0 +1,125 @@
+"""PPO checkpoints: `<output_dir>/ppo-checkpoints/update-N/`, complete or absent.
+
+A checkpoint is written into a staging folder and renamed into place once every file is there, so a
+run killed mid-save leaves only the hidden staging folder. Nothing in it is unpickled as code: adapter
+weights and the value head are safetensors, figures are JSON, and optimiser / RNG state is read with
+`torch.load(weights_only=True)` (tensors and plain containers only).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from finetune.core import distributed
+from finetune.core.outputs import commit_dir, staging_dir, write_json
+from finetune.recipe import RecipeError
+
+from .engine import POLICY, VALUE, MultiAdapterModel, PPOEngine
+
+PREFIX = "update-"
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "python": [version, list(internal), gauss_next],
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _update_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX) :])
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (its state.json is written last, inside the renamed folder)."""
+    found = [
+        p
+        for p in root.glob(f"{PREFIX}*")
+        if p.is_dir() and p.name[len(PREFIX) :].isdigit() and (p / "state.json").is_file()
+    ]
+    return max(found, key=_update_of, default=None)
+
+
+def save(
+    root: Path, update: int, model: MultiAdapterModel, engine: PPOEngine, norm: dict | None, keep: int = 2
+) -> None:
+    """Adapters, value head, optimisers, beta, reward normalisation and every process's RNG state."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    main = distributed.is_main()
+    target = root / f"{PREFIX}{update}"
+    tmp = staging_dir(target, reset=main)
+    distributed.barrier()
+    torch.save(_rng_state(), tmp / f"rng_{distributed.rank()}.pt")
+    if main:
+        tensors = {
+            **{f"policy.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=POLICY).items()},
+            **{f"value.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=VALUE).items()},
+            **{f"value_head.{k}": v for k, v in model.value_head.state_dict().items()},
+        }
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        torch.save(engine.state_dict(), tmp / "engine.pt")
+        write_json(tmp / "state.json", {"update": update, "norm": norm, "world_size": distributed.world_size()})
+    distributed.barrier()
+    if main:
+        commit_dir(tmp, target)
+        done = sorted(
+            (p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()), key=_update_of
+        )
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def load(folder: Path, model: MultiAdapterModel, engine: PPOEngine) -> tuple[int, dict | None]:
+    """Restore a checkpoint into the model and engine; returns (update, reward normalisation)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["world_size"] != distributed.world_size():
+        raise RecipeError(
+            f"{folder}: saved by {meta['world_size']} processes, resumed with "
+            f"{distributed.world_size()}; resume with the same process count or set ppo.resume=false"
+        )
+    weights = load_file(str(folder / "weights.safetensors"), device=str(engine.device))
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+    set_peft_model_state_dict(model.peft, part("policy"), adapter_name=POLICY)
+    set_peft_model_state_dict(model.peft, part("value"), adapter_name=VALUE)
+    model.value_head.load_state_dict(part("value_head"))
+    engine.load_state_dict(torch.load(folder / "engine.pt", map_location=engine.device, weights_only=True))
+    _set_rng_state(torch.load(folder / f"rng_{distributed.rank()}.pt", weights_only=True))
+    return meta["update"], meta["norm"]

@@ -1,0 +1,5 @@
+"""`python -m finetune.tiny write-data FOLDER | build`."""
+
+from . import main
+
+main()
