@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def local_source(source: DataSource, recipe: Recipe) -> Path | None:
 def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
     """(display name, [(row number, raw row)]) for a local file or a hub dataset."""
     local = local_source(source, recipe)
+    if local is not None and local.is_dir():
+        return read_dataset_folder(local, source)
     if local is not None:
         if local.suffix.lower() not in LOCAL_FORMATS:
             raise DataError(f"{local}: unsupported file type; use one of {sorted(LOCAL_FORMATS)}")
@@ -111,6 +114,22 @@ def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
 
     ds = load_dataset(source.path, source.config, split=source.split)
     return f"{source.path}[{source.split}]", list(enumerate(ds, 1))
+
+
+def read_dataset_folder(folder: Path, source: DataSource) -> tuple[str, list]:
+    """A local copy of a hub dataset repository (`git clone https://huggingface.co/datasets/...`, or
+    the same layout written by hand): its README's `configs:` name the splits, so `split: train_sft`
+    means what it means on the hub. The same `datasets.load_dataset` call a hub id goes through."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(str(folder), source.config, split=source.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(
+            f"{folder}: cannot read split {source.split!r} of this dataset folder ({str(e).splitlines()[0][:200]}); "
+            "name a split its README's configs (or file names) define"
+        ) from None
+    return f"{folder}[{source.split}]", list(enumerate(ds, 1))
 
 
 # ---------------------------------------------------------------- validation
@@ -145,6 +164,106 @@ def _as_turns(value, role: str, where: str, what: str) -> list[dict]:
     return _messages(value, where, what)
 
 
+# ---------------------------------------------------------------- source formats
+# Rows as public data sets ship them, turned into the shapes above without any edit by the user. Each
+# converter takes one raw row and returns a row in a canonical shape (messages, prompt/completion or
+# chosen/rejected conversations), keeping the row's other fields (ids, scores, an `answer`).
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _is_hh_transcript(value) -> bool:
+    return isinstance(value, str) and "\n\nHuman:" in value and "\n\nAssistant:" in value
+
+
+def source_format(row: dict) -> str | None:
+    """The public shape a raw row has (sharegpt, alpaca, hh), or None for rows already in a canonical
+    shape (messages, prompt/completion, prompt/chosen/rejected: ultrachat and ultrafeedback rows)."""
+    if "messages" in row:
+        return None
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row and "prompt" not in row:
+        return "alpaca"
+    if "prompt" not in row and _is_hh_transcript(row.get("chosen")) and _is_hh_transcript(row.get("rejected")):
+        return "hh"
+    return None
+
+
+def from_sharegpt(row: dict, where: str) -> dict:
+    """ShareGPT: `conversations` of {from: human|gpt|system, value} -> messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns (ShareGPT)")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value' keys (ShareGPT), got {turn!r}"[:300])
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(
+                f"{where}: conversations[{i}]: unknown speaker {turn['from']!r}; ShareGPT rows use "
+                f"{', '.join(sorted(SHAREGPT_ROLES))}"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    rest = {k: v for k, v in row.items() if k != "conversations"}
+    return {**rest, "messages": messages}
+
+
+def from_alpaca(row: dict, where: str) -> dict:
+    """Alpaca: instruction, optional input, output -> prompt / completion. The input follows the
+    instruction after a blank line (how the Alpaca prompt puts the two together)."""
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}: missing or non-string field {key!r} (Alpaca rows: instruction, input, output)")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: 'input' must be a string (Alpaca), got {type(extra).__name__}")
+    prompt = row["instruction"].strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+    rest = {k: v for k, v in row.items() if k not in ("instruction", "input", "output")}
+    return {**rest, "prompt": prompt, "completion": row["output"]}
+
+
+def parse_hh_transcript(text, where: str, what: str) -> list[dict]:
+    """An Anthropic HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> messages."""
+    if not _is_hh_transcript(text):
+        raise DataError(
+            f"{where}: {what} is not an HH transcript (turns starting '\\n\\nHuman: ' and '\\n\\nAssistant: ')"
+        )
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: {what} has text before its first 'Human:' turn; an HH transcript starts with one")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def from_hh(row: dict, where: str) -> dict:
+    """Anthropic HH-RLHF: chosen / rejected full transcripts as strings -> chosen / rejected
+    conversations (their shared turns are the prompt), and `messages` = the chosen conversation, as
+    ultrafeedback_binarized has it, so SFT and PPO read the same rows."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}; HH rows have chosen and rejected transcripts")
+    chosen = parse_hh_transcript(row["chosen"], where, "chosen")
+    rejected = parse_hh_transcript(row["rejected"], where, "rejected")
+    return {**row, "chosen": chosen, "rejected": rejected, "messages": chosen}
+
+
+SOURCE_FORMATS = {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "hh": from_hh}
+
+
+def source_row(row, fmt: str, where: str):
+    """(row, format) with a public-data-set row (named by `format:` or detected) in a canonical shape;
+    other rows pass through unchanged."""
+    if not isinstance(row, dict):
+        return row, fmt
+    name = source_format(row) if fmt == "auto" else fmt
+    if name in SOURCE_FORMATS:
+        return SOURCE_FORMATS[name](row, where), "auto"
+    return row, fmt
+
+
 def detect_format(row: dict) -> str:
     if "messages" in row:
         return "messages"
@@ -161,6 +280,7 @@ def detect_format(row: dict) -> str:
 
 def to_conversation(row, fmt: str, where: str) -> dict:
     """Validate one SFT row and return {'messages': [...], 'answer': optional reference}."""
+    row, fmt = source_row(row, fmt, where)
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
     fmt = detect_format(row) if fmt == "auto" else fmt
@@ -196,16 +316,39 @@ def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _replies_after_prompt(prompt: list[dict], chosen: list[dict], rejected: list[dict], where: str):
+    """A `prompt` beside chosen / rejected given as whole conversations (ultrafeedback_binarized:
+    prompt is the first user turn, chosen = [user, assistant]): the conversations' shared turns are the
+    prompt, checked to end with the given one. Replies given alone pass through."""
+    if all(m["role"] == "assistant" for m in chosen + rejected):
+        return prompt, chosen, rejected
+    shared, chosen, rejected = _split_shared_prefix(chosen, rejected, where)
+    user = [m["content"].strip() for m in shared if m["role"] == "user"]
+    if not user or user[-1] != prompt[-1]["content"].strip():
+        raise DataError(
+            f"{where}: chosen and rejected are whole conversations, but their last shared user turn is not the "
+            "row's 'prompt'; give replies only, or conversations that continue the prompt"
+        )
+    return shared, chosen, rejected
+
+
 def to_preference(row, fmt: str, where: str) -> dict | None:
     """Validate one preference row -> {'prompt': messages, 'chosen': [assistant], 'rejected': [assistant]}.
 
     Accepts prompt + chosen/rejected as strings or messages, and chosen/rejected as full
-    conversations sharing a prefix (no prompt). Returns None for chosen == rejected (reported).
+    conversations sharing a prefix (no prompt), also next to a `prompt` that repeats their first user
+    turn (ultrafeedback_binarized), and HH transcripts. Returns None for chosen == rejected (reported).
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
-    if fmt not in ("auto", "preference"):
-        raise DataError(f"{where}: this stage needs preference rows; the source says format: {fmt}")
+    shape = source_format(row) if fmt == "auto" else fmt
+    if shape not in (None, "preference", "hh"):
+        said = "are" if fmt == "auto" else "are named with format:"
+        raise DataError(
+            f"{where}: this stage needs preference rows (prompt/chosen/rejected, or HH transcripts); these rows "
+            f"{said} {shape}"
+        )
+    row, _ = source_row(row, fmt, where)
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r}; preference rows need prompt, chosen and rejected")
@@ -213,6 +356,7 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
         prompt = _as_turns(row["prompt"], "user", where, "prompt")
         chosen = _as_turns(row["chosen"], "assistant", where, "chosen")
         rejected = _as_turns(row["rejected"], "assistant", where, "rejected")
+        prompt, chosen, rejected = _replies_after_prompt(prompt, chosen, rejected, where)
     else:
         prompt, chosen, rejected = _split_shared_prefix(
             _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected"), where
@@ -238,6 +382,7 @@ def to_prompt(row, fmt: str, where: str) -> dict:
 
     Takes prompt-only rows, conversations (the turns before the last assistant reply), prompt /
     completion rows and preference rows (their prompt)."""
+    row, fmt = source_row(row, fmt, where)
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
     fmt = detect_format(row) if fmt == "auto" else fmt

@@ -81,15 +81,23 @@ class LoggingSection(Section):
 
 class DataSource(Section):
     path: str = Field(
-        description="Local jsonl/json/parquet/csv file or a hub dataset id.", json_schema_extra=RECIPE_PATH
+        description="Local jsonl/json/parquet/csv file, a local dataset folder (a clone of a hub dataset repository: "
+        "its README names the splits) or a hub dataset id.",
+        json_schema_extra=RECIPE_PATH,
     )
     config: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("train", description="Split to read.")
     weight: float = Field(
         1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
     )
-    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt"] = Field(
-        "auto", description="Row format; auto detects it from the columns."
+    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt", "sharegpt", "alpaca", "hh"] = (
+        Field(
+            "auto",
+            description="Row format; auto detects it from the columns. messages (ultrachat_200k too), "
+            "prompt_completion, preference (prompt/chosen/rejected; ultrafeedback_binarized's whole conversations "
+            "too), prompt (PPO), sharegpt (`conversations` of from/value: human, gpt, system), alpaca "
+            "(instruction/input/output), hh (Anthropic HH-RLHF chosen/rejected transcripts).",
+        )
     )
 
 
