@@ -40,7 +40,10 @@ def ultrachat_rows(n: int, offset: int = 0) -> list[dict]:
         q, good, _ = _qa(i)
         messages = [{"content": q, "role": "user"}, {"content": good, "role": "assistant"}]
         if i % 3 == 0:  # multi-turn, as most ultrachat rows are
-            messages += [{"content": "Say it again, shorter.", "role": "user"}, {"content": good[:3], "role": "assistant"}]
+            messages += [
+                {"content": "Say it again, shorter.", "role": "user"},
+                {"content": good[:3], "role": "assistant"},
+            ]
         rows.append({"prompt": q, "prompt_id": _pid(q), "messages": messages})
     return rows
 

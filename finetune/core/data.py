@@ -320,8 +320,8 @@ def _replies_after_prompt(prompt: list[dict], chosen: list[dict], rejected: list
     """A `prompt` beside chosen / rejected given as whole conversations (ultrafeedback_binarized:
     prompt is the first user turn, chosen = [user, assistant]): the conversations' shared turns are the
     prompt, checked to end with the given one. Replies given alone pass through."""
-    if all(m["role"] == "assistant" for m in chosen + rejected):
-        return prompt, chosen, rejected
+    if chosen[0]["role"] == "assistant" or rejected[0]["role"] == "assistant":
+        return prompt, chosen, rejected  # replies (checked by the caller), not conversations
     shared, chosen, rejected = _split_shared_prefix(chosen, rejected, where)
     user = [m["content"].strip() for m in shared if m["role"] == "user"]
     if not user or user[-1] != prompt[-1]["content"].strip():
