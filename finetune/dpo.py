@@ -13,7 +13,7 @@ import logging
 import sys
 
 from finetune.core import distributed
-from finetune.core.evaluation import dpo_eval, held_out_correctness
+from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
 from finetune.core.outputs import print_summary, rate, save_stage
 from finetune.core.training import place_for_eval, prepare_preference_stage, train
@@ -79,11 +79,14 @@ def run(recipe: Recipe) -> dict:
     correct_before, _ = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
+    samples = Samples(recipe)
+    samples.answer("start", model, tokenizer, template)  # the SFT model: the start, adapters of this stage new
     trained = train(trainer, model, recipe, "dpo", section.resume)
     after = dpo_eval(model, pairs["eval"], beta, pad)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
+    samples.answer("dpo", model, tokenizer, template)
 
     metrics = {
         "eval_loss_before": before["loss"],
@@ -97,10 +100,11 @@ def run(recipe: Recipe) -> dict:
         "correct_rate_after": correct_after,
         "beta": beta,
         "loss_type": list(args.loss_type),
+        "sample_prompts": len(samples.prompts),
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
+    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples.rows())
     if setup.main_process:
         print_summary(
             STAGES["dpo"].summary_title,

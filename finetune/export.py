@@ -27,7 +27,7 @@ import torch
 
 from finetune.chat_template import encode, end_of_turn_ids, render
 from finetune.core.data import train_eval_rows
-from finetune.core.evaluation import held_out_correctness
+from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
 from finetune.core.outputs import (
@@ -39,6 +39,7 @@ from finetune.core.outputs import (
     read_metrics,
     setup_logging,
     write_json,
+    write_samples,
 )
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
@@ -215,6 +216,8 @@ def run(recipe: Recipe) -> dict:
     exported = logits_of(model, inputs)
     rows, limit, max_new = held_out_rows(recipe)
     correct, replies = held_out_correctness(model, tokenizer, template, rows, limit, max_new) if limit else (None, [])
+    samples = Samples(recipe)
+    samples.answer("export", model, tokenizer, template)  # the exported weights (export.dtype), as served
 
     gen = model.generation_config
     gen.eos_token_id = stop[0] if len(stop) == 1 else stop
@@ -248,6 +251,7 @@ def run(recipe: Recipe) -> dict:
         metrics["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        write_samples(tmp, samples.rows())
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users

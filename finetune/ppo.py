@@ -27,11 +27,12 @@ from finetune.chat_template import end_of_turn_ids
 from finetune.core import distributed
 from finetune.core.batching import left_pad
 from finetune.core.data import DataReport, to_prompt, tokenize_prompts, train_eval_rows
-from finetune.core.evaluation import held_out_correctness
+from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
 from finetune.core.outputs import (
     commit_dir,
+    figure,
     print_summary,
     rate,
     read_metrics,
@@ -115,15 +116,35 @@ class Prompts:
     rows: list[dict]  # their data rows (the rule reward reads them)
     eval_rows: list[dict]
     report: DataReport
+    eval_ids: list[list[int]]  # the first ppo.eval_prompts distinct held-out prompts (held-out rollouts)
 
 
 def load_prompts(recipe: Recipe, tokenizer, template) -> Prompts:
     s = recipe.ppo
-    train_rows, eval_rows, report, _ = train_eval_rows(s.data, recipe, recipe.seed, to_prompt)
+    train_rows, eval_rows, report, eval_report = train_eval_rows(s.data, recipe, recipe.seed, to_prompt)
     ids, kept = tokenize_prompts(
         train_rows, tokenizer, template, s.max_prompt_length, report, "train", unique=s.unique_prompts
     )
-    return Prompts(ids, [train_rows[i] for i in kept], eval_rows, report)
+    eval_ids = []
+    if s.eval_prompts:
+        eval_ids, _ = tokenize_prompts(eval_rows, tokenizer, template, s.max_prompt_length, eval_report, "eval", True)
+    return Prompts(ids, [train_rows[i] for i in kept], eval_rows, report, eval_ids[: s.eval_prompts])
+
+
+def held_out_rollouts(recipe: Recipe, engine: PPOEngine, scorer: Scorer, prompts: Prompts) -> dict:
+    """The policy on held-out prompts (engine.held_out): raw learned reward, KL, EOS rate, length."""
+    if not prompts.eval_ids:
+        return {}
+    s, figures = recipe.ppo, []
+    reward = scorer.learned if engine.model.reward_head is not None else None
+    for i in range(0, len(prompts.eval_ids), s.rollout_batch_size):
+        ids, mask = left_pad(prompts.eval_ids[i : i + s.rollout_batch_size], engine.pad_id)
+        part = engine.held_out(ids.to(engine.device), mask.to(engine.device), reward, seed=recipe.seed + i)
+        figures.append((len(ids), part))
+    n = sum(k for k, _ in figures)
+    return {
+        key: None if figures[0][1][key] is None else sum(k * f[key] for k, f in figures) / n for key in figures[0][1]
+    }
 
 
 def build_policy_model(recipe: Recipe, shared: list[str], policy_from, reward_from, device) -> MultiAdapterModel:
@@ -328,7 +349,9 @@ def collect_metrics(
     }
 
 
-def save_output(out: Path, model, tokenizer, recipe: Recipe, metrics: dict, log_file: Path) -> None:
+def save_output(
+    out: Path, model, tokenizer, recipe: Recipe, metrics: dict, log_file: Path, samples: list[dict] | None = None
+) -> None:
     """`<output_dir>/ppo/`: the policy adapter at the top (a plain PEFT folder), the value adapter and
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
     from safetensors.torch import save_file
@@ -343,7 +366,7 @@ def save_output(out: Path, model, tokenizer, recipe: Recipe, metrics: dict, log_
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics)
+        write_stage_files(tmp, recipe, metrics, samples)
         commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,6 +391,19 @@ def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[st
             ),
             ("KL at the end", f"{m['kl_end']:.3f} nats/response (beta {engine.beta:.3g})"),
             ("EOS rate at the end", rate(m["eos_rate_end"])),
+            *(
+                [
+                    (
+                        f"held-out ({m['eval_prompts']} prompts)",
+                        f"reward {figure(m['eval_score_before'])} -> {figure(m['eval_score_after'])}, "
+                        f"KL {figure(m['eval_kl_after'])}, EOS {rate(m['eval_eos_rate_before'])} -> "
+                        f"{rate(m['eval_eos_rate_after'])}, length {m['eval_response_length_before']:.1f} -> "
+                        f"{m['eval_response_length_after']:.1f}",
+                    )
+                ]
+                if m.get("eval_kl_after") is not None
+                else []
+            ),
             (
                 "held-out correct",
                 f"{rate(m['correct_rate_before'])} -> {rate(m['correct_rate_after'])}"
@@ -436,8 +472,13 @@ def run(recipe: Recipe) -> dict:
         )
 
     correct_before, _ = correctness()
+    held_before = held_out_rollouts(recipe, engine, scorer, prompts) if main else {}
+    samples = Samples(recipe, None if main else [])  # the main process generates and saves them
+    samples.answer("start", model.peft, tokenizer, template)  # the policy's start: the DPO model
     runtime = train_updates(recipe, engine, scorer, model, prompts, start_update, history, log_file)
     correct_after, replies = correctness()
+    held_after = held_out_rollouts(recipe, engine, scorer, prompts) if main else {}
+    samples.answer("ppo", model.peft, tokenizer, template)
 
     metrics = collect_metrics(
         recipe,
@@ -452,9 +493,17 @@ def run(recipe: Recipe) -> dict:
         start,
         adapters_in_sync(model),
     )
+    metrics.update(
+        {
+            f"eval_{k}_{edge}": v
+            for edge, fig in (("before", held_before), ("after", held_after))
+            for k, v in fig.items()
+        }
+    )
+    metrics["eval_prompts"] = len(prompts.eval_ids)
     out = recipe.stage_dir("ppo")
     if main:
-        save_output(out, model, tokenizer, recipe, metrics, log_file)
+        save_output(out, model, tokenizer, recipe, metrics, log_file, samples.rows())
         summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics

@@ -16,7 +16,7 @@ import sys
 from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
 from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
-from finetune.core.evaluation import eval_loss, held_out_correctness
+from finetune.core.evaluation import Samples, eval_loss, held_out_correctness
 from finetune.core.modeling import (
     DTYPES,
     add_lora,
@@ -110,11 +110,14 @@ def run(recipe: Recipe) -> dict:
     correct_before, _ = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
+    samples = Samples(recipe)
+    samples.answer("base", model, tokenizer, template)
     trained = train(trainer, model, recipe, "sft", section.resume)
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
+    samples.answer("sft", model, tokenizer, template)
 
     epochs = trainer.state.epoch or 0
     metrics = {
@@ -130,9 +133,10 @@ def run(recipe: Recipe) -> dict:
         "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
         "trainable_parameters": trainable,
+        "sample_prompts": len(samples.prompts),
         **trained,
     }
-    out = save_stage(trainer, recipe, "sft", tokenizer, metrics)
+    out = save_stage(trainer, recipe, "sft", tokenizer, metrics, samples.rows())
     if main_process:
         sample = eval_rows[0]["messages"] if eval_rows else None
         print_summary(

@@ -148,5 +148,6 @@ def ultrafeedback_folder(folder: Path, train: int = 24, test: int = 8) -> Path:
             "train_prefs": ultrafeedback_rows(train),
             "test_prefs": ultrafeedback_rows(test, offset=1000),
             "train_gen": ultrafeedback_rows(train // 2, offset=2000),
+            "test_gen": ultrafeedback_rows(test, offset=3000),
         },
     )

@@ -1,4 +1,5 @@
-"""Held-out checks shared by the stages: greedy answers and their correctness rate."""
+"""Held-out checks shared by the stages: greedy answers and their correctness rate, reward and DPO figures,
+and the sample replies every chat-model stage saves (samples.jsonl)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import torch
 
 from finetune.chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
+from finetune.recipe import STAGES, Recipe
 
 from . import distributed
 from .batching import left_pad, pad
+from .data import DataReport, load_rows, to_prompt, train_eval_rows
 
 
 def normalise(text: str) -> str:
@@ -187,3 +190,62 @@ def dpo_eval(model, dataset, beta: float, pad_token_id: int) -> dict:
         "rewards_margin": margin.mean().item(),
         "loss": torch.nn.functional.softplus(-margin).mean().item(),
     }
+
+
+# ---------------------------------------------------------------- samples a person reads
+
+
+def first_turn(prompt: list[dict]) -> list[dict]:
+    """A prompt cut after its first user turn (any system turn before it kept): one question per sample."""
+    end = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+    return prompt[: end + 1]
+
+
+def sample_prompts(recipe: Recipe) -> list[list[dict]]:
+    """The fixed held-out prompts of `samples`: the first `samples.count` distinct first turns of
+    `samples.data`, or of the held-out rows of the first stage with data. The loader's order is seeded by
+    the recipe, so every stage of a recipe gets the same prompts."""
+    s = recipe.samples
+    if s.count == 0:
+        return []
+    if s.data:
+        rows, _ = load_rows(s.data, recipe, True, DataReport(), recipe.seed, to_prompt)
+    else:
+        stage = next((st.name for st in STAGES if st.has_data and recipe.section(st.name) is not None), None)
+        if stage is None:
+            return []
+        data = recipe.section(stage).data
+        if data.eval:  # the held-out sources alone, in the order the stage reads them (same seed)
+            rows, _ = load_rows(data.eval, recipe, True, DataReport(), recipe.seed, to_prompt)
+        else:
+            _, rows, _, _ = train_eval_rows(data, recipe, recipe.seed, to_prompt)
+    seen, prompts = set(), []
+    for row in rows:
+        prompt = first_turn(row["prompt"])
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+        if len(prompts) == s.count:
+            break
+    return prompts
+
+
+class Samples:
+    """Greedy replies of one stage's models (e.g. before / after training) to the recipe's sample prompts,
+    saved as `samples.jsonl` beside the stage's metrics: one row per prompt, one key per model."""
+
+    def __init__(self, recipe: Recipe, prompts: list[list[dict]] | None = None):
+        self.prompts = sample_prompts(recipe) if prompts is None else prompts
+        self.max_new_tokens = recipe.samples.max_new_tokens
+        self.replies: dict[str, list[str]] = {}
+
+    def answer(self, label: str, model, tokenizer, template: ChatTemplate) -> None:
+        if self.prompts:
+            self.replies[label] = generate_answers(model, tokenizer, template, self.prompts, self.max_new_tokens)
+
+    def rows(self) -> list[dict]:
+        return [
+            {"prompt": prompt[-1]["content"], "messages": prompt, **{k: v[i] for k, v in self.replies.items()}}
+            for i, prompt in enumerate(self.prompts)
+        ]

@@ -17,6 +17,8 @@ from . import distributed
 
 log = logging.getLogger(__name__)
 
+SAMPLES_FILE = "samples.jsonl"  # greedy replies to the recipe's sample prompts, beside metrics.json
+
 
 def setup_logging(main_process: bool = True):
     logging.basicConfig(
@@ -79,8 +81,17 @@ def atomic_dir(target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_stage_files(folder: Path, recipe: Recipe, metrics: dict) -> None:
+def write_samples(folder: Path, samples: list[dict] | None) -> None:
+    """`samples.jsonl`: one JSON row per sample prompt with each model's reply (nothing when there are none)."""
+    if samples:
+        (folder / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+
+
+def write_stage_files(folder: Path, recipe: Recipe, metrics: dict, samples: list[dict] | None = None) -> None:
+    """recipe.yaml, the samples (greedy replies to the recipe's held-out sample prompts, one JSON row
+    each) and metrics.json, written last: its presence marks a finished output."""
     (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_samples(folder, samples)
     write_json(folder / "metrics.json", metrics)
 
 
@@ -91,7 +102,9 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}", file=sys.stderr)
 
 
-def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) -> Path:
+def save_stage(
+    trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict, samples: list[dict] | None = None
+) -> Path:
     """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
     template, resolved recipe, metrics.json, log_history.json. Every launched process calls this;
     the main one writes."""
@@ -106,7 +119,7 @@ def save_stage(trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict) ->
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
             # the training curves (loss, lr, ... per logging step), for the pipeline's plot
             write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics)
+            write_stage_files(tmp, recipe, metrics, samples)
             commit_dir(tmp, out)
         except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
             failure = f"{type(e).__name__}: {e}"

@@ -23,6 +23,7 @@ from .sections import (
     LoraSection,
     ModelSection,
     PipelineSection,
+    SamplesSection,
     Section,
     TemplateSection,
 )
@@ -48,6 +49,7 @@ class Recipe(Section):
     )
     azureml: AzureMLSection = Field(default_factory=AzureMLSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    samples: SamplesSection = Field(default_factory=SamplesSection)
 
     # Where the recipe came from; set by load_recipe, not by YAML.
     source: str = Field("<memory>", exclude=True, description="internal")

@@ -264,6 +264,13 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm):
         "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
     )
     save_every: int = Field(10, gt=0, description="Checkpoint every N updates (resume continues from the newest).")
+    eval_prompts: int = Field(
+        64,
+        ge=0,
+        description="Held-out prompts (data.eval) the policy samples for before and after training, with a fixed "
+        "seed: their raw learned reward, KL to the reference, EOS rate and length go to metrics.json "
+        "(eval_score_before/after, ...); 0 skips.",
+    )
 
     @field_validator("reward_from")
     @classmethod
@@ -310,6 +317,22 @@ class ExportSection(Section):
         except ValueError:
             raise ValueError("not a size; write e.g. 500MB or 2GB") from None
         return value
+
+
+class SamplesSection(Section):
+    """Replies a person can read stage by stage: every chat-model stage (sft, dpo, ppo, export) answers the
+    same held-out prompts greedily, before and after it trains, and saves them to `<stage>/samples.jsonl`."""
+
+    count: int = Field(
+        8, ge=0, description="How many held-out prompts (the first distinct ones of `data`); 0 turns samples off."
+    )
+    data: list[DataSource] = Field(
+        default_factory=list,
+        description="Where the prompts come from (any row a PPO prompt can come from; each prompt is its first "
+        "user turn, with any system turn before it). Default: the held-out rows of the first stage with data "
+        "(sft.data.eval, or its held-out split), so every stage answers the same prompts.",
+    )
+    max_new_tokens: int = Field(256, gt=0, description="Generation budget per reply (greedy).")
 
 
 class PipelineSection(Section):

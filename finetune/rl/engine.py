@@ -393,6 +393,38 @@ class PPOEngine:
             return responses, torch.cat(scores)
         return responses
 
+    @torch.no_grad()
+    def held_out(self, prompt_ids, prompt_mask, reward=None, seed: int = 0) -> dict:
+        """Figures of the policy on held-out prompts, without training: responses sampled as in a rollout
+        (with a fixed seed, so before and after compare like with like, and the training RNG untouched),
+        their mean raw reward `reward(ids, mask)` when given, KL to the reference (k1, nats per
+        response), EOS rate and length."""
+        s, m = self.s, self.model
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            responses = self.generate(prompt_ids, prompt_mask)
+        resp_mask, _, has_stop = F.response_mask(responses, self.stop_ids)
+        responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
+        ids = torch.cat([prompt_ids, responses], dim=1)
+        mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
+        P = prompt_ids.shape[1]
+        kl = []
+        m.peft.eval()
+        for i in range(0, len(ids), s.micro_batch_size):
+            sl = slice(i, i + s.micro_batch_size)
+            with m.active(POLICY):
+                logp, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature)
+            with m.active(REFERENCE):
+                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature)
+            kl.append((F.kl_per_token(logp, ref, "k1") * resp_mask[sl]).sum(1))
+        return {
+            "score": reward(ids, mask).float().mean().item() if reward is not None else None,
+            "kl": torch.cat(kl).mean().item(),
+            "eos_rate": has_stop.float().mean().item(),
+            "response_length": resp_mask.sum(1).float().mean().item(),
+        }
+
     def _pad_response(self, responses: torch.Tensor) -> torch.Tensor:
         """Responses padded to response_length (every sequence of a batch may stop early)."""
         missing = self.s.response_length - responses.shape[1]
