@@ -17,6 +17,7 @@ from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
 from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
 from finetune.core.evaluation import Samples, eval_loss, held_out_correctness
+from finetune.core.memory import preflight
 from finetune.core.modeling import (
     DTYPES,
     add_lora,
@@ -30,12 +31,9 @@ from finetune.core.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.core.training import check_precision, place_for_eval, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
+from finetune.recipe.trl_fields import SFT_DEFAULTS
 
 log = logging.getLogger("finetune.sft")
-
-# Defaults finetune sets over SFTConfig's (a recipe value wins). Packing is measured in docs/benchmarks.md:
-# on chat data of realistic lengths most of a padded batch is padding.
-SFT_DEFAULTS = {"packing": True}
 
 
 def sft_args(recipe: Recipe):
@@ -83,6 +81,7 @@ def run(recipe: Recipe) -> dict:
 
     section = recipe.sft
     check_precision(recipe)
+    preflight(recipe, "sft")  # before anything loads: stop now rather than be killed for memory later
     set_seed(recipe.seed)
     template = template_for(recipe)
     tokenizer = load_tokenizer(recipe)

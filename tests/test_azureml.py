@@ -249,3 +249,20 @@ def test_dockerfile_installs_the_torch_range_ci_runs():
     torch_range = re.search(r'"(torch>=[^"]+)"', pyproject).group(1)
     assert f'"{torch_range}"' in dockerfile
     assert '".[azureml-job]"' in dockerfile and "azureml-mlflow" in pyproject
+
+
+def test_phi2_pipeline_dry_run_is_five_steps_the_sdk_accepts(tmp_path, capsys):
+    """`finetune azureml submit recipes/phi2_chat.yaml --stage pipeline --compute gpu-a100 --dry-run`."""
+    phi2 = ROOT / "recipes" / "phi2_chat.yaml"
+    code = azureml.main(
+        ["submit", str(phi2), "--stage", "pipeline", "--compute", "gpu-a100", "--dry-run", "--out", str(tmp_path)]
+    )
+    assert code == 0, capsys.readouterr().err
+    job = azureml.load_job(tmp_path / "phi2_chat-pipeline.yaml")
+    assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "export"]
+    for step, node in job.jobs.items():
+        assert node.distribution.process_count_per_instance == 8  # the node the recipe is sized for
+        assert f"python finetune/{step}.py recipes/phi2_chat.yaml" in node.command
+        assert not any(name.startswith("data_") for name in node.inputs)  # hub data sets pass through by id
+    assert str(job.jobs["ppo"].inputs["reward"]._data) == "${{parent.jobs.reward.outputs.reward}}"
+    assert str(job.jobs["export"].inputs["ppo"]._data) == "${{parent.jobs.ppo.outputs.ppo}}"

@@ -127,6 +127,130 @@ def _earlier_seconds(report: Path) -> dict:
     return {r["stage"]: r["seconds"] for r in rows if r.get("seconds") is not None}
 
 
+def stage_overrides(recipe: Recipe, stage: str, trained: list[str], rerun: bool) -> list[str]:
+    """What the pipeline adds to a stage's command: export takes this pipeline's model, and once an
+    earlier stage has run, later ones start over (their inputs changed)."""
+    extra = []
+    if stage == "export" and recipe.export.stage == "auto" and trained:
+        extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
+    if rerun:
+        extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+    return extra
+
+
+def _sources(section) -> str:
+    def one(s):
+        return (
+            f"{s.path}[{s.split}]"
+            + (f" x{s.weight:g}" if s.weight != 1 else "")
+            + (f" ({s.format})" if s.format != "auto" else "")
+        )
+
+    data = section.data
+    held = ", ".join(map(one, data.eval)) if data.eval else f"{data.eval_fraction:.0%} of train held out"
+    cap = f", at most {data.max_eval_rows} rows" if data.max_eval_rows else ""
+    return f"train {', '.join(map(one, data.train))}; eval {held}{cap}"
+
+
+def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, str]:
+    """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read)."""
+    from finetune.core.memory import _arg
+
+    if stage == "ppo":
+        s = recipe.ppo
+        episodes = s.rollout_batch_size * processes
+        return (
+            f"{s.updates} updates x {episodes} episodes ({s.rollout_batch_size} prompts x {processes} processes), "
+            f"{s.ppo_epochs} epochs x {s.mini_batches} minibatches each",
+            f"at most {episodes * (s.max_prompt_length + s.response_length):,} per update "
+            f"(prompts <= {s.max_prompt_length}, responses <= {s.response_length})",
+        )
+    if stage == "export":
+        return "no training", "parity and sample prompts only"
+    batch = _arg(recipe, stage, "per_device_train_batch_size", 8)
+    accumulate = _arg(recipe, stage, "gradient_accumulation_steps", 1)
+    length = _arg(recipe, stage, "max_length", 1024)
+    rows = batch * accumulate * processes
+    unit = "rows" if stage == "sft" else "pairs"
+    per_row = length if stage == "sft" else 2 * length
+    max_steps = _arg(recipe, stage, "max_steps", -1)
+    epochs = _arg(recipe, stage, "num_train_epochs", 3.0)
+    steps = (
+        f"{max_steps}"
+        if max_steps and max_steps > 0
+        else f"unknown until the data is read: {epochs:g} epoch(s) over the rows read"
+    )
+    packed = " (packed)" if stage == "sft" and _arg(recipe, stage, "packing", True) else ""
+    return (
+        f"{steps}; {rows} {unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
+        f"at most {rows * per_row:,} per step ({unit} of <= {length} tokens"
+        + (", chosen and rejected" if stage != "sft" else "")
+        + ")",
+    )
+
+
+def plan(recipe_path: str, overrides: list[str]) -> int:
+    """`finetune pipeline RECIPE --plan`: each stage's data, steps, tokens, memory estimate and command,
+    from the recipe alone: no model, no data loaded (the model's shape comes from its config)."""
+    from finetune.core.memory import (
+        GIB,
+        estimate_stage,
+        host_available_bytes,
+        model_shape,
+        planned_device,
+        planned_processes,
+        stage_settings,
+    )
+
+    recipe = load_recipe(recipe_path, overrides)
+    stages = recipe.pipeline_stages()
+    device = planned_device(recipe)
+    shape, source = model_shape(recipe)
+    trained = [s for s in stages if STAGES[s].chat_model]
+    lines = [f"== plan: {recipe_path} ({len(stages)} stages; nothing loaded) =="]
+    if shape is None:
+        lines.append(f"model: {recipe.model.name_or_path} (no estimate: {source})")
+    else:
+        lines.append(
+            f"model: {recipe.model.name_or_path}, {shape.params / 1e9:.2f}B parameters ({source}); LoRA r="
+            f"{recipe.lora.r}: {shape.lora_params / 1e6:.1f}M parameters per adapter; {recipe.precision}"
+        )
+    lines.append(
+        f"this machine: {host_available_bytes() / GIB:.1f} GiB RAM available"
+        + (", planning for GPUs" if device == "cuda" else ", planning for the CPU")
+    )
+    for i, stage in enumerate(stages, 1):
+        processes = planned_processes(recipe, stage)
+        where = "cpu" if stage == "export" else device
+        steps, tokens = _steps_and_tokens(recipe, stage, processes)
+        lines.append(f"\n[{i}/{len(stages)}] {stage}")
+        if STAGES[stage].has_data:
+            lines.append(f"  data:     {_sources(recipe.section(stage))}")
+        lines.append(f"  steps:    {steps}")
+        lines.append(f"  tokens:   {tokens}")
+        if shape is not None:
+            est = estimate_stage(stage, shape, stage_settings(recipe, stage, where, processes))
+            unit = (
+                "per GPU"
+                if est.device == "cuda"
+                else "of RAM" + (f" per process, x{processes}" if processes > 1 else "")
+            )
+            host = (
+                f"; host RAM while loading {est.host_gib:.1f} GiB per process x {processes}"
+                if est.device == "cuda"
+                else ""
+            )
+            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}){host}")
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, False)])
+        lines.append(f"  command:  {' '.join(cmd)}")
+    lines.append(
+        "\nEstimates, not measurements (docs/memory.md); each stage checks again, on the machine it runs on, "
+        "before it loads anything."
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
     the exit status: 0, or that of the first stage that failed."""
@@ -159,12 +283,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
             print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
             rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
             continue
-        extra = []
-        if stage == "export" and recipe.export.stage == "auto" and trained:
-            extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
-        if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-            extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
         code = subprocess.call(cmd)
@@ -196,8 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
     parser.add_argument("--force", action="store_true", help="run every stage again even if its output exists")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage's data, steps, tokens, memory estimate and command; load and run nothing",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.plan:
+            return plan(args.recipe, args.overrides)
         return run(args.recipe, args.overrides, args.force)
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)

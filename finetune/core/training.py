@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from finetune.recipe import Recipe, RecipeError
+from finetune.recipe.trl_fields import TRL_DEFAULTS
 
 from . import distributed
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
+from .memory import preflight
 from .modeling import base_fingerprint, load_tokenizer, template_for
 from .outputs import setup_logging
 
@@ -54,13 +56,6 @@ def trackers(recipe: Recipe) -> list[str] | str:
                 "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours"
             )
     return report or "none"
-
-
-# finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
-# checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
-# and only pays when activations do not fit, so here it is off unless a recipe asks for it
-# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
-TRL_DEFAULTS = {"gradient_checkpointing": False}
 
 
 def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
@@ -203,6 +198,7 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
 
     section = getattr(recipe, stage)
     check_precision(recipe)
+    preflight(recipe, stage)  # before anything loads: stop now rather than be killed for memory later
     start = start_chain(recipe, stage)
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)

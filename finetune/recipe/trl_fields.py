@@ -45,6 +45,21 @@ OWNED_ELSEWHERE = {
 }
 
 
+# finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
+# checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
+# and only pays when activations do not fit, so here it is off unless a recipe asks for it
+# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
+TRL_DEFAULTS = {"gradient_checkpointing": False}
+# ... and over SFTConfig's. Packing is measured in docs/benchmarks.md: on chat data of realistic lengths most
+# of a padded batch is padding.
+SFT_DEFAULTS = {"packing": True}
+
+
+def finetune_default(stage: str, name: str):
+    """finetune's default for a TRL field of `stage` (KeyError when finetune keeps TRL's)."""
+    return {**TRL_DEFAULTS, **(SFT_DEFAULTS if stage == "sft" else {})}[name]
+
+
 def nearest(key: str, candidates) -> str:
     """'; did you mean ...?' for the closest valid key, or the list of valid keys when it is short."""
     candidates = [c for c in candidates if c != "source"]

@@ -1,0 +1,548 @@
+"""How much memory a stage needs, estimated before anything loads, and the check that stops a stage that
+cannot fit (instead of an out-of-memory kill halfway through).
+
+The estimate is a sum of parts, each a small pure function of the model's shape and the stage's
+settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
+- runtime: Python, torch, transformers, TRL (host RAM) or the CUDA context, kernels' workspace and the
+  caching allocator's slack (GPU);
+- weights: parameters x bytes of the dtype (4-bit: ~0.56 byte for each quantised linear weight);
+- loading: transformers reads the safetensors file through a memory map and the stage keeps a copy, so
+  the host holds more than the weights while a model loads; a stage that starts from earlier adapters
+  loads the base in fp32 to merge them (peft#2368) before casting: parameters x 4 on the host;
+- adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
+  state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
+  adapters and two optimisers;
+- activations: 34 bytes per token, layer and hidden unit in 16-bit (twice in fp32) without gradient
+  checkpointing, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+  Models", table 2) count a transformer layer when attention runs in a fused kernel (no attention
+  matrix: flash attention / SDPA); with checkpointing, each layer's input plus one layer recomputed;
+- logits: tokens x vocabulary x (dtype + fp32 copy + fp32 gradient) for the language-model loss;
+- generation: the KV cache (2 x layers x key/value width x dtype per token) for PPO's rollouts and the
+  held-out samples;
+- export: the fp32 merged model, one safetensors shard being written, then the unmerged reference.
+Evaluation peaks (held-out loss, DPO log-probs, generation) and training peaks do not coexist; the
+estimate takes the larger.
+
+`FINETUNE_AVAILABLE_MEMORY_GB` (GiB) overrides what the check sees as available: on a GPU machine the free
+memory of each GPU, on a CPU machine the RAM for all of this machine's processes. `FINETUNE_MEMORY_CHECK=off`
+skips the check (the estimate is still logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune.errors import UserError
+from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
+from finetune.recipe.trl_fields import config_class, finetune_default
+from finetune.tiny import tiny_config
+
+from .modeling import LORA_TARGETS
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+ENV_AVAILABLE = "FINETUNE_AVAILABLE_MEMORY_GB"
+ENV_CHECK = "FINETUNE_MEMORY_CHECK"
+
+# Calibrated on CPU (bench/memory.py, docs/memory.md): resident memory of a stage process before its model
+# (interpreter, torch, transformers, TRL, datasets, the tokenizer and data), and the extra host memory while
+# a model loads, as a share of the weights' bytes.
+RUNTIME_CPU_GIB = 1.2
+LOAD_OVERHEAD = 0.35
+# GPU: CUDA context and kernel workspaces, then the caching allocator's fragmentation on top of what is used.
+RUNTIME_GPU_GIB = 1.0
+ALLOCATOR_SLACK = 0.10
+ACTIVATION_BYTES_16BIT = 34  # per token, layer and hidden unit (Korthikanti et al. 2022, fused attention)
+SAMPLE_PROMPT_TOKENS = 256  # the held-out sample prompts are first user turns: far shorter than max_length
+
+
+class MemoryCheckError(UserError):
+    """A stage that would not fit in the memory it has; the message says how much it needs and what to change."""
+
+
+# ----------------------------------------------------------------------------- what is estimated
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int  # base parameters
+    layers: int
+    hidden: int
+    kv_width: int  # key (= value) width per token and layer: kv heads x head dim
+    vocab: int
+    linear_params: int  # parameters of the decoder's linear layers (what 4-bit quantises)
+    lora_params: int  # one LoRA adapter of the recipe's rank on its target modules
+    source: str = ""  # where the shape came from
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    device: str  # "cpu" or "cuda"
+    dtype_bytes: int  # bytes per weight while training (4 fp32, 2 fp16/bf16)
+    processes: int = 1  # processes on this machine (one per GPU)
+    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2), else 1
+    batch: int = 1  # sequences per micro-batch per process (pairs for reward and DPO)
+    seq: int = 1024  # max_length
+    eval_batch: int = 8
+    grad_ckpt: bool = False
+    merges: bool = False  # starts from earlier adapters: the base loads in fp32 on the host to merge them
+    four_bit: bool = False
+    rollout: int = 0  # PPO prompts per update per process
+    prompt_len: int = 0  # PPO max_prompt_length
+    response_len: int = 0
+    micro: int = 0  # PPO sequences per forward/backward
+    samples: int = 0  # held-out sample prompts answered greedily
+    sample_tokens: int = 0
+    shard_bytes: int = 2 * 10**9  # export: largest safetensors shard
+
+
+@dataclass
+class Estimate:
+    stage: str
+    device: str
+    parts: dict[str, float] = field(default_factory=dict)  # bytes on the device (GPU) or in RAM (CPU), per process
+    host_parts: dict[str, float] = field(default_factory=dict)  # host RAM per process on a GPU run
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.parts.values()) / GIB
+
+    @property
+    def host_gib(self) -> float:
+        return sum(self.host_parts.values()) / GIB if self.host_parts else self.total_gib
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GIB)
+
+
+# ----------------------------------------------------------------------------- the parts (pure)
+
+
+def weight_bytes(shape: ModelShape, dtype_bytes: int, four_bit: bool = False) -> float:
+    """The frozen base: 4-bit NF4 quantises the decoder's linear weights (0.5 byte + its block scales,
+    double-quantised: ~0.56); embeddings, head and norms stay in the compute dtype."""
+    if four_bit:
+        return shape.linear_params * 0.56 + (shape.params - shape.linear_params) * dtype_bytes
+    return shape.params * dtype_bytes
+
+
+def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1) -> float:
+    """LoRA weights (fp32) of `adapters` adapters, and for `trained` of them fp32 gradients plus AdamW's two
+    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2)."""
+    return lora_params * (4 * adapters + trained * 12 / zero_shards)
+
+
+def activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, grad_ckpt: bool) -> float:
+    """Activations kept for the backward pass of `tokens` tokens through every layer."""
+    per_unit = ACTIVATION_BYTES_16BIT * dtype_bytes / 2
+    if grad_ckpt:  # each layer's input kept, one layer's activations at a time recomputed
+        return tokens * shape.hidden * (dtype_bytes * shape.layers + per_unit)
+    return tokens * shape.hidden * shape.layers * per_unit
+
+
+def logits_bytes(tokens: int, vocab: int, dtype_bytes: int, grad: bool = True) -> float:
+    """Vocabulary logits of `tokens` positions: in the model dtype, the fp32 copy the loss takes, and with
+    `grad` its fp32 gradient."""
+    return tokens * vocab * (dtype_bytes + 4 + (4 if grad else 0))
+
+
+def kv_cache_bytes(sequences: int, length: int, shape: ModelShape, dtype_bytes: int) -> float:
+    return sequences * length * shape.layers * 2 * shape.kv_width * dtype_bytes
+
+
+def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
+    """Peak memory of one process of `stage`: on the GPU (and the host RAM it needs while loading), or in
+    RAM on a CPU run."""
+    b = s.dtype_bytes
+    gpu = s.device == "cuda"
+    if stage == "export":  # always on the CPU in fp32: the merged model, a shard in flight
+        s = dataclasses.replace(s, device="cpu", dtype_bytes=4, merges=True, four_bit=False)
+        gpu, b = False, 4
+    weights = weight_bytes(shape, b, s.four_bit)
+    parts = {"runtime": (RUNTIME_GPU_GIB if gpu else RUNTIME_CPU_GIB) * GIB, "weights": weights}
+    # host memory while the base loads: fp32 for a merge (then cast), else the dtype; plus the file's pages
+    load_host = shape.params * 4 + (weights if b != 4 else 0) if s.merges else weights
+    load_host += LOAD_OVERHEAD * weights
+
+    train, evaluation = 0.0, 0.0
+    generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
+    if stage == "sft":
+        tokens = s.batch * s.seq
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
+        evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
+    elif stage == "reward":  # chosen and rejected in one batch; a score head, no vocabulary logits
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        train = activation_bytes(2 * s.batch * s.seq, shape, b, s.grad_ckpt)
+    elif stage == "dpo":  # policy on chosen + rejected with gradients, the reference (adapters off) without
+        tokens = 2 * s.batch * s.seq
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
+        train += logits_bytes(tokens, shape.vocab, b, grad=False)  # the reference's log-probs
+        evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
+    elif stage == "ppo":  # four adapters on one base; policy and value trained, no ZeRO
+        length = s.prompt_len + s.response_len
+        parts["adapters"] = adapter_bytes(shape.lora_params, adapters=4, trained=2)
+        generate = max(generate, kv_cache_bytes(s.rollout, length, shape, b) + s.rollout * shape.vocab * 4 * 2)
+        tokens = s.micro * length
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
+        train += s.rollout * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
+    elif stage == "export":
+        # the reference (base + unmerged adapters) loads only after the merged model is freed
+        train = s.shard_bytes
+        generate = 0.0
+    # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
+    # both are in RAM; on a GPU run loading happens in host RAM)
+    peak = max(train, evaluation, generate)
+    name = "shard in flight" if stage == "export" else "activations" if peak == train else "evaluation"
+    if peak == generate and stage != "export":
+        name = "generation"
+    host = {}
+    if gpu:
+        parts[name] = peak
+        used = sum(parts.values()) - parts["runtime"]
+        parts["allocator slack"] = ALLOCATOR_SLACK * used
+        host = {"runtime": RUNTIME_CPU_GIB * GIB, "loading": load_host}
+    elif load_host - weights > peak:
+        parts["loading"] = load_host - weights
+    else:
+        parts[name] = peak
+    return Estimate(stage, "cuda" if gpu else "cpu", parts, host)
+
+
+# ----------------------------------------------------------------------------- from a recipe
+
+
+def shape_from_config(config, targets: list[str], rank: int, source: str = "") -> ModelShape:
+    """A model's shape from its transformers config, counting parameters on the meta device (no memory,
+    no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    linear, lora = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head"):
+            linear += module.weight.numel()
+            if name.rsplit(".", 1)[-1] in targets:
+                lora += rank * (module.in_features + module.out_features)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(
+        params=params,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        kv_width=kv_heads * head_dim,
+        vocab=config.vocab_size,
+        linear_params=linear,
+        lora_params=lora,
+        source=source,
+    )
+
+
+# The published configs of the Phi models the recipes name (their config.json on the hub), so an estimate
+# needs no network: the shape is all the estimate reads.
+KNOWN_CONFIGS = {
+    "microsoft/phi-2": (
+        "PhiConfig",
+        dict(
+            vocab_size=51200,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            partial_rotary_factor=0.4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "microsoft/phi-1_5": (
+        "PhiConfig",
+        dict(
+            vocab_size=51200,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            partial_rotary_factor=0.5,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "microsoft/Phi-3.5-mini-instruct": (
+        "Phi3Config",
+        dict(
+            vocab_size=32064,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def model_config(recipe: Recipe):
+    """(config, where it came from) without reading weights or building anything: a local folder's or the
+    hub cache's config.json, the published config of a known Phi model, the tiny builtin's config, or the
+    hub (config.json only). None when none of these can be had."""
+    import transformers
+    from transformers import AutoConfig
+
+    name = recipe.model.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        return tiny_config(512), "the builtin tiny model's config"
+    kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    path = recipe.model_path()
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, **kwargs), f"{path} config.json"
+    except (OSError, ValueError):
+        pass
+    if name in KNOWN_CONFIGS:
+        cls, values = KNOWN_CONFIGS[name]
+        return getattr(transformers, cls)(**values), f"{name}'s published config"
+    if Path(path).exists():
+        return None, f"{path}: no config.json"
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs), f"{path} config.json (hub)"
+    except (OSError, ValueError) as e:
+        return None, f"{path}: config not available ({str(e).splitlines()[0][:120]})"
+
+
+def model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
+    config, source = model_config(recipe)
+    if config is None:
+        return None, source
+    targets = (
+        LORA_TARGETS.get(config.model_type, [])
+        if recipe.lora.target_modules == "auto"
+        else list(recipe.lora.target_modules)
+    )
+    return shape_from_config(config, targets, recipe.lora.r, source), source
+
+
+def _arg(recipe: Recipe, stage: str, name: str, default=None):
+    """A stage's training setting: the recipe's value, finetune's default, else its TRL config's default."""
+    args = recipe.training_args(stage)
+    if name in args:
+        return args[name]
+    try:
+        return finetune_default(stage, name)
+    except KeyError:
+        pass
+    spec = STAGES[stage].trl_config
+    if spec is not None:
+        fields = {f.name: f for f in dataclasses.fields(config_class(spec))}
+        if name in fields and fields[name].default is not dataclasses.MISSING:
+            return fields[name].default
+    return default
+
+
+def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
+    """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    dtype_bytes = 4 if recipe.precision == "fp32" else 2
+    section = recipe.section(stage)
+    chat = STAGES[stage].chat_model or stage == "export"  # these answer the held-out sample prompts
+    common = dict(
+        device=device,
+        dtype_bytes=dtype_bytes,
+        processes=processes,
+        four_bit=recipe.model.load_in_4bit,
+        samples=recipe.samples.count if chat else 0,
+        sample_tokens=recipe.samples.max_new_tokens,
+    )
+    starts = "start_from" in type(section).model_fields if section is not None else False
+    merges = starts and recipe.input_dir(stage, "start_from") is not None
+    if stage == "ppo":
+        s = recipe.ppo
+        return StageSettings(
+            **common,
+            merges=merges,
+            grad_ckpt=s.gradient_checkpointing,
+            rollout=s.rollout_batch_size,
+            prompt_len=s.max_prompt_length,
+            response_len=s.response_length,
+            micro=s.micro_batch_size,
+        )
+    if stage == "export":
+        return StageSettings(**common, merges=True, shard_bytes=convert_file_size_to_int(recipe.export.max_shard_size))
+    zero = processes if recipe.deepspeed and device == "cuda" else 1
+    return StageSettings(
+        **common,
+        zero_shards=zero,
+        merges=merges,
+        batch=_arg(recipe, stage, "per_device_train_batch_size", 8),
+        seq=_arg(recipe, stage, "max_length", 1024) or 1024,
+        eval_batch=_arg(recipe, stage, "per_device_eval_batch_size", 8),
+        grad_ckpt=bool(_arg(recipe, stage, "gradient_checkpointing", False)),
+    )
+
+
+def estimate_recipe(recipe: Recipe, stage: str, device: str, processes: int) -> Estimate | None:
+    shape, _ = model_shape(recipe)
+    if shape is None:
+        return None
+    return estimate_stage(stage, shape, stage_settings(recipe, stage, device, processes))
+
+
+def local_processes() -> int:
+    """Processes of this run on this machine (set by accelerate launch / torchrun), else 1."""
+    for key in ("LOCAL_WORLD_SIZE", "ACCELERATE_NUM_PROCESSES"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def planned_processes(recipe: Recipe, stage: str) -> int:
+    """Processes a stage will run as, per machine: launch.num_processes, else the accelerate config's."""
+    if not STAGES[stage].launcher or recipe.launch.accelerate_config is None:
+        return 1
+    if recipe.launch.num_processes:
+        return recipe.launch.num_processes
+    config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+    return int(config.get("num_processes") or 1) // int(config.get("num_machines") or 1) or 1
+
+
+def planned_device(recipe: Recipe) -> str:
+    """The device a recipe's training stages are meant for: this machine's GPU, else a GPU when the
+    recipe asks for fp16 or names an accelerate config that is not CPU-only, else the CPU."""
+    if torch.cuda.is_available() or recipe.precision == "fp16":
+        return "cuda"
+    if recipe.launch.accelerate_config:
+        config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+        return "cpu" if config.get("use_cpu") else "cuda"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def available_bytes(device: str) -> tuple[float, str]:
+    """(bytes available, how it was found): the override, else each GPU's free memory or MemAvailable."""
+    override = os.environ.get(ENV_AVAILABLE)
+    if override:
+        try:
+            return float(override) * GIB, f"{ENV_AVAILABLE}={override}"
+        except ValueError:
+            raise UserError(f"{ENV_AVAILABLE}={override!r}: not a number of GiB (e.g. 70)") from None
+    if device == "cuda":
+        # this process's GPU (LOCAL_RANK under a launcher; the trainer has not set the device yet)
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        free, _ = torch.cuda.mem_get_info(index)
+        return float(free), f"free on GPU {index} (torch.cuda.mem_get_info)"
+    return host_available_bytes(), "MemAvailable in /proc/meminfo"
+
+
+def host_available_bytes() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def remedies(stage: str, shape: ModelShape, s: StageSettings, need: float, gpu: bool) -> list[str]:
+    """What to change, each with the estimate it would give (GiB per process)."""
+    out = []
+
+    def option(text: str, **change):
+        after = estimate_stage(stage, shape, dataclasses.replace(s, **change)).total_gib
+        if after < need:
+            out.append(f"{text} (-> {after:.1f} GiB)")
+
+    if not gpu and s.processes > 1:
+        out.append(f"fewer processes on this machine (launch.num_processes; each needs {need:.1f} GiB)")
+    if stage != "export" and not s.grad_ckpt:
+        key = "ppo.gradient_checkpointing=true" if stage == "ppo" else "training.gradient_checkpointing=true"
+        option(key, grad_ckpt=True)
+    if stage in ("sft", "reward", "dpo") and s.batch > 1:
+        option(f"{stage}.per_device_train_batch_size=1 with more gradient_accumulation_steps", batch=1)
+    if stage == "ppo" and s.micro > 1:
+        option("a smaller ppo.micro_batch_size", micro=max(1, s.micro // 2))
+    if stage == "ppo" and s.rollout > 8:
+        option("a smaller ppo.rollout_batch_size", rollout=max(1, s.rollout // 2))
+    if gpu and not s.four_bit and stage != "export":
+        option("model.load_in_4bit=true (QLoRA; not with deepspeed)", four_bit=True)
+    if not gpu and s.dtype_bytes == 4 and stage != "export":
+        option("precision=bf16 (CPUs run it too)", dtype_bytes=2)
+    out.append(f"a bigger {'GPU' if gpu else 'machine'} (at least {need:.1f} GiB {'free per GPU' if gpu else 'free'})")
+    return out
+
+
+def preflight(recipe: Recipe, stage: str) -> Estimate | None:
+    """Estimate `stage`'s memory and stop with a MemoryCheckError when it cannot fit: on a GPU run each GPU's
+    free memory and the host RAM for this machine's processes while they load; on a CPU run the RAM for all
+    of them. Runs before any model or data loads; logs the estimate either way."""
+    gpu = torch.cuda.is_available() and STAGES[stage].launcher
+    device = "cuda" if gpu else "cpu"
+    shape, source = model_shape(recipe)
+    if shape is None:
+        log.info("memory check skipped for %s: no model config to estimate from (%s)", stage, source)
+        return None
+    processes = local_processes()
+    settings = stage_settings(recipe, stage, device, processes)
+    est = estimate_stage(stage, shape, settings)
+    have, how = available_bytes(device)
+    per = "per GPU" if gpu else "per process"
+    log.info(
+        "memory estimate for %s: %.1f GiB %s (%s; %d parameters from %s); available: %.1f GiB (%s)",
+        stage,
+        est.total_gib,
+        per,
+        est.breakdown(),
+        shape.params,
+        source,
+        have / GIB,
+        how,
+    )
+    if os.environ.get(ENV_CHECK, "").lower() in ("off", "0", "false", "no"):
+        return est
+    need = est.total_gib * (1 if gpu else processes) * GIB
+    problems = []
+    if need > have:
+        where = (
+            f"{processes} processes x {est.total_gib:.1f} GiB" if processes > 1 and not gpu else f"{need / GIB:.1f} GiB"
+        )
+        problems.append(
+            f"needs about {where} {'on each GPU' if gpu else 'of RAM'} ({est.breakdown()}), and {have / GIB:.1f} "
+            f"GiB is available ({how})"
+        )
+    if gpu:
+        host_have = host_available_bytes()
+        host_need = est.host_gib * processes * GIB
+        if host_need > host_have:
+            problems.append(
+                f"while loading, {processes} processes need about {processes} x {est.host_gib:.1f} GiB of host RAM "
+                f"(the base is read {'in fp32 to merge the earlier adapters' if settings.merges else 'on the CPU'} "
+                f"before it moves to the GPU), and {host_have / GIB:.1f} GiB is available"
+            )
+    if not problems:
+        return est
+    fixes = remedies(stage, shape, settings, est.total_gib, gpu)
+    if gpu and len(problems) > 1 or (gpu and "host RAM" in problems[-1]):
+        fixes.insert(0, "fewer processes per node (launch.num_processes) for the host RAM")
+    raise MemoryCheckError(
+        f"{recipe.source}: {stage} would run out of memory: it "
+        + "; and ".join(problems)
+        + ". Change one of: "
+        + "; ".join(fixes)
+        + f". (An estimate, docs/memory.md; {ENV_CHECK}=off skips this check.)"
+    )
