@@ -75,14 +75,14 @@ def run(recipe: Recipe) -> dict:
     trainer = make_trainer(args, model, tokenizer, pairs["train"], pairs["eval"])
     pad, beta = tokenizer.pad_token_id, args.beta
     place_for_eval(model, args, recipe)
-    before = dpo_eval(model, pairs["eval"], beta, pad)
+    before = dpo_eval(model, pairs["eval"], beta, pad, args.per_device_eval_batch_size)
     correct_before, _ = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
     samples = Samples(recipe)
     samples.answer("start", model, tokenizer, template)  # the SFT model: the start, adapters of this stage new
     trained = train(trainer, model, recipe, "dpo", section.resume)
-    after = dpo_eval(model, pairs["eval"], beta, pad)
+    after = dpo_eval(model, pairs["eval"], beta, pad, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )

@@ -56,9 +56,9 @@ def run(recipe: Recipe) -> dict:
     )
     pad = tokenizer.pad_token_id
     place_for_eval(model, args, recipe)
-    before = pairwise_accuracy(model, pairs["eval"], pad)
+    before = pairwise_accuracy(model, pairs["eval"], pad, args.per_device_eval_batch_size)
     trained = train(trainer, model, recipe, "reward", section.resume)
-    after = pairwise_accuracy(model, pairs["eval"], pad)
+    after = pairwise_accuracy(model, pairs["eval"], pad, args.per_device_eval_batch_size)
 
     metrics = {
         "eval_accuracy_before": before["accuracy"],

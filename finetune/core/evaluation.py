@@ -145,12 +145,12 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_si
     return torch.cat(out)
 
 
-def pairwise_accuracy(model, dataset, pad_token_id: int) -> dict:
+def pairwise_accuracy(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
     """Share of pairs whose chosen reply scores above the rejected one, and the mean margin."""
-    chosen = reward_scores(model, [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"])], pad_token_id)
-    rejected = reward_scores(
-        model, [p + r for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])], pad_token_id
-    )
+    pairs = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+    chosen, rejected = zip(*((p + c, p + r) for p, c, r in pairs))
+    chosen = reward_scores(model, list(chosen), pad_token_id, batch_size)
+    rejected = reward_scores(model, list(rejected), pad_token_id, batch_size)
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
@@ -173,15 +173,15 @@ def sequence_logps(
     return torch.cat(out)
 
 
-def dpo_eval(model, dataset, beta: float, pad_token_id: int) -> dict:
+def dpo_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 32) -> dict:
     """Held-out DPO figures: implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, their
     accuracy and margin, and the sigmoid DPO loss. The reference is the model with adapters disabled."""
     was_training = model.training
     model.eval()
     p, c, r = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
-    pol_c, pol_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
+    pol_c, pol_r = (sequence_logps(model, p, x, pad_token_id, batch_size) for x in (c, r))
     with model.disable_adapter():
-        ref_c, ref_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
+        ref_c, ref_r = (sequence_logps(model, p, x, pad_token_id, batch_size) for x in (c, r))
     model.train(was_training)
     chosen, rejected = beta * (pol_c - ref_c), beta * (pol_r - ref_r)
     margin = chosen - rejected
