@@ -4,15 +4,19 @@ and the sample replies every chat-model stage saves (samples.jsonl)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
 from finetune.chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
+from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe
 
 from . import distributed
 from .batching import left_pad, pad
 from .data import DataReport, load_rows, to_prompt, train_eval_rows
+
+log = logging.getLogger(__name__)
 
 
 def normalise(text: str) -> str:
@@ -236,7 +240,13 @@ class Samples:
     saved as `samples.jsonl` beside the stage's metrics: one row per prompt, one key per model."""
 
     def __init__(self, recipe: Recipe, prompts: list[list[dict]] | None = None):
-        self.prompts = sample_prompts(recipe) if prompts is None else prompts
+        if prompts is None:
+            try:
+                prompts = sample_prompts(recipe)
+            except UserError as e:  # samples are for reading: never the reason a long stage fails
+                log.warning("samples.jsonl skipped: cannot read the sample prompts: %s", e)
+                prompts = []
+        self.prompts = prompts
         self.max_new_tokens = recipe.samples.max_new_tokens
         self.replies: dict[str, list[str]] = {}
 
