@@ -49,10 +49,10 @@ def overrides(out: Path, model: Path) -> list[str]:
         f"sft.data.eval={sft_eval}",
         *(f"{s}.data.train={pref}" for s in ("reward", "dpo", "ppo")),
         *(f"{s}.data.eval={pref_eval}" for s in ("reward", "dpo", "ppo")),
-        *(f"{s}.data.max_eval_rows=8" for s in ("sft", "reward", "dpo", "ppo")),
-        "sft.max_steps=3",
-        "reward.max_steps=2",
-        "dpo.max_steps=2",
+        *(f"{s}.data.max_eval_rows=4" for s in ("sft", "reward", "dpo", "ppo")),
+        "sft.max_steps=2",  # the peak comes with the first step: more steps only take longer
+        "reward.max_steps=1",
+        "dpo.max_steps=1",
         *(f"{s}.max_length=128" for s in ("sft", "reward", "dpo")),
         "ppo.updates=1",
         "ppo.rollout_batch_size=4",
@@ -61,7 +61,7 @@ def overrides(out: Path, model: Path) -> list[str]:
         "ppo.ppo_epochs=1",
         "ppo.response_length=16",
         "ppo.max_prompt_length=112",
-        "ppo.eval_prompts=4",
+        "ppo.eval_prompts=2",
         "samples.count=1",
         "samples.max_new_tokens=4",
     ]
@@ -113,7 +113,9 @@ def add_estimates(results: dict) -> dict:
         shape = phi2_shape(row["layers"])
         recipe = load_recipe(RECIPE, overrides(Path("/tmp/unused"), Path("/tmp/unused")))
         for stage, figures in row["stages"].items():
-            figures["estimate_gib"] = round(estimate_stage(stage, shape, stage_settings(recipe, stage, "cpu", 1)).total_gib, 2)
+            figures["estimate_gib"] = round(
+                estimate_stage(stage, shape, stage_settings(recipe, stage, "cpu", 1)).total_gib, 2
+            )
     return results
 
 
@@ -123,7 +125,29 @@ def phi2_shape(layers: int):
 
     config = phi2_config()
     config.num_hidden_layers = layers
+    config.dtype = "float16"  # as build() saves it
     return shape_from_config(config, ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], 16)
+
+
+def gpu_table() -> str:
+    """The GPU estimates of docs/memory.md: each Phi recipe as shipped, 8 processes (one per GPU)."""
+    from finetune.core.memory import GIB, estimate_stage, model_shape, stage_settings
+    from finetune.recipe import load_recipe
+
+    lines = [
+        "| recipe | stage | per GPU (GiB) | largest parts (GiB) | host RAM per process while loading (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("phi2_chat", "phi1_5_chat", "phi3_5_mini_chat"):
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        shape, _ = model_shape(recipe)
+        for stage in STAGES:
+            est = estimate_stage(stage, shape, stage_settings(recipe, stage, "cuda", 8))
+            where = f"{est.total_gib:.1f}" if est.device == "cuda" else f"CPU: {est.total_gib:.1f} of RAM"
+            host = f"{est.host_gib:.1f}" if est.device == "cuda" else "-"
+            parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.parts.items() if v >= 0.5 * GIB)
+            lines.append(f"| {name} | {stage} | {where} | {parts} | {host} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -131,7 +155,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 6])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory_phi2_cpu.json")
     parser.add_argument("--estimates-only", action="store_true", help="only (re)compute the estimates in --out")
+    parser.add_argument("--gpu-table", action="store_true", help="print the GPU estimate table of docs/memory.md")
     args = parser.parse_args()
+    if args.gpu_table:
+        print(gpu_table())
+        return
     if args.estimates_only:
         args.out.write_text(json.dumps(add_estimates(json.loads(args.out.read_text())), indent=2) + "\n")
         print(f"wrote {args.out}")

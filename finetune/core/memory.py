@@ -6,9 +6,11 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
 - runtime: Python, torch, transformers, TRL (host RAM) or the CUDA context, kernels' workspace and the
   caching allocator's slack (GPU);
 - weights: parameters x bytes of the dtype (4-bit: ~0.56 byte for each quantised linear weight);
-- loading: transformers reads the safetensors file through a memory map and the stage keeps a copy, so
-  the host holds more than the weights while a model loads; a stage that starts from earlier adapters
-  loads the base in fp32 to merge them (peft#2368) before casting: parameters x 4 on the host;
+- loading: transformers reads the checkpoint through a memory map, so while a model loads the host holds
+  the file's pages (parameters x the checkpoint's dtype, fp16 for Phi-2) on top of the weights; a stage
+  that starts from earlier adapters loads the base in fp32 to merge them (peft#2368) before casting:
+  parameters x 4 on the host. Measured on CPU (bench/memory.py): peak = runtime + weights + file, for 2-
+  and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
   state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
   adapters and two optimisers;
@@ -19,7 +21,7 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
 - logits: tokens x vocabulary x (dtype + fp32 copy + fp32 gradient) for the language-model loss;
 - generation: the KV cache (2 x layers x key/value width x dtype per token) for PPO's rollouts and the
   held-out samples;
-- export: the fp32 merged model, one safetensors shard being written, then the unmerged reference.
+- export: the fp32 merged model (and its checkpoint's pages while it loads), then the unmerged reference.
 Evaluation peaks (held-out loss, DPO log-probs, generation) and training peaks do not coexist; the
 estimate takes the larger.
 
@@ -52,11 +54,11 @@ GIB = 2**30
 ENV_AVAILABLE = "FINETUNE_AVAILABLE_MEMORY_GB"
 ENV_CHECK = "FINETUNE_MEMORY_CHECK"
 
-# Calibrated on CPU (bench/memory.py, docs/memory.md): resident memory of a stage process before its model
-# (interpreter, torch, transformers, TRL, datasets, the tokenizer and data), and the extra host memory while
-# a model loads, as a share of the weights' bytes.
-RUNTIME_CPU_GIB = 1.2
-LOAD_OVERHEAD = 0.35
+# Calibrated on CPU (bench/memory.py, docs/memory.md): what a stage process holds besides its model
+# (interpreter, torch, transformers, TRL, datasets, tokenizer, data): 0.53 GiB in SFT and DPO, 0.45 in
+# PPO, 0.64 in export, measured on 2- and 4-layer Phi-2-width models (fp32, seq <= 128).
+RUNTIME_CPU_GIB = {"ppo": 0.45, "export": 0.65}
+RUNTIME_CPU_DEFAULT_GIB = 0.55
 # GPU: CUDA context and kernel workspaces, then the caching allocator's fragmentation on top of what is used.
 RUNTIME_GPU_GIB = 1.0
 ALLOCATOR_SLACK = 0.10
@@ -80,6 +82,8 @@ class ModelShape:
     vocab: int
     linear_params: int  # parameters of the decoder's linear layers (what 4-bit quantises)
     lora_params: int  # one LoRA adapter of the recipe's rank on its target modules
+    head_params: int = 0  # the LM head (a sequence classifier, the reward model, has none)
+    file_bytes_per_param: int = 4  # the checkpoint's dtype on disk (Phi-2: fp16)
     source: str = ""  # where the shape came from
 
 
@@ -101,7 +105,6 @@ class StageSettings:
     micro: int = 0  # PPO sequences per forward/backward
     samples: int = 0  # held-out sample prompts answered greedily
     sample_tokens: int = 0
-    shard_bytes: int = 2 * 10**9  # export: largest safetensors shard
 
 
 @dataclass
@@ -140,6 +143,15 @@ def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_sh
     return lora_params * (4 * adapters + trained * 12 / zero_shards)
 
 
+def load_bytes(shape: ModelShape, dtype_bytes: int, merges: bool) -> float:
+    """Host memory while a base loads: the memory-mapped checkpoint's pages plus the weights in
+    `dtype_bytes`; to merge earlier adapters the base loads in fp32 and is cast after, both copies alive."""
+    pages = shape.params * shape.file_bytes_per_param
+    if merges and dtype_bytes != 4:
+        return shape.params * 4 + max(pages, shape.params * dtype_bytes)
+    return shape.params * (4 if merges else dtype_bytes) + pages
+
+
 def activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, grad_ckpt: bool) -> float:
     """Activations kept for the backward pass of `tokens` tokens through every layer."""
     per_unit = ACTIVATION_BYTES_16BIT * dtype_bytes / 2
@@ -163,14 +175,17 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
     RAM on a CPU run."""
     b = s.dtype_bytes
     gpu = s.device == "cuda"
-    if stage == "export":  # always on the CPU in fp32: the merged model, a shard in flight
+    if stage == "export":  # always on the CPU in fp32: the merged model
         s = dataclasses.replace(s, device="cpu", dtype_bytes=4, merges=True, four_bit=False)
         gpu, b = False, 4
+    if stage == "reward":  # a sequence classifier: a one-output score head instead of the LM head
+        shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
     weights = weight_bytes(shape, b, s.four_bit)
-    parts = {"runtime": (RUNTIME_GPU_GIB if gpu else RUNTIME_CPU_GIB) * GIB, "weights": weights}
-    # host memory while the base loads: fp32 for a merge (then cast), else the dtype; plus the file's pages
-    load_host = shape.params * 4 + (weights if b != 4 else 0) if s.merges else weights
-    load_host += LOAD_OVERHEAD * weights
+    runtime = RUNTIME_GPU_GIB if gpu else RUNTIME_CPU_GIB.get(stage, RUNTIME_CPU_DEFAULT_GIB)
+    parts = {"runtime": runtime * GIB, "weights": weights}
+    # host memory while the base loads: the checkpoint's pages (memory-mapped) and the loaded weights; for a
+    # merge the base in fp32, then the cast copy while the fp32 one still exists
+    load_host = load_bytes(shape, b, s.merges)
 
     train, evaluation = 0.0, 0.0
     generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
@@ -197,13 +212,13 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
         train += s.rollout * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
     elif stage == "export":
-        # the reference (base + unmerged adapters) loads only after the merged model is freed
-        train = s.shard_bytes
+        # the reference (base + unmerged adapters) loads only after the merged model is freed, and safetensors
+        # writes each shard tensor by tensor (measured: no shard-sized buffer), so loading is the peak
         generate = 0.0
     # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
     # both are in RAM; on a GPU run loading happens in host RAM)
     peak = max(train, evaluation, generate)
-    name = "shard in flight" if stage == "export" else "activations" if peak == train else "evaluation"
+    name = "activations" if peak == train else "evaluation"
     if peak == generate and stage != "export":
         name = "generation"
     host = {}
@@ -211,9 +226,9 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         parts[name] = peak
         used = sum(parts.values()) - parts["runtime"]
         parts["allocator slack"] = ALLOCATOR_SLACK * used
-        host = {"runtime": RUNTIME_CPU_GIB * GIB, "loading": load_host}
+        host = {"runtime": RUNTIME_CPU_GIB.get(stage, RUNTIME_CPU_DEFAULT_GIB) * GIB, "loading": load_host}
     elif load_host - weights > peak:
-        parts["loading"] = load_host - weights
+        parts["loading (checkpoint pages)"] = load_host - weights
     else:
         parts[name] = peak
     return Estimate(stage, "cuda" if gpu else "cpu", parts, host)
@@ -230,6 +245,9 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.get_output_embeddings().parameters())
+    on_disk = getattr(config, "dtype", None)
+    file_bytes = on_disk.itemsize if isinstance(on_disk, torch.dtype) else 4  # unknown: assume fp32
     linear, lora = 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head"):
@@ -247,6 +265,8 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
         vocab=config.vocab_size,
         linear_params=linear,
         lora_params=lora,
+        head_params=head,
+        file_bytes_per_param=file_bytes,
         source=source,
     )
 
@@ -265,6 +285,7 @@ KNOWN_CONFIGS = {
             partial_rotary_factor=0.4,
             max_position_embeddings=2048,
             tie_word_embeddings=False,
+            dtype="float16",
         ),
     ),
     "microsoft/phi-1_5": (
@@ -278,6 +299,7 @@ KNOWN_CONFIGS = {
             partial_rotary_factor=0.5,
             max_position_embeddings=2048,
             tie_word_embeddings=False,
+            dtype="float16",
         ),
     ),
     "microsoft/Phi-3.5-mini-instruct": (
@@ -291,6 +313,7 @@ KNOWN_CONFIGS = {
             num_key_value_heads=32,
             max_position_embeddings=131072,
             tie_word_embeddings=False,
+            dtype="bfloat16",
         ),
     ),
 }
@@ -354,8 +377,6 @@ def _arg(recipe: Recipe, stage: str, name: str, default=None):
 
 def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
     """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
-    from transformers.utils.hub import convert_file_size_to_int
-
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
     section = recipe.section(stage)
     chat = STAGES[stage].chat_model or stage == "export"  # these answer the held-out sample prompts
@@ -381,7 +402,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
             micro=s.micro_batch_size,
         )
     if stage == "export":
-        return StageSettings(**common, merges=True, shard_bytes=convert_file_size_to_int(recipe.export.max_shard_size))
+        return StageSettings(**common, merges=True)
     zero = processes if recipe.deepspeed and device == "cuda" else 1
     return StageSettings(
         **common,
