@@ -40,6 +40,7 @@ from finetune.core.outputs import (
     setup_logging,
     write_json,
 )
+from finetune.core.progress import progress
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
@@ -184,7 +185,7 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
 
 
 def run(recipe: Recipe) -> dict:
-    setup_logging()
+    setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
     if target.exists() and not section.force:
@@ -233,7 +234,8 @@ def run(recipe: Recipe) -> dict:
         "sample_reply": replies[0] if replies else None,
     }
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
+        with progress(f"export: writing {dtype_name} safetensors"):
+            model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
         del model
         gc.collect()  # the merged copy goes before the reference loads: never two models at once

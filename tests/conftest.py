@@ -14,9 +14,10 @@ TINY_RECIPE = ROOT / "recipes" / "tiny_chat.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    from finetune.tiny import ensure_tiny_phi
+    """The tiny base shipped in the package (what builtin:tiny-phi loads)."""
+    from finetune.tiny import base_path
 
-    return ensure_tiny_phi()
+    return base_path()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +78,6 @@ def subprocess_env() -> dict:
     """The environment for child processes: they import the `finetune` of this checkout (not whatever
     editable install the interpreter points at), so a test proves the code it sits beside."""
     env = dict(os.environ)
-    env.setdefault("FINETUNE_CACHE", str(Path.home() / ".cache" / "finetune"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 

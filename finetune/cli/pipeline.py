@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from finetune.core import progress
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
-from finetune.launch import recipe_command
+from finetune.launch import VERBOSE_HELP, recipe_command
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -127,6 +129,46 @@ def _earlier_seconds(report: Path) -> dict:
     return {r["stage"]: r["seconds"] for r in rows if r.get("seconds") is not None}
 
 
+def _pump(source, target, last: list[float]) -> None:
+    for line in source:
+        last[0] = time.monotonic()
+        target.write(line)
+        target.flush()
+
+
+def run_stage_process(cmd: list[str], label: str) -> int:
+    """Run one stage's process and return its exit status.
+
+    At a terminal the stage writes to it directly (its progress bars). Elsewhere (a log file, CI, a
+    pipe) its output passes through here line by line, stdout and stderr kept apart, and when it has
+    been quiet for the progress interval (a stage process importing torch on a busy machine, a long
+    phase that reports nothing) a line says it is still running, so the log never goes silent."""
+    if progress.mode() == "bar":
+        return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    last, started = [time.monotonic()], time.monotonic()
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, last), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, last), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            quiet = time.monotonic() - last[0]
+            if quiet >= progress.interval():
+                progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
+                last[0] = time.monotonic()
+    finally:
+        if proc.poll() is None:  # interrupted here: stop the stage too
+            proc.terminate()
+        proc.wait()
+        for t in pumps:
+            t.join()
+    return proc.returncode
+
+
 def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
     the exit status: 0, or that of the first stage that failed."""
@@ -167,7 +209,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        code = subprocess.call(cmd)
+        code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}")
         seconds = time.time() - t0
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
@@ -196,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
     parser.add_argument("--force", action="store_true", help="run every stage again even if its output exists")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run(args.recipe, args.overrides, args.force)
+        return run(args.recipe, args.overrides + (["logging.verbose=true"] if args.verbose else []), args.force)
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2

@@ -13,18 +13,63 @@ from pathlib import Path
 
 from finetune.recipe import STAGES, Recipe, dump_recipe
 
-from . import distributed
+from . import distributed, progress
 
 log = logging.getLogger(__name__)
 
 
-def setup_logging(main_process: bool = True):
+# Library messages a user cannot act on, silenced unless logging.verbose (`--verbose`). Each is either a
+# deprecation inside the libraries' own code or a statement about the environment that finetune already
+# makes in its own log (the attention kernel line says where the model runs).
+QUIET_WARNINGS = [
+    # peft and trl read `model.is_gradient_checkpointing`, deprecated in transformers 5 (their code, not ours)
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+]
+QUIET_LOG_LINES = {
+    # DeepSpeed at import, on every machine without a GPU (deepspeed/accelerator/real_accelerator.py)
+    "DeepSpeed": ("Setting accelerator to CPU", "Setting ds_accelerator to"),
+}
+_quieted = False
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def setup_logging(main_process: bool = True, verbose: bool = False):
+    """The stage log: `HH:MM:SS LEVEL logger: message` on stderr, INFO on the main process and WARNING on
+    the others. Unless `verbose`, library warnings a user cannot act on (QUIET_WARNINGS, QUIET_LOG_LINES)
+    are silenced and, when output is not a terminal, the libraries' own progress bars are off
+    (finetune.core.progress reports instead)."""
+    global _quieted
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if verbose or _quieted:
+        return
+    _quieted = True
+    import warnings
+
+    import datasets
+    import transformers
+
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefixes in QUIET_LOG_LINES.items():
+        logging.getLogger(name).addFilter(_DropLines(prefixes))  # kept when the library configures its logger
+    if progress.mode() != "bar":
+        # Their carriage-return redraws are a wall of text in a log file; load_model, the data loader and
+        # the Trainer report through finetune.core.progress instead. At a terminal they stay (downloads).
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def write_json(path: Path, data) -> None:

@@ -77,6 +77,12 @@ class LaunchSection(Section):
 class LoggingSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log training metrics every N optimiser steps.")
     report_to: list[str] = Field(default_factory=list, description="Trackers (tensorboard, mlflow, wandb...).")
+    verbose: bool = Field(
+        False,
+        description="Also print the raw detail: the Trainer's log dictionaries beside the one-line step logs, "
+        "library warnings finetune silences as not actionable, and the libraries' own progress bars. "
+        "`--verbose` on a stage command or `finetune pipeline` sets it.",
+    )
 
 
 class DataSource(Section):
