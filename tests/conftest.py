@@ -111,10 +111,11 @@ def pipeline_run(tmp_path_factory, tiny_base):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     cmd = [sys.executable, "-m", "finetune.cli", "pipeline", str(TINY_RECIPE), f"output_dir={out}", *PIPELINE_QUICK]
     logs = out.parent
+    env = {**subprocess_env(), "FINETUNE_PROGRESS_INTERVAL": "2"}  # output to a file: timed progress lines
     started = time.time()
     with open(logs / "first.log", "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )  # its own process group: the kill reaches the stage too
         reached = _wait_for(out / "ppo-checkpoints" / "update-4" / "state.json", proc, timeout=1200)
         if proc.poll() is None:
@@ -124,13 +125,14 @@ def pipeline_run(tmp_path_factory, tiny_base):
     assert reached, "the pipeline never reached PPO's first checkpoint:\n" + (logs / "first.log").read_text()[-4000:]
     finished_before_kill = {s: (out / s / "metrics.json").is_file() for s in ("sft", "reward", "dpo", "ppo", "export")}
     started = time.time()
-    second = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-4000:]
     return {
         "out": out,
         "cmd": cmd,
         "finished_before_kill": finished_before_kill,
         "second": second,
+        "first_log": (logs / "first.log").read_text(),
         "first_seconds": first_seconds,
         "second_seconds": time.time() - started,
         "report": json.loads((out / "pipeline_report.json").read_text()),

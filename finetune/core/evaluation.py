@@ -25,7 +25,7 @@ def generate_answers(
     conversations: list[list[dict]],
     max_new_tokens: int = 32,
     batch_size: int = 16,
-    desc: str = "held-out answers",
+    desc: str = "generating answers",
 ) -> list[str]:
     """Greedy replies to each conversation's last turn, stopped at the end-of-turn token.
 

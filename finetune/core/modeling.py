@@ -21,6 +21,7 @@ from finetune.chat_template import load_template, prepare_tokenizer
 from finetune.recipe import BUILTIN_PREFIX, Recipe, RecipeError
 from finetune.tiny import base_path
 
+from .outputs import DropMessages
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -173,13 +174,15 @@ def _load_classifier(cls, path: str, **kwargs):
     """A sequence classifier from a causal-LM checkpoint. Its new score head and the unused LM head are
     expected, so transformers' load report table (a warning on every reward run) becomes one line here;
     any other missing or unexpected weight is still a warning."""
-    quiet = logging.getLogger("transformers.modeling_utils")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # A filter, not a level: transformers runs its tensor-parallel plan check (more warnings) whenever
+    # this logger's own level is WARNING or above (modeling_utils.from_pretrained).
+    reporter = logging.getLogger("transformers.modeling_utils")
+    report = DropMessages("LOAD REPORT")
+    reporter.addFilter(report)
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     finally:
-        quiet.setLevel(level)
+        reporter.removeFilter(report)
     head = model.base_model_prefix + "."
     missing = [k for k in info["missing_keys"] if k.startswith(head)]  # the backbone must be complete
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]

@@ -32,13 +32,16 @@ QUIET_LOG_LINES = {
 _quieted = False
 
 
-class _DropLines(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+class DropMessages(logging.Filter):
+    """A logging filter dropping the records whose message contains one of `texts`."""
+
+    def __init__(self, *texts: str):
         super().__init__()
-        self.prefixes = prefixes
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        message = str(record.msg)
+        return not any(t in message for t in self.texts)
 
 
 def setup_logging(main_process: bool = True, verbose: bool = False):
@@ -58,18 +61,20 @@ def setup_logging(main_process: bool = True, verbose: bool = False):
     _quieted = True
     import warnings
 
-    import datasets
-    import transformers
-
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name, prefixes in QUIET_LOG_LINES.items():
-        logging.getLogger(name).addFilter(_DropLines(prefixes))  # kept when the library configures its logger
+    for name, texts in QUIET_LOG_LINES.items():
+        logging.getLogger(name).addFilter(DropMessages(*texts))  # kept when the library configures its logger
     if progress.mode() != "bar":
         # Their carriage-return redraws are a wall of text in a log file; load_model, the data loader and
         # the Trainer report through finetune.core.progress instead. At a terminal they stay (downloads).
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        # The environment switches them off in libraries not imported yet (without importing them here).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it at import
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def write_json(path: Path, data) -> None:
