@@ -141,8 +141,9 @@ def run_stage_process(cmd: list[str], label: str) -> int:
 
     At a terminal the stage writes to it directly (its progress bars). Elsewhere (a log file, CI, a
     pipe) its output passes through here line by line, stdout and stderr kept apart, and when it has
-    been quiet for the progress interval (a stage process importing torch on a busy machine, a long
-    phase that reports nothing) a line says it is still running, so the log never goes silent."""
+    been quiet for longer than its own progress lines would be (a stage process importing torch on a
+    busy machine, a phase that reports nothing) a line says it is still running: the log never goes
+    silent for long."""
     if progress.mode() == "bar":
         return subprocess.call(cmd)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
@@ -153,11 +154,12 @@ def run_stage_process(cmd: list[str], label: str) -> int:
     ]
     for t in pumps:
         t.start()
+    # longer than the stage's own progress interval, so a stage that reports is never talked over
+    patience = max(1.5 * progress.interval(), progress.interval() + 2)
     try:
         while proc.poll() is None:
             time.sleep(0.2)
-            quiet = time.monotonic() - last[0]
-            if quiet >= progress.interval():
+            if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
     finally:
