@@ -102,3 +102,16 @@ def test_verbose_flag_is_the_recipe_key():
     assert recipe_from_argv([str(TINY_RECIPE), "--verbose"], "sft", "finetune sft").logging.verbose is True
     assert recipe_from_argv([str(TINY_RECIPE)], "sft", "finetune sft").logging.verbose is False
     assert flags_to_overrides(["r.yaml", "--verbose", "a=1"]) == ["r.yaml", "a=1", "logging.verbose=true"]
+
+
+def test_pipeline_passes_a_quiet_stage_output_through_and_says_it_is_running(capsys, caplog, monkeypatch):
+    from finetune.cli.pipeline import run_stage_process
+
+    monkeypatch.setenv("FINETUNE_PROGRESS", "lines")
+    monkeypatch.setenv("FINETUNE_PROGRESS_INTERVAL", "0.2")
+    caplog.set_level(logging.INFO, logger="finetune.progress")
+    child = "import sys, time; time.sleep(1.5); print('out'); print('err', file=sys.stderr); sys.exit(3)"
+    assert run_stage_process([sys.executable, "-c", child], "pipeline [1/1] quiet") == 3
+    captured = capsys.readouterr()
+    assert captured.out == "out\n" and captured.err == "err\n"  # streams kept apart
+    assert "pipeline [1/1] quiet: running, " in caplog.text

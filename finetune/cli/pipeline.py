@@ -155,7 +155,7 @@ def run_stage_process(cmd: list[str], label: str) -> int:
     for t in pumps:
         t.start()
     # longer than the stage's own progress interval, so a stage that reports is never talked over
-    patience = max(1.5 * progress.interval(), progress.interval() + 2)
+    patience = 1.5 * progress.interval()
     try:
         while proc.poll() is None:
             time.sleep(0.2)
