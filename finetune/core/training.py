@@ -59,7 +59,7 @@ def trackers(recipe: Recipe) -> list[str] | str:
 # finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
 # checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
 # and only pays when activations do not fit, so here it is off unless a recipe asks for it
-# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
+# (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
 TRL_DEFAULTS = {"gradient_checkpointing": False}
 
 
