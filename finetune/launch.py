@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from finetune.core import tracking
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 
@@ -83,11 +84,13 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
 
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, then run.
-    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback."""
+    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback. The
+    stage reports to the recipe's trackers (`logging.report_to`) for as long as it runs."""
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
-            run(recipe)
+            with tracking.stage_run(recipe, stage):
+                run(recipe)
     except UserError as e:
         print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
         return 2

@@ -20,11 +20,13 @@ same in `<output_dir>/pipeline_report.json`, and every stage's training curves i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from finetune.core import tracking
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
 from finetune.launch import recipe_command
@@ -138,6 +140,8 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
+    tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
+    env = {**os.environ, **tracked.env}
 
     def write_report(curves: str | None = None) -> dict:
         # after every stage too: a pipeline killed later still leaves the times of what it finished
@@ -167,7 +171,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=env)
         seconds = time.time() - t0
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
@@ -179,6 +183,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         rerun = True
     drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
     report = write_report(str(out / CURVES) if drawn else None)
+    tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))

@@ -76,7 +76,37 @@ class LaunchSection(Section):
 
 class LoggingSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log training metrics every N optimiser steps.")
-    report_to: list[str] = Field(default_factory=list, description="Trackers (tensorboard, mlflow, wandb...).")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers every stage reports to: tensorboard, mlflow, wandb (written by finetune, one naming "
+        "scheme, see docs/tracking.md); other names transformers knows (comet_ml, trackio, ...) go to the TRL "
+        "stages' trainers. Inside an Azure ML job mlflow is added; [none] turns every tracker off.",
+    )
+    project: str | None = Field(
+        None,
+        description="MLflow experiment and W&B project (default: $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "
+        "finetune).",
+    )
+    run_name: str | None = Field(
+        None,
+        description="Name of the run (the pipeline's parent run; stage runs add the stage). Default: the "
+        "last part of output_dir.",
+    )
+    tensorboard_dir: str | None = Field(
+        None,
+        description="TensorBoard log folder; each stage writes <tensorboard_dir>/<stage>/ (default: "
+        "<output_dir>/tensorboard).",
+        json_schema_extra=CWD_PATH,
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, value: list[str]) -> list[str]:
+        if "all" in value:
+            raise ValueError("name the trackers (e.g. [tensorboard, mlflow]); 'all' would report everything twice")
+        if "none" in value and len(value) > 1:
+            raise ValueError("'none' turns every tracker off: use it alone")
+        return value
 
 
 class DataSource(Section):
