@@ -167,7 +167,10 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         if stage == "export" and recipe.export.stage == "auto" and trained:
             extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
         if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-            extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+            keys = type(recipe.section(stage)).model_fields
+            extra += (
+                [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
+            )
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()

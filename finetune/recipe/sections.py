@@ -334,6 +334,61 @@ class ExportSection(Section):
         return value
 
 
+class EvalTask(Section):
+    """One lm-evaluation-harness task (or group) and how to run it."""
+
+    name: str = Field(
+        description="Task or group name as lm-eval knows it (ifeval, gsm8k, mmlu, ...) or one "
+        "defined in eval.include_path."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: the task's own).")
+    apply_chat_template: bool | None = Field(
+        None,
+        description="Render prompts with the tokenizer's chat template (few-shot examples as turns). Default: "
+        "eval.apply_chat_template.",
+    )
+    limit: float | None = Field(
+        None, gt=0, description="Documents to score (a share when below 1); for quick checks, not for reporting."
+    )
+
+
+class EvalSection(Section):
+    """Benchmarks with lm-evaluation-harness (`pip install 'finetune[eval]'`): the trained model and the base,
+    side by side, on the same tasks and settings."""
+
+    tasks: list[EvalTask] = Field(
+        min_length=1, description="Tasks to run: names, or {name, num_fewshot, apply_chat_template, limit}."
+    )
+    include_path: str | None = Field(
+        None,
+        description="Folder of extra lm-eval task YAMLs (e.g. ../data/tiny/eval for the offline tiny task).",
+        json_schema_extra=RECIPE_PATH,
+    )
+    model: str = Field(
+        "auto",
+        description="Which model to score: auto = the export when complete, else the last finished chat stage's "
+        "adapter chain merged in memory; or export, or a chat stage (sft, dpo, ppo).",
+    )
+    base: bool = Field(True, description="Score the base model too (same tasks, same settings).")
+    apply_chat_template: bool = Field(
+        True, description="Default for the tasks' apply_chat_template: the template the model was trained with."
+    )
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+    max_length: int | None = Field(
+        None, gt=0, description="Context length lm-eval assumes (default: the model config's)."
+    )
+    output: str | None = Field(
+        None, description="Results folder (default: <output_dir>/eval).", json_schema_extra=CWD_PATH
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return [{"name": t} if isinstance(t, str) else t for t in value] if isinstance(value, list) else value
+
+
 class PipelineSection(Section):
     stages: list[str] | None = Field(
         None,
