@@ -322,6 +322,13 @@ class ExportSection(Section):
         "(default: sft.eval_generate_rows; 0 skips).",
     )
 
+    push_to_hub: str | None = Field(
+        None,
+        description="Hugging Face Hub repository (user/name) to upload the export folder to after it is written "
+        "(also `finetune export RECIPE --push-to-hub user/name`). Token: HF_TOKEN or `hf auth login`.",
+    )
+    hub_private: bool = Field(True, description="Create the Hub repository private (false: public).")
+
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, value: str) -> str:
@@ -431,3 +438,16 @@ class AzureMLSection(Section):
         "from there. Default: finetune/<last part of output_dir>.",
     )
     experiment_name: str = Field("finetune", description="Azure ML experiment the jobs are filed under.")
+    register_model: bool = Field(
+        True,
+        description="The pipeline job's last step registers the export as a model asset (custom_model), which a "
+        "managed online endpoint deploys (docs/azureml.md).",
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$",
+        description="Name of the registered model (default: the recipe file's name, e.g. phi2_chat).",
+    )
+    model_version: str | None = Field(
+        None, description="Version of the registered model (default: the workspace's next version)."
+    )
