@@ -451,3 +451,8 @@ class AzureMLSection(Section):
     model_version: str | None = Field(
         None, description="Version of the registered model (default: the workspace's next version)."
     )
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
