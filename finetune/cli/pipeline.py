@@ -14,7 +14,8 @@ from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. 
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`.
+`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+(an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
 from __future__ import annotations
