@@ -209,7 +209,7 @@ def test_register_without_an_export_or_credentials_says_what_to_do(pipeline_run,
     assert len(err.strip().splitlines()) == 1  # one paragraph
 
 
-def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
+def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path, monkeypatch):
     """Build the sft job, then run its command string here with the inputs and output mounted as
     local paths, inside a fake Azure ML run: it trains, hands the adapter to the job output and logs
     its metrics to MLflow."""
@@ -240,6 +240,7 @@ def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
     assert (mounted / "adapter_model.safetensors").is_file() and (run / "sft").is_dir()
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 opens a file store only when asked
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
     assert run.data.tags["finetune.stage"] == "sft" and run.info.status == "FINISHED"

@@ -116,9 +116,10 @@ def test_tensorboard_run_carries_the_recipe(pipeline_run):
     assert "name_or_path: builtin:tiny-phi" in text and "num_train_epochs: 8" in text
 
 
-def test_mlflow_store_has_one_child_run_per_stage_under_the_pipeline_run(pipeline_run):
+def test_mlflow_store_has_one_child_run_per_stage_under_the_pipeline_run(pipeline_run, monkeypatch):
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 opens a file store only when asked
     client = MlflowClient(pipeline_run["mlflow_uri"])
     experiment = client.get_experiment_by_name("finetune")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
@@ -167,7 +168,8 @@ def test_sft_reports_to_wandb_offline_with_the_same_names(tmp_path, tiny_base, m
         str(TINY_RECIPE),
         f"output_dir={out}",
         "sft.max_steps=3",
-        "sft.eval_generate_rows=2",
+        "sft.eval_generate_rows=1",
+        "sft.max_new_tokens=2",
         "logging.logging_steps=1",
         "logging.report_to=[wandb,tensorboard]",
     ]

@@ -143,7 +143,7 @@ STAGES = Registry(
             "eval",
             "finetune.eval",
             EvalSection,
-            "benchmark the model and the base with lm-evaluation-harness (tasks in the recipe's eval section)",
+            "benchmark the model and its base with lm-evaluation-harness (the eval section; or MODEL_DIR --tasks)",
             inputs={"sft": None, "dpo": None, "ppo": None, "export": None},
             has_data=False,
             launcher=False,
