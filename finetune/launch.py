@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import distributed
+from finetune.core import distributed, tracking
 from finetune.core.outputs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
@@ -100,12 +100,14 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
 
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, then run.
-    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback."""
+    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback. The
+    stage reports to the recipe's trackers (`logging.report_to`) for as long as it runs."""
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
             setup_logging(distributed.is_main(), recipe.logging.verbose)  # before anything loads and warns
-            run(recipe)
+            with tracking.stage_run(recipe, stage):
+                run(recipe)
     except UserError as e:
         print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
         return 2

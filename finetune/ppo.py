@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core import distributed
+from finetune.core import distributed, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import held_out_correctness
@@ -212,6 +212,7 @@ def train_updates(
         bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         if main:
             history.append(stats)
+            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
             with log_file.open("a") as fh:
                 fh.write(json.dumps(stats) + "\n")
             if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:

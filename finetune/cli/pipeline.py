@@ -14,19 +14,21 @@ from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. 
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`.
+`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+(an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from finetune.core import progress
+from finetune.core import progress, tracking
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
 from finetune.launch import VERBOSE_HELP, recipe_command
@@ -136,7 +138,7 @@ def _pump(source, target, last: list[float]) -> None:
         target.flush()
 
 
-def run_stage_process(cmd: list[str], label: str) -> int:
+def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> int:
     """Run one stage's process and return its exit status.
 
     At a terminal the stage writes to it directly (its progress bars). Elsewhere (a log file, CI, a
@@ -145,8 +147,8 @@ def run_stage_process(cmd: list[str], label: str) -> int:
     busy machine, a phase that reports nothing) a line says it is still running: the log never goes
     silent for long."""
     if progress.mode() == "bar":
-        return subprocess.call(cmd)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     last, started = [time.monotonic()], time.monotonic()
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, last), daemon=True),
@@ -182,6 +184,8 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
+    tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
+    env = {**os.environ, **tracked.env}
 
     def write_report(curves: str | None = None) -> dict:
         # after every stage too: a pipeline killed later still leaves the times of what it finished
@@ -207,11 +211,14 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         if stage == "export" and recipe.export.stage == "auto" and trained:
             extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
         if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-            extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+            keys = type(recipe.section(stage)).model_fields
+            extra += (
+                [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
+            )
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}")
+        code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
         seconds = time.time() - t0
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
@@ -223,6 +230,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         rerun = True
     drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
     report = write_report(str(out / CURVES) if drawn else None)
+    tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
