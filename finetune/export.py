@@ -1,6 +1,6 @@
 """Export stage: merge a stage's adapter chain into the base and write a plain Hugging Face model folder.
 
-    finetune export RECIPE [key=value ...] [--force]
+    finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID]
     python finetune/export.py RECIPE [key=value ...] [--force]
 
 choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
@@ -42,6 +42,8 @@ from finetune.core.outputs import (
     write_json,
     write_samples,
 )
+from finetune.core.progress import progress
+from finetune.core.publishing import push_folder
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
@@ -186,10 +188,14 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
 
 
 def run(recipe: Recipe) -> dict:
-    setup_logging()
+    setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
     if target.exists() and not section.force:
+        if section.push_to_hub and (target / "metrics.json").is_file():  # a finished export: push it as it is
+            log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
+            print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
+            return read_metrics(target)
         raise RecipeError(
             f"{recipe.source}: export.output: {target} already exists; pass --force (or "
             "export.force=true) to replace it, or export.output=<another folder>"
@@ -238,7 +244,8 @@ def run(recipe: Recipe) -> dict:
         "sample_reply": replies[0] if replies else None,
     }
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
+        with progress(f"export: writing {dtype_name} safetensors"):
+            model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
         del model
         gc.collect()  # the merged copy goes before the reference loads: never two models at once
@@ -275,6 +282,8 @@ def run(recipe: Recipe) -> dict:
             ("output", str(target)),
         ],
     )
+    if section.push_to_hub:
+        print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
     return metrics
 
 
@@ -282,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--force" in argv:  # the flag is the override export.force=true
         argv = [a for a in argv if a != "--force"] + ["export.force=true"]
+    if "--push-to-hub" in argv:  # the flag is the override export.push_to_hub=REPO_ID
+        i = argv.index("--push-to-hub")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            print("finetune export: --push-to-hub needs a repository id (user/name)", file=sys.stderr)
+            return 2
+        argv = argv[:i] + argv[i + 2 :] + [f"export.push_to_hub={argv[i + 1]}"]
     return stage_main("export", run, argv)
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from finetune.core import distributed, tracking
+from finetune.core.outputs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 
@@ -63,16 +65,31 @@ def recipe_command(recipe: Recipe, recipe_path: str, stage: str, overrides: list
     return stage_command(stage, recipe_path, overrides, config, recipe.launch.num_processes if config else None)
 
 
+# Flags every stage command takes that are recipe overrides in disguise (so a launcher, the pipeline
+# and an Azure ML job pass them on as overrides, and the resolved recipe records them).
+FLAG_OVERRIDES = {"--verbose": "logging.verbose=true"}
+VERBOSE_HELP = (
+    "also print the raw detail: the Trainer's log dictionaries, library warnings and the libraries' "
+    "progress bars (the recipe key logging.verbose)"
+)
+
+
+def flags_to_overrides(argv: list[str]) -> list[str]:
+    """`--verbose` -> `logging.verbose=true` (after the other arguments, so it wins)."""
+    return [a for a in argv if a not in FLAG_OVERRIDES] + [FLAG_OVERRIDES[a] for a in argv if a in FLAG_OVERRIDES]
+
+
 def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
-    """`RECIPE [key=value ...] [--print-config]` as every stage script and `finetune <stage>` take it.
+    """`RECIPE [key=value ...] [--print-config] [--verbose]` as every stage script and `finetune <stage>` take it.
 
     Returns None when --print-config asked only for the resolved recipe (printed here)."""
     parser = argparse.ArgumentParser(prog=prog, description=f"Run the {stage} stage of a recipe.")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=/tmp/run sft.max_steps=20")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + (["logging.verbose=true"] if args.verbose else []))
     if args.print_config:
         print(dump_recipe(recipe), end="")
         return None
@@ -83,11 +100,14 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
 
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, then run.
-    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback."""
+    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback. The
+    stage reports to the recipe's trackers (`logging.report_to`) for as long as it runs."""
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
-            run(recipe)
+            setup_logging(distributed.is_main(), recipe.logging.verbose)  # before anything loads and warns
+            with tracking.stage_run(recipe, stage):
+                run(recipe)
     except UserError as e:
         print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
         return 2
@@ -97,6 +117,8 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
 def run_stage(stage: str, argv: list[str]) -> int:
     """`finetune <stage> RECIPE ...`: in this process, or re-launched under the recipe's accelerate config."""
     module = importlib.import_module(STAGES[stage].module)
+    if any(not a.startswith("-") for a in argv):  # a recipe is named: flags become its overrides
+        argv = flags_to_overrides(argv)
     if not STAGES[stage].launcher or "--print-config" in argv or launched() or not argv:
         return module.main(argv)
     recipe_path, overrides = argv[0], argv[1:]

@@ -114,7 +114,7 @@ def test_remedies_name_what_lowers_the_estimate(phi2_shape):
     assert fixes[0].startswith("fewer processes on this machine") and not any("4bit" in f for f in fixes)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "export"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "export", "eval"])
 def test_preflight_refuses_a_stage_too_big_for_the_machine(stage, tmp_path, monkeypatch, capsys):
     from finetune.cli import main
 
@@ -152,17 +152,16 @@ def test_plan_prints_every_stage_and_loads_nothing(monkeypatch, capsys):
     assert main(["pipeline", str(PHI2), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "2.78B parameters" in out and "planning for GPUs" in out
-    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "export"], 1):
-        assert f"[{i}/5] {stage}" in out
+    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "export", "eval"], 1):
+        assert f"[{i}/6] {stage}" in out
     assert "train HuggingFaceH4/ultrachat_200k[train_sft] x0.1" in out
     assert "200 updates x 512 episodes (64 prompts x 8 processes)" in out
     assert "unknown until the data is read" in out and "64 rows (packed) per step" in out
-    assert out.count("GiB per GPU") == 4 and "GiB of RAM" in out  # export merges on the CPU
+    assert out.count("GiB per GPU") == 5 and out.count("GiB of RAM") == 1  # export merges on the CPU
+    assert "no training: ifeval, gsm8k" in out
     commands = [line for line in out.splitlines() if line.startswith("  command:")]
-    assert len(commands) == 5 and all("accelerate.commands.launch --config_file" in c for c in commands[:4])
-    assert "accelerate" not in commands[4] and commands[4].endswith(
-        "finetune/export.py " + str(PHI2) + " export.stage=ppo"
-    )
+    assert len(commands) == 6 and all("accelerate.commands.launch --config_file" in c for c in commands[:4])
+    assert "accelerate" not in commands[4] and commands[4].endswith(f"finetune/export.py {PHI2} export.stage=ppo")
 
 
 def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():

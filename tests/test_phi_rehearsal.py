@@ -7,7 +7,9 @@ recipe's own architecture and vocabulary size, random weights, built in tests/ph
 repositories, tests/public_data.py; split and weight stay the recipe's) and the sizes (steps, lengths,
 batch), plus what a CPU needs (precision=fp32, no accelerate launcher, no DeepSpeed). The template,
 LoRA targets, stage chaining, data formats and export are the recipe's own. Each rehearsal must end
-with a merged export that plain transformers loads and that generates.
+with a merged export that plain transformers loads and that generates. The recipes' last stage, eval
+(lm-eval benchmarks), is left out (`pipeline.stages`): its tasks download their data from the hub, and
+tests/test_eval.py runs that stage on the offline tiny task.
 
 The three pipelines run side by side (one process each, one thread each), so the imports of their
 15 stage processes overlap on a 2-core machine.
@@ -56,6 +58,7 @@ SIZES = [
     "samples.max_new_tokens=8",
 ]
 CPU = ["precision=fp32", "launch.accelerate_config=null", "deepspeed=null"]
+TRAINING_STAGES = ["pipeline.stages=[sft, reward, dpo, ppo, export]"]  # not eval: its benchmarks need the hub
 
 
 def data_overrides(recipe_file: Path, local: dict[str, Path]) -> list[str]:
@@ -93,6 +96,7 @@ def rehearsals(tmp_path_factory):
             f"model.name_or_path={base}",
             *CPU,
             *SIZES,
+            *TRAINING_STAGES,
             *data_overrides(ROOT / "recipes" / name, local),
         ]
         log = open(root / f"{family}.log", "w")  # noqa: SIM115 (closed below)

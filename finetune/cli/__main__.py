@@ -1,4 +1,4 @@
-"""`python -m finetune.cli ...` is the `finetune` command (tests and scripts run it with this interpreter)."""
+"""`python -m finetune.cli ...`: the `finetune` command (tests and the pipeline fixture run it this way)."""
 
 import sys
 

@@ -14,20 +14,24 @@ from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. 
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`.
+`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+(an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from finetune.core import progress, tracking
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
-from finetune.launch import recipe_command
+from finetune.launch import VERBOSE_HELP, recipe_command
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -133,8 +137,9 @@ def stage_overrides(recipe: Recipe, stage: str, trained: list[str], rerun: bool)
     extra = []
     if stage == "export" and recipe.export.stage == "auto" and trained:
         extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
-    if rerun:
-        extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+    if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
+        keys = type(recipe.section(stage)).model_fields
+        extra += [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
     return extra
 
 
@@ -167,6 +172,10 @@ def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, 
         )
     if stage == "export":
         return "no training", "parity and sample prompts only"
+    if not STAGES[stage].trl_config:  # eval and other stages without a trainer
+        tasks = getattr(recipe.section(stage), "tasks", None)
+        names = f": {', '.join(t.name for t in tasks)}" if tasks else ""
+        return f"no training{names}", "as the tasks need"
     batch = _arg(recipe, stage, "per_device_train_batch_size", 8)
     accumulate = _arg(recipe, stage, "gradient_accumulation_steps", 1)
     length = _arg(recipe, stage, "max_length", 1024)
@@ -251,6 +260,48 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def _pump(source, target, last: list[float]) -> None:
+    for line in source:
+        last[0] = time.monotonic()
+        target.write(line)
+        target.flush()
+
+
+def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> int:
+    """Run one stage's process and return its exit status.
+
+    At a terminal the stage writes to it directly (its progress bars). Elsewhere (a log file, CI, a
+    pipe) its output passes through here line by line, stdout and stderr kept apart, and when it has
+    been quiet for longer than its own progress lines would be (a stage process importing torch on a
+    busy machine, a phase that reports nothing) a line says it is still running: the log never goes
+    silent for long."""
+    if progress.mode() == "bar":
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    last, started = [time.monotonic()], time.monotonic()
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, last), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, last), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    # longer than the stage's own progress interval, so a stage that reports is never talked over
+    patience = 1.5 * progress.interval()
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if time.monotonic() - last[0] >= patience:
+                progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
+                last[0] = time.monotonic()
+    finally:
+        if proc.poll() is None:  # interrupted here: stop the stage too
+            proc.terminate()
+        proc.wait()
+        for t in pumps:
+            t.join()
+    return proc.returncode
+
+
 def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
     the exit status: 0, or that of the first stage that failed."""
@@ -262,6 +313,8 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
+    tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
+    env = {**os.environ, **tracked.env}
 
     def write_report(curves: str | None = None) -> dict:
         # after every stage too: a pipeline killed later still leaves the times of what it finished
@@ -286,7 +339,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        code = subprocess.call(cmd)
+        code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
         seconds = time.time() - t0
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
@@ -298,6 +351,7 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         rerun = True
     drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
     report = write_report(str(out / CURVES) if drawn else None)
+    tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
@@ -315,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
     parser.add_argument("--force", action="store_true", help="run every stage again even if its output exists")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument(
         "--plan",
         action="store_true",
@@ -324,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.plan:
             return plan(args.recipe, args.overrides)
-        return run(args.recipe, args.overrides, args.force)
+        return run(args.recipe, args.overrides + (["logging.verbose=true"] if args.verbose else []), args.force)
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2

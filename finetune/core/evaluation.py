@@ -15,6 +15,7 @@ from finetune.recipe import STAGES, Recipe
 from . import distributed
 from .batching import left_pad, pad
 from .data import DataReport, load_rows, to_prompt, train_eval_rows
+from .progress import Progress, progress, track
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def generate_answers(
     conversations: list[list[dict]],
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    desc: str = "generating answers",
 ) -> list[str]:
     """Greedy replies to each conversation's last turn, stopped at the end-of-turn token.
 
@@ -41,7 +43,7 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     replies = []
-    for start in range(0, len(conversations), batch_size):
+    for start in track(range(0, len(conversations), batch_size), desc, unit="batches"):
         prompts = [tokenize_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         width = ids.shape[1]
@@ -89,7 +91,7 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     rows = distributed.shard(len(dataset))
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), "held-out loss", unit="batches"):
         batch = dataset.select(rows[start : start + batch_size])
         ids, mask = pad(batch["input_ids"], pad_token_id)
         labels, _ = pad(batch["labels"], -100)
@@ -131,13 +133,21 @@ def held_out_correctness(
     rows = kept
     if not rows:
         return None, []
-    replies = generate_answers(model, tokenizer, template, prompts, max_new_tokens)
+    replies = generate_answers(
+        model, tokenizer, template, prompts, max_new_tokens, desc=f"held-out answers ({len(prompts)} prompts)"
+    )
     return correctness(rows, replies), replies
 
 
+def batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
 @torch.no_grad()
-def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Scalar reward of each full sequence (sequence-classification head)."""
+def reward_scores(
+    model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32, bar: Progress | None = None
+) -> torch.Tensor:
+    """Scalar reward of each full sequence (sequence-classification head); `bar` counts batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -145,24 +155,33 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_si
     for start in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[start : start + batch_size], pad_token_id)
         out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     return torch.cat(out)
 
 
 def pairwise_accuracy(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
     """Share of pairs whose chosen reply scores above the rejected one, and the mean margin."""
-    pairs = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
-    chosen, rejected = zip(*((p + c, p + r) for p, c, r in pairs))
-    chosen = reward_scores(model, list(chosen), pad_token_id, batch_size)
-    rejected = reward_scores(model, list(rejected), pad_token_id, batch_size)
+    p = dataset["prompt_ids"]
+    with progress("held-out pair scores", total=2 * batches(len(p), batch_size), unit="batches") as bar:
+        chosen = reward_scores(model, [a + c for a, c in zip(p, dataset["chosen_ids"])], pad_token_id, batch_size, bar)
+        rejected = reward_scores(
+            model, [a + r for a, r in zip(p, dataset["rejected_ids"])], pad_token_id, batch_size, bar
+        )
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
 @torch.no_grad()
 def sequence_logps(
-    model, prompts: list[list[int]], replies: list[list[int]], pad_token_id: int, batch_size: int = 32
+    model,
+    prompts: list[list[int]],
+    replies: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 32,
+    bar: Progress | None = None,
 ) -> torch.Tensor:
-    """Sum of log-probabilities of each reply given its prompt."""
+    """Sum of log-probabilities of each reply given its prompt; `bar` counts batches."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -174,6 +193,8 @@ def sequence_logps(
         for i, (p, r) in enumerate(zip(ps, rs)):
             reply_mask[i, len(p) : len(p) + len(r)] = 1
         out.append((logps * reply_mask[:, 1:].to(device)).sum(-1).cpu())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
@@ -183,9 +204,12 @@ def dpo_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 3
     was_training = model.training
     model.eval()
     p, c, r = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
-    pol_c, pol_r = (sequence_logps(model, p, x, pad_token_id, batch_size) for x in (c, r))
-    with model.disable_adapter():
-        ref_c, ref_r = (sequence_logps(model, p, x, pad_token_id, batch_size) for x in (c, r))
+    with progress("held-out DPO log-probs", total=4 * batches(len(p), batch_size), unit="batches") as bar:
+        pol_c = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+        pol_r = sequence_logps(model, p, r, pad_token_id, batch_size, bar)
+        with model.disable_adapter():
+            ref_c = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+            ref_r = sequence_logps(model, p, r, pad_token_id, batch_size, bar)
     model.train(was_training)
     chosen, rejected = beta * (pol_c - ref_c), beta * (pol_r - ref_r)
     margin = chosen - rejected
@@ -252,7 +276,9 @@ class Samples:
 
     def answer(self, label: str, model, tokenizer, template: ChatTemplate) -> None:
         if self.prompts:
-            self.replies[label] = generate_answers(model, tokenizer, template, self.prompts, self.max_new_tokens)
+            self.replies[label] = generate_answers(
+                model, tokenizer, template, self.prompts, self.max_new_tokens, desc=f"samples ({label})"
+            )
 
     def rows(self) -> list[dict]:
         return [

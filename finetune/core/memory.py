@@ -43,7 +43,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
-from finetune.recipe.trl_fields import config_class, finetune_default
+from finetune.recipe.trl_fields import RENAMED, config_class, finetune_default
 from finetune.tiny import tiny_config
 
 from .modeling import LORA_TARGETS
@@ -178,6 +178,9 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
     if stage == "export":  # always on the CPU in fp32: the merged model
         s = dataclasses.replace(s, device="cpu", dtype_bytes=4, merges=True, four_bit=False)
         gpu, b = False, 4
+    if stage == "eval" and not gpu:  # on a CPU the model loads in fp32 (finetune.core.serving)
+        s = dataclasses.replace(s, dtype_bytes=4)
+        b = 4
     if stage == "reward":  # a sequence classifier: a one-output score head instead of the LM head
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
     weights = weight_bytes(shape, b, s.four_bit)
@@ -211,6 +214,10 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         train = activation_bytes(tokens, shape, b, s.grad_ckpt)
         train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
         train += s.rollout * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
+    elif stage == "eval":  # lm-eval: one model at a time (the base after the trained one), no gradients
+        tokens = s.eval_batch * s.seq
+        evaluation = logits_bytes(tokens, shape.vocab, b, grad=False) + activation_bytes(tokens, shape, b, True)
+        generate = 0.0
     elif stage == "export":
         # the reference (base + unmerged adapters) loads only after the merged model is freed, and safetensors
         # writes each shard tensor by tensor (measured: no shard-sized buffer), so loading is the peak
@@ -375,6 +382,15 @@ def _arg(recipe: Recipe, stage: str, name: str, default=None):
     return default
 
 
+def checkpointing(recipe: Recipe, stage: str) -> bool:
+    """Gradient (activation) checkpointing for a TRL stage, under either of its names (RENAMED)."""
+    args = recipe.training_args(stage)
+    for old, new in RENAMED.items():
+        if old in args:
+            args.setdefault(new, args.pop(old))  # both given: the new name wins, as in transformers
+    return bool(args.get("activation_checkpointing", finetune_default(stage, "activation_checkpointing")))
+
+
 def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
     """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
@@ -403,6 +419,11 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         )
     if stage == "export":
         return StageSettings(**common, merges=True)
+    if stage == "eval":  # lm-eval's batch at the context it assumes (the model's: 2048 for Phi-2)
+        e = recipe.eval
+        seq = e.max_length or 2048
+        merges = e.model not in ("auto", "export")  # a stage's chain merged in memory, not the export folder
+        return StageSettings(**{**common, "samples": 0}, merges=merges, eval_batch=e.batch_size, seq=seq)
     zero = processes if recipe.deepspeed and device == "cuda" else 1
     return StageSettings(
         **common,
@@ -411,7 +432,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         batch=_arg(recipe, stage, "per_device_train_batch_size", 8),
         seq=_arg(recipe, stage, "max_length", 1024) or 1024,
         eval_batch=_arg(recipe, stage, "per_device_eval_batch_size", 8),
-        grad_ckpt=bool(_arg(recipe, stage, "gradient_checkpointing", False)),
+        grad_ckpt=checkpointing(recipe, stage),
     )
 
 
@@ -512,7 +533,7 @@ def preflight(recipe: Recipe, stage: str) -> Estimate | None:
     """Estimate `stage`'s memory and stop with a MemoryCheckError when it cannot fit: on a GPU run each GPU's
     free memory and the host RAM for this machine's processes while they load; on a CPU run the RAM for all
     of them. Runs before any model or data loads; logs the estimate either way."""
-    gpu = torch.cuda.is_available() and STAGES[stage].launcher
+    gpu = torch.cuda.is_available() and stage != "export"  # export merges on the CPU, whatever the machine
     device = "cuda" if gpu else "cpu"
     shape, source = model_shape(recipe)
     if shape is None:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.recipe import Recipe, RecipeError
-from finetune.recipe.trl_fields import TRL_DEFAULTS
+from finetune.recipe.trl_fields import RENAMED, TRL_DEFAULTS
 
-from . import distributed
+from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .memory import preflight
 from .modeling import base_fingerprint, load_tokenizer, template_for
 from .outputs import setup_logging
+from .progress import Progress, duration, progress, step_line
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +34,11 @@ def check_precision(recipe: Recipe) -> None:
         )
 
 
-def on_azureml() -> bool:
-    """True inside an Azure ML job (it sets AZUREML_RUN_ID and an azureml:// MLflow tracking URI)."""
-    return "AZUREML_RUN_ID" in os.environ or os.environ.get("MLFLOW_TRACKING_URI", "").startswith("azureml:")
-
-
-def mlflow_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mlflow") is not None
-
-
 def trackers(recipe: Recipe) -> list[str] | str:
-    """logging.report_to, plus mlflow inside an Azure ML job so the metrics reach the job's run page
-    (the HF MLflow callback logs to the run Azure ML opened). `report_to: [none]` turns this off."""
-    report = list(recipe.logging.report_to)
-    if on_azureml() and "mlflow" not in report and "none" not in report:
-        if mlflow_installed():
-            report.append("mlflow")
-        else:
-            log.warning(
-                "running on Azure ML without mlflow installed: metrics stay in the job log; use the "
-                "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours"
-            )
-    return report or "none"
+    """The report_to of a TRL config: only the trackers finetune does not write itself. tensorboard,
+    mlflow and wandb (mlflow added inside an Azure ML job) are written by finetune.core.tracking, fed by
+    `train` below, with the names and grouping every stage shares."""
+    return tracking.for_transformers(recipe)
 
 
 def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
@@ -74,7 +57,11 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         **TRL_DEFAULTS,
         **(defaults or {}),
     )
-    kwargs.update(recipe.training_args(stage))
+    asked = recipe.training_args(stage)
+    for old, new in RENAMED.items():  # a recipe's old name means the new one (and must beat our default)
+        if old in asked:
+            asked.setdefault(new, asked.pop(old))  # both given: the new name wins, as in transformers
+    kwargs.update(asked)
     kwargs.update(fixed)
     config = config_cls(**kwargs)
     if getattr(config, "max_length", 0) is None:
@@ -140,11 +127,75 @@ def resume_from(recipe: Recipe, stage: str, resume: bool | str):
     return None
 
 
+# What each TRL stage's one-line step log shows after loss and learning rate: (Trainer log key, label).
+STEP_FIGURES = {
+    "sft": [("mean_token_accuracy", "token acc"), ("grad_norm", "grad norm")],
+    "reward": [("accuracy", "pair acc"), ("margin", "margin"), ("grad_norm", "grad norm")],
+    "dpo": [("rewards/accuracies", "reward acc"), ("rewards/margins", "margin"), ("grad_norm", "grad norm")],
+}
+
+
+class StepLog(TrainerCallback):
+    """The Trainer's progress and logs in finetune's one style (finetune.core.progress): a bar at a
+    terminal or timed lines elsewhere, and at each logging step one line
+    `dpo     step 10/40  loss 0.3545  lr 9.6e-04  reward acc 0.9  margin 1.2  grad norm 0.8`
+    instead of transformers' ProgressCallback / PrinterCallback dictionaries (which `verbose` prints too)."""
+
+    def __init__(self, stage: str, verbose: bool = False):
+        self.stage, self.verbose = stage, verbose
+        self.bar: Progress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress(
+                f"{self.stage} training", total=state.max_steps, initial=state.global_step, unit="steps", announce=True
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.set(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "train_runtime" in logs:  # the Trainer's closing summary
+            line = (
+                f"{self.stage:<7} trained {state.global_step} steps in {duration(logs['train_runtime'])}, "
+                f"mean loss {logs.get('train_loss', float('nan')):.4g}"
+            )
+        else:
+            lr = logs.get("learning_rate")
+            figures = {"loss": logs.get("loss"), "lr": None if lr is None else f"{lr:.2e}"}
+            figures.update({label: logs.get(key) for key, label in STEP_FIGURES.get(self.stage, [])})
+            figures["epoch"] = round(logs["epoch"], 2) if "epoch" in logs else None
+            line = step_line(self.stage, state.global_step, state.max_steps, figures)
+            if logs.get("loss") is not None:
+                self.bar.postfix = {"loss": f"{logs['loss']:.4g}"}
+        self.bar.write(line)
+        if self.verbose:
+            self.bar.write(str({k: v for k, v in logs.items() if k != "total_flos"}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
+    """Swap the Trainer's own progress and log printing for StepLog (idempotent)."""
+    for cls in (ProgressCallback, PrinterCallback, StepLog):
+        trainer.remove_callback(cls)
+    trainer.add_callback(StepLog(stage, verbose))
+
+
 def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dict:
     """Run the trainer (resuming when asked) and report it, including whether the frozen base
     stayed bitwise equal (sha256 of its parameters before and after)."""
+    use_step_log(trainer, stage, recipe.logging.verbose)
     fingerprint = base_fingerprint(model)
     checkpoint = resume_from(recipe, stage, resume)
+    if tracking.current().active:
+        trainer.add_callback(tracking.trainer_callback(tracking.current()))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.time() - started
@@ -203,7 +254,7 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     args = trl_config(recipe, stage, config_cls, eval_strategy="no")
-    setup_logging(distributed.is_main())
+    setup_logging(distributed.is_main(), recipe.logging.verbose)
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed, to_preference)
     reports = {"train": train_report, "eval": eval_report}
     pairs = {

@@ -48,8 +48,14 @@ OWNED_ELSEWHERE = {
 # finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
 # checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
 # and only pays when activations do not fit, so here it is off unless a recipe asks for it
-# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
-TRL_DEFAULTS = {"gradient_checkpointing": False}
+# (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
+# transformers 5 renamed it activation_checkpointing (the old name still works, with a FutureWarning).
+# disable_tqdm: the Trainer's bar and raw log dictionaries give way to StepLog (one log style, every stage).
+TRL_DEFAULTS = {"activation_checkpointing": False, "disable_tqdm": True}
+RENAMED = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 # ... and over SFTConfig's. Packing is measured in docs/benchmarks.md: on chat data of realistic lengths most
 # of a padded batch is padding.
 SFT_DEFAULTS = {"packing": True}
