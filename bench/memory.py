@@ -141,8 +141,9 @@ def gpu_table() -> str:
     for name in ("phi2_chat", "phi1_5_chat", "phi3_5_mini_chat"):
         recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
         shape, _ = model_shape(recipe)
-        for stage in STAGES:
-            est = estimate_stage(stage, shape, stage_settings(recipe, stage, "cuda", 8))
+        for stage in [*STAGES, "eval"]:  # eval: the lm-eval benchmarks of the export and the base
+            processes = 1 if stage in ("export", "eval") else 8
+            est = estimate_stage(stage, shape, stage_settings(recipe, stage, "cuda", processes))
             where = f"{est.total_gib:.1f}" if est.device == "cuda" else f"CPU: {est.total_gib:.1f} of RAM"
             host = f"{est.host_gib:.1f}" if est.device == "cuda" else "-"
             parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.parts.items() if v >= 0.5 * GIB)
