@@ -79,7 +79,7 @@ def run(recipe: Recipe) -> dict:
     correct_before, _ = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
     )
-    trained = train(trainer, model, recipe, "dpo", section.resume)
+    trained = train(trainer, model, recipe, "dpo", setup.checkpoint)
     after = dpo_eval(model, pairs["eval"], beta, pad)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
@@ -100,7 +100,7 @@ def run(recipe: Recipe) -> dict:
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics)
+    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, setup.reports)
     if setup.main_process:
         print_summary(
             STAGES["dpo"].summary_title,
