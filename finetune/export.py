@@ -32,6 +32,7 @@ from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
 from finetune.core.outputs import (
     atomic_dir,
+    check_export_target,
     figure,
     key_metrics,
     print_summary,
@@ -41,7 +42,7 @@ from finetune.core.outputs import (
     write_json,
 )
 from finetune.launch import stage_main
-from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
+from finetune.recipe import STAGES, Recipe, dump_recipe
 
 log = logging.getLogger("finetune.export")
 
@@ -187,11 +188,7 @@ def run(recipe: Recipe) -> dict:
     setup_logging()
     section = recipe.export
     target = recipe.stage_dir("export")
-    if target.exists() and not section.force:
-        raise RecipeError(
-            f"{recipe.source}: export.output: {target} already exists; pass --force (or "
-            "export.force=true) to replace it, or export.output=<another folder>"
-        )
+    check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
     stage = chat_model_stage(recipe)
     chain = model_chain(recipe, stage)
