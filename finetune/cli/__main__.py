@@ -1,7 +1,7 @@
-"""`python -m finetune.cli ...`: the `finetune` command (the tests and the pipeline fixtures run it so)."""
+"""`python -m finetune.cli ...`: the `finetune` command without its console script (tests use it)."""
 
 import sys
 
-from . import main
+from finetune.cli import main
 
 sys.exit(main())
