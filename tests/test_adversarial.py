@@ -1385,8 +1385,7 @@ def test_generate_appends_as_it_goes_and_resumes(case, small_run, tmp_path, caps
         if proc.poll() is None:
             proc.kill()
     done = answers.read_text().count("\n")
-    if done == len(questions):
-        pytest.skip("generation finished before the kill (machine too fast for this timing)")
+    assert 2 <= done < len(questions), f"{done} answers at the kill: not written as they were made"
     with answers.open("a") as fh:
         fh.write('{"prompt": [{"role": "user", "content": "What is')  # a line cut short by the kill
     code, err = cli(capsys, "generate", *args, "--batch-size", "8")

@@ -96,9 +96,10 @@ def _read_local(path: Path) -> list:
     if suffix == ".jsonl":
         rows = []
         for n, line in _text_lines(path):
-            if isinstance(line, DataError) or not line.strip():
-                if isinstance(line, DataError):
-                    rows.append((n, line))
+            if isinstance(line, DataError):  # not UTF-8: a bad row like one that is not JSON
+                rows.append((n, line))
+                continue
+            if not line.strip():
                 continue
             try:
                 rows.append((n, json.loads(line)))
