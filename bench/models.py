@@ -1,7 +1,8 @@
 """The models the benchmark trains: the offline tiny Phi, or the Phi-2 architecture with random weights.
 
-Random weights are fine for speed (shared/design/performance.md); nothing is downloaded. Every model
-uses the tiny tokenizer (ids < 493), which changes no FLOP count: the LM head is full-vocabulary.
+Random weights are fine for speed (the FLOPs and memory traffic of a step do not depend on the values);
+nothing is downloaded. Every model uses the tiny tokenizer (ids < 493), which changes no FLOP count: the
+LM head is full-vocabulary.
 """
 
 from __future__ import annotations

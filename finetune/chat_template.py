@@ -9,8 +9,8 @@ Why `phi_instruct` for Phi-2 / Phi-1.5: Phi-2's model card documents the QA form
 (role tokens such as <|user|> would be untrained embeddings that LoRA cannot learn without also
 training and shipping the embedding matrix); and its end-of-turn token is `<|endoftext|>`, which
 Phi-2 already emits at the end of a document and which `generate()` stops on by default. The cost
-is the pitfall pad == eos, which `tokenize_conversation` handles: labels are built from the template
-here, never by masking pad ids, so the end-of-turn token of every assistant turn is a label.
+is pad == eos (docs/failure_modes.md), which `tokenize_conversation` handles: labels are built from
+the template here, never by masking pad ids, so the end-of-turn token of every assistant turn is a label.
 
 Train / serve parity: labels start right after the prefix that `add_generation_prompt=True`
 renders, and that prefix must tokenize to exactly the first tokens of the training example; if a

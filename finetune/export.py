@@ -1,6 +1,6 @@
 """Export stage: merge a stage's adapter chain into the base and write a plain Hugging Face model folder.
 
-    finetune export RECIPE [key=value ...] [--force]
+    finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID]
     python finetune/export.py RECIPE [key=value ...] [--force]
 
 choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
@@ -41,6 +41,7 @@ from finetune.core.outputs import (
     setup_logging,
     write_json,
 )
+from finetune.core.publishing import push_folder
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, dump_recipe
 
@@ -188,6 +189,10 @@ def run(recipe: Recipe) -> dict:
     setup_logging()
     section = recipe.export
     target = recipe.stage_dir("export")
+    if target.exists() and not section.force and section.push_to_hub and (target / "metrics.json").is_file():
+        log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
+        print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
+        return read_metrics(target)
     check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
     stage = chat_model_stage(recipe)
@@ -266,6 +271,8 @@ def run(recipe: Recipe) -> dict:
             ("output", str(target)),
         ],
     )
+    if section.push_to_hub:
+        print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
     return metrics
 
 
@@ -273,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--force" in argv:  # the flag is the override export.force=true
         argv = [a for a in argv if a != "--force"] + ["export.force=true"]
+    if "--push-to-hub" in argv:  # the flag is the override export.push_to_hub=REPO_ID
+        i = argv.index("--push-to-hub")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            print("finetune export: --push-to-hub needs a repository id (user/name)", file=sys.stderr)
+            return 2
+        argv = argv[:i] + argv[i + 2 :] + [f"export.push_to_hub={argv[i + 1]}"]
     return stage_main("export", run, argv)
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import faults
+from finetune.core import faults, tracking
 from finetune.core.locks import output_lock
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
@@ -104,18 +104,22 @@ def ignoring_sigint():
 
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, take the stage's
-    lock on the output folder, then run. A user's mistake (recipe, data, template), a second run into the
-    same output, a full disk or a read-only folder is one message and exit status 2; Ctrl-C is one line and
-    exit status 130. Never a traceback for those."""
+    lock on the output folder, then run, reporting to the recipe's trackers (`logging.report_to`) for as
+    long as it runs. A user's mistake (recipe, data, template), a second run into the same output, a full
+    disk or a read-only folder is one message and exit status 2; Ctrl-C is one line and exit status 130.
+    Never a traceback for those."""
     recipe = None
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
-            with output_lock(
-                recipe.output_path(recipe.output_dir),
-                stage,
-                f"the {stage} stage",
-                "wait for it to finish, stop it, or set output_dir to another folder",
+            with (
+                output_lock(
+                    recipe.output_path(recipe.output_dir),
+                    stage,
+                    f"the {stage} stage",
+                    "wait for it to finish, stop it, or set output_dir to another folder",
+                ),
+                tracking.stage_run(recipe, stage),
             ):
                 run(recipe)
     except UserError as e:
@@ -139,11 +143,11 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
     return 0
 
 
-def run_child(cmd: list[str]) -> int:
+def run_child(cmd: list[str], env: dict | None = None) -> int:
     """Run a stage's command and return its exit status. On Ctrl-C the child, in the same terminal, got its
     own SIGINT: give it time to stop cleanly (forward SIGINT if it did not get one, e.g. `kill -INT` of this
     process only), then re-raise KeyboardInterrupt. subprocess.call would SIGKILL it after 0.25 s."""
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core import distributed
+from finetune.core import distributed, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import held_out_correctness
@@ -224,6 +224,7 @@ def train_updates(
         stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
         if main:
             history.append(stats)
+            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
             with log_file.open("a") as fh:
                 fh.write(json.dumps(stats) + "\n")
             bar.set_postfix(

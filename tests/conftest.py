@@ -85,6 +85,18 @@ def subprocess_env() -> dict:
 # The tiny recipe with shorter reward / DPO / PPO runs (SFT as shipped, so the export has learnt the task):
 # the full recipe's figures are in the README; the tests check behaviour, and CI has 2 cores.
 PIPELINE_QUICK = ["reward.num_train_epochs=1", "dpo.num_train_epochs=2", "ppo.updates=12", "ppo.save_every=4"]
+# The session's pipeline reports to TensorBoard and to a local MLflow file store (tests/test_tracking.py reads
+# them back with those libraries' own readers).
+PIPELINE_TRACKERS = ["logging.report_to=[tensorboard,mlflow]"]
+
+
+def tracking_env(folder: Path) -> dict:
+    """subprocess_env() plus a local MLflow file store in `folder` (mlflow-skinny has no SQLite store)."""
+    return {
+        **subprocess_env(),
+        "MLFLOW_TRACKING_URI": (folder / "mlruns").as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }
 
 
 def _wait_for(path: Path, proc, timeout: float) -> bool:
@@ -101,20 +113,30 @@ def _wait_for(path: Path, proc, timeout: float) -> bool:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, tiny_base):
     """The whole pipeline on the offline default, killed (the pipeline and its stage process, SIGKILL)
-    once PPO has saved its first checkpoint, then run again to the end. Shared by the pipeline, export
-    and chat tests: one full run for all of them (the CI machine has 2 cores)."""
+    once PPO has saved its first checkpoint, then run again to the end. Shared by the pipeline, export,
+    chat, eval and tracking tests: one full run for all of them (the CI machine has 2 cores)."""
     import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    cmd = [sys.executable, "-m", "finetune.cli", "pipeline", str(TINY_RECIPE), f"output_dir={out}", *PIPELINE_QUICK]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetune.cli",
+        "pipeline",
+        str(TINY_RECIPE),
+        f"output_dir={out}",
+        *PIPELINE_QUICK,
+        *PIPELINE_TRACKERS,
+    ]
     logs = out.parent
+    env = tracking_env(logs)
     started = time.time()
     with open(logs / "first.log", "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )  # its own process group: the kill reaches the stage too
         reached = _wait_for(out / "ppo-checkpoints" / "update-4" / "state.json", proc, timeout=1200)
         if proc.poll() is None:
@@ -122,13 +144,16 @@ def pipeline_run(tmp_path_factory, tiny_base):
         proc.wait()
     first_seconds = time.time() - started
     assert reached, "the pipeline never reached PPO's first checkpoint:\n" + (logs / "first.log").read_text()[-4000:]
-    finished_before_kill = {s: (out / s / "metrics.json").is_file() for s in ("sft", "reward", "dpo", "ppo", "export")}
+    stages = ("sft", "reward", "dpo", "ppo", "export", "eval")
+    finished_before_kill = {s: (out / s / "metrics.json").is_file() for s in stages}
     started = time.time()
-    second = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-4000:]
     return {
         "out": out,
         "cmd": cmd,
+        "env": env,
+        "mlflow_uri": env["MLFLOW_TRACKING_URI"],
         "finished_before_kill": finished_before_kill,
         "second": second,
         "first_seconds": first_seconds,

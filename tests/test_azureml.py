@@ -40,8 +40,9 @@ def uri(stage):
 def check_command_job(job, stage, upstreams):
     assert job.type == "command"
     assert job.compute == "gpu-a100"  # the loader drops the azureml: prefix
-    assert job.resources.instance_count == 2
-    assert job.distribution.type == "pytorch" and job.distribution.process_count_per_instance == 4
+    once = stage in ("export", "eval")  # no launcher: one process, or every GPU would write the same export
+    assert job.resources.instance_count == (1 if once else 2)
+    assert job.distribution.type == "pytorch" and job.distribution.process_count_per_instance == (1 if once else 4)
     # the stage runs as a local user runs it, once per process; Azure ML's distribution is the launcher
     assert f"python finetune/{stage}.py recipes/tiny_chat.yaml" in job.command
     assert "accelerate" not in job.command and "deepspeed" not in job.command
@@ -137,10 +138,78 @@ def test_pipeline_steps_pass_outputs_to_the_next_steps_inputs(tmp_path):
 
 def test_pipeline_dry_run_through_the_command_line(tmp_path):
     job, _ = dry_run(tmp_path, "pipeline")
-    assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "export"]
+    assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "export", "eval", "register"]
+    assert str(job.jobs["eval"].inputs["export"]._data) == "${{parent.jobs.export.outputs.export}}"
 
 
-def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
+def test_phi2_pipeline_ends_by_registering_the_export_as_a_model(tmp_path, capsys):
+    code = azureml.main(
+        [
+            "submit",
+            str(ROOT / "recipes/phi2_chat.yaml"),
+            "--stage",
+            "pipeline",
+            "--compute",
+            "gpu-a100",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "azureml.model_version=7",
+        ]
+    )
+    assert code == 0 and "validated with azure.ai.ml.load_job" in capsys.readouterr().out
+    job = azureml.load_job(tmp_path / "phi2_chat-pipeline.yaml")
+    assert list(job.jobs)[-1] == "register"
+    model = job.outputs["register"]  # a named custom_model output: Azure ML registers it when the job completes
+    assert (model.type, model.name, model.version) == ("custom_model", "phi2_chat", "7")
+    step = job.jobs["register"]
+    assert str(step.inputs["export"]._data) == "${{parent.jobs.export.outputs.export}}"
+    assert str(step.outputs["model"]._data) == "${{parent.outputs.register}}"
+    assert step.command.startswith("cp -rL ${{inputs.export}}/. ${{outputs.model}}")
+    off = load_recipe(ROOT / "recipes/phi2_chat.yaml", ["azureml.compute=gpu", "azureml.register_model=false"])
+    assert "register" not in azureml.pipeline_job_yaml(off, [], tmp_path)["jobs"]
+
+
+def test_register_dry_run_of_a_local_export_validates_with_load_model(pipeline_run, tmp_path, capsys):
+    export = pipeline_run["out"] / "export"
+    code = azureml.main(["register", str(export), "--dry-run", "--out", str(tmp_path), "--model-name", "tiny-chat"])
+    assert code == 0 and "validated with azure.ai.ml.load_model" in capsys.readouterr().out
+    model = azureml.load_model(tmp_path / "tiny-chat-model.yaml")
+    assert (model.name, model.type) == ("tiny-chat", "custom_model")
+    assert (tmp_path / model.path).resolve() == export.resolve()  # the whole folder: card, template, metrics
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert model.tags["correct_rate_after"] == f"{metrics['correct_rate_after']:.4g}"
+    assert model.tags["base_model"] == "builtin:tiny-phi" and model.tags["stage"] == "ppo"
+    # from the recipe: its export folder, named after the run
+    code = azureml.main(
+        ["register", str(TINY_RECIPE), f"output_dir={pipeline_run['out']}", "--dry-run", "--out", str(tmp_path)]
+    )
+    assert code == 0 and azureml.load_model(tmp_path / "run-model.yaml").name == "run"
+
+
+def test_register_without_an_export_or_credentials_says_what_to_do(pipeline_run, tmp_path, monkeypatch, capsys):
+    from azure.identity import CredentialUnavailableError
+
+    code = azureml.main(["register", str(TINY_RECIPE), f"output_dir={tmp_path}", "--dry-run", "--out", str(tmp_path)])
+    assert code == 2 and "no finished export in" in capsys.readouterr().err
+
+    class NoCredential:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_token(self, *scopes, **kwargs):
+            raise CredentialUnavailableError("DefaultAzureCredential failed to retrieve a token")
+
+    monkeypatch.setattr("azure.identity.DefaultAzureCredential", NoCredential)
+    monkeypatch.setattr("azure.ai.ml.MLClient", lambda *a, **k: pytest.fail("no client without a credential"))
+    ids = ["--subscription", "00000000-0000-0000-0000-000000000000", "--resource-group", "rg", "--workspace", "ws"]
+    code = azureml.main(["register", str(pipeline_run["out"] / "export"), *ids, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "No Azure credentials found" in err and "az login" in err
+    assert len(err.strip().splitlines()) == 1  # one paragraph
+
+
+def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path, monkeypatch):
     """Build the sft job, then run its command string here with the inputs and output mounted as
     local paths, inside a fake Azure ML run: it trains, hands the adapter to the job output and logs
     its metrics to MLflow."""
@@ -169,8 +238,14 @@ def test_the_job_command_runs_locally_as_the_local_stage_command(tmp_path):
     metrics = json.loads((mounted / "metrics.json").read_text())
     assert metrics["global_steps"] == 2
     assert (mounted / "adapter_model.safetensors").is_file() and (run / "sft").is_dir()
-    logged = {p.name for p in (tmp_path / "mlruns").rglob("metrics/*")}
-    assert {"loss", "train_loss"} <= logged, logged
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 opens a file store only when asked
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
+    assert run.data.tags["finetune.stage"] == "sft" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.data.metrics["final/global_steps"] == 2
 
 
 def test_submit_without_a_workspace_says_how_to_name_one(tmp_path, monkeypatch, capsys):
@@ -248,4 +323,4 @@ def test_dockerfile_installs_the_torch_range_ci_runs():
     pyproject = (ROOT / "pyproject.toml").read_text()
     torch_range = re.search(r'"(torch>=[^"]+)"', pyproject).group(1)
     assert f'"{torch_range}"' in dockerfile
-    assert '".[azureml-job]"' in dockerfile and "azureml-mlflow" in pyproject
+    assert '".[azureml-job,eval,azureml-serve]"' in dockerfile and "azureml-mlflow" in pyproject

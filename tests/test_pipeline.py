@@ -8,7 +8,7 @@ import pytest
 
 from finetune.recipe import RecipeError, load_recipe
 
-from .conftest import ROOT, TINY_RECIPE, subprocess_env
+from .conftest import ROOT, TINY_RECIPE
 
 # The first test here pays for the session's one pipeline run (minutes on 2 busy cores).
 pytestmark = pytest.mark.timeout(2400)
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(2400)
 
 def test_killed_pipeline_continues_where_it_stopped(pipeline_run):
     before = pipeline_run["finished_before_kill"]
-    assert before == {"sft": True, "reward": True, "dpo": True, "ppo": False, "export": False}
+    assert before == {"sft": True, "reward": True, "dpo": True, "ppo": False, "export": False, "eval": False}
     report = pipeline_run["report"]
     assert [(r["stage"], r["status"]) for r in report["stages"]] == [
         ("sft", "skipped"),
@@ -24,6 +24,7 @@ def test_killed_pipeline_continues_where_it_stopped(pipeline_run):
         ("dpo", "skipped"),
         ("ppo", "ran"),
         ("export", "ran"),
+        ("eval", "ran"),
     ]
     assert report["complete"] is True
     stderr = pipeline_run["second"].stderr
@@ -43,7 +44,7 @@ def test_report_table_and_curves(pipeline_run):
     stdout = pipeline_run["second"].stdout
     assert "== pipeline done" in stdout and "held-out correct" in stdout
     rows = {r["stage"]: r for r in report["stages"]}
-    for stage in ("sft", "reward", "dpo", "ppo", "export"):
+    for stage in ("sft", "reward", "dpo", "ppo", "export", "eval"):
         assert f"\n{stage} " in stdout and rows[stage]["output"] == str(out / stage)
     assert rows["sft"]["after"] < rows["sft"]["before"]  # held-out loss fell
     assert rows["dpo"]["after"] > rows["dpo"]["before"]  # reward accuracy rose from 0 (policy == reference)
@@ -64,10 +65,10 @@ def test_report_table_and_curves(pipeline_run):
 
 def test_rerun_of_a_finished_pipeline_skips_everything(pipeline_run):
     res = subprocess.run(
-        pipeline_run["cmd"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        pipeline_run["cmd"], cwd=ROOT, env=pipeline_run["env"], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count(": skipped (finished output in") == 5 and "+ " not in res.stderr
+    assert res.stderr.count(": skipped (finished output in") == 6 and "+ " not in res.stderr
     report = json.loads((pipeline_run["out"] / "pipeline_report.json").read_text())
     assert {r["status"] for r in report["stages"]} == {"skipped"}
 
@@ -91,7 +92,7 @@ def test_stage_commands_follow_the_recipe_launch_and_pass_overrides():
 def test_stage_subset_and_its_validation():
     recipe = load_recipe(TINY_RECIPE, ["pipeline.stages=[export, sft]"])
     assert recipe.pipeline_stages() == ["sft", "export"]  # always pipeline order
-    assert load_recipe(TINY_RECIPE).pipeline_stages() == ["sft", "reward", "dpo", "ppo", "export"]
+    assert load_recipe(TINY_RECIPE).pipeline_stages() == ["sft", "reward", "dpo", "ppo", "export", "eval"]
     with pytest.raises(RecipeError, match="pipeline.stages lists 'ppo', but the recipe has no ppo section"):
         load_recipe(TINY_RECIPE, ["pipeline.stages=[sft, ppo]", "ppo=null"])
     with pytest.raises(RecipeError, match=r"pipeline.stages: unknown stage 'sfx'; stages are sft, reward"):

@@ -164,7 +164,7 @@ def test_a_registered_stage_appears_everywhere_with_no_other_edit(noop_stage, tm
     assert "finetune noop RECIPE" in help_text.getvalue() and "a throwaway stage" in help_text.getvalue()
 
     recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}/run", "noop.say=hi"])
-    assert recipe.pipeline_stages() == ["sft", "reward", "dpo", "ppo", "noop", "export"]
+    assert recipe.pipeline_stages() == ["sft", "reward", "dpo", "ppo", "noop", "export", "eval"]
     assert "noop" not in load_recipe(TINY_RECIPE).pipeline_stages()  # only when the recipe has the section
 
     stage_choices = next(a for a in azureml.parser()._actions if a.dest == "stage").choices

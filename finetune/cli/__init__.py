@@ -26,6 +26,11 @@ TOOLS = [
         "submit RECIPE --stage STAGE [--dry-run] [--stream] [key=value ...]",
         "run a stage (or --stage pipeline) as an Azure ML job; docs/azureml.md",
     ),
+    (
+        "azureml",
+        "register EXPORT_DIR_OR_RECIPE [--dry-run] [--model-name N]",
+        "register an export as an Azure ML model asset",
+    ),
 ]
 
 
@@ -47,7 +52,7 @@ def help_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*STAGES.names(), *(name for name, _, _ in TOOLS)]
+    commands = [*STAGES.names(), *dict.fromkeys(name for name, _, _ in TOOLS)]
     usage = f"usage: finetune {{{','.join(commands)}}} RECIPE [key=value ...]  (finetune --help for more)"
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text() if argv else usage)

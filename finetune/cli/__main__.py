@@ -1,4 +1,4 @@
-"""`python -m finetune.cli ...`: the `finetune` command without its console script (tests use it)."""
+"""`python -m finetune.cli ...`: the `finetune` command (tests and the pipeline fixture run it this way)."""
 
 import sys
 

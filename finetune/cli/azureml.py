@@ -59,6 +59,8 @@ FLAGS = {
     "datastore": "datastore",
     "output_path": "output_path",
     "experiment": "experiment_name",
+    "model_name": "model_name",
+    "model_version": "model_version",
 }
 
 
@@ -233,6 +235,8 @@ def build_stage_job(
         f"${{{{outputs.{stage}}}}}; }}"
     )
     command = " &&\n".join([f"mkdir -p {out}", *links, shlex.join(local), copy_out])
+    # a stage that needs no launcher (export, eval) runs once: N copies would each merge and write the export
+    launched = STAGES[stage].launcher
     spec = {
         "type": "command",
         "display_name": f"{Path(recipe.source).stem}-{stage}",
@@ -242,8 +246,8 @@ def build_stage_job(
         # the snapshot's finetune package wins over the copy installed in the image
         "environment_variables": {"PYTHONPATH": "."},
         "compute": f"azureml:{a.compute}",
-        "resources": {"instance_count": a.instance_count},
-        "distribution": {"type": "pytorch", "process_count_per_instance": a.gpus_per_node},
+        "resources": {"instance_count": a.instance_count if launched else 1},
+        "distribution": {"type": "pytorch", "process_count_per_instance": a.gpus_per_node if launched else 1},
         "inputs": inputs,
         "outputs": {stage: {"type": "uri_folder", "path": datastore_uri(recipe, stage), "mode": "rw_mount"}},
     }
@@ -272,6 +276,8 @@ def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stag
         job = build_stage_job(recipe, stage, overrides, yaml_dir, upstream_binding=bind)
         outputs[stage] = job.spec["outputs"][stage]
         steps[stage] = {**job.spec, "outputs": {stage: f"${{{{parent.outputs.{stage}}}}}"}}
+    if "export" in steps and recipe.azureml.register_model:
+        steps[REGISTER_STEP], outputs[REGISTER_STEP] = register_step(recipe, yaml_dir, steps["export"])
     return {
         "$schema": PIPELINE_SCHEMA,
         "type": "pipeline",
@@ -281,6 +287,120 @@ def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stag
         "outputs": outputs,
         "jobs": steps,
     }
+
+
+# ----------------------------------------------------------------------------- the registered model
+
+REGISTER_STEP = "register"
+MODEL_SCHEMA = "https://azuremlschemas.azureedge.net/latest/model.schema.json"
+# custom_model, not mlflow_model: the export is a plain Hugging Face folder (no MLmodel file); an mlflow_model
+# would need mlflow's transformers flavour to wrap it and would be served by MLflow's generic scoring server,
+# which knows neither the embedded chat template nor the end-of-turn stop. A custom_model deploys to a managed
+# online endpoint with azureml/score.py, which serves it exactly as plain transformers loads it
+# (docs/azureml.md, "Deploy the registered model").
+MODEL_TYPE = "custom_model"
+
+
+def model_name(recipe: Recipe) -> str:
+    """azureml.model_name, else the run's name (the last part of output_dir: phi2_chat for the shipped
+    recipes), in the characters Azure ML allows."""
+    if recipe.azureml.model_name:
+        return recipe.azureml.model_name
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(recipe.output_dir).name).lstrip("-_.")
+    return name or "finetune-model"
+
+
+def model_description(recipe: Recipe) -> str:
+    return (
+        f"finetune export ({model_name(recipe)}): {recipe.model.name_or_path} with its LoRA stages merged; "
+        f"chat template {recipe.template.name} embedded. README.md (the model card), metrics.json, recipe.yaml inside."
+    )
+
+
+def register_step(recipe: Recipe, yaml_dir: Path, export_step: dict) -> tuple[dict, dict]:
+    """The pipeline's last step: the export step's output copied to a custom_model output that carries
+    a name (and version): Azure ML registers such an output as a model asset when the job completes.
+    The folder is the whole export: weights, tokenizer with the chat template, model card, metrics."""
+    output = {"type": MODEL_TYPE, "name": model_name(recipe)}  # the SDK takes no description on a job output
+    if recipe.azureml.model_version:
+        output["version"] = str(recipe.azureml.model_version)
+    step = {
+        "type": "command",
+        "display_name": f"{Path(recipe.source).stem}-{REGISTER_STEP}",
+        "command": "cp -rL ${{inputs.export}}/. ${{outputs.model}} && cat ${{outputs.model}}/metrics.json",
+        "environment": export_step["environment"],
+        "compute": export_step["compute"],
+        "resources": {"instance_count": 1},
+        "inputs": {"export": "${{parent.jobs.export.outputs.export}}"},
+        "outputs": {"model": f"${{{{parent.outputs.{REGISTER_STEP}}}}}"},
+    }
+    return step, output
+
+
+def export_folder(target: str, overrides: list[str]) -> tuple[Path, Recipe]:
+    """The finished export `target` names (an export folder or a recipe) and the recipe it was made with."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "metrics.json").is_file() or not (path / "config.json").is_file():
+            raise RecipeError(f"{path}: not a finished export (no config.json / metrics.json); run finetune export")
+        if not (path / "recipe.yaml").is_file():
+            raise RecipeError(f"{path}: no recipe.yaml; register an export written by finetune export")
+        return path, load_recipe(path / "recipe.yaml", overrides)
+    recipe = load_recipe(target, overrides)
+    folder = recipe.stage_dir("export")
+    if not (folder / "metrics.json").is_file():
+        raise RecipeError(
+            f"{recipe.source}: no finished export in {folder}; run `finetune export {recipe.source}` first"
+        )
+    return folder, recipe
+
+
+def model_yaml(folder: Path, recipe: Recipe, out_dir: Path, name: str | None = None) -> Path:
+    """Write `<out_dir>/<name>-model.yaml` (the model asset: path relative to the file, tags from the export's
+    metrics.json) and validate it with azure.ai.ml.load_model (offline)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    name = name or model_name(recipe)
+    tags = {
+        "base_model": recipe.model.name_or_path,
+        "stage": str(metrics.get("stage")),
+        "template": recipe.template.name,
+        "dtype": str(metrics.get("dtype")),
+        "made_with": "finetune",
+    }
+    for key in ("correct_rate_after", "correct_rate_base", "parity_max_abs_diff_fp32"):
+        if metrics.get(key) is not None:
+            tags[key] = f"{metrics[key]:.4g}"
+    spec = {
+        "$schema": MODEL_SCHEMA,
+        "name": name,
+        "type": MODEL_TYPE,
+        "path": os.path.relpath(folder.resolve(), out_dir.resolve()),
+        "description": model_description(recipe),
+        "tags": tags,
+        "properties": {"adapters": " + ".join(Path(a).name for a in metrics.get("adapters", []))},
+    }
+    if recipe.azureml.model_version:
+        spec["version"] = str(recipe.azureml.model_version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-model.yaml"
+    path.write_text(
+        "# Written by `finetune azureml register`; the path is relative to this file. Register with\n"
+        f"#   az ml model create --file {path.name}   (or finetune azureml register without --dry-run)\n"
+        + yaml.dump(spec, Dumper=_Dumper, sort_keys=False, width=120)
+    )
+    load_model(path)
+    return path
+
+
+def load_model(path: Path):
+    """The SDK's own model loader and schema check (offline)."""
+    from azure.ai.ml import load_model as sdk_load_model
+
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+    try:
+        return sdk_load_model(path)
+    except Exception as e:
+        raise AzureMLError(f"{path}: the Azure ML SDK refused this model YAML: {e}") from e
 
 
 def load_job(path: Path):
@@ -299,6 +419,7 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings (the command: one step a line) as YAML literal blocks."""
 
 
+_Dumper.ignore_aliases = lambda self, data: True  # steps share their environment mapping: write it out each time
 _Dumper.add_representer(
     str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
 )
@@ -363,9 +484,9 @@ def workspace_ids(recipe: Recipe) -> tuple[str, str, str]:
 ARM_SCOPE = "https://management.azure.com/.default"
 
 
-def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
-    """Submit a validated job YAML; returns the job name. Every Azure failure a user can fix becomes an
-    AzureMLError saying what to do (never a token or key: none is printed or written)."""
+def ml_client(recipe: Recipe):
+    """An MLClient for the recipe's workspace, after checking that a credential gives a token and the
+    workspace is reachable; each failure a user can fix is an AzureMLError saying what to do."""
     subscription, group, workspace = workspace_ids(recipe)
     from azure.ai.ml import MLClient
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
@@ -379,7 +500,7 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
             "No Azure credentials found. Sign in with `az login` (and `az account set --subscription "
             f"{subscription}`), or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
             "principal, or run where a managed identity is available; DefaultAzureCredential tries each of "
-            "these. Then submit again (or use --dry-run to write and check the job YAML offline)."
+            "these. Then submit again (or use --dry-run to write and check the YAML offline)."
         ) from None
     client = MLClient(credential, subscription, group, workspace)
     try:
@@ -390,6 +511,16 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
             f"is not accessible ({_reason(e)}). Check the three ids (or download the workspace's config.json from "
             "the Azure portal and pass --config), and that your account has a role on the workspace."
         ) from None
+    return client
+
+
+def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
+    """Submit a validated job YAML; returns the job name. Every Azure failure a user can fix becomes an
+    AzureMLError saying what to do (never a token or key: none is printed or written)."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    client = ml_client(recipe)
+    workspace = workspace_ids(recipe)[2]
     compute = recipe.azureml.compute
     try:
         client.compute.get(compute)
@@ -411,6 +542,22 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
     if stream:
         client.jobs.stream(job.name)
     return job.name
+
+
+def register(recipe: Recipe, model_path: Path) -> str:
+    """Register a validated model YAML (uploads the export folder); returns name:version."""
+    from azure.core.exceptions import HttpResponseError
+
+    client = ml_client(recipe)
+    try:
+        model = client.models.create_or_update(load_model(model_path))
+    except HttpResponseError as e:
+        raise AzureMLError(
+            f"Azure ML refused the model ({_reason(e)}). The model YAML is {model_path}; fix the named setting "
+            "(azureml.model_name / azureml.model_version) and register again."
+        ) from None
+    print(f"registered model {model.name}:{model.version}", flush=True)
+    return f"{model.name}:{model.version}"
 
 
 def _reason(error) -> str:
@@ -439,17 +586,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def register_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune azureml register",
+        description="Register an export (a finished `finetune export` folder, or a recipe's export) as an Azure ML "
+        "model asset (custom_model): the folder with its model card, chat template and metrics.",
+    )
+    p.add_argument("target", help="export folder, or the recipe whose export to register")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (azureml.model_version=3)")
+    p.add_argument("--dry-run", action="store_true", help="write and validate the model YAML offline; upload nothing")
+    p.add_argument("--out", default="azureml-jobs", help="folder for the model YAML (default: azureml-jobs)")
+    for flag, key in FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"azureml.{key}")
+    return p
+
+
+USAGE = (
+    "usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
+    "       finetune azureml register EXPORT_DIR_OR_RECIPE [--dry-run] [--model-name N] [--model-version V]\n"
+    "       finetune azureml submit --help | finetune azureml register --help"
+)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "submit":
-        print(
-            "usage: finetune azureml submit RECIPE --stage STAGE [--dry-run] [--stream] [flags] [key=value ...]\n"
-            "       finetune azureml submit --help",
-            file=sys.stderr,
-        )
+    if not argv or argv[0] not in ("submit", "register"):
+        print(USAGE, file=sys.stderr)
         return 2
-    args = parser().parse_intermixed_args(argv[1:])  # overrides may follow the flags
+    command = argv[0]
+    args = (parser() if command == "submit" else register_parser()).parse_intermixed_args(argv[1:])
     flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     try:
+        if command == "register":
+            folder, recipe = export_folder(args.target, [*args.overrides, *flags])
+            path = model_yaml(folder, recipe, Path(args.out))
+            print(f"wrote {path} (validated with azure.ai.ml.load_model)", flush=True)
+            if args.dry_run:
+                print(f"  register it: az ml model create --file {path}  (or this command without --dry-run)")
+                return 0
+            register(recipe, path)
+            return 0
         recipe = load_recipe(args.recipe, [*args.overrides, *flags])
         path = write_job(recipe, args.stage, args.overrides, Path(args.out))
         print(f"wrote {path} (validated with azure.ai.ml.load_job)", flush=True)

@@ -25,84 +25,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.chat_template import ChatTemplate, end_of_turn_ids, find_special_token
+from finetune.chat_template import ChatTemplate, find_special_token
 from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers
-from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
-from finetune.core.modeling import load_model, load_tokenizer, template_for
-from finetune.core.outputs import finished, write_json
+from finetune.core.outputs import write_json
 from finetune.core.resume import sha256_file
+from finetune.core.serving import Loaded, load_for_chat
 from finetune.errors import UserError
 from finetune.launch import INTERRUPTED
-from finetune.recipe import RecipeError, load_recipe
-
-
-@dataclass
-class Loaded:
-    model: object
-    tokenizer: object
-    stop_ids: list[int]
-    description: str
-
-
-def load_for_chat(target: str, overrides: list[str], before_model=None) -> Loaded:
-    """The model and tokenizer `target` names (a model folder or a recipe), in eval mode. `before_model`, if
-    given, is called as before_model(tokenizer, stop_ids) once the tokenizer is ready and before the model
-    loads: checks of the input then fail in a second, not after the load."""
-    path = Path(target)
-    before_model = before_model or (lambda tokenizer, stop_ids: None)
-    if path.is_dir():
-        if overrides:
-            raise RecipeError(f"{target}: key=value overrides apply to a recipe, not to a model folder")
-        return _load_folder(path, before_model)
-    if not path.is_file():
-        raise RecipeError(
-            f"{target}: neither a model folder nor a recipe file; give an exported folder "
-            "(finetune export RECIPE) or a recipe such as recipes/tiny_chat.yaml"
-        )
-    recipe = load_recipe(path, overrides)
-    if finished(recipe, "export"):
-        return _load_folder(recipe.stage_dir("export"), before_model)
-    stage = chat_model_stage(recipe)
-    chain = model_chain(recipe, stage)
-    tokenizer = load_tokenizer(recipe)
-    stop_ids = end_of_turn_ids(tokenizer, template_for(recipe))
-    before_model(tokenizer, stop_ids)
-    run_recipe = recipe if torch.cuda.is_available() else fp32_recipe(recipe)  # fp16 generation on a CPU is slow
-    model = load_model(run_recipe, merge=chain, device_map="auto" if torch.cuda.is_available() else None)
-    return Loaded(
-        model.eval(),
-        tokenizer,
-        stop_ids,
-        f"{stage} of {recipe.source} ({' + '.join(chain)} merged in memory; not exported yet)",
-    )
-
-
-def _load_folder(path: Path, before_model=lambda tokenizer, stop_ids: None) -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if not (path / "config.json").is_file():
-        hint = (
-            " (it holds a LoRA adapter: give the recipe instead, or export it with finetune export)"
-            if (path / "adapter_config.json").is_file()
-            else ""
-        )
-        raise RecipeError(f"{path}: no config.json, not a model folder{hint}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not tokenizer.chat_template:
-        raise RecipeError(
-            f"{path}: the tokenizer has no chat template; export the model with finetune export, which embeds it"
-        )
-    eos = GenerationConfig.from_pretrained(path).eos_token_id if (path / "generation_config.json").is_file() else None
-    stop = [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None] or [tokenizer.eos_token_id]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    before_model(tokenizer, stop)
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None
-    )
-    return Loaded(model.eval(), tokenizer, stop, str(path))
 
 
 def check_text(text: str, tokenizer, stop_ids: list[int], where: str) -> None:

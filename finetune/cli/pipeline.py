@@ -14,17 +14,20 @@ from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. 
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`.
+`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+(an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from finetune.core import tracking
 from finetune.core.locks import output_lock
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
@@ -150,6 +153,8 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
     rows, failed, started = [], None, time.time()
+    tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
+    env = {**os.environ, **tracked.env}
 
     def write_report(curves: str | None = None) -> dict:
         # after every stage too: a pipeline killed later still leaves the times of what it finished
@@ -175,12 +180,15 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         if stage == "export" and recipe.export.stage == "auto" and trained:
             extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
         if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-            extra.append("export.force=true" if stage == "export" else f"{stage}.resume=false")
+            keys = type(recipe.section(stage)).model_fields
+            extra += (
+                [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
+            )
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
         try:
-            code = run_child(cmd)
+            code = run_child(cmd, env=env)
         except KeyboardInterrupt:
             code = INTERRUPTED
         seconds = time.time() - t0
@@ -200,6 +208,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
+        tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     if failed is None:
         title = "pipeline done"
     elif interrupted:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from finetune.recipe import Recipe, RecipeError
 
-from . import distributed
+from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for
@@ -31,36 +30,17 @@ def check_precision(recipe: Recipe) -> None:
         )
 
 
-def on_azureml() -> bool:
-    """True inside an Azure ML job (it sets AZUREML_RUN_ID and an azureml:// MLflow tracking URI)."""
-    return "AZUREML_RUN_ID" in os.environ or os.environ.get("MLFLOW_TRACKING_URI", "").startswith("azureml:")
-
-
-def mlflow_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mlflow") is not None
-
-
 def trackers(recipe: Recipe) -> list[str] | str:
-    """logging.report_to, plus mlflow inside an Azure ML job so the metrics reach the job's run page
-    (the HF MLflow callback logs to the run Azure ML opened). `report_to: [none]` turns this off."""
-    report = list(recipe.logging.report_to)
-    if on_azureml() and "mlflow" not in report and "none" not in report:
-        if mlflow_installed():
-            report.append("mlflow")
-        else:
-            log.warning(
-                "running on Azure ML without mlflow installed: metrics stay in the job log; use the "
-                "environment built from azureml/Dockerfile, or add mlflow and azureml-mlflow to yours"
-            )
-    return report or "none"
+    """The report_to of a TRL config: only the trackers finetune does not write itself. tensorboard,
+    mlflow and wandb (mlflow added inside an Azure ML job) are written by finetune.core.tracking, fed by
+    `train` below, with the names and grouping every stage shares."""
+    return tracking.for_transformers(recipe)
 
 
 # finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
 # checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
 # and only pays when activations do not fit, so here it is off unless a recipe asks for it
-# (docs/benchmarks.md: performance.md, "gradient checkpointing only when memory needs it").
+# (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
 TRL_DEFAULTS = {"gradient_checkpointing": False}
 
 
@@ -114,6 +94,8 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
     whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
     fingerprint = base_fingerprint(model)
     checkpoint = str(checkpoint) if checkpoint else None
+    if tracking.current().active:
+        trainer.add_callback(tracking.trainer_callback(tracking.current()))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.time() - started

@@ -70,6 +70,12 @@ class Recipe(Section):
                 f"export.stage: {export.stage!r} is not a stage whose output is a chat model; use auto "
                 f"or one of {', '.join(chat)}"
             )
+        evaluation = self.section("eval")
+        if evaluation is not None and evaluation.model not in ("auto", "export", *chat):
+            raise ValueError(
+                f"eval.model: {evaluation.model!r} is not a model this recipe makes; use auto, export "
+                f"or one of {', '.join(chat)}"
+            )
         return self
 
     # ---- sections by stage name ----
@@ -106,6 +112,9 @@ class Recipe(Section):
         export = self.section("export")
         if stage == "export" and export is not None and export.output:
             return self.output_path(export.output)
+        evaluation = self.section("eval")
+        if stage == "eval" and evaluation is not None and evaluation.output:
+            return self.output_path(evaluation.output)
         return self.output_path(self.output_dir) / stage
 
     def checkpoint_dir(self, stage: str) -> Path:

@@ -76,7 +76,37 @@ class LaunchSection(Section):
 
 class LoggingSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log training metrics every N optimiser steps.")
-    report_to: list[str] = Field(default_factory=list, description="Trackers (tensorboard, mlflow, wandb...).")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers every stage reports to: tensorboard, mlflow, wandb (written by finetune, one naming "
+        "scheme, see docs/tracking.md); other names transformers knows (comet_ml, trackio, ...) go to the TRL "
+        "stages' trainers. Inside an Azure ML job mlflow is added; [none] turns every tracker off.",
+    )
+    project: str | None = Field(
+        None,
+        description="MLflow experiment and W&B project (default: $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "
+        "finetune).",
+    )
+    run_name: str | None = Field(
+        None,
+        description="Name of the run (the pipeline's parent run; stage runs add the stage). Default: the "
+        "last part of output_dir.",
+    )
+    tensorboard_dir: str | None = Field(
+        None,
+        description="TensorBoard log folder; each stage writes <tensorboard_dir>/<stage>/ (default: "
+        "<output_dir>/tensorboard).",
+        json_schema_extra=CWD_PATH,
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, value: list[str]) -> list[str]:
+        if "all" in value:
+            raise ValueError("name the trackers (e.g. [tensorboard, mlflow]); 'all' would report everything twice")
+        if "none" in value and len(value) > 1:
+            raise ValueError("'none' turns every tracker off: use it alone")
+        return value
 
 
 class DataSource(Section):
@@ -294,6 +324,13 @@ class ExportSection(Section):
         "(default: sft.eval_generate_rows; 0 skips).",
     )
 
+    push_to_hub: str | None = Field(
+        None,
+        description="Hugging Face Hub repository (user/name) to upload the export folder to after it is written "
+        "(also `finetune export RECIPE --push-to-hub user/name`). Token: HF_TOKEN or `hf auth login`.",
+    )
+    hub_private: bool = Field(True, description="Create the Hub repository private (false: public).")
+
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, value: str) -> str:
@@ -304,6 +341,61 @@ class ExportSection(Section):
         except ValueError:
             raise ValueError("not a size; write e.g. 500MB or 2GB") from None
         return value
+
+
+class EvalTask(Section):
+    """One lm-evaluation-harness task (or group) and how to run it."""
+
+    name: str = Field(
+        description="Task or group name as lm-eval knows it (ifeval, gsm8k, mmlu, ...) or one "
+        "defined in eval.include_path."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: the task's own).")
+    apply_chat_template: bool | None = Field(
+        None,
+        description="Render prompts with the tokenizer's chat template (few-shot examples as turns). Default: "
+        "eval.apply_chat_template.",
+    )
+    limit: float | None = Field(
+        None, gt=0, description="Documents to score (a share when below 1); for quick checks, not for reporting."
+    )
+
+
+class EvalSection(Section):
+    """Benchmarks with lm-evaluation-harness (`pip install 'finetune[eval]'`): the trained model and the base,
+    side by side, on the same tasks and settings."""
+
+    tasks: list[EvalTask] = Field(
+        min_length=1, description="Tasks to run: names, or {name, num_fewshot, apply_chat_template, limit}."
+    )
+    include_path: str | None = Field(
+        None,
+        description="Folder of extra lm-eval task YAMLs (e.g. ../data/tiny/eval for the offline tiny task).",
+        json_schema_extra=RECIPE_PATH,
+    )
+    model: str = Field(
+        "auto",
+        description="Which model to score: auto = the export when complete, else the last finished chat stage's "
+        "adapter chain merged in memory; or export, or a chat stage (sft, dpo, ppo).",
+    )
+    base: bool = Field(True, description="Score the base model too (same tasks, same settings).")
+    apply_chat_template: bool = Field(
+        True, description="Default for the tasks' apply_chat_template: the template the model was trained with."
+    )
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+    max_length: int | None = Field(
+        None, gt=0, description="Context length lm-eval assumes (default: the model config's)."
+    )
+    output: str | None = Field(
+        None, description="Results folder (default: <output_dir>/eval).", json_schema_extra=CWD_PATH
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return [{"name": t} if isinstance(t, str) else t for t in value] if isinstance(value, list) else value
 
 
 class PipelineSection(Section):
@@ -348,3 +440,21 @@ class AzureMLSection(Section):
         "from there. Default: finetune/<last part of output_dir>.",
     )
     experiment_name: str = Field("finetune", description="Azure ML experiment the jobs are filed under.")
+    register_model: bool = Field(
+        True,
+        description="The pipeline job's last step registers the export as a model asset (custom_model), which a "
+        "managed online endpoint deploys (docs/azureml.md).",
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$",
+        description="Name of the registered model (default: the recipe file's name, e.g. phi2_chat).",
+    )
+    model_version: str | None = Field(
+        None, description="Version of the registered model (default: the workspace's next version)."
+    )
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value

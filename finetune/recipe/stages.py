@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from .sections import DpoSection, ExportSection, PpoSection, RewardSection, SftSection
+from .sections import DpoSection, EvalSection, ExportSection, PpoSection, RewardSection, SftSection
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,17 @@ STAGES = Registry(
             headline=("logit parity max|diff| fp32", None, "parity_max_abs_diff_fp32"),
             correctness=("correct_rate_base", "correct_rate_after"),
             summary_title="export done",
+        ),
+        Stage(
+            "eval",
+            "finetune.eval",
+            EvalSection,
+            "benchmark the model and its base with lm-evaluation-harness (the eval section; or MODEL_DIR --tasks)",
+            inputs={"sft": None, "dpo": None, "ppo": None, "export": None},
+            has_data=False,
+            launcher=False,
+            headline=("benchmark (first task)", "score_base", "score"),
+            summary_title="eval done",
         ),
     ]
 )
