@@ -10,12 +10,14 @@ load recipe -> pairs -> SFT-merged base + new LoRA (reference = adapters disable
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from finetune.core import distributed
 from finetune.core.evaluation import dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
 from finetune.core.outputs import print_summary, rate, save_stage
+from finetune.core.progress import progress
 from finetune.core.training import place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -35,10 +37,35 @@ def _trainer_class():
         counted and dropped, so preparation is skipped.
         """
 
+        _ref_bar = None
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            """TRL's pass of the reference over the data (`precompute_ref_log_probs`), reported like every
+            other phase: its own tqdm bar is off (it reads TQDM_DISABLE) and batches are counted in
+            compute_ref_log_probs below."""
+            batches = -(-len(dataset) // (batch_size * distributed.world_size()))
+            previous = os.environ.get("TQDM_DISABLE")
+            os.environ["TQDM_DISABLE"] = "1"
+            try:
+                with progress(f"dpo reference log-probs ({name})", total=batches, unit="batches") as self._ref_bar:
+                    return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                self._ref_bar = None
+                if previous is None:
+                    os.environ.pop("TQDM_DISABLE", None)
+                else:
+                    os.environ["TQDM_DISABLE"] = previous
+
+        def compute_ref_log_probs(self, model, batch):
+            out = super().compute_ref_log_probs(model, batch)
+            if self._ref_bar is not None:
+                self._ref_bar.update(1)
+            return out
 
     return PreTokenizedDPOTrainer
 
@@ -47,9 +74,15 @@ def make_trainer(args, model, tokenizer, train_pairs, eval_pairs=None, **extra):
     """TRL's DPOTrainer on our tokenized pairs. TRL already runs chosen and rejected as one
     concatenated forward (batch = [chosen; rejected]) and reads log-probs from the fused LM head;
     with `precompute_ref_log_probs` the reference runs once over the data before training."""
-    return _trainer_class()(
-        model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs, processing_class=tokenizer, **extra
-    )
+    with progress("dpo: setting up the trainer"):
+        return _trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_pairs,
+            eval_dataset=eval_pairs,
+            processing_class=tokenizer,
+            **extra,
+        )
 
 
 def run(recipe: Recipe) -> dict:

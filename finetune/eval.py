@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from finetune.core.outputs import atomic_dir, print_summary, read_metrics, setup_logging, write_json
+from finetune.core.progress import progress
 from finetune.core.serving import Loaded, load_base, load_folder, load_recipe_model
 from finetune.errors import UserError
 from finetune.launch import stage_main
@@ -86,20 +87,21 @@ def run_tasks(loaded: Loaded, section: EvalSection, manager, seed: int) -> dict:
     merged = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}, "versions": {}, "settings": {}}
     for (shots, chat, limit), names in groups.items():
         log.info("lm-eval: %s (%s-shot, chat template %s) on %s", names, shots, chat, loaded.description)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=shots,
-            apply_chat_template=chat,
-            fewshot_as_multiturn=chat,
-            limit=int(limit) if limit is not None and limit >= 1 else limit,
-            task_manager=manager,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with progress(f"lm-eval {', '.join(names)} on {loaded.description}"):  # timed lines when not a terminal
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=shots,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat,
+                limit=int(limit) if limit is not None and limit >= 1 else limit,
+                task_manager=manager,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         for key in ("results", "groups", "n-shot", "configs", "versions"):
             merged[key].update(out.get(key) or {})
         for name in names:

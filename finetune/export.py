@@ -41,6 +41,7 @@ from finetune.core.outputs import (
     setup_logging,
     write_json,
 )
+from finetune.core.progress import progress
 from finetune.core.publishing import push_folder
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, dump_recipe
@@ -186,7 +187,7 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
 
 
 def run(recipe: Recipe) -> dict:
-    setup_logging()
+    setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
     if target.exists() and not section.force and section.push_to_hub and (target / "metrics.json").is_file():
@@ -235,7 +236,8 @@ def run(recipe: Recipe) -> dict:
         "sample_reply": replies[0] if replies else None,
     }
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
+        with progress(f"export: writing {dtype_name} safetensors"):
+            model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
         del model
         gc.collect()  # the merged copy goes before the reference loads: never two models at once

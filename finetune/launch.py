@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import faults, tracking
+from finetune.core import distributed, faults, tracking
 from finetune.core.locks import output_lock
+from finetune.core.outputs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 
@@ -67,16 +68,31 @@ def recipe_command(recipe: Recipe, recipe_path: str, stage: str, overrides: list
     return stage_command(stage, recipe_path, overrides, config, recipe.launch.num_processes if config else None)
 
 
+# Flags every stage command takes that are recipe overrides in disguise (so a launcher, the pipeline
+# and an Azure ML job pass them on as overrides, and the resolved recipe records them).
+FLAG_OVERRIDES = {"--verbose": "logging.verbose=true"}
+VERBOSE_HELP = (
+    "also print the raw detail: the Trainer's log dictionaries, library warnings and the libraries' "
+    "progress bars (the recipe key logging.verbose)"
+)
+
+
+def flags_to_overrides(argv: list[str]) -> list[str]:
+    """`--verbose` -> `logging.verbose=true` (after the other arguments, so it wins)."""
+    return [a for a in argv if a not in FLAG_OVERRIDES] + [FLAG_OVERRIDES[a] for a in argv if a in FLAG_OVERRIDES]
+
+
 def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
-    """`RECIPE [key=value ...] [--print-config]` as every stage script and `finetune <stage>` take it.
+    """`RECIPE [key=value ...] [--print-config] [--verbose]` as every stage script and `finetune <stage>` take it.
 
     Returns None when --print-config asked only for the resolved recipe (printed here)."""
     parser = argparse.ArgumentParser(prog=prog, description=f"Run the {stage} stage of a recipe.")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=/tmp/run sft.max_steps=20")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + (["logging.verbose=true"] if args.verbose else []))
     if args.print_config:
         print(dump_recipe(recipe), end="")
         return None
@@ -112,6 +128,7 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
+            setup_logging(distributed.is_main(), recipe.logging.verbose)  # before anything loads and warns
             with (
                 output_lock(
                     recipe.output_path(recipe.output_dir),
@@ -151,22 +168,31 @@ def run_child(cmd: list[str], env: dict | None = None) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        with ignoring_sigint():
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.terminate()
-                    proc.wait()
+        stop_child(proc)
         raise
+
+
+def stop_child(proc: subprocess.Popen) -> None:
+    """After a Ctrl-C: the child, in the same terminal, got its own SIGINT; give it 2 s to stop, then send it
+    one (e.g. `kill -INT` reached only this process), then SIGTERM after a minute. Further Ctrl-Cs are
+    ignored meanwhile, so they cannot leave the child running."""
+    with ignoring_sigint():
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
     """`finetune <stage> RECIPE ...`: in this process, or re-launched under the recipe's accelerate config."""
     module = importlib.import_module(STAGES[stage].module)
+    if any(not a.startswith("-") for a in argv):  # a recipe is named: flags become its overrides
+        argv = flags_to_overrides(argv)
     if not STAGES[stage].launcher or "--print-config" in argv or launched() or not argv:
         return module.main(argv)
     recipe_path, overrides = argv[0], argv[1:]

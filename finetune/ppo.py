@@ -39,6 +39,7 @@ from finetune.core.outputs import (
     staging_dir,
     write_stage_files,
 )
+from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
 from finetune.core.training import check_precision
 from finetune.launch import stage_main
@@ -202,53 +203,46 @@ def train_updates(
     log_file: Path,
 ) -> float:
     """Run updates start_update..ppo.updates (rollout, score, optimise), logging each and checkpointing
-    every `ppo.save_every`; returns the seconds spent."""
-    from tqdm.auto import tqdm
-
+    every `ppo.save_every`; returns the seconds spent. Progress and the per-update lines have the shape of
+    the other stages' (finetune.core.progress), one update being one step."""
     s, main = recipe.ppo, distributed.is_main()
     started = time.time()
-    bar = tqdm(
-        range(start_update, s.updates),
-        initial=start_update,
-        total=s.updates,
-        desc="ppo",
-        disable=not main,
-        dynamic_ncols=True,
-    )
-    for update in bar:
+    bar = progress("ppo training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main)
+    for update in range(start_update, s.updates):
         idx = prompt_indices(
             len(prompts.ids), s.rollout_batch_size, update, distributed.rank(), distributed.world_size(), recipe.seed
         )
         ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
         stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
         stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
+        bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         if main:
             history.append(stats)
             tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
             with log_file.open("a") as fh:
                 fh.write(json.dumps(stats) + "\n")
-            bar.set_postfix(
-                score=f"{stats['score']:.3f}",
-                kl=f"{stats['kl']:.3f}",
-                len=f"{stats['response_length']:.1f}",
-                eos=f"{stats['eos_rate']:.2f}",
-            )
-            if (update + 1) % recipe.logging.logging_steps == 0:
-                log.info(
-                    "update %d: score %.4f kl %.4f len %.1f eos %.2f pg %.4f vf %.4f clipfrac %.3f",
-                    update + 1,
-                    stats["score"],
-                    stats["kl"],
-                    stats["response_length"],
-                    stats["eos_rate"],
-                    stats["policy_loss"],
-                    stats["value_loss"],
-                    stats["clipfrac"],
-                )
+            if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
+                bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
+                if recipe.logging.verbose:
+                    bar.write(str(stats))
         if (update + 1) % s.save_every == 0 or update + 1 == s.updates:
             checkpoints.save(recipe.checkpoint_dir("ppo"), update + 1, model, engine, scorer.norm)
     bar.close()
     return time.time() - started
+
+
+def ppo_figures(stats: dict) -> dict:
+    """What a PPO step line shows, in the order of the other stages' lines: losses, lr, then PPO's figures."""
+    return {
+        "loss": stats["policy_loss"],
+        "value loss": stats["value_loss"],
+        "lr": f"{stats['lr']:.2e}",
+        "score": stats["score"],
+        "kl": stats["kl"],
+        "len": stats["response_length"],
+        "eos": stats["eos_rate"],
+        "clipfrac": stats["clipfrac"],
+    }
 
 
 def _peak_memory_mb(device) -> float:
@@ -403,7 +397,7 @@ def run(recipe: Recipe) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
-    setup_logging(main)
+    setup_logging(main, recipe.logging.verbose)
     if recipe.deepspeed and main:
         log.info(
             "ppo: the DeepSpeed config is not used by this stage: adapters are trained with plain data "

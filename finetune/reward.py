@@ -15,6 +15,7 @@ import sys
 from finetune.core.evaluation import pairwise_accuracy
 from finetune.core.modeling import add_lora, count_parameters, load_model
 from finetune.core.outputs import print_summary, save_stage
+from finetune.core.progress import progress
 from finetune.core.training import place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
@@ -46,13 +47,14 @@ def run(recipe: Recipe) -> dict:
     trainable, total = count_parameters(model)
     log.info("LoRA + score head: %d trainable of %d parameters", trainable, total)
 
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=as_reward["train"],
-        eval_dataset=as_reward["eval"],
-        processing_class=tokenizer,
-    )
+    with progress("reward: setting up the trainer"):
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=as_reward["train"],
+            eval_dataset=as_reward["eval"],
+            processing_class=tokenizer,
+        )
     pad = tokenizer.pad_token_id
     place_for_eval(model, args, recipe)
     before = pairwise_accuracy(model, pairs["eval"], pad)

@@ -27,6 +27,7 @@ from finetune.core.modeling import (
     template_for,
 )
 from finetune.core.outputs import print_summary, rate, save_stage, setup_logging
+from finetune.core.progress import progress
 from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
@@ -67,15 +68,16 @@ def make_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds=None,
         )
         args.packing = False  # TRL would flatten the batch into one row (padding-free for flash-attn varlen only)
         collator = PackedRowsCollator(tokenizer.pad_token_id)
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        data_collator=collator,
-        **extra,
-    )
+    with progress("sft: setting up the trainer"):
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            data_collator=collator,
+            **extra,
+        )
 
 
 def run(recipe: Recipe) -> dict:
@@ -88,7 +90,7 @@ def run(recipe: Recipe) -> dict:
     tokenizer = load_tokenizer(recipe)
     args = sft_args(recipe)
     main_process = distributed.is_main()
-    setup_logging(main_process)
+    setup_logging(main_process, recipe.logging.verbose)
 
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed)
     train_ds = tokenize_conversations(

@@ -14,9 +14,10 @@ TINY_RECIPE = ROOT / "recipes" / "tiny_chat.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    from finetune.tiny import ensure_tiny_phi
+    """The tiny base shipped in the package (what builtin:tiny-phi loads)."""
+    from finetune.tiny import base_path
 
-    return ensure_tiny_phi()
+    return base_path()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +78,6 @@ def subprocess_env() -> dict:
     """The environment for child processes: they import the `finetune` of this checkout (not whatever
     editable install the interpreter points at), so a test proves the code it sits beside."""
     env = dict(os.environ)
-    env.setdefault("FINETUNE_CACHE", str(Path.home() / ".cache" / "finetune"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -132,7 +132,7 @@ def pipeline_run(tmp_path_factory, tiny_base):
         *PIPELINE_TRACKERS,
     ]
     logs = out.parent
-    env = tracking_env(logs)
+    env = {**tracking_env(logs), "FINETUNE_PROGRESS_INTERVAL": "2"}  # output to a file: timed progress lines
     started = time.time()
     with open(logs / "first.log", "w") as log:
         proc = subprocess.Popen(
@@ -156,6 +156,7 @@ def pipeline_run(tmp_path_factory, tiny_base):
         "mlflow_uri": env["MLFLOW_TRACKING_URI"],
         "finished_before_kill": finished_before_kill,
         "second": second,
+        "first_log": (logs / "first.log").read_text(),
         "first_seconds": first_seconds,
         "second_seconds": time.time() - started,
         "report": json.loads((out / "pipeline_report.json").read_text()),

@@ -1314,7 +1314,7 @@ def test_chat_refuses_messages_that_spell_special_tokens(case, small_run, tmp_pa
         "counted as wrong by the correctness rate",
     ),
 )
-def test_replies_keep_their_text_and_say_why_they_stopped(case, small_run, tmp_path, capsys):
+def test_replies_keep_their_text_and_say_why_they_stopped(case, small_run, tmp_path, capsys, caplog):
     from finetune.core.evaluation import Reply, correctness
 
     if case.id == "cut-reply-counts-wrong":
@@ -1326,6 +1326,7 @@ def test_replies_keep_their_text_and_say_why_they_stopped(case, small_run, tmp_p
     prompts = tmp_path / "p.txt"
     prompts.write_text("What is 2 plus 2?\nWhat is 3 plus 1?\n")
     answers = tmp_path / "a.jsonl"
+    caplog.set_level(logging.INFO, logger="finetune.progress")
     code, err = cli(
         capsys,
         "generate",
@@ -1342,7 +1343,7 @@ def test_replies_keep_their_text_and_say_why_they_stopped(case, small_run, tmp_p
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
     assert len(rows) == 2 and all(r["stop"] in ("end_of_turn", "max_new_tokens") for r in rows)
     assert all("[no end-of-turn]" not in r["response"] for r in rows)
-    assert "generate: 2/2 prompts (100%)" in err  # a progress line per batch
+    assert "generate: started (2 prompts to go)" in err + caplog.text  # the progress helper's lines
 
 
 # ============================================================================= generate: streamed and resumable

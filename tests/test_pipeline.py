@@ -2,6 +2,7 @@
 table, pipeline_report.json and the curves; stage launch commands."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -61,6 +62,22 @@ def test_report_table_and_curves(pipeline_run):
         history = json.loads((out / stage / "log_history.json").read_text())
         assert [h for h in history if "loss" in h]
     assert (out / "ppo" / "updates.jsonl").read_text().count("\n") == 12
+
+
+def test_pipeline_log_to_a_file_has_progress_and_one_line_steps_not_trainer_dicts(pipeline_run):
+    """Output to a file and a pipe (not a terminal): every training stage writes timed progress lines
+    and one-line step logs of one shape, and none of the Trainer's dictionaries, tqdm redraws or
+    library warnings nobody can act on. (The eval stage's lm-eval bars are lm-eval's own.)"""
+    log = pipeline_run["first_log"] + pipeline_run["second"].stderr + pipeline_run["second"].stdout
+    parts = re.split(r"^== pipeline \[\d+/\d+\] (\w+): ", log, flags=re.M)
+    ours = "".join(text for stage, text in zip(parts[1::2], parts[2::2]) if stage != "eval")
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        assert re.search(rf"^\S+ INFO finetune.progress: {stage} +step \d+/\d+  loss \S+  ", ours, re.M), stage
+        assert f"{stage} training: started" in ours and f"{stage} training: done" in ours
+    assert re.search(r"finetune.progress: \w+ training: \d+/\d+ (steps|updates) \(\d+%\), \S+ elapsed", ours)
+    assert "loading builtin:tiny-phi (float32, sdpa): done in" in ours
+    for noise in ("{'loss'", "'grad_norm'", "\r", "it/s]", "FutureWarning", "Setting accelerator", "LOAD REPORT"):
+        assert noise not in ours, noise
 
 
 def test_rerun_of_a_finished_pipeline_skips_everything(pipeline_run):

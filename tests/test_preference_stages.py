@@ -71,7 +71,7 @@ def test_held_out_correctness_counts_a_shared_prompt_once(monkeypatch):
     monkeypatch.setattr(
         evaluation,
         "generate_answers",
-        lambda model, tok, template, prompts, n: asked.extend(prompts) or ["7"] * len(prompts),
+        lambda model, tok, template, prompts, n, **kwargs: asked.extend(prompts) or ["7"] * len(prompts),
     )
     q = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     rows = [{"prompt": q("3 plus 4?"), "answer": "7", "rejected": r} for r in ("6", "8", "9")]

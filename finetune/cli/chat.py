@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from finetune.chat_template import ChatTemplate, find_special_token
 from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers
 from finetune.core.outputs import write_json
+from finetune.core.progress import progress
 from finetune.core.resume import sha256_file
 from finetune.core.serving import Loaded, load_for_chat
 from finetune.errors import UserError
@@ -186,28 +186,6 @@ def check_prompts(rows: list[dict], tokenizer, stop_ids: list[int]) -> None:
         )
 
 
-@dataclass
-class Progress:
-    """One line per batch on stderr: done / total, rate and time left (generation is the long phase)."""
-
-    total: int
-    done: int = 0
-    started: float = field(default_factory=time.time)
-    resumed: int = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        new, elapsed = self.done - self.resumed, time.time() - self.started
-        rate = new / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        print(
-            f"generate: {self.done}/{self.total} prompts ({self.done / self.total:.0%}), {rate:.2f}/s, "
-            f"{elapsed:.0f}s elapsed, about {left:.0f}s left",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
 def _answered(out: Path, rows: list[dict], meta: dict, meta_path: Path, overwrite: bool) -> int:
     """How many prompts `out` already answers (a run that stopped midway continues after them), after
     checking that it is this run's file: same prompts file, model and generation budget. A last line cut
@@ -278,8 +256,10 @@ def generate_file(
             file=sys.stderr,
         )
     write_json(meta_path, meta)
-    progress = Progress(len(rows), done, resumed=done)
-    with out.open("a", encoding="utf-8") as fh:
+    with (
+        progress("generate", total=len(rows), unit="prompts", initial=done, announce=True) as bar,
+        out.open("a", encoding="utf-8") as fh,
+    ):
         for start in range(done, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             replies = generate_answers(
@@ -290,7 +270,7 @@ def generate_file(
                 fh.write(json.dumps(answer) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-            progress.update(len(batch))
+            bar.update(len(batch))
     return len(rows) - done
 
 

@@ -23,15 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from finetune.core import tracking
+from finetune.core import progress, tracking
 from finetune.core.locks import output_lock
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
-from finetune.launch import INTERRUPTED, ignoring_sigint, recipe_command, run_child
+from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -131,6 +133,51 @@ def _earlier_seconds(report: Path) -> dict:
     return {r["stage"]: r["seconds"] for r in rows if r.get("seconds") is not None}
 
 
+def _pump(source, target, last: list[float]) -> None:
+    for line in source:
+        last[0] = time.monotonic()
+        target.write(line)
+        target.flush()
+
+
+def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> int:
+    """Run one stage's process and return its exit status.
+
+    At a terminal the stage writes to it directly (its progress bars). Elsewhere (a log file, CI, a
+    pipe) its output passes through here line by line, stdout and stderr kept apart, and when it has
+    been quiet for longer than its own progress lines would be (a stage process importing torch on a
+    busy machine, a phase that reports nothing) a line says it is still running: the log never goes
+    silent for long."""
+    if progress.mode() == "bar":
+        return run_child(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    last, started = [time.monotonic()], time.monotonic()
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, last), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, last), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    # longer than the stage's own progress interval, so a stage that reports is never talked over
+    patience = 1.5 * progress.interval()
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if time.monotonic() - last[0] >= patience:
+                progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
+                last[0] = time.monotonic()
+    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
+        stop_child(proc)
+        raise
+    finally:
+        if proc.poll() is None:  # interrupted here: stop the stage too
+            proc.terminate()
+        proc.wait()
+        for t in pumps:
+            t.join()
+    return proc.returncode
+
+
 def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
     the exit status: 0, that of the first stage that failed, or 130 when interrupted (Ctrl-C). One
@@ -188,7 +235,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
         try:
-            code = run_child(cmd, env=env)
+            code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
         except KeyboardInterrupt:
             code = INTERRUPTED
         seconds = time.time() - t0
@@ -233,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_chat.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
     parser.add_argument("--force", action="store_true", help="run every stage again even if its output exists")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run(args.recipe, args.overrides, args.force)
+        return run(args.recipe, args.overrides + (["logging.verbose=true"] if args.verbose else []), args.force)
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ from finetune.chat_template import (
 from finetune.errors import UserError
 from finetune.recipe import DataSection, DataSource, Recipe
 
+from .progress import progress, track
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -198,7 +200,8 @@ def read_source(source: DataSource, recipe: Recipe) -> tuple[str, list]:
         return str(local), _read_local(local)
     from datasets import load_dataset
 
-    ds = load_dataset(source.path, source.config, split=source.split)
+    with progress(f"loading dataset {source.path}[{source.split}]", announce=True):  # a download can be long
+        ds = load_dataset(source.path, source.config, split=source.split)
     return f"{source.path}[{source.split}]", list(enumerate(ds, 1))
 
 
@@ -399,7 +402,7 @@ def tokenize_prompts(
     dropped, never truncated. With `unique`, a prompt seen before (preference data repeats one per
     pair) is kept once and counted."""
     ids, kept, seen = [], [], {}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(track(rows, f"tokenizing {name} prompts", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
         p = tokenize_prompt(tokenizer, row["prompt"])
         if unique and tuple(p) in seen:
@@ -448,7 +451,7 @@ def load_rows(
     for source in sources:
         name, rows = read_source(source, recipe)
         good = []
-        for n, row in rows:
+        for n, row in track(rows, f"reading {name}", unit="rows"):
             report.read += 1
             where = f"{name}: row {n}"
             try:
@@ -552,7 +555,7 @@ def tokenize_preferences(
     from datasets import Dataset
 
     cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(track(rows, f"tokenizing {name} pairs", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
         p, c = tokenize_reply(tokenizer, template, row["prompt"], row["chosen"][0]["content"])
         _, r = tokenize_reply(tokenizer, template, row["prompt"], row["rejected"][0]["content"])
@@ -595,7 +598,7 @@ def tokenize_conversations(
     from datasets import Dataset
 
     ids, labels = [], []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(track(rows, f"tokenizing {name} conversations", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
         x, y = tokenize_conversation(tokenizer, template, row["messages"])
         if len(x) > max_length:

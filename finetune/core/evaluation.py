@@ -10,6 +10,7 @@ from finetune.chat_template import ChatTemplate, end_of_turn_ids, tokenize_promp
 
 from . import distributed
 from .batching import left_pad, pad
+from .progress import Progress, progress, track
 
 
 class Reply(str):
@@ -44,6 +45,7 @@ def generate_answers(
     conversations: list[list[dict]],
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    desc: str = "generating answers",
 ) -> list[Reply]:
     """Greedy replies to each conversation's last turn, stopped at the end-of-turn token; each says whether
     it ended its turn or ran out of tokens (Reply.stop).
@@ -55,7 +57,7 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     replies = []
-    for start in range(0, len(conversations), batch_size):
+    for start in track(range(0, len(conversations), batch_size), desc, unit="batches"):
         prompts = [tokenize_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         width = ids.shape[1]
@@ -105,7 +107,7 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     rows = distributed.shard(len(dataset))
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), "held-out loss", unit="batches"):
         batch = dataset.select(rows[start : start + batch_size])
         ids, mask = pad(batch["input_ids"], pad_token_id)
         labels, _ = pad(batch["labels"], -100)
@@ -147,13 +149,21 @@ def held_out_correctness(
     rows = kept
     if not rows:
         return None, []
-    replies = generate_answers(model, tokenizer, template, prompts, max_new_tokens)
+    replies = generate_answers(
+        model, tokenizer, template, prompts, max_new_tokens, desc=f"held-out answers ({len(prompts)} prompts)"
+    )
     return correctness(rows, replies), replies
 
 
+def batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
 @torch.no_grad()
-def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Scalar reward of each full sequence (sequence-classification head)."""
+def reward_scores(
+    model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32, bar: Progress | None = None
+) -> torch.Tensor:
+    """Scalar reward of each full sequence (sequence-classification head); `bar` counts batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -161,24 +171,33 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_si
     for start in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[start : start + batch_size], pad_token_id)
         out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     return torch.cat(out)
 
 
-def pairwise_accuracy(model, dataset, pad_token_id: int) -> dict:
+def pairwise_accuracy(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
     """Share of pairs whose chosen reply scores above the rejected one, and the mean margin."""
-    chosen = reward_scores(model, [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"])], pad_token_id)
-    rejected = reward_scores(
-        model, [p + r for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])], pad_token_id
-    )
+    p = dataset["prompt_ids"]
+    with progress("held-out pair scores", total=2 * batches(len(p), batch_size), unit="batches") as bar:
+        chosen = reward_scores(model, [a + c for a, c in zip(p, dataset["chosen_ids"])], pad_token_id, batch_size, bar)
+        rejected = reward_scores(
+            model, [a + r for a, r in zip(p, dataset["rejected_ids"])], pad_token_id, batch_size, bar
+        )
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
 @torch.no_grad()
 def sequence_logps(
-    model, prompts: list[list[int]], replies: list[list[int]], pad_token_id: int, batch_size: int = 32
+    model,
+    prompts: list[list[int]],
+    replies: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 32,
+    bar: Progress | None = None,
 ) -> torch.Tensor:
-    """Sum of log-probabilities of each reply given its prompt."""
+    """Sum of log-probabilities of each reply given its prompt; `bar` counts batches."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -190,18 +209,23 @@ def sequence_logps(
         for i, (p, r) in enumerate(zip(ps, rs)):
             reply_mask[i, len(p) : len(p) + len(r)] = 1
         out.append((logps * reply_mask[:, 1:].to(device)).sum(-1).cpu())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
-def dpo_eval(model, dataset, beta: float, pad_token_id: int) -> dict:
+def dpo_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 32) -> dict:
     """Held-out DPO figures: implicit rewards beta * (log pi - log pi_ref) of chosen and rejected, their
     accuracy and margin, and the sigmoid DPO loss. The reference is the model with adapters disabled."""
     was_training = model.training
     model.eval()
     p, c, r = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
-    pol_c, pol_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
-    with model.disable_adapter():
-        ref_c, ref_r = sequence_logps(model, p, c, pad_token_id), sequence_logps(model, p, r, pad_token_id)
+    with progress("held-out DPO log-probs", total=4 * batches(len(p), batch_size), unit="batches") as bar:
+        pol_c = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+        pol_r = sequence_logps(model, p, r, pad_token_id, batch_size, bar)
+        with model.disable_adapter():
+            ref_c = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+            ref_r = sequence_logps(model, p, r, pad_token_id, batch_size, bar)
     model.train(was_training)
     chosen, rejected = beta * (pol_c - ref_c), beta * (pol_r - ref_r)
     margin = chosen - rejected

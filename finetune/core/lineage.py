@@ -69,8 +69,8 @@ def start_chain(recipe: Recipe, stage: str, key: str = "start_from") -> list[str
         recipe,
         f"{stage}.{key}",
         folder,
-        f"run the stage that makes it first: run `finetune {earlier or 'sft'} {recipe.source}`, or "
-        f"set {stage}.{key} to another stage output or to none",
+        f"run `finetune {earlier or 'sft'} {recipe.source}` first (or run the stage that makes it first and point "
+        f"{stage}.{key} at its output), or set {stage}.{key} to none",
     )
     return adapter_chain(folder)
 

@@ -19,9 +19,11 @@ from torch import nn
 
 from finetune.chat_template import load_template, prepare_tokenizer
 from finetune.recipe import BUILTIN_PREFIX, Recipe, RecipeError
-from finetune.tiny import ensure_tiny_phi
+from finetune.tiny import base_path
 
 from .hub import check_local_model, hub_load
+from .outputs import DropMessages
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def resolve_model_path(name_or_path: str) -> str:
             raise RecipeError(
                 f"model.name_or_path: unknown builtin model {name!r}; the builtin model is builtin:tiny-phi"
             )
-        return str(ensure_tiny_phi())
+        return str(base_path())  # shipped in the package: no build, no cache
     return name_or_path
 
 
@@ -154,19 +156,64 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: 
     if device_map is not None:
         kwargs["device_map"] = device_map
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    with hub_load("model.name_or_path", recipe.model.name_or_path, recipe.source):
-        model = cls.from_pretrained(base_model_source(recipe), **kwargs, **extra)
+    name = recipe.model.name_or_path
+    source = base_model_source(recipe)
+    with (
+        hub_load("model.name_or_path", name, recipe.source),
+        progress(f"loading {name} ({kwargs['dtype']}, {attn})".replace("torch.", ""), announce=True),
+    ):
+        if task == "causal_lm":
+            model = cls.from_pretrained(source, **kwargs, **extra)
+        else:
+            model = _load_classifier(cls, source, **kwargs, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        # what the tokenizer's pad is (prepare_tokenizer: pad = eos when a base has none); set here, the
+        # Trainer would align it and warn about "new PAD/BOS/EOS tokens" on every stage
+        generation.pad_token_id = model.config.pad_token_id
     if merge:
         from peft import PeftConfig, PeftModel
 
-        for folder in merge:
-            config = PeftConfig.from_pretrained(folder)
-            config.task_type = None  # a causal-LM adapter merges into a sequence-classifier's backbone too
-            model = PeftModel.from_pretrained(model, folder, config=config).merge_and_unload()
-            log.info("merged adapter %s into the base", folder)
+        with progress(f"merging {len(merge)} adapter(s) into the base (fp32)", total=len(merge), unit="adapters") as p:
+            for folder in merge:
+                config = PeftConfig.from_pretrained(folder)
+                config.task_type = None  # a causal-LM adapter merges into a sequence-classifier's backbone too
+                model = PeftModel.from_pretrained(model, folder, config=config).merge_and_unload()
+                log.info("merged adapter %s into the base", folder)
+                p.update(1)
         model = model.to(dtype)
+    return model
+
+
+def _load_classifier(cls, path: str, **kwargs):
+    """A sequence classifier from a causal-LM checkpoint. Its new score head and the unused LM head are
+    expected, so transformers' load report table (a warning on every reward run) becomes one line here;
+    any other missing or unexpected weight is still a warning."""
+    # A filter, not a level: transformers runs its tensor-parallel plan check (more warnings) whenever
+    # this logger's own level is WARNING or above (modeling_utils.from_pretrained).
+    reporter = logging.getLogger("transformers.modeling_utils")
+    report = DropMessages("LOAD REPORT")
+    reporter.addFilter(report)
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        reporter.removeFilter(report)
+    head = model.base_model_prefix + "."
+    missing = [k for k in info["missing_keys"] if k.startswith(head)]  # the backbone must be complete
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+    new = sorted(set(info["missing_keys"]) - set(missing))
+    log.info("classification head %s newly initialised (trained by this stage); the LM head is not used", new)
+    if missing or unexpected or info.get("mismatched_keys"):
+        log.warning(
+            "%s: loading it as %s left backbone weights missing %s, unexpected %s, mismatched %s",
+            path,
+            cls.__name__,
+            missing,
+            unexpected,
+            info.get("mismatched_keys"),
+        )
     return model
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.recipe import Recipe, RecipeError
 
@@ -16,6 +18,7 @@ from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for
 from .outputs import setup_logging
+from .progress import Progress, duration, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,13 @@ def trackers(recipe: Recipe) -> list[str] | str:
 # checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
 # and only pays when activations do not fit, so here it is off unless a recipe asks for it
 # (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
-TRL_DEFAULTS = {"gradient_checkpointing": False}
+# transformers 5 renamed it activation_checkpointing (the old name still works, with a FutureWarning).
+# disable_tqdm: the Trainer's bar and raw log dictionaries give way to StepLog (one log style, every stage).
+TRL_DEFAULTS = {"activation_checkpointing": False, "disable_tqdm": True}
+RENAMED = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 
 
 def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
@@ -60,7 +69,11 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         **TRL_DEFAULTS,
         **(defaults or {}),
     )
-    kwargs.update(recipe.training_args(stage))
+    asked = recipe.training_args(stage)
+    for old, new in RENAMED.items():  # a recipe's old name means the new one (and must beat our default)
+        if old in asked:
+            asked.setdefault(new, asked.pop(old))  # both given: the new name wins, as in transformers
+    kwargs.update(asked)
     kwargs.update(fixed)
     config = config_cls(**kwargs)
     if getattr(config, "max_length", 0) is None:
@@ -89,9 +102,71 @@ def resume_checkpoint(recipe: Recipe, stage: str, args, rows: list[dict], start:
     )
 
 
+# What each TRL stage's one-line step log shows after loss and learning rate: (Trainer log key, label).
+STEP_FIGURES = {
+    "sft": [("mean_token_accuracy", "token acc"), ("grad_norm", "grad norm")],
+    "reward": [("accuracy", "pair acc"), ("margin", "margin"), ("grad_norm", "grad norm")],
+    "dpo": [("rewards/accuracies", "reward acc"), ("rewards/margins", "margin"), ("grad_norm", "grad norm")],
+}
+
+
+class StepLog(TrainerCallback):
+    """The Trainer's progress and logs in finetune's one style (finetune.core.progress): a bar at a
+    terminal or timed lines elsewhere, and at each logging step one line
+    `dpo     step 10/40  loss 0.3545  lr 9.6e-04  reward acc 0.9  margin 1.2  grad norm 0.8`
+    instead of transformers' ProgressCallback / PrinterCallback dictionaries (which `verbose` prints too)."""
+
+    def __init__(self, stage: str, verbose: bool = False):
+        self.stage, self.verbose = stage, verbose
+        self.bar: Progress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress(
+                f"{self.stage} training", total=state.max_steps, initial=state.global_step, unit="steps", announce=True
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.set(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "train_runtime" in logs:  # the Trainer's closing summary
+            line = (
+                f"{self.stage:<7} trained {state.global_step} steps in {duration(logs['train_runtime'])}, "
+                f"mean loss {logs.get('train_loss', float('nan')):.4g}"
+            )
+        else:
+            lr = logs.get("learning_rate")
+            figures = {"loss": logs.get("loss"), "lr": None if lr is None else f"{lr:.2e}"}
+            figures.update({label: logs.get(key) for key, label in STEP_FIGURES.get(self.stage, [])})
+            figures["epoch"] = round(logs["epoch"], 2) if "epoch" in logs else None
+            line = step_line(self.stage, state.global_step, state.max_steps, figures)
+            if logs.get("loss") is not None:
+                self.bar.postfix = {"loss": f"{logs['loss']:.4g}"}
+        self.bar.write(line)
+        if self.verbose:
+            self.bar.write(str({k: v for k, v in logs.items() if k != "total_flos"}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
+    """Swap the Trainer's own progress and log printing for StepLog (idempotent)."""
+    for cls in (ProgressCallback, PrinterCallback, StepLog):
+        trainer.remove_callback(cls)
+    trainer.add_callback(StepLog(stage, verbose))
+
+
 def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -> dict:
     """Run the trainer (from `checkpoint` when given: see resume_checkpoint) and report it, including
     whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
+    use_step_log(trainer, stage, recipe.logging.verbose)
     fingerprint = base_fingerprint(model)
     checkpoint = str(checkpoint) if checkpoint else None
     if tracking.current().active:
@@ -155,7 +230,7 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     args = trl_config(recipe, stage, config_cls, eval_strategy="no")
-    setup_logging(distributed.is_main())
+    setup_logging(distributed.is_main(), recipe.logging.verbose)
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed, to_preference)
     reports = {"train": train_report, "eval": eval_report}
     pairs = {

@@ -82,6 +82,12 @@ class LoggingSection(Section):
         "scheme, see docs/tracking.md); other names transformers knows (comet_ml, trackio, ...) go to the TRL "
         "stages' trainers. Inside an Azure ML job mlflow is added; [none] turns every tracker off.",
     )
+    verbose: bool = Field(
+        False,
+        description="Also print the raw detail: the Trainer's log dictionaries beside the one-line step logs, "
+        "library warnings finetune silences as not actionable, and the libraries' own progress bars. "
+        "`--verbose` on a stage command or `finetune pipeline` sets it.",
+    )
     project: str | None = Field(
         None,
         description="MLflow experiment and W&B project (default: $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "

@@ -369,6 +369,9 @@ class PPOEngine:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=self.fast.generate_use_cache,
+            # in the config, not as generate() arguments: transformers warns about mixing the two
+            output_scores=return_scores,
+            return_dict_in_generate=True,
         )
         self.model.peft.eval()
         chunk = self.fast.generation_batch_size or len(prompt_ids)
@@ -382,8 +385,6 @@ class PPOEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     generation_config=config,
-                    output_scores=return_scores,
-                    return_dict_in_generate=True,
                 )
                 responses.append(self._pad_response(out.sequences[:, ids.shape[1] :]))
                 if return_scores:

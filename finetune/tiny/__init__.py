@@ -1,11 +1,18 @@
 """The offline default: a tiny Phi-architecture model, its tokenizer and its task, all made in code.
 
-No hub access is needed anywhere: `builtin:tiny-phi` is built deterministically on first use and
-cached under $FINETUNE_CACHE (default ~/.cache/finetune):
+`builtin:tiny-phi` is the pre-trained base shipped in `finetune/tiny/base/` (a 3.7 MB safetensors file,
+the tokenizer and `build_record.json`): it loads at once, needs no network and no cache, and is the
+same file on every machine, so the seeded stages print the same figures everywhere. It is the one
+exception to "no weights in the repository". `python -m finetune.tiny build OUT` reproduces it:
   1. a byte-level BPE tokenizer shaped like Phi-2's (bos = eos = unk = <|endoftext|>, no pad token),
      trained on the corpus below;
-  2. a 4-layer PhiForCausalLM (partial rotary 0.4 like Phi-2) pre-trained, all parameters, for a
-     few minutes on that corpus, so LoRA has knowledge to build on, as with a real base model.
+  2. a 4-layer PhiForCausalLM (partial rotary 0.4 like Phi-2) pre-trained, all parameters, for
+     PRETRAIN_STEPS steps on that corpus, so LoRA has knowledge to build on, as with a real base model.
+The build is deterministic for a given torch thread count (the order of floating-point reductions
+depends on it), so the command pins the thread count the shipped base was built with
+(`build_record.json`: build key, steps, seed, threads, library versions). The build key hashes the
+build version, steps, seed, corpus and model config; a test fails when the code's key no longer
+matches the shipped record, i.e. when the corpus or config changed without a rebuild.
 
 The task has checkable answers (small sums, the next letter, opposites). The corpus states every
 fact, held-out ones included, as plain text and as "Q: ... A: ..." lines, but never in a chat
@@ -27,8 +34,7 @@ shipped files equal this generator's output).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import argparse
 import hashlib
 import json
 import logging
@@ -36,8 +42,12 @@ import os
 import random
 import shutil
 import sys
-import tempfile
+import time
 from pathlib import Path
+
+from finetune.core.outputs import setup_logging
+from finetune.core.progress import progress
+from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,10 @@ EOS = "<|endoftext|>"
 HELD_OUT_WRONG = 4  # wrong answers paired with each held-out fact
 GRADED_RIGHT, GRADED_WRONG = 3, 3  # graded answers per fact in each copy of the corpus
 PRETRAIN_STEPS = 4000  # the verdicts need ~7x the steps the answers alone did (600)
-BUILD_VERSION = 2  # bump when the build below changes, so caches rebuild
+BUILD_VERSION = 2  # bump when the build below changes (part of the build key)
+BUILD_THREADS = 2  # torch threads the shipped base was built with; the build is bit-exact for a thread count
+BASE_DIR = Path(__file__).resolve().parent / "base"  # the shipped base: what builtin:tiny-phi loads
+RECORD = "build_record.json"
 SYSTEM_PROMPTS = ["You are a helpful assistant. Answer briefly.", "Reply with the answer only."]
 OPPOSITES = [
     ("hot", "cold"),
@@ -249,23 +262,27 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
+# The model's shape: hashed into the build key (these values, not PhiConfig.to_dict(), which also holds
+# the transformers version and every library default, so a library patch release does not change the key).
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    partial_rotary_factor=0.4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=None,
+)
+
+
 def tiny_config(vocab_size: int):
     from transformers import PhiConfig
 
-    return PhiConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        partial_rotary_factor=0.4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=None,
-    )
+    return PhiConfig(vocab_size=vocab_size, **TINY_CONFIG)
 
 
 def pretrain(model, tokenizer, steps: int, seed: int, block: int = 64, batch: int = 32) -> list[float]:
@@ -275,87 +292,152 @@ def pretrain(model, tokenizer, steps: int, seed: int, block: int = 64, batch: in
     rng = random.Random(seed)
     docs = corpus_documents()
     stream: list[int] = []
-    while len(stream) < steps * batch * block // 4:  # enough distinct blocks; reused cyclically
-        rng.shuffle(docs)
-        for d in docs:
-            stream += tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]
+    need = steps * batch * block // 4  # enough distinct blocks; reused cyclically
+    with progress("tokenizing the tiny corpus", total=need, unit="tokens") as bar:
+        while len(stream) < need:
+            rng.shuffle(docs)
+            for d in docs:
+                stream += tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]
+                bar.set(min(len(stream), need))
     blocks = torch.tensor(stream[: len(stream) // block * block]).view(-1, block)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    from tqdm.auto import tqdm
-
-    for step in tqdm(range(steps), desc="pre-training tiny-phi", disable=None):
-        idx = torch.randint(len(blocks), (batch,), generator=gen)
-        out = model(input_ids=blocks[idx], labels=blocks[idx])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if (step + 1) % 500 == 0:  # progress in logs too, where the bar is off (no terminal)
-            log.info("tiny-phi pre-training step %d/%d, loss %.3f", step + 1, steps, sum(losses[-50:]) / 50)
+    with progress("pre-training tiny-phi", total=steps, unit="steps", announce=True) as bar:
+        for _ in range(steps):
+            idx = torch.randint(len(blocks), (batch,), generator=gen)
+            out = model(input_ids=blocks[idx], labels=blocks[idx])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            bar.update(1, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     model.eval()
     return losses
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+# ---------------------------------------------------------------- the shipped base and its build
 
 
-def _build_key(steps: int, seed: int) -> str:
-    config = {k: v for k, v in tiny_config(1024).to_dict().items() if k != "vocab_size"}
-    payload = json.dumps([BUILD_VERSION, steps, seed, corpus_documents(), config], sort_keys=True).encode()
+def _build_key(steps: int = PRETRAIN_STEPS, seed: int = 0) -> str:
+    """What the build makes, as a hash: build version, steps, seed, corpus and model config."""
+    payload = json.dumps([BUILD_VERSION, steps, seed, corpus_documents(), TINY_CONFIG], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # several launched processes may ask at once; one builds
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def ensure_tiny_phi(steps: int = PRETRAIN_STEPS, seed: int = 0) -> Path:
-    """Path of the cached tiny base model folder, building it (atomically) if absent."""
-    target = cache_root() / f"tiny-phi-{_build_key(steps, seed)}"
-    if (target / "config.json").is_file():
-        return target
-    with _file_lock(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():
-            return target
-        import torch
-        from transformers import PhiForCausalLM
+def rebuild_hint() -> str:
+    return (
+        f"rebuild it with `python -m finetune.tiny build finetune/tiny/base --force` ({BUILD_THREADS} threads, about "
+        "10 minutes on 2 idle cores), commit the folder, and re-measure the README's pipeline table"
+    )
 
-        log.info("building builtin:tiny-phi (once; cached at %s)", target)
+
+def loss_windows(losses: list[float], size: int = 100) -> list[float]:
+    """Mean pre-training loss of each `size` steps (the curve, kept small in the record)."""
+    return [round(sum(w) / len(w), 4) for w in (losses[i : i + size] for i in range(0, len(losses), size))]
+
+
+def base_path() -> Path:
+    """The shipped tiny base folder (what `builtin:tiny-phi` loads): no build, no cache, no network."""
+    if not (BASE_DIR / "model.safetensors").is_file() or not (BASE_DIR / RECORD).is_file():
+        raise UserError(
+            f"builtin:tiny-phi: the shipped base is missing from {BASE_DIR} (an install without the package data?); "
+            f"reinstall finetune (`pip install .` ships it), or {rebuild_hint()}"
+        )
+    return BASE_DIR
+
+
+def build_record() -> dict:
+    return json.loads((base_path() / RECORD).read_text())
+
+
+def build(out: str | Path, steps: int = PRETRAIN_STEPS, seed: int = 0, threads: int = BUILD_THREADS) -> Path:
+    """Build the tiny base into `out` (written beside it and renamed at the end) with its build record.
+
+    Bit-exact for the same thread count, torch build and CPU instruction set; the shipped base was
+    made with `threads` = BUILD_THREADS (its record says which torch and CPU)."""
+    import tokenizers
+    import torch
+    import transformers
+    from transformers import PhiForCausalLM
+
+    out = Path(out)
+    started, previous = time.time(), torch.get_num_threads()
+    torch.set_num_threads(threads)  # the reduction order, hence the bits, depend on it
+    try:
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()
         model = PhiForCausalLM(tiny_config(len(tokenizer)))
         losses = pretrain(model, tokenizer, steps=steps, seed=seed)
-        log.info("tiny-phi pre-training loss %.3f -> %.3f", sum(losses[:20]) / 20, sum(losses[-20:]) / 20)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "pretrain_losses.json").write_text(json.dumps(losses))
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    finally:
+        torch.set_num_threads(previous)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {
+            "what": "builtin:tiny-phi, the pre-trained tiny base (finetune/tiny/__init__.py)",
+            "command": f"python -m finetune.tiny build OUT --threads {threads}",
+            "build_key": _build_key(steps, seed),
+            "build_version": BUILD_VERSION,
+            "steps": steps,
+            "seed": seed,
+            "threads": threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "build_seconds": round(time.time() - started),
+            "loss_first_20": sum(losses[:20]) / len(losses[:20]),
+            "loss_last_20": sum(losses[-20:]) / len(losses[-20:]),
+            "loss_per_100_steps": loss_windows(losses),
+            "model_sha256": sha256_file(tmp / "model.safetensors"),
+        }
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors are written 0600; a package's files are read by every user
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("tiny-phi pre-training loss %.3f -> %.3f", record["loss_first_20"], record["loss_last_20"])
+    return out
 
 
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "write-data":
-        write_data(sys.argv[2])
-    elif len(sys.argv) == 2 and sys.argv[1] == "build":
-        logging.basicConfig(level=logging.INFO)
-        print(ensure_tiny_phi())
-    else:
-        sys.exit("usage: python -m finetune.tiny write-data FOLDER | build")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.tiny", description="The offline default's data and base.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("write-data", help="write the tiny task's jsonl files into FOLDER")
+    data.add_argument("folder")
+    b = sub.add_parser("build", help="pre-train the tiny base into OUT (what finetune/tiny/base/ ships)")
+    b.add_argument("out", help="output folder, e.g. finetune/tiny/base")
+    b.add_argument(
+        "--threads", type=int, default=BUILD_THREADS, help=f"torch threads (default {BUILD_THREADS}, as shipped)"
+    )
+    b.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help=argparse.SUPPRESS)  # short builds for tests
+    b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "write-data":
+        write_data(args.folder)
+        return 0
+    if Path(args.out).exists() and not args.force:
+        print(f"python -m finetune.tiny build: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    setup_logging()
+    print(build(args.out, steps=args.steps, threads=args.threads))
+    return 0

@@ -1,5 +1,7 @@
-"""`python -m finetune.tiny write-data FOLDER | build`."""
+"""`python -m finetune.tiny write-data FOLDER | build OUT [--threads N] [--force]`."""
+
+import sys
 
 from . import main
 
-main()
+sys.exit(main())
