@@ -1,0 +1,36 @@
+"""Everything bench/ takes from the finetune package, in one place.
+
+The benchmark measures the stages' own code paths, so it needs some of finetune's internals; they are
+imported here only, so that a move inside the package is one edit. Importing this module imports
+torch, transformers and TRL 1.16 (run it in the project's environment, never in the PPO peer's).
+"""
+
+from __future__ import annotations
+
+from finetune.chat_template import end_of_turn_ids, tokenize_prompt
+from finetune.data import DataReport, tokenize_conversations, tokenize_preferences
+from finetune.dpo import make_trainer as dpo_trainer
+from finetune.modeling import DTYPES, add_lora, choose_attention, load_model, load_tokenizer, lora_targets, template_for
+from finetune.recipe import apply_overrides, validate_recipe
+from finetune.rl import REFERENCE, PPOEngine, PPOSettings
+from finetune.rl import build_model as build_multi_adapter
+from finetune.rl_math import left_pad, reward_readout_index
+from finetune.sft import make_trainer as sft_trainer
+from finetune.sft import sft_args
+from finetune.tiny import PRETRAIN_STEPS, _build_key, cache_root, ensure_tiny_phi
+from finetune.training import trl_config
+
+__all__ = [
+    "DTYPES", "REFERENCE", "DataReport", "PPOEngine", "PPOSettings", "add_lora", "apply_overrides",
+    "build_multi_adapter", "choose_attention", "dpo_trainer", "end_of_turn_ids", "ensure_tiny_phi", "left_pad",
+    "load_model", "load_tokenizer", "lora_targets", "reward_readout_index", "sft_args", "sft_trainer",
+    "template_for", "tokenize_conversations", "tokenize_preferences", "tokenize_prompt", "trl_config",
+    "validate_recipe", "tiny_cached",
+]
+
+
+def tiny_cached() -> str | None:
+    """The cached builtin:tiny-phi folder (its tokenizer is every benchmark model's), or None: never builds
+    it (that takes ~10 CPU minutes, which a GPU run must not spend)."""
+    folder = cache_root() / f"tiny-phi-{_build_key(PRETRAIN_STEPS, 0)}"
+    return str(folder) if (folder / "config.json").is_file() else None
