@@ -38,6 +38,28 @@ def _trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._drop_copied_reference_adapter()
+
+        def _precompute_ref_logps(self, *args, **kwargs):  # runs inside DPOTrainer.__init__, after the copy
+            self._drop_copied_reference_adapter()
+            return super()._precompute_ref_logps(*args, **kwargs)
+
+        def _drop_copied_reference_adapter(self):
+            """Given a PeftModel, TRL 1.16 copies its adapter into a frozen "ref" adapter and runs every
+            reference forward through it. Our adapter is new (lora_B = 0), so that copy is exactly the
+            model with adapters disabled, at the price of the LoRA matmuls in every reference forward
+            (bench/run.py --stage dpo: the reference pass took 1.5x as long). Without "ref", TRL disables
+            the adapters for the reference, the reference this stage documents. A copy of a trained
+            adapter (any lora_B non-zero) is kept: then it is the reference."""
+            model = self.accelerator.unwrap_model(self.model)
+            if "ref" not in getattr(model, "peft_config", {}):
+                return
+            if any(p.detach().any() for n, p in model.named_parameters() if ".ref." in n and "lora_B" in n):
+                return
+            model.delete_adapter("ref")
+
     return PreTokenizedDPOTrainer
 
 
