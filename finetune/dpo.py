@@ -20,6 +20,22 @@ from finetune.training import place_for_eval, prepare_preference_stage, train
 
 log = logging.getLogger("finetune.dpo")
 
+# finetune's defaults over DPOConfig's (a recipe value wins). The reference log-probs are computed once, in a
+# pass before training, instead of by a reference forward in every step: what tuned TRL runs, and without it
+# our step was slower (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several
+# (see run()), so there the reference stays in the step unless a recipe asks.
+DPO_DEFAULTS = {"precompute_ref_log_probs": True}
+
+
+def apply_defaults(recipe: Recipe, args):
+    """DPO_DEFAULTS on `args` (a DPOConfig) where the recipe sets nothing itself, on one process."""
+    own = recipe.training_args("dpo")
+    if args.world_size == 1:
+        for key, value in DPO_DEFAULTS.items():
+            if key not in own:
+                setattr(args, key, value)
+    return args
+
 
 def _trainer_class():
     from trl import DPOTrainer
@@ -76,6 +92,7 @@ def run(recipe: Recipe) -> dict:
 
     section = recipe.dpo
     setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
+    apply_defaults(recipe, setup.args)
     start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
     eval_rows = setup.eval_rows
     if args.precompute_ref_log_probs and args.world_size > 1:
@@ -89,7 +106,9 @@ def run(recipe: Recipe) -> dict:
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters; reference = the start model (adapters disabled)", trainable, total)
 
-    trainer = make_trainer(args, model, tokenizer, pairs["train"], pairs["eval"])
+    # no eval set for TRL: the held-out figures are ours (dpo_eval), and with precomputed reference log-probs TRL
+    # would run a reference pass over the held-out pairs too, for nothing
+    trainer = make_trainer(args, model, tokenizer, pairs["train"])
     pad, beta = tokenizer.pad_token_id, args.beta
     place_for_eval(model, args, recipe)
     before = dpo_eval(model, pairs["eval"], beta, pad)
