@@ -65,7 +65,8 @@ DRY = {"sft": (1, 1), "dpo": (1, 1), "ppo": (1, 1)}  # steps, warmup in the dry 
 
 
 def _platforms() -> list[str]:
-    return [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34)] + ["--platform=manylinux2014_x86_64"]
+    tags = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34)] + ["manylinux2014_x86_64"]
+    return [f"--platform={t}" for t in tags]
 
 
 # ----------------------------------------------------------------------------- bundle (here, with PyPI)
@@ -107,32 +108,41 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
 
 def _env(extra_paths: list[Path], cache: Path | None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in extra_paths), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep)
+    path = [*(str(p) for p in extra_paths), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     if cache is not None:
         env["FINETUNE_CACHE"] = str(cache)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-CHECK = r"""
-import json, sys
-import torch, transformers, trl, peft, accelerate, datasets
-import bench.ours as fo
-from bench.ours import tiny_cached
-info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
-        "accelerate": accelerate.__version__, "datasets": datasets.__version__, "tiny_tokenizer": tiny_cached()}
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(gpu=p.name, gpu_memory_gb=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}")
-try:
-    import flash_attn
-    info["flash_attn"] = flash_attn.__version__
-except ImportError:
-    info["flash_attn"] = None
-print(json.dumps(info))
-"""
+def software_facts() -> dict:
+    """Versions, the GPU, flash-attn, and whether the tiny tokenizer is cached (imports all bench will)."""
+    import accelerate
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from bench.ours import tiny_cached
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__, "tiny_tokenizer": tiny_cached()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30, capability=f"{props.major}.{props.minor}")
+    try:
+        import flash_attn
+
+        info["flash_attn"] = flash_attn.__version__
+    except ImportError:
+        info["flash_attn"] = None
+    return info
+
+
+CHECK = "import json; from bench.gpu import software_facts; print(json.dumps(software_facts()))"
 
 PEER_CHECK = r"""
 import json, trl
@@ -197,11 +207,14 @@ def preflight(dry_run: bool, bundle_dir: Path) -> tuple[dict, dict, dict]:
         cache = bundle_dir / "cache"
         facts["bundle"] = manifest
     env = _env(paths, cache)
-    res = _run([sys.executable, "-c", CHECK], env, 180)
-    if res.returncode != 0:
-        raise SystemExit(f"gpu: the project's packages do not import here (carry bench/gpu_bundle, made by "
-                         f"`python bench/gpu.py bundle`):\n{res.stderr[-3000:]}")
-    facts["software"] = info = _json_line(res)
+    if dry_run:  # the dry run checks the code paths in this process (CI time), with this environment
+        facts["software"] = info = software_facts()
+    else:
+        res = _run([sys.executable, "-c", CHECK], env, 180)
+        if res.returncode != 0:
+            raise SystemExit(f"gpu: the project's packages do not import here (carry bench/gpu_bundle, made by "
+                             f"`python bench/gpu.py bundle`):\n{res.stderr[-3000:]}")
+        facts["software"] = info = _json_line(res)
     if not dry_run:
         if not info["cuda"]:
             raise SystemExit("gpu: no CUDA GPU visible (use --dry-run for the CPU-size check)")
@@ -216,16 +229,16 @@ def preflight(dry_run: bool, bundle_dir: Path) -> tuple[dict, dict, dict]:
 
     peer_env = None
     if not dry_run and has_bundle:
-        peer_env = {**_env([PEER_SITE, *paths], cache), "FINETUNE_BENCH_PEER_PYTHON": sys.executable,
-                    "FINETUNE_BENCH_PEER_SITE": str(PEER_SITE)}
-        check = [sys.executable, "-c", PEER_CHECK]
+        # bench/run.py puts FINETUNE_BENCH_PEER_SITE in front for the peer's process only: ours keeps TRL 1.16
+        peer_env = {**env, "FINETUNE_BENCH_PEER_PYTHON": sys.executable, "FINETUNE_BENCH_PEER_SITE": str(PEER_SITE)}
+        check, check_env = [sys.executable, "-c", PEER_CHECK], _env([PEER_SITE, *paths], cache)
     elif peer_python().is_file():
-        peer_env, check = env, [str(peer_python()), "-c", PEER_CHECK]
+        peer_env, check, check_env = env, [str(peer_python()), "-c", PEER_CHECK], env
     if peer_env is None:
         facts["peer"] = {"skipped": "no TRL 1.12 environment: make it with `bash bench/peer_env.sh` (or carry the "
                                     "bundle to the GPU machine)"}
     else:
-        res = _run(check, peer_env, 180)
+        res = _run(check, check_env, 180)
         if res.returncode != 0 or _json_line(res)["trl"] != PEER_TRL:
             raise SystemExit(f"gpu: the PPO peer's TRL {PEER_TRL} does not import:\n{res.stderr[-3000:]}")
         facts["peer"] = _json_line(res)
@@ -245,12 +258,20 @@ def preflight(dry_run: bool, bundle_dir: Path) -> tuple[dict, dict, dict]:
 
 
 def _stage(stage: str, model: str, arms: list[str], steps: int, warmup: int, out: Path, env: dict,
-           timeout: float, rows: int | None) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--stage", stage, "--model", model, "--arms", ",".join(arms),
-           "--steps", str(steps), "--warmup", str(warmup), "--repeats", "1", "--out", str(out)]
-    if rows:
-        cmd += ["--rows", str(rows)]
+           timeout: float, rows: int | None, dry_run: bool) -> dict:
+    argv = ["--stage", stage, "--model", model, "--arms", ",".join(arms), "--steps", str(steps), "--warmup",
+            str(warmup), "--repeats", "1", "--out", str(out)] + (["--rows", str(rows)] if rows else [])
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), *argv]
     started = time.perf_counter()
+    if dry_run:  # arms in this process (bench/run.py --in-process): the code paths, in CI's time
+        from bench import run as bench_run
+
+        os.environ.update({k: v for k, v in env.items() if k.startswith("FINETUNE_BENCH_")})
+        try:
+            bench_run.main([*argv, "--in-process"])
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (recorded in the table like a failed GPU stage)
+            return {"error": f"{type(e).__name__}: {e}"[-1500:], "command": " ".join(cmd[1:])}
+        return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - started}
     try:
         res = _run(cmd, env, timeout)
     except subprocess.TimeoutExpired:
@@ -338,7 +359,8 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
                 lines.append(f"| {v['variant']} ({v['tokens']} x {v['hidden']} -> {v['vocab']}, {v['dtype']}) | "
                              f"{v['seconds'] * 1e3:.1f} ms | {mem} |")
     liger = facts.get("liger", {})
-    lines.append(f"\nLiger: {'installed and ran (' + liger['liger_kernel'] + ')' if 'liger_kernel' in liger else liger.get('skipped', '?')[:300]}")
+    ran = f"installed and ran ({liger['liger_kernel']})" if "liger_kernel" in liger else liger.get("skipped", "?")[:300]
+    lines.append(f"\nLiger: {ran}")
     return "\n".join(lines) + "\n"
 
 
@@ -350,9 +372,14 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
     (out / "preflight.json").write_text(json.dumps(facts, indent=2) + "\n")
     print(f"gpu: preflight ok in {facts['preflight_s']:.0f} s: {json.dumps(facts['software'])}", flush=True)
     model = "phi2-small" if dry_run else "phi2"
-    res = _run([sys.executable, str(ROOT / "bench" / "lm_head.py"), *(["--small"] if dry_run else [])], env, 120)
-    lm_head = _json_line(res) if res.returncode == 0 else {"results": [
-        {"variant": "all", "skipped": res.stderr.strip()[-300:]}]}
+    if dry_run:
+        from bench.lm_head import heads
+
+        lm_head = heads(small=True)
+    else:
+        res = _run([sys.executable, str(ROOT / "bench" / "lm_head.py")], env, 120)
+        lm_head = _json_line(res) if res.returncode == 0 else {"results": [
+            {"variant": "all", "skipped": res.stderr.strip()[-300:]}]}
     (out / "lm_head.json").write_text(json.dumps(lm_head, indent=2) + "\n")
     reports: dict = {}
     for stage, (arms, steps, warmup, allowed) in STAGES.items():
@@ -367,7 +394,7 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
         stage_env = {**(peer_env or env)} if stage == "ppo" else env
         rows = 64 if stage == "dpo" and not dry_run else None  # the precompute pass covers the whole dataset
         reports[stage] = _stage(stage, model, arms, steps, warmup, out / f"{stage}.json", stage_env,
-                                min(allowed, left), rows)
+                                min(allowed, left), rows, dry_run)
         print(f"gpu: {stage} {'failed: ' + reports[stage]['error'][-300:] if 'error' in reports[stage] else 'done'}"
               f" ({time.perf_counter() - started:.0f} s in)", flush=True)
         (out / "gpu_table.md").write_text(table(facts, reports, lm_head, model))

@@ -63,8 +63,8 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype, device: s
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    once()
-    once()
+    for _ in range(2 if repeats > 1 else 1):  # warm-up
+        once()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -76,15 +76,13 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype, device: s
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="a CPU-size shape (the GPU script's dry run)")
-    args = p.parse_args(argv)
+def heads(small: bool = False) -> dict:
+    """Every variant at the GPU shape (or a CPU-size one); a variant that cannot run says why."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.small or device == "cpu":
-        shape = dict(tokens=256, hidden=128, vocab=51200, dtype=torch.float32)
+    if small or device == "cpu":
+        shape = dict(tokens=64, hidden=128, vocab=51200, dtype=torch.float32)
     else:
         shape = dict(tokens=4 * 2048, hidden=2560, vocab=51200, dtype=torch.float16)
     results = []
@@ -93,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"variant": variant, "skipped": "Liger's kernels are Triton kernels: CUDA only"})
             continue
         try:
-            results.append(measure(variant, device=device, **shape))
+            results.append(measure(variant, device=device, repeats=1 if small else 5, **shape))
         except Exception as e:  # noqa: BLE001  (a missing or failing kernel is a finding, not a crash)
             results.append({"variant": variant, "skipped": f"{type(e).__name__}: {e}"[:300]})
-    print(json.dumps({"device": device, "results": results}))
+    return {"device": device, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="a CPU-size shape (the GPU script's dry run)")
+    args = p.parse_args(argv)
+    print(json.dumps(heads(args.small)))
     return 0
 
 

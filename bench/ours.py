@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from finetune.chat_template import end_of_turn_ids, tokenize_prompt
 from finetune.data import DataReport, tokenize_conversations, tokenize_preferences
+from finetune.dpo import apply_defaults as dpo_defaults
 from finetune.dpo import make_trainer as dpo_trainer
 from finetune.modeling import DTYPES, add_lora, choose_attention, load_model, load_tokenizer, lora_targets, template_for
 from finetune.recipe import apply_overrides, validate_recipe
@@ -21,11 +22,11 @@ from finetune.tiny import PRETRAIN_STEPS, _build_key, cache_root, ensure_tiny_ph
 from finetune.training import trl_config
 
 __all__ = [
-    "DTYPES", "REFERENCE", "DataReport", "PPOEngine", "PPOSettings", "add_lora", "apply_overrides",
-    "build_multi_adapter", "choose_attention", "dpo_trainer", "end_of_turn_ids", "ensure_tiny_phi", "left_pad",
-    "load_model", "load_tokenizer", "lora_targets", "reward_readout_index", "sft_args", "sft_trainer",
-    "template_for", "tokenize_conversations", "tokenize_preferences", "tokenize_prompt", "trl_config",
-    "validate_recipe", "tiny_cached",
+    "DTYPES", "DataReport", "PPOEngine", "PPOSettings", "REFERENCE", "add_lora", "apply_overrides",
+    "build_multi_adapter", "choose_attention", "dpo_defaults", "dpo_trainer", "end_of_turn_ids",
+    "ensure_tiny_phi", "left_pad", "load_model", "load_tokenizer", "lora_targets", "reward_readout_index",
+    "sft_args", "sft_trainer", "template_for", "tiny_cached", "tokenize_conversations", "tokenize_preferences",
+    "tokenize_prompt", "trl_config", "validate_recipe",
 ]
 
 

@@ -102,6 +102,7 @@ def run(export: Path, steps: int, warmup: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         current["generate_start"] = time.perf_counter()
+        current.setdefault("cpu_start", time.process_time())
         query_responses, logits = inner_generation(model, queries, *a, **k)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -122,10 +123,10 @@ def run(export: Path, steps: int, warmup: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             if device == "cuda":
                 torch.cuda.synchronize()
-            current["end"] = time.perf_counter()
+            current["end"], current["cpu_end"] = time.perf_counter(), time.process_time()
             marks.append(dict(current))
             current.clear()
-            current["start"] = marks[-1]["end"]
+            current["start"], current["cpu_start"] = marks[-1]["end"], marks[-1]["cpu_end"]
 
     impl.batch_generation, impl.forward = timed_generation, timed_forward
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
@@ -147,6 +148,9 @@ def run(export: Path, steps: int, warmup: int) -> dict:
     return {
         "tokens_per_s": sum(m["real_tokens"] for m in measured) / sum(m["end"] - m["start"] for m in measured),
         "seconds_per_update": update,
+        "tokens_per_cpu_s": sum(m["real_tokens"] for m in measured)
+        / sum(m["cpu_end"] - m["cpu_start"] for m in measured),
+        "cpu_seconds_per_update": mean(lambda m: m["cpu_end"] - m["cpu_start"]),
         "time_generate_s": generate,
         "time_score_s": mean(lambda m: m["optimise_start"] - m["generate_end"]),
         "time_optimise_s": mean(lambda m: m["end"] - m["optimise_start"]),

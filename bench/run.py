@@ -51,7 +51,8 @@ ARMS = {
             "trl-tuned": "TRL 1.16 DPOTrainer tuned: precomputed reference log-probs, no gradient checkpointing, "
                          "same attention kernel",
             "baseline": "TRL DPOTrainer defaults (reference every step, gradient checkpointing)",
-            "ours-precompute": "finetune DPO with dpo.precompute_ref_log_probs=true"},
+            "ours-precompute": "finetune DPO with dpo.precompute_ref_log_probs=true (the default on one process)",
+            "ours-noprecompute": "finetune DPO with dpo.precompute_ref_log_probs=false (the reference in every step)"},
     "ppo": {"ours": "finetune PPO engine defaults (one base, policy/value LoRA, reward read from the base)",
             "peer": "TRL 1.12.0 PPOTrainer (last TRL PPO): LoRA policy, full value and reward models",
             "baseline": "same engine, speed switches off (no KV cache, one prompt per generate, full-vocab logits)",
@@ -99,17 +100,21 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
 
 
 class _Meter:
-    """Real tokens of each collated batch (counted from the unpadded examples) and step end times."""
+    """Real tokens of each collated batch (counted from the unpadded examples), step end times and the
+    process's CPU time at each step end (all threads: on a shared machine, tokens per CPU-second moves far
+    less with other people's load than tokens per wall-second does)."""
 
     def __init__(self, count):
         from transformers import TrainerCallback
 
-        self.count, self.tokens, self.times = count, [], []
+        self.count, self.tokens, self.times, self.cpu = count, [], [], []
         meter = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                _sync()
                 meter.times.append(time.perf_counter())
+                meter.cpu.append(time.process_time())
 
         self.callback = Callback()
 
@@ -123,8 +128,10 @@ class _Meter:
         # step k's batch is the k-th collated one; the window runs from the end of the last warm-up step
         measured = self.tokens[warmup : len(self.times)]
         seconds = self.times[-1] - self.times[warmup - 1]
+        cpu = self.cpu[-1] - self.cpu[warmup - 1]
         return {"tokens_per_s": sum(measured) / seconds, "seconds_per_step": seconds / len(measured),
-                "tokens_per_step": sum(measured) / len(measured), "measured_steps": len(measured)}
+                "tokens_per_cpu_s": sum(measured) / cpu, "tokens_per_step": sum(measured) / len(measured),
+                "measured_steps": len(measured)}
 
 
 def _peak_memory_mb() -> float:
@@ -156,7 +163,8 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     n_rows = rows or s["rows"]
     base_arm, _, suffix = arm.partition("+")
     liger = suffix == "liger"
-    extra = {"ours-nopack": ["sft.packing=false"], "ours-precompute": ["dpo.precompute_ref_log_probs=true"]}
+    extra = {"ours-nopack": ["sft.packing=false"], "ours-precompute": ["dpo.precompute_ref_log_probs=true"],
+             "ours-noprecompute": ["dpo.precompute_ref_log_probs=false"]}
     overrides = extra.get(base_arm, []) + (["training.use_liger_kernel=true"] if liger else [])
     recipe = _recipe(model_name, stage, out, warmup + steps, overrides)
     tokenizer, template = fo.load_tokenizer(recipe), fo.template_for(recipe)
@@ -195,10 +203,12 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
     else:
         from trl import DPOConfig
 
-        args = fo.trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
+        args = fo.dpo_defaults(recipe, fo.trl_config(recipe, "dpo", DPOConfig, eval_strategy="no"))
         pairs = fo.tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
         trainer = fo.dpo_trainer(args, fo.add_lora(model, recipe), tokenizer, pairs, callbacks=[meter.callback])
     setup_s = time.perf_counter() - started
+    if stage == "dpo":
+        DPOTrainer._precompute_ref_logps = inner
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
     figures = meter.figures(warmup)
@@ -265,10 +275,10 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     for k in range(warmup + steps):
         ids, mask = fo.left_pad(prompts[k * s["ppo_batch"] : (k + 1) * s["ppo_batch"]], pad_id)
         _sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         stats = engine.step(ids.to(device), mask.to(device))
         _sync()
-        stats["update_s"] = time.perf_counter() - t
+        stats["update_s"], stats["update_cpu_s"] = time.perf_counter() - t, time.process_time() - c
         ro = engine.last_rollout
         stats["real_tokens"] = int(ro.mask.sum())
         stats["response_tokens"] = int(ro.resp_mask.sum())
@@ -279,6 +289,8 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
         return sum(r[key] for r in measured)
     return {"tokens_per_s": total("real_tokens") / total("update_s"),
             "seconds_per_update": total("update_s") / len(measured),
+            "tokens_per_cpu_s": total("real_tokens") / total("update_cpu_s"),
+            "cpu_seconds_per_update": total("update_cpu_s") / len(measured),
             "time_generate_s": total("time_generate_s") / len(measured),
             "time_score_s": total("time_score_s") / len(measured),
             "time_optimise_s": total("time_optimise_s") / len(measured),
@@ -414,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, help="SFT / DPO rows made (default: the model's setting); DPO's precomputed "
                    "reference pass covers them all")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--in-process", action="store_true", help="run the arms in this process, one after the other "
+                   "(the GPU script's CPU dry run: a check of the code paths, whose peak memory is not per arm)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -452,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.repeats):
             for arm in (arms if r % 2 == 0 else arms[::-1]):
-                result = _child(args.stage, arm, args.model, args.steps, args.warmup, export, args.rows)
+                if args.in_process and arm != "peer":
+                    result = worker(args.stage, arm, args.model, args.steps, args.warmup, args.rows)
+                else:
+                    result = _child(args.stage, arm, args.model, args.steps, args.warmup, export, args.rows)
                 result["load_average_1m"] = _load()
                 runs[arm].append(result)
                 print(f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s",
@@ -476,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             m["tokens_per_s_4_epochs"] = work / (m.get("precompute_ref_s", 0.0) + work / m["tokens_per_s"])
     first = report["arms"][arms[0]]["median"]
     report["ratios"] = {a: {"tokens_per_s": first["tokens_per_s"] / report["arms"][a]["median"]["tokens_per_s"],
+                            "tokens_per_cpu_s": first["tokens_per_cpu_s"]
+                            / report["arms"][a]["median"]["tokens_per_cpu_s"],
                             "peak_memory": first["peak_memory_mb"] / report["arms"][a]["median"]["peak_memory_mb"]}
                         for a in arms[1:]}
     if len(arms) > 1:  # the first arm against the second (ours against its strongest peer by default)
@@ -486,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats}, load {load_before:.2f} -> {report['load_average_1m_after']:.2f}")
     for a in arms:
         m = report["arms"][a]["median"]
-        line = f"  {a:<18} {m['tokens_per_s']:10.1f} real tokens/s  peak {m['peak_memory_mb']:8.0f} MB"
+        line = (f"  {a:<18} {m['tokens_per_s']:10.1f} real tokens/s ({m['tokens_per_cpu_s']:.1f} per CPU-s)  "
+                f"peak {m['peak_memory_mb']:8.0f} MB")
         if args.stage == "ppo":
             line += (f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
                      f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}"
@@ -495,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  ({m['tokens_per_s_4_epochs']:.1f} tokens/s over 4 epochs incl. any precompute)"
         print(line)
     for a, ratio in report["ratios"].items():
-        print(f"  ratio {arms[0]}/{a}: {ratio['tokens_per_s']:.2f}x tokens/s, {ratio['peak_memory']:.2f}x peak memory")
+        print(f"  ratio {arms[0]}/{a}: {ratio['tokens_per_s']:.2f}x tokens/s ({ratio['tokens_per_cpu_s']:.2f}x per "
+              f"CPU-s), {ratio['peak_memory']:.2f}x peak memory")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
