@@ -1,6 +1,6 @@
 """The models the benchmark trains: the offline tiny Phi, or the Phi-2 architecture with random weights.
 
-Random weights are fine for speed (shared/design/performance.md); nothing is downloaded. Every model
+Random weights are fine for speed (same FLOPs and memory traffic); nothing is downloaded. Every model
 uses the tiny tokenizer (ids < 493), which changes no FLOP count: the LM head is full-vocabulary.
 """
 

@@ -54,7 +54,7 @@ def test_ppo_against_trl_112_peer(tmp_path, tiny_base):
     assert peer["response_length"] == ours["response_length"] == 48
     assert peer["measured_steps"] == 1 and peer["time_generate_s"] > 0 and peer["time_optimise_s"] > 0
     # four models (policy + reference as one LoRA model, a full value model, a full reward model) against one base
-    assert peer["parameters_held"] > 2.5 * ours["parameters_held"]
+    assert peer["parameters_held"] > 2 * ours["parameters_held"]
 
 
 def test_gpu_script_dry_run(tmp_path, tiny_base):
