@@ -20,7 +20,8 @@ def _bench(tmp_path, *args: str, timeout: int = 900):
     return json.loads(out.read_text()), res
 
 
-@pytest.mark.parametrize("stage,arms", [("sft", "ours,trl-tuned"), ("dpo", "ours,trl-tuned"), ("ppo", "ours,full-logits")])
+@pytest.mark.parametrize("stage,arms",
+                         [("sft", "ours,trl-tuned"), ("dpo", "ours,trl-tuned"), ("ppo", "ours,full-logits")])
 def test_bench_writes_both_arms_and_the_ratio(tmp_path, tiny_base, stage, arms):
     rows = ["--rows", "64"] if stage != "ppo" else []  # DPO's tuned arm precomputes over every row
     report, res = _bench(tmp_path, "--stage", stage, "--model", "tiny", "--arms", arms, *rows)
