@@ -1,8 +1,7 @@
 """The models the benchmark trains: the offline tiny Phi, or the Phi-2 architecture with random weights.
 
-Random weights are fine for speed (the FLOPs and memory traffic of a step do not depend on the values);
-nothing is downloaded. Every model uses the tiny tokenizer (ids < 493), which changes no FLOP count: the
-LM head is full-vocabulary.
+Random weights are fine for speed (same FLOPs and memory traffic); nothing is downloaded. Every model
+uses the tiny tokenizer (ids < 493), which changes no FLOP count: the LM head is full-vocabulary.
 """
 
 from __future__ import annotations
@@ -10,15 +9,43 @@ from __future__ import annotations
 import torch
 
 # sizes per model: sequence length, batch, precision; phi2 is the issue's GPU target (seq 2048, fp16)
+# PPO: rollout batch, micro-batch of the optimisation passes (gradient accumulation over the rest), PPO epochs.
 SETTINGS = {
     "tiny": dict(
-        max_length=256, batch=16, precision="fp32", rows=1024, ppo_batch=16, response_length=48, max_prompt_length=96
+        max_length=256,
+        batch=16,
+        precision="fp32",
+        rows=1024,
+        ppo_batch=16,
+        ppo_micro_batch=16,
+        ppo_epochs=1,
+        response_length=48,
+        max_prompt_length=96,
     ),
+    # the GPU script's dry run in CI time: short rows (the 51,200-token LM head dominates a CPU step)
     "phi2-small": dict(
-        max_length=256, batch=4, precision="fp32", rows=256, ppo_batch=4, response_length=16, max_prompt_length=64
+        max_length=128,
+        batch=2,
+        precision="fp32",
+        rows=16,
+        ppo_batch=2,
+        ppo_micro_batch=1,
+        ppo_epochs=1,
+        response_length=8,
+        max_prompt_length=32,
     ),
+    # micro-batch 8: a LoRA backward through Phi-2 keeps ~3 MB of activations per token, so 64 rows of up to
+    # 768 tokens at once would not fit; 8 at a time (8 accumulation steps) does, for ours and the peer alike
     "phi2": dict(
-        max_length=2048, batch=4, precision="fp16", rows=512, ppo_batch=64, response_length=256, max_prompt_length=512
+        max_length=2048,
+        batch=4,
+        precision="fp16",
+        rows=512,
+        ppo_batch=64,
+        ppo_micro_batch=8,
+        ppo_epochs=1,
+        response_length=256,
+        max_prompt_length=512,
     ),
 }
 
@@ -53,7 +80,7 @@ def phi2_config(small: bool = False):
 
 def build_model(name: str, recipe, task: str = "causal_lm"):
     """The frozen base for a benchmark arm, on the GPU when there is one."""
-    from finetune.core.modeling import DTYPES, choose_attention, load_model
+    from bench.ours import DTYPES, choose_attention, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "tiny":
@@ -67,3 +94,21 @@ def build_model(name: str, recipe, task: str = "causal_lm"):
     with torch.device(device):
         model = PhiForCausalLM._from_config(config, attn_implementation=attn, dtype=DTYPES[recipe.precision])
     return model.eval()
+
+
+def flops_per_token(config, seq_len: int, lora_r: int = 16, lora_modules: int = 6) -> dict:
+    """Model FLOPs per trained token with a frozen base and LoRA (docs/benchmarks.md, "How MFU is counted"):
+    forward 2N + backward 2N (activation gradients only: frozen weights need no weight gradients)
+    + attention 12*L*d*T + LoRA 6*P_lora, N = matmul parameters (blocks + LM head; embeddings are a lookup).
+    Also the forward alone (2N + 4*L*d*T), what a reference or rollout-scoring pass costs."""
+    L, d, ffn, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    N = L * (4 * d * d + 2 * d * ffn) + d * V
+    # LoRA r on q, k, v, dense (d x d) and fc1, fc2 (d x ffn): r * (in + out) each
+    P_lora = L * lora_r * (4 * 2 * d + 2 * (d + ffn)) if lora_modules == 6 else 0
+    attention = 12 * L * d * seq_len
+    return {
+        "matmul_params": N,
+        "lora_params": P_lora,
+        "train": 4 * N + attention + 6 * P_lora,
+        "forward": 2 * N + attention // 3,
+    }

@@ -1,16 +1,22 @@
-"""Benchmark a stage against a plain baseline: real (non-padding) tokens/s, peak memory, PPO time split.
+"""Benchmark a stage against its peers: real (non-padding) tokens/s, peak memory, PPO time split.
 
-    python bench/run.py --stage sft --model tiny [--steps 8] [--repeats 3] [--out sft.json]
-    python bench/run.py --stage ppo --model phi2 --out ppo_phi2.json        # GPU: Phi-2 architecture, fp16
-    python bench/run.py --stage dpo --model tiny --baseline                  # the baseline alone
+    python bench/run.py --stage sft --model tiny --arms ours,trl-tuned [--steps 8] [--repeats 3] [--out sft.json]
+    python bench/run.py --stage ppo --model tiny --arms ours,peer        # needs bash bench/peer_env.sh once
+    python bench/run.py --stage ppo --model phi2 --out ppo_phi2.json     # GPU: Phi-2 architecture, fp16
 
-Arms: `ours` (the stage's own training path: finetune.sft / finetune.dpo / finetune.rl with its
-defaults) and `baseline` (bench/*_baseline.py: plain TRL with the same model, LoRA, batch, length and
-data; for PPO our engine with its speed switches off). Extra arms isolate one optimisation
-(`--arms ours,baseline,ours-nopack`, see ARMS). Each run of an arm is a fresh process (clean peak
-memory, no warm caches shared between arms); arms alternate order across repeats so slow spells on
-a shared machine hit both; the median of the repeats is reported. Every run does `--warmup` steps
-first, then times `--steps` steps. Timings are never asserted anywhere: this script measures them.
+Arms (ARMS below; the first arm is compared with every other): `ours` is the stage's own training path
+(finetune's SFT / DPO stage code with its defaults, our PPO engine); `trl-tuned` is TRL 1.16 with
+everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py);
+`baseline` is TRL with its defaults, as most scripts run it; `peer` is TRL 1.12's PPOTrainer, the last
+TRL PPO, run by bench/ppo_peer.py in its own virtual environment on a plain Hugging Face export of
+the same model and prompts. Other arms switch one optimisation off. For SFT and DPO, `+liger` after
+`ours` or `trl-tuned` adds `use_liger_kernel=True` (GPU only).
+
+Each run of an arm is a fresh process (clean peak memory, no warm caches shared between arms); arms
+alternate order across repeats so slow spells on a shared machine hit both; the median of the repeats
+is reported. Every run does `--warmup` steps first, then times `--steps` steps. PPO rollouts always
+run the full response length (the stop id is one the model cannot sample), so every arm generates
+the same number of tokens. Timings are never asserted anywhere: this script measures them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,26 +38,45 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+PEER_VENV = Path(os.environ.get("FINETUNE_BENCH_PEER_VENV", Path.home() / ".cache" / "finetune-bench" / "trl112-venv"))
+
 ARMS = {
     "sft": {
-        "ours": "finetune SFT defaults (padding-free packing)",
-        "baseline": "TRL SFTTrainer defaults (padded)",
+        "ours": "finetune SFT defaults (padding-free packs, one row each; no gradient checkpointing)",
+        "trl-tuned": "TRL 1.16 SFTTrainer tuned: packing bfd (padding-free), no gradient checkpointing, "
+        "same attention kernel",
+        "trl-tuned-nopack": "TRL 1.16 SFTTrainer tuned but padded batches (no packing)",
+        "baseline": "TRL SFTTrainer defaults (padded, gradient checkpointing)",
         "ours-nopack": "finetune SFT with sft.packing=false",
     },
     "dpo": {
         "ours": "finetune DPO defaults",
-        "baseline": "TRL DPOTrainer defaults",
-        "ours-precompute": "finetune DPO with precompute_ref_log_probs=true",
+        "trl-tuned": "TRL 1.16 DPOTrainer tuned: precomputed reference log-probs, no gradient checkpointing, "
+        "same attention kernel",
+        "baseline": "TRL DPOTrainer defaults (reference every step, gradient checkpointing)",
+        "ours-precompute": "finetune DPO with dpo.precompute_ref_log_probs=true (the default on one process)",
+        "ours-noprecompute": "finetune DPO with dpo.precompute_ref_log_probs=false (the reference in every step)",
     },
     "ppo": {
-        "ours": "finetune PPO engine defaults",
-        "baseline": "same engine, speed switches off "
-        "(no KV cache, one prompt per generate, full-vocab logits everywhere)",
+        "ours": "finetune PPO engine defaults (one base, policy/value LoRA, reward read from the base)",
+        "peer": "TRL 1.12.0 PPOTrainer (last TRL PPO): LoRA policy, full value and reward models",
+        "baseline": "same engine, speed switches off (no KV cache, one prompt per generate, full-vocab logits)",
         "no-kv-cache": "defaults but generation without KV cache",
         "unbatched": "defaults but one prompt per generate() call",
         "full-logits": "defaults but vocab-sized logits at every position",
     },
 }
+LIGER_ARMS = ("ours", "trl-tuned")  # SFT / DPO arms that take a "+liger" suffix
+
+
+def known_arm(stage: str, arm: str) -> bool:
+    base, _, suffix = arm.partition("+")
+    return base in ARMS[stage] and (not suffix or (suffix == "liger" and stage != "ppo" and base in LIGER_ARMS))
+
+
+def describe(stage: str, arm: str) -> str:
+    base, _, suffix = arm.partition("+")
+    return ARMS[stage][base] + (", use_liger_kernel=True" if suffix else "")
 
 
 # ----------------------------------------------------------------------------- one run (child process)
@@ -58,7 +84,7 @@ ARMS = {
 
 def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
     from bench.models import SETTINGS
-    from finetune.recipe import apply_overrides, validate_recipe
+    from bench.ours import apply_overrides, validate_recipe
 
     s = SETTINGS[model]
     raw = {
@@ -83,9 +109,9 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
         raw["training"] = {}
         raw["ppo"].update(
             rollout_batch_size=s["ppo_batch"],
-            micro_batch_size=s["ppo_batch"],
+            micro_batch_size=s["ppo_micro_batch"],
             mini_batches=1,
-            ppo_epochs=1,
+            ppo_epochs=s["ppo_epochs"],
             response_length=s["response_length"],
             temperature=1.0,
         )
@@ -93,17 +119,21 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
 
 
 class _Meter:
-    """Real tokens of each collated batch (counted from the unpadded examples) and step end times."""
+    """Real tokens of each collated batch (counted from the unpadded examples), step end times and the
+    process's CPU time at each step end (all threads: on a shared machine, tokens per CPU-second moves far
+    less with other people's load than tokens per wall-second does)."""
 
     def __init__(self, count):
         from transformers import TrainerCallback
 
-        self.count, self.tokens, self.times = count, [], []
+        self.count, self.tokens, self.times, self.cpu = count, [], [], []
         meter = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                _sync()
                 meter.times.append(time.perf_counter())
+                meter.cpu.append(time.process_time())
 
         self.callback = Callback()
 
@@ -118,9 +148,11 @@ class _Meter:
         # step k's batch is the k-th collated one; the window runs from the end of the last warm-up step
         measured = self.tokens[warmup : len(self.times)]
         seconds = self.times[-1] - self.times[warmup - 1]
+        cpu = self.cpu[-1] - self.cpu[warmup - 1]
         return {
             "tokens_per_s": sum(measured) / seconds,
             "seconds_per_step": seconds / len(measured),
+            "tokens_per_cpu_s": sum(measured) / cpu,
             "tokens_per_step": sum(measured) / len(measured),
             "measured_steps": len(measured),
         }
@@ -136,30 +168,61 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _trainer_run(
+    stage: str, arm: str, model_name: str, steps: int, warmup: int, out: str, rows: int | None = None
+) -> dict:
     """SFT / DPO: build the arm's trainer on the same rows, train warmup + steps, measure."""
     from bench import dpo_baseline, sft_baseline
+    from bench import ours as fo
     from bench.data import chat_rows, preference_rows
     from bench.models import SETTINGS, build_model
-    from finetune.core.data import DataReport, tokenize_conversations, tokenize_preferences
-    from finetune.core.modeling import add_lora, load_tokenizer, template_for
 
     s = SETTINGS[model_name]
-    extra = {"ours-nopack": ["sft.packing=false"], "ours-precompute": ["dpo.precompute_ref_log_probs=true"]}
-    recipe = _recipe(model_name, stage, out, warmup + steps, extra.get(arm, []))
-    tokenizer, template = load_tokenizer(recipe), template_for(recipe)
+    n_rows = rows or s["rows"]
+    base_arm, _, suffix = arm.partition("+")
+    liger = suffix == "liger"
+    extra = {
+        "ours-nopack": ["sft.packing=false"],
+        "ours-precompute": ["dpo.precompute_ref_log_probs=true"],
+        "ours-noprecompute": ["dpo.precompute_ref_log_probs=false"],
+    }
+    overrides = extra.get(base_arm, []) + (["training.use_liger_kernel=true"] if liger else [])
+    recipe = _recipe(model_name, stage, out, warmup + steps, overrides)
+    tokenizer, template = fo.load_tokenizer(recipe), fo.template_for(recipe)
     model = build_model(model_name, recipe)
     if stage == "sft":
-        rows = chat_rows(tokenizer, s["rows"], s["max_length"])
+        rows = chat_rows(tokenizer, n_rows, s["max_length"])
         count = lambda e: len(e["input_ids"])  # noqa: E731  (unpadded row or pack)
     else:
-        rows = preference_rows(tokenizer, s["rows"], s["max_length"])
+        rows = preference_rows(tokenizer, n_rows, s["max_length"])
         count = lambda e: 2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])  # noqa: E731
     meter = _Meter(count)
     started = time.perf_counter()
     precompute = {}
-    if arm == "baseline":
+    if stage == "dpo":  # time the one-off reference pass (it runs inside the trainer's constructor)
+        from trl import DPOTrainer
+
+        inner = DPOTrainer._precompute_ref_logps
+
+        def timed(self, *a, **k):
+            _sync()
+            t = time.perf_counter()
+            result = inner(self, *a, **k)
+            _sync()
+            precompute["precompute_ref_s"] = precompute.get("precompute_ref_s", 0.0) + time.perf_counter() - t
+            return result
+
+        DPOTrainer._precompute_ref_logps = timed
+    if base_arm in ("baseline", "trl-tuned", "trl-tuned-nopack"):
         maker = sft_baseline if stage == "sft" else dpo_baseline
+        tuned = {"baseline": False, "trl-tuned": True, "trl-tuned-nopack": "nopack"}[base_arm]
         trainer = maker.make_trainer(
             model,
             tokenizer,
@@ -170,33 +233,22 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
             s["precision"],
             out,
             callbacks=[meter.callback],
+            tuned=tuned,
+            liger=liger,
         )
     elif stage == "sft":
-        from finetune.sft import make_trainer, sft_args
-
-        args = sft_args(recipe)
-        ds = tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", DataReport(), "train")
-        trainer = make_trainer(recipe, args, add_lora(model, recipe), tokenizer, ds, callbacks=[meter.callback])
+        args = fo.sft_args(recipe)
+        ds = fo.tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
+        trainer = fo.sft_trainer(recipe, args, fo.add_lora(model, recipe), tokenizer, ds, callbacks=[meter.callback])
     else:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
-        from finetune.core.training import trl_config
-        from finetune.dpo import make_trainer
-
-        args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
-        pairs = tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", DataReport(), "train")
-        cls = DPOTrainer  # time the one-off reference pass (it runs inside the trainer's constructor)
-        inner = cls._precompute_ref_logps
-
-        def timed(self, *a, **k):
-            t = time.perf_counter()
-            result = inner(self, *a, **k)
-            precompute["precompute_ref_s"] = time.perf_counter() - t
-            return result
-
-        cls._precompute_ref_logps = timed
-        trainer = make_trainer(args, add_lora(model, recipe), tokenizer, pairs, callbacks=[meter.callback])
+        args = fo.dpo_defaults(recipe, fo.trl_config(recipe, "dpo", DPOConfig, eval_strategy="no"))
+        pairs = fo.tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
+        trainer = fo.dpo_trainer(args, fo.add_lora(model, recipe), tokenizer, pairs, callbacks=[meter.callback])
     setup_s = time.perf_counter() - started
+    if stage == "dpo":
+        DPOTrainer._precompute_ref_logps = inner
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
     figures = meter.figures(warmup)
@@ -211,7 +263,20 @@ def _trainer_run(stage: str, arm: str, model_name: str, steps: int, warmup: int,
         "setup_s": setup_s,
         "peak_memory_mb": _peak_memory_mb(),
         "attention": model.config._attn_implementation,
+        "liger": liger,
     }
+
+
+def _ppo_prompts(tokenizer, model_name: str, n: int) -> list[list[int]]:
+    """The rendered, tokenized PPO prompts (chat template, generation prompt) both PPO arms use."""
+    from bench import ours as fo
+    from bench.data import prompt_rows
+    from bench.models import SETTINGS
+
+    return [
+        fo.tokenize_prompt(tokenizer, r["prompt"])
+        for r in prompt_rows(tokenizer, n, SETTINGS[model_name]["max_prompt_length"])
+    ]
 
 
 def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
@@ -220,18 +285,12 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     import torch
     from peft import LoraConfig, TaskType
 
-    from bench.data import prompt_rows
+    from bench import ours as fo
     from bench.models import SETTINGS, build_model
-    from finetune.chat_template import end_of_turn_ids, tokenize_prompt
-    from finetune.core.batching import left_pad
-    from finetune.core.modeling import load_tokenizer, lora_targets, template_for
-    from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
-    from finetune.rl.engine import build_model as build_multi
-    from finetune.rl.functional import reward_readout_index
 
     s = SETTINGS[model_name]
     recipe = _recipe(model_name, "ppo", out, 0, [])
-    tokenizer, template = load_tokenizer(recipe), template_for(recipe)
+    tokenizer = fo.load_tokenizer(recipe)
     torch.manual_seed(0)
     base = build_model(model_name, recipe)
     config = LoraConfig(
@@ -239,16 +298,16 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
         lora_alpha=32,
         lora_dropout=0.0,
         task_type=TaskType.CAUSAL_LM,
-        target_modules=lora_targets(recipe, base.config.model_type),
+        target_modules=fo.lora_targets(recipe, base.config.model_type),
     )
-    model = build_multi(base, config, value_init="new")
+    model = fo.build_multi_adapter(base, config, value_init="new")
     head = torch.nn.Linear(base.config.hidden_size, 1).to(next(base.parameters()).device)
     pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
     def score(ids, mask, prompt_width, responses, resp_mask, has_stop, rows=None):
-        index = reward_readout_index(ids, mask, pad_id)
-        with model.active(REFERENCE):
+        index = fo.reward_readout_index(ids, mask, pad_id)
+        with model.active(fo.REFERENCE):
             h = model.hidden(ids, mask)
         return head(h[torch.arange(len(ids), device=ids.device), index].float())[..., 0], {}
 
@@ -258,29 +317,31 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
         "unbatched": dict(generation_batch_size=1),
         "full-logits": dict(response_only_logits=False),
     }.get(arm, {})
-    engine = PPOEngine(
+    # Every rollout runs the full response length, as TRL's PPOTrainer does without a stop token: the stop
+    # id is the vocabulary size, an id the model cannot sample. Same tokens generated in every arm.
+    never = [base.config.vocab_size]
+    engine = fo.PPOEngine(
         model,
         recipe.ppo,
         score,
-        end_of_turn_ids(tokenizer, template),
+        never,
         pad_id,
         seed=42,
         fp16=recipe.precision == "fp16",
-        switches=SpeedSwitches(**off),
+        switches=fo.SpeedSwitches(**off),
     )
-    prompts = [
-        tokenize_prompt(tokenizer, r["prompt"])
-        for r in prompt_rows(tokenizer, s["ppo_batch"] * (warmup + steps), s["max_prompt_length"])
-    ]
+    prompts = _ppo_prompts(tokenizer, model_name, s["ppo_batch"] * (warmup + steps))
     device = engine.device
+    held = {id(p): p.numel() for p in model.parameters()}
+    held.update({id(p): p.numel() for p in head.parameters()})
     runs = []
     for k in range(warmup + steps):
-        ids, mask = left_pad(prompts[k * s["ppo_batch"] : (k + 1) * s["ppo_batch"]], pad_id)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+        ids, mask = fo.left_pad(prompts[k * s["ppo_batch"] : (k + 1) * s["ppo_batch"]], pad_id)
+        _sync()
+        t, c = time.perf_counter(), time.process_time()
         stats = engine.step(ids.to(device), mask.to(device))
-        stats["update_s"] = time.perf_counter() - t
+        _sync()
+        stats["update_s"], stats["update_cpu_s"] = time.perf_counter() - t, time.process_time() - c
         ro = engine.last_rollout
         stats["real_tokens"] = int(ro.mask.sum())
         stats["response_tokens"] = int(ro.resp_mask.sum())
@@ -293,6 +354,8 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     return {
         "tokens_per_s": total("real_tokens") / total("update_s"),
         "seconds_per_update": total("update_s") / len(measured),
+        "tokens_per_cpu_s": total("real_tokens") / total("update_cpu_s"),
+        "cpu_seconds_per_update": total("update_cpu_s") / len(measured),
         "time_generate_s": total("time_generate_s") / len(measured),
         "time_score_s": total("time_score_s") / len(measured),
         "time_optimise_s": total("time_optimise_s") / len(measured),
@@ -301,11 +364,60 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
         "response_length": total("response_tokens") / (len(measured) * s["ppo_batch"]),
         "measured_steps": len(measured),
         "peak_memory_mb": _peak_memory_mb(),
+        "parameters_held": sum(held.values()),
         "attention": base.config._attn_implementation,
     }
 
 
-def worker(stage: str, arm: str, model: str, steps: int, warmup: int) -> dict:
+def export_for_peer(model_name: str, folder: Path, n_prompts: int) -> Path:
+    """What the PPO peer reads, as plain Hugging Face files: the model (config; weights unless the model
+    is random at Phi-2 size, where the peer draws the same random init instead of reading 5.6 GB), the
+    tokenizer with our chat template, the tokenized prompts ours uses, and the run's settings."""
+    import torch
+
+    from bench import ours as fo
+    from bench.models import SETTINGS, build_model
+
+    s = SETTINGS[model_name]
+    recipe = _recipe(model_name, "ppo", str(folder / "unused"), 0, [])
+    tokenizer = fo.load_tokenizer(recipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = model_name != "phi2"
+    if weights:
+        torch.manual_seed(0)
+        model = build_model(model_name, recipe)
+        model.save_pretrained(folder, safe_serialization=True)
+        attn = model.config._attn_implementation
+        targets = fo.lora_targets(recipe, model.config.model_type)
+    else:
+        from bench.models import phi2_config
+
+        config = phi2_config()
+        config.pad_token_id = config.eos_token_id
+        config.save_pretrained(folder)
+        attn = fo.choose_attention(recipe.model.attn_implementation, fo.DTYPES[recipe.precision])[0]
+        targets = fo.lora_targets(recipe, config.model_type)
+    tokenizer.save_pretrained(folder)
+    with open(folder / "prompts.jsonl", "w") as f:
+        for ids in _ppo_prompts(tokenizer, model_name, n_prompts):
+            f.write(json.dumps({"input_ids": ids}) + "\n")
+    settings = {
+        "batch": s["ppo_batch"],
+        "micro_batch": s["ppo_micro_batch"],
+        "response_length": s["response_length"],
+        "ppo_epochs": s["ppo_epochs"],
+        "temperature": 1.0,
+        "precision": s["precision"],
+        "weights": weights,
+        "attention": attn,
+        "lora_targets": targets,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    (folder / "bench_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
+def worker(stage: str, arm: str, model: str, steps: int, warmup: int, rows: int | None = None) -> dict:
     import logging
 
     import torch
@@ -315,7 +427,7 @@ def worker(stage: str, arm: str, model: str, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         if stage == "ppo":
             return _ppo_run(arm, model, steps, warmup, out)
-        return _trainer_run(stage, arm, model, steps, warmup, out)
+        return _trainer_run(stage, arm, model, steps, warmup, out, rows)
 
 
 # ----------------------------------------------------------------------------- the invocation
@@ -350,23 +462,46 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
-def _child(stage, arm, model, steps, warmup) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        arm,
-        "--stage",
-        stage,
-        "--model",
-        model,
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _env(peer: bool = False) -> dict:
+    """Children import this checkout's bench/ and finetune/; the peer gets FINETUNE_BENCH_PEER_SITE (a folder
+    with TRL 1.12, as the GPU script installs it) in front of everything else when that is set."""
+    site = os.environ.get("FINETUNE_BENCH_PEER_SITE") if peer else None
+    path = (site, str(ROOT), os.environ.get("PYTHONPATH"))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def peer_python() -> Path:
+    """The interpreter the PPO peer runs in: FINETUNE_BENCH_PEER_PYTHON, else the peer venv's."""
+    return Path(os.environ.get("FINETUNE_BENCH_PEER_PYTHON") or PEER_VENV / "bin" / "python")
+
+
+def _child(stage, arm, model, steps, warmup, export: Path | None = None, rows: int | None = None) -> dict:
+    if arm == "peer":
+        cmd = [
+            str(peer_python()),
+            str(ROOT / "bench" / "ppo_peer.py"),
+            str(export),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+        ]
+    else:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            arm,
+            "--stage",
+            stage,
+            "--model",
+            model,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+        ] + (["--rows", str(rows)] if rows else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(peer=arm == "peer"))
     if res.returncode != 0:
         raise SystemExit(f"bench: {arm} run failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -390,32 +525,92 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true", help="run the baseline arm only")
     p.add_argument(
         "--arms",
-        help="comma-separated arms (default ours,baseline); one of: "
-        + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items()),
+        help="comma-separated arms (default: ours and the strongest peer: trl-tuned for "
+        "sft/dpo, peer for ppo); one of: "
+        + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items())
+        + "; sft/dpo: ours+liger, trl-tuned+liger",
     )
     p.add_argument("--steps", type=int, default=8, help="measured steps (PPO: updates) per run")
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing starts")
     p.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating arm order")
+    p.add_argument(
+        "--rows",
+        type=int,
+        help="SFT / DPO rows made (default: the model's setting); DPO's precomputed reference pass covers them all",
+    )
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the arms in this process, one after the other "
+        "(the GPU script's CPU dry run: a check of the code paths, whose peak memory is not per arm)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--export", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
-    if args.worker:
-        print(json.dumps(worker(args.stage, args.worker, args.model, args.steps, args.warmup)))
+    if args.export:  # child: the PPO peer's plain Hugging Face export
+        import logging
+
+        from bench.models import SETTINGS
+
+        logging.disable(logging.WARNING)
+        export_for_peer(args.model, Path(args.export), SETTINGS[args.model]["ppo_batch"] * (args.warmup + args.steps))
         return 0
-    arms = ["baseline"] if args.baseline else (args.arms.split(",") if args.arms else ["ours", "baseline"])
-    unknown = [a for a in arms if a not in ARMS[args.stage]]
+    if args.worker:
+        print(json.dumps(worker(args.stage, args.worker, args.model, args.steps, args.warmup, args.rows)))
+        return 0
+    default = ["ours", "peer" if args.stage == "ppo" else "trl-tuned"]
+    arms = ["baseline"] if args.baseline else (args.arms.split(",") if args.arms else default)
+    unknown = [a for a in arms if not known_arm(args.stage, a)]
     if unknown:
-        p.error(f"unknown arm(s) {unknown} for {args.stage}; choose from {list(ARMS[args.stage])}")
+        p.error(
+            f"unknown arm(s) {unknown} for {args.stage}; choose from {list(ARMS[args.stage])}"
+            + (" (ours and trl-tuned also as ours+liger, trl-tuned+liger)" if args.stage != "ppo" else "")
+        )
+    export = None
+    if "peer" in arms:
+        if not peer_python().is_file():
+            p.error(
+                f"the PPO peer's virtual environment is missing ({PEER_VENV}); make it with "
+                "`bash bench/peer_env.sh` (TRL 1.12.0 beside the project's torch/transformers)"
+            )
+        export = Path(tempfile.mkdtemp(prefix="bench-peer-export-"))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--stage",
+            "ppo",
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--export",
+            str(export),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+        if res.returncode != 0:
+            raise SystemExit(f"bench: export for the PPO peer failed:\n{res.stderr[-4000:]}")
     load_before = _load()
     runs: dict[str, list[dict]] = {a: [] for a in arms}
-    for r in range(args.repeats):
-        for arm in arms if r % 2 == 0 else arms[::-1]:
-            result = _child(args.stage, arm, args.model, args.steps, args.warmup)
-            result["load_average_1m"] = _load()
-            runs[arm].append(result)
-            print(f"  run {r + 1}/{args.repeats} {arm:<16} {result['tokens_per_s']:10.1f} tokens/s", file=sys.stderr)
+    try:
+        for r in range(args.repeats):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                if args.in_process and arm != "peer":
+                    result = worker(args.stage, arm, args.model, args.steps, args.warmup, args.rows)
+                else:
+                    result = _child(args.stage, arm, args.model, args.steps, args.warmup, export, args.rows)
+                result["load_average_1m"] = _load()
+                runs[arm].append(result)
+                print(
+                    f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s", file=sys.stderr
+                )
+    finally:
+        if export is not None:
+            shutil.rmtree(export, ignore_errors=True)
     report = {
         "stage": args.stage,
         "model": args.model,
@@ -427,36 +622,51 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "arms": {a: {"what": ARMS[args.stage][a], "median": _median(runs[a]), "runs": runs[a]} for a in arms},
+        "arms": {a: {"what": describe(args.stage, a), "median": _median(runs[a]), "runs": runs[a]} for a in arms},
     }
+    if "peer" in arms:
+        report["arms"]["peer"]["trl"] = runs["peer"][0].get("trl")
     if args.stage == "dpo":
         for a in arms:  # a run of the recipe's length (tiny: 4 epochs) pays a precompute pass once
             m, epochs = report["arms"][a]["median"], 4
             work = epochs * m["dataset_tokens"]
             m["tokens_per_s_4_epochs"] = work / (m.get("precompute_ref_s", 0.0) + work / m["tokens_per_s"])
-    if "ours" in arms and "baseline" in arms:
-        ours, base = report["arms"]["ours"]["median"], report["arms"]["baseline"]["median"]
-        report["ratio_tokens_per_s"] = ours["tokens_per_s"] / base["tokens_per_s"]
-        report["ratio_peak_memory"] = ours["peak_memory_mb"] / base["peak_memory_mb"]
+    first = report["arms"][arms[0]]["median"]
+    report["ratios"] = {
+        a: {
+            "tokens_per_s": first["tokens_per_s"] / report["arms"][a]["median"]["tokens_per_s"],
+            "tokens_per_cpu_s": first["tokens_per_cpu_s"] / report["arms"][a]["median"]["tokens_per_cpu_s"],
+            "peak_memory": first["peak_memory_mb"] / report["arms"][a]["median"]["peak_memory_mb"],
+        }
+        for a in arms[1:]
+    }
+    if len(arms) > 1:  # the first arm against the second (ours against its strongest peer by default)
+        report["compared"] = [arms[0], arms[1]]
+        report["ratio_tokens_per_s"] = report["ratios"][arms[1]]["tokens_per_s"]
+        report["ratio_peak_memory"] = report["ratios"][arms[1]]["peak_memory"]
     print(
         f"\n{args.stage} on {args.model} ({report['machine'].get('gpu', report['machine'].get('cpu_model', ''))}), "
         f"median of {args.repeats}, load {load_before:.2f} -> {report['load_average_1m_after']:.2f}"
     )
     for a in arms:
         m = report["arms"][a]["median"]
-        line = f"  {a:<16} {m['tokens_per_s']:10.1f} real tokens/s  peak {m['peak_memory_mb']:8.0f} MB"
+        line = (
+            f"  {a:<18} {m['tokens_per_s']:10.1f} real tokens/s ({m['tokens_per_cpu_s']:.1f} per CPU-s)  "
+            f"peak {m['peak_memory_mb']:8.0f} MB"
+        )
         if args.stage == "ppo":
             line += (
                 f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
                 f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}"
+                f" (generation {m['generation_share']:.0%})"
             )
         if args.stage == "dpo":
             line += f"  ({m['tokens_per_s_4_epochs']:.1f} tokens/s over 4 epochs incl. any precompute)"
         print(line)
-    if "ratio_tokens_per_s" in report:
+    for a, ratio in report["ratios"].items():
         print(
-            f"  ratio ours/baseline: {report['ratio_tokens_per_s']:.2f}x tokens/s, "
-            f"{report['ratio_peak_memory']:.2f}x peak memory"
+            f"  ratio {arms[0]}/{a}: {ratio['tokens_per_s']:.2f}x tokens/s ({ratio['tokens_per_cpu_s']:.2f}x per "
+            f"CPU-s), {ratio['peak_memory']:.2f}x peak memory"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -58,9 +58,47 @@ def load_template(name_or_path: str) -> ChatTemplate:
         raise TemplateError(
             f"chat template {name_or_path!r} not found: use one of {available_templates()} or a path to a .jinja file"
         )
-    source = path.read_text()
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"chat template {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    check_syntax(source, path)
     decl = _EOT_DECL.search(source.split("-#}", 1)[0]) if source.lstrip().startswith("{#") else None
     return ChatTemplate(name=path.stem, source=source, end_of_turn=decl.group(1) if decl else None)
+
+
+def check_syntax(source: str, path: Path) -> None:
+    """Compile the template as transformers will (its sandboxed Jinja environment), so a syntax error names
+    the file and line now instead of surfacing as a Jinja traceback at the first conversation."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # another transformers: plain Jinja parses the same syntax (minus {% generation %})
+        compile_template = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string
+    try:
+        compile_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(
+            f"chat template {path}: line {e.lineno}: Jinja syntax error: {e.message}; fix the template"
+        ) from None
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"chat template {path}: {type(e).__name__}: {e}; fix the template") from None
+
+
+def special_tokens(tokenizer, end_of_turn: str | None = None) -> set[str]:
+    """Every string the tokenizer reads as one special token (its special and added special tokens, and the
+    template's end-of-turn token): text containing one would be read as that token, not as text."""
+    found = set(tokenizer.all_special_tokens) | {end_of_turn or tokenizer.eos_token}
+    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return {t for t in found if t}
+
+
+def find_special_token(text: str, tokenizer, end_of_turn: str | None = None) -> str | None:
+    """The first special token spelt out in `text`, or None. The one check of training data (refused) and of
+    prompts at inference (`finetune chat` / `generate` refuse them too): a user string that spells the end-of-turn
+    token could end its turn and write the assistant's."""
+    return next((t for t in sorted(special_tokens(tokenizer, end_of_turn), key=len, reverse=True) if t in text), None)
 
 
 def prepare_tokenizer(tokenizer, template: ChatTemplate):
@@ -92,7 +130,15 @@ def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:  # e.g. raise_exception() in the template, or an undefined variable
+        raise TemplateError(
+            f"the chat template failed to render a conversation with roles {[m.get('role') for m in messages]}: "
+            f"{type(e).__name__}: {e}; fix the template or the data"
+        ) from None
 
 
 def encode(tokenizer, text: str) -> list[int]:

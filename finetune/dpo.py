@@ -24,6 +24,22 @@ from finetune.recipe import STAGES, Recipe, RecipeError
 
 log = logging.getLogger("finetune.dpo")
 
+# finetune's defaults over DPOConfig's (a recipe value wins). The reference log-probs are computed once, in a
+# pass before training, instead of by a reference forward in every step: what tuned TRL runs, and without it
+# our step was slower (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several
+# (see run()), so there the reference stays in the step unless a recipe asks.
+DPO_DEFAULTS = {"precompute_ref_log_probs": True}
+
+
+def apply_defaults(recipe: Recipe, args):
+    """DPO_DEFAULTS on `args` (a DPOConfig) where the recipe sets nothing itself, on one process."""
+    own = recipe.training_args("dpo")
+    if distributed.world_size() == 1:
+        for key, value in DPO_DEFAULTS.items():
+            if key not in own:
+                setattr(args, key, value)
+    return args
+
 
 def _trainer_class():
     from trl import DPOTrainer
@@ -44,11 +60,16 @@ def _trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._drop_copied_reference_adapter()
+
         def _precompute_ref_logps(self, dataset, name, batch_size):
             """TRL's pass of the reference over the data (`precompute_ref_log_probs`), reported like every
             other phase: its own tqdm bar is off (it reads TQDM_DISABLE) and batches are counted in
             compute_ref_log_probs below."""
             batches = -(-len(dataset) // (batch_size * distributed.world_size()))
+            self._drop_copied_reference_adapter()  # runs inside DPOTrainer.__init__, after TRL's copy
             previous = os.environ.get("TQDM_DISABLE")
             os.environ["TQDM_DISABLE"] = "1"
             try:
@@ -66,6 +87,20 @@ def _trainer_class():
             if self._ref_bar is not None:
                 self._ref_bar.update(1)
             return out
+
+        def _drop_copied_reference_adapter(self):
+            """Given a PeftModel, TRL 1.16 copies its adapter into a frozen "ref" adapter and runs every
+            reference forward through it. Our adapter is new (lora_B = 0), so that copy is exactly the
+            model with adapters disabled, at the price of the LoRA matmuls in every reference forward
+            (bench/run.py --stage dpo: the reference pass took 1.5x as long). Without "ref", TRL disables
+            the adapters for the reference, the reference this stage documents. A copy of a trained
+            adapter (any lora_B non-zero) is kept: then it is the reference."""
+            model = self.accelerator.unwrap_model(self.model)
+            if "ref" not in getattr(model, "peft_config", {}):
+                return
+            if any(p.detach().any() for n, p in model.named_parameters() if ".ref." in n and "lora_B" in n):
+                return
+            model.delete_adapter("ref")
 
     return PreTokenizedDPOTrainer
 
@@ -90,6 +125,7 @@ def run(recipe: Recipe) -> dict:
 
     section = recipe.dpo
     setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
+    apply_defaults(recipe, setup.args)
     start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
     eval_rows = setup.eval_rows
     if args.precompute_ref_log_probs and distributed.world_size() > 1:
@@ -105,7 +141,9 @@ def run(recipe: Recipe) -> dict:
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable of %d parameters; reference = the start model (adapters disabled)", trainable, total)
 
-    trainer = make_trainer(args, model, tokenizer, pairs["train"], pairs["eval"])
+    # no eval set for TRL: the held-out figures are ours (dpo_eval), and with precomputed reference log-probs TRL
+    # would run a reference pass over the held-out pairs too, for nothing
+    trainer = make_trainer(args, model, tokenizer, pairs["train"])
     pad, beta = tokenizer.pad_token_id, args.beta
     place_for_eval(model, args, recipe)
     before = dpo_eval(model, pairs["eval"], beta, pad, args.per_device_eval_batch_size)
@@ -114,7 +152,7 @@ def run(recipe: Recipe) -> dict:
     )
     samples = Samples(recipe)
     samples.answer("start", model, tokenizer, template)  # the SFT model: the start, adapters of this stage new
-    trained = train(trainer, model, recipe, "dpo", section.resume)
+    trained = train(trainer, model, recipe, "dpo", setup.checkpoint)
     after = dpo_eval(model, pairs["eval"], beta, pad, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
@@ -137,7 +175,7 @@ def run(recipe: Recipe) -> dict:
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples.rows())
+    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples.rows(), setup.reports)
     if setup.main_process:
         print_summary(
             STAGES["dpo"].summary_title,

@@ -33,6 +33,7 @@ from finetune.core.memory import preflight
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
 from finetune.core.outputs import (
     atomic_dir,
+    check_export_target,
     figure,
     key_metrics,
     print_summary,
@@ -45,7 +46,7 @@ from finetune.core.outputs import (
 from finetune.core.progress import progress
 from finetune.core.publishing import push_folder
 from finetune.launch import stage_main
-from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
+from finetune.recipe import STAGES, Recipe, dump_recipe
 
 log = logging.getLogger("finetune.export")
 
@@ -191,15 +192,11 @@ def run(recipe: Recipe) -> dict:
     setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
-    if target.exists() and not section.force:
-        if section.push_to_hub and (target / "metrics.json").is_file():  # a finished export: push it as it is
-            log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
-            print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
-            return read_metrics(target)
-        raise RecipeError(
-            f"{recipe.source}: export.output: {target} already exists; pass --force (or "
-            "export.force=true) to replace it, or export.output=<another folder>"
-        )
+    if target.exists() and not section.force and section.push_to_hub and (target / "metrics.json").is_file():
+        log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
+        print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
+        return read_metrics(target)
+    check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
     preflight(recipe, "export")  # the fp32 merge on the CPU: stop now rather than be killed for memory later
     stage = chat_model_stage(recipe)

@@ -10,14 +10,17 @@ what each of them runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import distributed, tracking
+from finetune.core import distributed, faults, tracking
+from finetune.core.locks import output_lock
 from finetune.core.outputs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
@@ -98,20 +101,91 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
     return recipe
 
 
+INTERRUPTED = 130  # the shell's 128 + SIGINT
+
+
+@contextlib.contextmanager
+def ignoring_sigint():
+    """SIGINT ignored for the block (the main thread only can set handlers; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
-    """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, then run.
-    A user's mistake (recipe, data, template) is one message and exit status 2, not a traceback. The
-    stage reports to the recipe's trackers (`logging.report_to`) for as long as it runs."""
+    """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, take the stage's
+    lock on the output folder, then run, reporting to the recipe's trackers (`logging.report_to`) for as
+    long as it runs. A user's mistake (recipe, data, template), a second run into the same output, a full
+    disk or a read-only folder is one message and exit status 2; Ctrl-C is one line and exit status 130.
+    Never a traceback for those."""
+    recipe = None
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
             setup_logging(distributed.is_main(), recipe.logging.verbose)  # before anything loads and warns
-            with tracking.stage_run(recipe, stage):
+            with (
+                output_lock(
+                    recipe.output_path(recipe.output_dir),
+                    stage,
+                    f"the {stage} stage",
+                    "wait for it to finish, stop it, or set output_dir to another folder",
+                ),
+                tracking.stage_run(recipe, stage),
+            ):
                 run(recipe)
     except UserError as e:
         print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        with ignoring_sigint():  # a second Ctrl-C must not turn this into a traceback
+            print(
+                f"finetune {stage}: interrupted (Ctrl-C). Nothing half-written was kept: outputs and checkpoints "
+                "count only once complete. Rerun the same command to continue from the last complete checkpoint",
+                file=sys.stderr,
+            )
+        return INTERRUPTED
+    except Exception as e:
+        where = recipe.output_path(recipe.output_dir) if recipe is not None else Path.cwd()
+        message = faults.describe(e, where)
+        if message is None:
+            raise
+        print(f"finetune {stage}: error:\n{message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> int:
+    """Run a stage's command and return its exit status. On Ctrl-C the child, in the same terminal, got its
+    own SIGINT: give it time to stop cleanly (forward SIGINT if it did not get one, e.g. `kill -INT` of this
+    process only), then re-raise KeyboardInterrupt. subprocess.call would SIGKILL it after 0.25 s."""
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_child(proc)
+        raise
+
+
+def stop_child(proc: subprocess.Popen) -> None:
+    """After a Ctrl-C: the child, in the same terminal, got its own SIGINT; give it 2 s to stop, then send it
+    one (e.g. `kill -INT` reached only this process), then SIGTERM after a minute. Further Ctrl-Cs are
+    ignored meanwhile, so they cannot leave the child running."""
+    with ignoring_sigint():
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
@@ -127,4 +201,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
         return module.main(argv)
     cmd = recipe_command(recipe, recipe_path, stage, overrides)
     print("+ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    try:
+        return run_child(cmd)
+    except KeyboardInterrupt:
+        print(f"finetune {stage}: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
+        return INTERRUPTED

@@ -42,6 +42,7 @@ from finetune.core.outputs import (
     write_stage_files,
 )
 from finetune.core.progress import progress, step_line
+from finetune.core.resume import choose_checkpoint, run_identity
 from finetune.core.training import check_precision
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -93,22 +94,6 @@ def resolve_start(recipe: Recipe) -> tuple[list[str], str | None, str | None]:
     return shared, (rest[0] if rest else None), reward
 
 
-def _run_identity(recipe: Recipe, shared: list[str], policy_from, reward_from) -> dict:
-    """What a checkpoint must match to be resumed: base, template, LoRA shape and start adapters."""
-    import hashlib
-
-    def digest(folder):
-        f = Path(folder) / "adapter_model.safetensors"
-        return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
-
-    return {
-        "model": recipe.model.name_or_path,
-        "template": recipe.template.name,
-        "lora": recipe.lora.model_dump(mode="json"),
-        "adapters": {str(f): digest(f) for f in [*shared, policy_from, reward_from] if f},
-    }
-
-
 # ----------------------------------------------------------------------------- the run, step by step
 
 
@@ -119,6 +104,7 @@ class Prompts:
     eval_rows: list[dict]
     report: DataReport
     eval_ids: list[list[int]]  # the first ppo.eval_prompts distinct held-out prompts (held-out rollouts)
+    eval_report: DataReport | None = None
 
 
 def load_prompts(recipe: Recipe, tokenizer, template) -> Prompts:
@@ -127,10 +113,18 @@ def load_prompts(recipe: Recipe, tokenizer, template) -> Prompts:
     ids, kept = tokenize_prompts(
         train_rows, tokenizer, template, s.max_prompt_length, report, "train", unique=s.unique_prompts
     )
+    episodes = s.rollout_batch_size * distributed.world_size()
+    if episodes > len(ids):
+        raise RecipeError(
+            f"{recipe.source}: ppo.rollout_batch_size: {s.rollout_batch_size} prompts per update"
+            + (f" on each of {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+            + f" is more than the {len(ids)} distinct training prompts, so every update would answer some prompts "
+            f"twice; lower it to at most {len(ids) // distributed.world_size()}, or add prompts"
+        )
     eval_ids = []
     if s.eval_prompts:
         eval_ids, _ = tokenize_prompts(eval_rows, tokenizer, template, s.max_prompt_length, eval_report, "eval", True)
-    return Prompts(ids, [train_rows[i] for i in kept], eval_rows, report, eval_ids[: s.eval_prompts])
+    return Prompts(ids, [train_rows[i] for i in kept], eval_rows, report, eval_ids[: s.eval_prompts], eval_report)
 
 
 def held_out_rollouts(recipe: Recipe, engine: PPOEngine, scorer: Scorer, prompts: Prompts) -> dict:
@@ -172,40 +166,52 @@ def build_policy_model(recipe: Recipe, shared: list[str], policy_from, reward_fr
     return model
 
 
-def resume_or_start(recipe: Recipe, identity: dict, model, engine, scorer) -> tuple[int, list[dict], Path]:
-    """(first update to run, the update log so far, the log file): continue from the newest complete
-    checkpoint of the same run when `ppo.resume` allows, else start the run's log afresh."""
+def choose_start(recipe: Recipe, prompts: Prompts, start: tuple) -> Path | None:
+    """The checkpoint to continue from (finetune.core.resume's rules: the newest complete one of the same
+    run: base, template, LoRA, start adapters, prompts and settings), decided before the model loads."""
+    shared, policy_from, reward_from = start
+    identity = run_identity(recipe, "ppo", prompts.rows, [*shared, policy_from, reward_from])
+    return choose_checkpoint(
+        recipe,
+        "ppo",
+        recipe.ppo.resume,
+        identity,
+        prefix=checkpoints.PREFIX,
+        problem=checkpoints.problem,
+        beyond=checkpoints.beyond(recipe.ppo.updates),
+    )
+
+
+def resume_or_start(recipe: Recipe, last: Path | None, model, engine, scorer) -> tuple[int, list[dict], Path]:
+    """(first update to run, the update log so far, the log file): continue from checkpoint `last` (see
+    choose_start), else start the run's log afresh."""
     s, root = recipe.ppo, recipe.checkpoint_dir("ppo")
-    marker, log_file = root / "run_identity.json", root / "updates.jsonl"
-    if isinstance(s.resume, str):
-        last = Path(s.resume)
-        if not (last / "state.json").is_file():
-            raise RecipeError(
-                f"{recipe.source}: ppo.resume: {last} is not a complete PPO checkpoint (no state.json); "
-                f"name one of {root}/{checkpoints.PREFIX}N, or set ppo.resume=true"
-            )
-    else:
-        last = checkpoints.latest(root) if s.resume and root.is_dir() else None
-    if last and marker.is_file() and json.loads(marker.read_text()) != identity:
-        raise RecipeError(
-            f"{recipe.source}: ppo.resume: the checkpoints in {root} belong to another run (other base, "
-            f"template, LoRA or start adapters); delete that folder or set ppo.resume=false"
-        )
+    log_file = root / "updates.jsonl"
     start_update, history = 0, []
     if last:
         start_update, scorer.norm = checkpoints.load(last, model, engine)
         log.info("resuming PPO from %s (update %d of %d)", last, start_update, s.updates)
     if distributed.is_main():
         root.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(identity, indent=2))
         if last and log_file.is_file():
-            history = [r for r in map(json.loads, log_file.read_text().splitlines()) if r["update"] <= start_update]
+            history = [r for r in _log_rows(log_file) if r["update"] <= start_update]
         log_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     if not last:
         from transformers import set_seed
 
         set_seed(recipe.seed + distributed.rank())  # each process samples its own responses
     return start_update, history, log_file
+
+
+def _log_rows(log_file: Path) -> list[dict]:
+    """The rows of updates.jsonl; a last line cut short by a kill mid-append is left out."""
+    rows = []
+    for line in log_file.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def train_updates(
@@ -346,7 +352,14 @@ def collect_metrics(
 
 
 def save_output(
-    out: Path, model, tokenizer, recipe: Recipe, metrics: dict, log_file: Path, samples: list[dict] | None = None
+    out: Path,
+    model,
+    tokenizer,
+    recipe: Recipe,
+    metrics: dict,
+    log_file: Path,
+    samples: list[dict] | None = None,
+    reports: dict | None = None,
 ) -> None:
     """`<output_dir>/ppo/`: the policy adapter at the top (a plain PEFT folder), the value adapter and
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
@@ -362,7 +375,7 @@ def save_output(
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples)
+        write_stage_files(tmp, recipe, metrics, samples, reports)
         commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -443,6 +456,7 @@ def run(recipe: Recipe) -> dict:
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     prompts = load_prompts(recipe, tokenizer, template)
+    last = choose_start(recipe, prompts, start)
 
     model = build_policy_model(recipe, *start, device)
     fingerprint = base_fingerprint(model.peft)
@@ -459,7 +473,7 @@ def run(recipe: Recipe) -> dict:
         fp16=recipe.precision == "fp16",
         total_updates=s.updates,
     )
-    start_update, history, log_file = resume_or_start(recipe, _run_identity(recipe, *start), model, engine, scorer)
+    start_update, history, log_file = resume_or_start(recipe, last, model, engine, scorer)
 
     def correctness():
         if not main:
@@ -500,7 +514,8 @@ def run(recipe: Recipe) -> dict:
     metrics["eval_prompts"] = len(prompts.eval_ids)
     out = recipe.stage_dir("ppo")
     if main:
-        save_output(out, model, tokenizer, recipe, metrics, log_file, samples.rows())
+        reports = {"train": prompts.report, "eval": prompts.eval_report}
+        save_output(out, model, tokenizer, recipe, metrics, log_file, samples.rows(), reports)
         summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics

@@ -26,7 +26,6 @@ log = logging.getLogger("finetune.reward")
 def run(recipe: Recipe) -> dict:
     from trl import RewardConfig, RewardTrainer
 
-    section = recipe.reward
     setup = prepare_preference_stage(recipe, "reward", RewardConfig)
     start, tokenizer, args, pairs = setup.start, setup.tokenizer, setup.args, setup.pairs
 
@@ -59,7 +58,7 @@ def run(recipe: Recipe) -> dict:
     pad = tokenizer.pad_token_id
     place_for_eval(model, args, recipe)
     before = pairwise_accuracy(model, pairs["eval"], pad, args.per_device_eval_batch_size)
-    trained = train(trainer, model, recipe, "reward", section.resume)
+    trained = train(trainer, model, recipe, "reward", setup.checkpoint)
     after = pairwise_accuracy(model, pairs["eval"], pad, args.per_device_eval_batch_size)
 
     metrics = {
@@ -70,7 +69,7 @@ def run(recipe: Recipe) -> dict:
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "reward", tokenizer, metrics)
+    out = save_stage(trainer, recipe, "reward", tokenizer, metrics, setup.reports)
     if setup.main_process:
         print_summary(
             STAGES["reward"].summary_title,

@@ -29,7 +29,7 @@ from finetune.core.modeling import (
 )
 from finetune.core.outputs import print_summary, rate, save_stage, setup_logging
 from finetune.core.progress import progress
-from finetune.core.training import check_precision, place_for_eval, train, trl_config
+from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
 from finetune.recipe.trl_fields import SFT_DEFAULTS
@@ -100,6 +100,7 @@ def run(recipe: Recipe) -> dict:
     )
     log.info(train_report.summary("train"))
     log.info(eval_report.summary("eval"))
+    checkpoint = resume_checkpoint(recipe, "sft", args, train_rows, [])
 
     model = add_lora(load_model(recipe), recipe)
     trainable, total = count_parameters(model)
@@ -113,7 +114,7 @@ def run(recipe: Recipe) -> dict:
     )
     samples = Samples(recipe)
     samples.answer("base", model, tokenizer, template)
-    trained = train(trainer, model, recipe, "sft", section.resume)
+    trained = train(trainer, model, recipe, "sft", checkpoint)
     after = eval_loss(model, eval_ds, tokenizer.pad_token_id, args.per_device_eval_batch_size)
     correct_after, replies = held_out_correctness(
         model, tokenizer, template, eval_rows, section.eval_generate_rows, section.max_new_tokens
@@ -133,11 +134,14 @@ def run(recipe: Recipe) -> dict:
         "eval_rows": len(eval_ds),
         "skipped_bad_rows": train_report.skipped_bad + eval_report.skipped_bad,
         "dropped_overlong_rows": train_report.dropped_overlong + eval_report.dropped_overlong,
+        "eval_rows_left_out": eval_report.left_out,
         "trainable_parameters": trainable,
         "sample_prompts": len(samples.prompts),
         **trained,
     }
-    out = save_stage(trainer, recipe, "sft", tokenizer, metrics, samples.rows())
+    out = save_stage(
+        trainer, recipe, "sft", tokenizer, metrics, samples.rows(), {"train": train_report, "eval": eval_report}
+    )
     if main_process:
         sample = eval_rows[0]["messages"] if eval_rows else None
         print_summary(

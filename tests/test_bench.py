@@ -11,45 +11,85 @@ import torch
 from .conftest import ROOT, subprocess_env
 
 
-@pytest.mark.parametrize("stage,model", [("sft", "tiny"), ("dpo", "tiny"), ("ppo", "tiny"), ("sft", "phi2-small")])
-def test_bench_writes_both_arms_and_the_ratio(tmp_path, tiny_base, stage, model):
+def _bench(tmp_path, *args: str, timeout: int = 900):
     out = tmp_path / "bench.json"
     res = subprocess.run(
-        [
-            sys.executable,
-            "bench/run.py",
-            "--stage",
-            stage,
-            "--model",
-            model,
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "bench/run.py", *args, "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text()), res
+
+
+@pytest.mark.parametrize(
+    "stage,arms", [("sft", "ours,trl-tuned"), ("dpo", "ours,trl-tuned"), ("ppo", "ours,full-logits")]
+)
+def test_bench_writes_both_arms_and_the_ratio(tmp_path, tiny_base, stage, arms):
+    rows = ["--rows", "64"] if stage != "ppo" else []  # DPO's tuned arm precomputes over every row
+    report, res = _bench(tmp_path, "--stage", stage, "--model", "tiny", "--arms", arms, *rows)
+    assert report["stage"] == stage and report["command"].startswith("python bench/run.py")
+    assert {"torch", "trl", "cpu_count"} <= set(report["machine"]) and "load_average_1m_before" in report
+    assert report["ratio_tokens_per_s"] > 0 and report["ratio_peak_memory"] > 0
+    assert report["compared"] == arms.split(",")
+    for arm in arms.split(","):
+        median = report["arms"][arm]["median"]
+        assert median["tokens_per_s"] > 0 and median["peak_memory_mb"] > 0 and median["measured_steps"] == 1
+        if stage == "ppo":
+            assert all(median[k] > 0 for k in ("time_generate_s", "time_score_s", "time_optimise_s"))
+            assert median["response_length"] == 48  # every arm generates the full length: same work
+        if stage == "dpo":
+            assert median["tokens_per_s_4_epochs"] > 0
+    if stage == "dpo":  # both precompute the reference log-probs (ours by default, on one process)
+        assert report["arms"]["trl-tuned"]["median"]["precompute_ref_s"] > 0
+        assert report["arms"]["ours"]["median"]["precompute_ref_s"] > 0
+    assert f"ratio {arms.split(',')[0]}/{arms.split(',')[1]}" in res.stdout
+
+
+def test_ppo_against_trl_112_peer(tmp_path, tiny_base):
+    """TRL 1.12's PPOTrainer (the last TRL PPO) on the same exported model and prompts, when its venv exists."""
+    from bench.run import peer_python
+
+    if not peer_python().is_file():
+        pytest.skip(f"no PPO peer venv at {peer_python()}: `bash bench/peer_env.sh` makes it (TRL 1.12.0, ~1 min)")
+    report, _ = _bench(tmp_path, "--stage", "ppo", "--model", "tiny", "--arms", "ours,peer")
+    peer, ours = report["arms"]["peer"]["median"], report["arms"]["ours"]["median"]
+    assert report["arms"]["peer"]["trl"] == "1.12.0"
+    assert peer["response_length"] == ours["response_length"] == 48
+    assert peer["measured_steps"] == 1 and peer["time_generate_s"] > 0 and peer["time_optimise_s"] > 0
+    # four models (policy + reference as one LoRA model, a full value model, a full reward model) against one base
+    assert peer["parameters_held"] > 2 * ours["parameters_held"]
+
+
+def test_gpu_script_dry_run(tmp_path, tiny_base):
+    """The one-shot GPU benchmark at CPU size: preflight, LM-head check, SFT / DPO / PPO arms, the table."""
+    res = subprocess.run(
+        [sys.executable, "bench/gpu.py", "run", "--dry-run", "--out", str(tmp_path)],
         cwd=ROOT,
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["stage"] == stage and report["command"].startswith("python bench/run.py")
-    assert {"torch", "trl", "cpu_count"} <= set(report["machine"]) and "load_average_1m_before" in report
-    assert report["ratio_tokens_per_s"] > 0 and report["ratio_peak_memory"] > 0
-    for arm in ("ours", "baseline"):
-        median = report["arms"][arm]["median"]
-        assert median["tokens_per_s"] > 0 and median["peak_memory_mb"] > 0 and median["measured_steps"] == 1
-        if stage == "ppo":
-            assert all(median[k] > 0 for k in ("time_generate_s", "time_score_s", "time_optimise_s"))
-        if stage == "dpo":
-            assert median["tokens_per_s_4_epochs"] > 0
-    assert "ratio ours/baseline" in res.stdout
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    table = (tmp_path / "gpu_table.md").read_text()
+    for row in ("| SFT | ours |", "| SFT | trl-tuned |", "| DPO | ours |", "| DPO | trl-tuned |", "| ours |"):
+        assert row in table, table
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert summary["facts"]["dry_run"] and summary["facts"]["software"]["tiny_tokenizer"]
+    assert set(summary["stages"]) == {"sft", "dpo", "ppo"}
+    lm_head = json.loads((tmp_path / "lm_head.json").read_text())
+    assert {v["variant"] for v in lm_head["results"]} == {"plain", "trl-fused", "liger-flce"}
+
+
+def test_flops_per_token_matches_the_documented_phi2_figure():
+    from bench.models import flops_per_token, phi2_config
+
+    f = flops_per_token(phi2_config(), 2048)
+    assert f["matmul_params"] == 2_647_654_400 and round(f["train"] / 1e9, 2) == 12.75
 
 
 def test_phi2_config_is_phi2():

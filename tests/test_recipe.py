@@ -149,14 +149,20 @@ def test_stage_print_config_flag_prints_and_does_not_run(capsys):
 
 
 def test_resume_refuses_checkpoints_of_another_run(tmp_path):
-    from finetune.core.training import resume_from
+    from finetune.core.resume import choose_checkpoint, run_identity
 
+    def complete(folder):  # every checkpoint folder counts as complete here (completeness: test_adversarial)
+        return None
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     r = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"])
-    assert resume_from(r, "sft", True) is None  # nothing yet: starts, and records what the run is
+    ident = run_identity(r, "sft", rows)
+    assert choose_checkpoint(r, "sft", True, ident, problem=complete) is None  # nothing yet: records the run
     (r.checkpoint_dir("sft") / "checkpoint-2").mkdir()
-    assert resume_from(r, "sft", True).endswith("checkpoint-2")
+    assert choose_checkpoint(r, "sft", True, ident, problem=complete).name == "checkpoint-2"
     other = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "lora.r=8"])
-    with pytest.raises(RecipeError, match="come from another base, template, LoRA shape or start adapter"):
-        resume_from(other, "sft", True)
-    assert resume_from(other, "sft", False) is None  # starting over is allowed, and re-records the run
-    assert resume_from(other, "sft", True).endswith("checkpoint-2")
+    with pytest.raises(RecipeError, match=r"belong to a run with other inputs: lora.r: 16 -> 8.*sft.resume=false"):
+        choose_checkpoint(other, "sft", True, run_identity(other, "sft", rows), problem=complete)
+    # starting over is allowed: it clears the other run's checkpoints and records this run
+    assert choose_checkpoint(other, "sft", False, run_identity(other, "sft", rows), problem=complete) is None
+    assert not (r.checkpoint_dir("sft") / "checkpoint-2").exists()

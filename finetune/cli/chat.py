@@ -17,17 +17,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from finetune.chat_template import ChatTemplate
-from finetune.core.data import read_prompts
+from finetune.chat_template import ChatTemplate, find_special_token
+from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers
+from finetune.core.outputs import write_json
+from finetune.core.progress import progress
+from finetune.core.resume import sha256_file
 from finetune.core.serving import Loaded, load_for_chat
 from finetune.errors import UserError
+from finetune.launch import INTERRUPTED
+
+
+def check_text(text: str, tokenizer, stop_ids: list[int], where: str) -> None:
+    """The rule training applies to data, applied to what a user sends: text that spells a special token
+    (the end-of-turn token above all) is refused, since the model would read it as that token: a user
+    string could end its own turn and write the assistant's (finetune.chat_template.find_special_token)."""
+    found = find_special_token(text, tokenizer, tokenizer.convert_ids_to_tokens(stop_ids[0]))
+    if found:
+        raise DataError(
+            f"{where}: contains the special token {found!r}, which the model would read as that token (it can end "
+            "the turn and start another), not as text; refused, as in training data. Remove it or write it "
+            "differently"
+        )
 
 
 def reply_streamer(tokenizer):
@@ -72,6 +90,7 @@ class ChatSession:
     @torch.no_grad()
     def send(self, text: str, stream: bool = False) -> str:
         tok, model = self.loaded.tokenizer, self.loaded.model
+        check_text(text, tok, self.loaded.stop_ids, "your message")  # refused before it joins the conversation
         self.messages.append({"role": "user", "content": text})
         inputs = {k: v.to(model.device) for k, v in self.prompt().items()}
         sampling = (
@@ -115,6 +134,11 @@ def chat_loop(session: ChatSession, read=input, out=sys.stdout) -> None:
         if line.startswith("/"):
             print("commands: /reset (new conversation), /exit", file=out, flush=True)
             continue
+        try:
+            check_text(line, session.loaded.tokenizer, session.loaded.stop_ids, "your message")
+        except UserError as e:
+            print(f"(not sent) {e}", file=out, flush=True)
+            continue
         print("assistant> ", end="", file=out, flush=True)
         session.send(line, stream=True)  # TextStreamer prints the reply and its newline
 
@@ -136,46 +160,150 @@ def _parser(command: str) -> argparse.ArgumentParser:
             help=".txt (one prompt per line) or jsonl/json/csv/parquet rows "
             "with 'prompt' (string or messages) or 'messages'",
         )
-        p.add_argument("--out", required=True, help="output .jsonl: each input row with its 'response'")
+        p.add_argument("--out", required=True, help="output .jsonl: each input row with its 'response' and 'stop'")
         p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace an existing --out instead of continuing or refusing"
+        )
     return p
 
 
-def generate_file(loaded: Loaded, prompts_path: str, out_path: str, max_new_tokens: int, batch_size: int) -> int:
-    """Greedy replies to every prompt of a file, written as jsonl (input fields + prompt + response)."""
-    rows = read_prompts(prompts_path)
+def check_prompts(rows: list[dict], tokenizer, stop_ids: list[int]) -> None:
+    """Every prompt of a file under the training rule (check_text); all offending rows are named at once."""
+    end_of_turn = tokenizer.convert_ids_to_tokens(stop_ids[0])
+    bad = []
+    for i, row in enumerate(rows):
+        found = next(
+            (t for t in (find_special_token(m["content"], tokenizer, end_of_turn) for m in row["prompt"]) if t), None
+        )
+        if found:
+            bad.append(f"{row.get('where', f'row {i + 1}')} ({found!r})")
+    if bad:
+        raise DataError(
+            f"{len(bad)} prompt(s) spell a special token, which the model would read as that token (it can end the "
+            "turn and start another), not as text; refused, as in training data: "
+            f"{'; '.join(bad[:5])}{f'; and {len(bad) - 5} more' if len(bad) > 5 else ''}. Remove it from those rows"
+        )
+
+
+def _answered(out: Path, rows: list[dict], meta: dict, meta_path: Path, overwrite: bool) -> int:
+    """How many prompts `out` already answers (a run that stopped midway continues after them), after
+    checking that it is this run's file: same prompts file, model and generation budget. A last line cut
+    short by a kill is removed."""
+    if not out.exists():
+        return 0
+    if overwrite:
+        out.unlink()
+        return 0
+    recorded = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if recorded != meta:
+        differs = (
+            "no record of the run that wrote it"
+            if recorded is None
+            else ", ".join(f"{k} was {recorded.get(k)!r}" for k in meta if recorded.get(k) != meta[k])
+        )
+        raise DataError(
+            f"{out}: already exists and was not written by this command ({differs}); pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+    data = out.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]  # whole lines only
+    lines = keep.decode("utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if i >= len(rows) or json.loads(line).get("prompt") != rows[i]["prompt"]:
+            raise DataError(
+                f"{out}: line {i + 1} does not answer prompt {i + 1} of the prompts file; pass --overwrite to "
+                "replace the file, or choose another --out"
+            )
+    if len(keep) < len(data):
+        with out.open("r+b") as fh:
+            fh.truncate(len(keep))
+    return len(lines)
+
+
+def generate_file(
+    loaded: Loaded,
+    rows: list[dict],
+    out_path: str,
+    max_new_tokens: int,
+    batch_size: int,
+    prompts_path: str = "",
+    overwrite: bool = False,
+) -> int:
+    """Greedy replies to every prompt of `rows` (read_prompts), written as jsonl: the input fields, the
+    prompt, the `response` verbatim and `stop` (end_of_turn or max_new_tokens). Each batch is appended and
+    flushed as soon as it is generated, so a run that stops keeps what it made; run again, it continues after
+    the prompts already answered (and says so). Returns the number of replies made now."""
     stop_token = loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
     template = ChatTemplate(name="embedded", source=loaded.tokenizer.chat_template, end_of_turn=stop_token)
-    replies = generate_answers(
-        loaded.model, loaded.tokenizer, template, [r["prompt"] for r in rows], max_new_tokens, batch_size
-    )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(
-        "".join(
-            json.dumps({**r["example"], "prompt": r["prompt"], "response": reply}) + "\n"
-            for r, reply in zip(rows, replies)
+    meta_path = out.with_name(f".{out.name}.generate.json")
+    meta = {
+        "prompts": str(Path(prompts_path).resolve()) if prompts_path else None,
+        "prompts_sha256": sha256_file(prompts_path) if prompts_path else None,
+        "model": loaded.description,
+        "max_new_tokens": max_new_tokens,
+    }
+    done = _answered(out, rows, meta, meta_path, overwrite)
+    if done == len(rows):
+        print(f"finetune generate: all {done} prompts are already answered in {out}; nothing to do", file=sys.stderr)
+        return 0
+    if done:
+        print(
+            f"finetune generate: {out} already answers {done} of {len(rows)} prompts (an earlier run stopped); "
+            f"answering the remaining {len(rows) - done}",
+            file=sys.stderr,
         )
-    )
-    tmp.replace(out)
-    return len(rows)
+    write_json(meta_path, meta)
+    with (
+        progress("generate", total=len(rows), unit="prompts", initial=done, announce=True) as bar,
+        out.open("a", encoding="utf-8") as fh,
+    ):
+        for start in range(done, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            replies = generate_answers(
+                loaded.model, loaded.tokenizer, template, [r["prompt"] for r in batch], max_new_tokens, batch_size
+            )
+            for r, reply in zip(batch, replies):
+                answer = {**r["example"], "prompt": r["prompt"], "response": str(reply), "stop": reply.stop}
+                fh.write(json.dumps(answer) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            bar.update(len(batch))
+    return len(rows) - done
 
 
 def main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
     try:
-        loaded = load_for_chat(args.target, args.overrides)
         if command == "generate":
-            n = generate_file(loaded, args.prompts, args.out, args.max_new_tokens, args.batch_size)
+            rows = read_prompts(args.prompts)  # a bad file fails before any model loads
+            loaded = load_for_chat(args.target, args.overrides, lambda tok, stop: check_prompts(rows, tok, stop))
+            try:
+                n = generate_file(
+                    loaded, rows, args.out, args.max_new_tokens, args.batch_size, args.prompts, args.overwrite
+                )
+            except KeyboardInterrupt:
+                print(
+                    f"finetune generate: interrupted (Ctrl-C); the answers made so far are in {args.out}: rerun the "
+                    "same command to answer the rest",
+                    file=sys.stderr,
+                )
+                return INTERRUPTED
             print(f"finetune generate: {n} replies from {loaded.description} -> {args.out}", file=sys.stderr)
             return 0
+        system_check = (lambda tok, stop: check_text(args.system, tok, stop, "--system")) if args.system else None
+        loaded = load_for_chat(args.target, args.overrides, system_check)
         print(f"chatting with {loaded.description}\n/reset starts a new conversation, /exit quits", file=sys.stderr)
         chat_loop(ChatSession(loaded, args.system, args.max_new_tokens, args.temperature))
         return 0
     except UserError as e:
         print(f"finetune {command}: error:\n{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"finetune {command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

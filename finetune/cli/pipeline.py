@@ -20,6 +20,7 @@ same in `<output_dir>/pipeline_report.json`, and every stage's training curves i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,9 +30,10 @@ import time
 from pathlib import Path
 
 from finetune.core import progress, tracking
+from finetune.core.locks import output_lock
 from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
 from finetune.errors import UserError
-from finetune.launch import VERBOSE_HELP, recipe_command
+from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -276,7 +278,7 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
     busy machine, a phase that reports nothing) a line says it is still running: the log never goes
     silent for long."""
     if progress.mode() == "bar":
-        return subprocess.call(cmd, env=env)
+        return run_child(cmd, env=env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     last, started = [time.monotonic()], time.monotonic()
     pumps = [
@@ -293,6 +295,9 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
             if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
+    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
+        stop_child(proc)
+        raise
     finally:
         if proc.poll() is None:  # interrupted here: stop the stage too
             proc.terminate()
@@ -304,8 +309,19 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
 
 def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
     """Run the recipe's stages in order (skipping finished ones); print and write the report. Returns
-    the exit status: 0, or that of the first stage that failed."""
+    the exit status: 0, that of the first stage that failed, or 130 when interrupted (Ctrl-C). One
+    pipeline per output_dir at a time (a lock file; each stage also takes its own)."""
     recipe = load_recipe(recipe_path, overrides)
+    with output_lock(
+        recipe.output_path(recipe.output_dir),
+        "pipeline",
+        "a pipeline",
+        "wait for it to finish, stop it, or set output_dir to another folder",
+    ):
+        return _run(recipe, recipe_path, overrides, force)
+
+
+def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
     stages = recipe.pipeline_stages()
     out = Path(recipe.output_dir)
     report_path = out / REPORT
@@ -339,8 +355,15 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
         print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
+        try:
+            code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
+        except KeyboardInterrupt:
+            code = INTERRUPTED
         seconds = time.time() - t0
+        if code == INTERRUPTED:
+            rows.append(report_row(recipe, stage, "interrupted", seconds))
+            failed = (stage, code)
+            break
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
             rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
@@ -349,13 +372,22 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         rows.append(report_row(recipe, stage, "ran", seconds))
         write_report()
         rerun = True
-    drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
-    report = write_report(str(out / CURVES) if drawn else None)
-    tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
-    title = "pipeline done" if failed is None else f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
+    interrupted = failed is not None and failed[1] == INTERRUPTED
+    with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
+        drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
+        report = write_report(str(out / CURVES) if drawn else None)
+        tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
+    if failed is None:
+        title = "pipeline done"
+    elif interrupted:
+        title = f"pipeline interrupted (Ctrl-C) during {failed[0]}"
+    else:
+        title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
-    if failed:
+    if interrupted:
+        print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+    elif failed:
         print(
             f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
         )
@@ -383,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # between stages (a stage's own Ctrl-C is in its row of the report)
+        print("finetune pipeline: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

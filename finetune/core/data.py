@@ -9,6 +9,7 @@ max_length are counted and reported (dropped, or an error with `on_overlong: err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -16,7 +17,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.chat_template import ChatTemplate, tokenize_conversation, tokenize_prompt, tokenize_reply
+from finetune.chat_template import (
+    ChatTemplate,
+    find_special_token,
+    tokenize_conversation,
+    tokenize_prompt,
+    tokenize_reply,
+)
 from finetune.errors import UserError
 from finetune.recipe import DataSection, DataSource, Recipe
 
@@ -42,11 +49,31 @@ class DataReport:
     dropped_overlong: int = 0
     repeated_prompts: int = 0
     used: int = 0
-    examples: list[str] = field(default_factory=list)  # first few problems, for the log
+    left_out: int = 0  # held-out rows beyond data.max_eval_rows
+    # every row not used, named: {"source", "row", "kind", "reason"}; the stage writes them to dropped_rows.jsonl
+    drops: list[dict] = field(default_factory=list)
 
-    def note(self, problem: str):
-        if len(self.examples) < 5:
-            self.examples.append(problem)
+    @property
+    def examples(self) -> list[str]:
+        """The first few problems, for the log."""
+        return [f"{d['source']}: row {d['row']}: {d['reason']}" for d in self.drops[:5]]
+
+    def drop(self, where: str, reason: str, kind: str) -> None:
+        """Record a row that is not used: `where` is "<source>: row <n>" as rows carry it."""
+        source, _, row = where.rpartition(": row ")
+        self.drops.append(
+            {"source": source or where, "row": int(row) if row.isdigit() else row, "kind": kind, "reason": reason}
+        )
+
+    def named(self, kind: str, count: int = 3) -> str:
+        """The first `count` rows of a kind, for a log line: "d.jsonl row 5 (reason); ..."."""
+        rows = [d for d in self.drops if d["kind"] == kind]
+        shown = "; ".join(f"{d['source']} row {d['row']} ({d['reason']})" for d in rows[:count])
+        return (
+            shown
+            + (f"; and {len(rows) - count} more" if len(rows) > count else "")
+            + (" (all in dropped_rows.jsonl of the stage output)" if rows else "")
+        )
 
     def summary(self, name: str) -> str:
         text = f"{name}: {self.read} rows read, {self.used} used"
@@ -58,6 +85,8 @@ class DataReport:
             text += f", {self.dropped_overlong} rows over max_length dropped"
         if self.repeated_prompts:
             text += f", {self.repeated_prompts} repeated prompts kept once"
+        if self.left_out:
+            text += f", {self.left_out} beyond max_eval_rows left out"
         return text
 
 
@@ -69,8 +98,10 @@ def _read_local(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        # split on "\n" only: str.splitlines would also break rows at U+2028 / U+0085 inside strings
-        for n, line in enumerate(path.read_text().split("\n"), 1):
+        for n, line in _text_lines(path):
+            if isinstance(line, DataError):  # not UTF-8: a bad row like one that is not JSON
+                rows.append((n, line))
+                continue
             if not line.strip():
                 continue
             try:
@@ -80,15 +111,73 @@ def _read_local(path: Path) -> list:
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_utf8_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}); fix it, or use .jsonl") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows; for one row per line use .jsonl")
         return list(enumerate(data, 1))
+    return _read_table(path, suffix)
+
+
+def _text_lines(path: Path) -> list[tuple[int, str | DataError]]:
+    """(line number, text) of each line; a line that is not UTF-8 is a DataError naming it (a bad row, so
+    skip_bad_rows can skip it). Split on "\n" only: str.splitlines would also break rows at U+2028 / U+0085
+    inside strings."""
+    out = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            out.append((n, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            problem = f"{path}: row {n}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8"
+            out.append((n, DataError(problem)))
+    return out
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole file as text; invalid UTF-8 is a DataError naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Errors of `logger` (and its children) not logged for the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def _read_table(path: Path, suffix: str) -> list:
+    """Rows of a csv / parquet file (read by datasets); a file it cannot parse is a DataError naming the file
+    and, where the parser says it, the line, instead of datasets' "An error occurred while generating the
+    dataset" traceback."""
     from datasets import load_dataset
 
-    ds = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    if suffix == ".csv":
+        _utf8_text(path)  # pandas reports bad UTF-8 without a line number
+    try:
+        with _quiet(f"datasets.packaged_modules.{LOCAL_FORMATS[suffix]}"):  # it logs the error we report below
+            ds = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps the parser's error (pandas ParserError, pyarrow ArrowInvalid)
+        cause = e.__cause__ if e.__cause__ is not None else e
+        if isinstance(cause, OSError) and not isinstance(cause, UnicodeError):
+            raise  # the machine's problem (disk, permissions), not the file's
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        hint = (
+            "quote fields that contain commas, quotes or newlines, and give every line as many fields as the header"
+            if suffix == ".csv"
+            else "write it again (e.g. pandas DataFrame.to_parquet) or use jsonl"
+        )
+        raise DataError(f"{path}: not a readable {suffix[1:]} file ({detail}); {hint}") from None
     return list(enumerate(ds, 1))
 
 
@@ -421,11 +510,16 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found")
     if path.suffix.lower() == ".txt":
-        return [
-            {"prompt": [{"role": "user", "content": line.strip()}], "example": {}}
-            for line in path.read_text().split("\n")
-            if line.strip()
-        ]
+        out = []
+        for n, line in _text_lines(path):
+            if isinstance(line, DataError):
+                raise line
+            if line.strip():
+                prompt = [{"role": "user", "content": line.strip()}]
+                out.append({"prompt": prompt, "example": {}, "where": f"{path}: line {n}"})
+        if not out:
+            raise DataError(f"{path}: no prompts in the file")
+        return out
     if path.suffix.lower() not in LOCAL_FORMATS:
         raise DataError(
             f"{path}: unsupported prompts file; use .txt (one prompt per line) or one of {sorted(LOCAL_FORMATS)}"
@@ -434,7 +528,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     for n, row in _read_local(path):
         if isinstance(row, DataError):
             raise row
-        out.append(to_prompt(row, "auto", f"{path}: row {n}"))
+        out.append({**to_prompt(row, "auto", f"{path}: row {n}"), "where": f"{path}: row {n}"})
     if not out:
         raise DataError(f"{path}: no prompts in the file")
     return out
@@ -452,17 +546,18 @@ def tokenize_prompts(
     """(inference-prompt token ids, index of each kept row in `rows`); over-long prompts are counted and
     dropped, never truncated. With `unique`, a prompt seen before (preference data repeats one per
     pair) is kept once and counted."""
-    ids, kept, seen = [], [], set()
+    ids, kept, seen = [], [], {}
     for i, row in enumerate(track(rows, f"tokenizing {name} prompts", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
         p = tokenize_prompt(tokenizer, row["prompt"])
         if unique and tuple(p) in seen:
             report.repeated_prompts += 1
+            report.drop(where, f"repeats the prompt of {seen[tuple(p)]} (kept once)", "repeated_prompt")
             continue
-        seen.add(tuple(p))
+        seen[tuple(p)] = where
         if len(p) > max_length:
             report.dropped_overlong += 1
-            report.note(f"{where}: prompt of {len(p)} tokens > max_prompt_length {max_length}")
+            report.drop(where, f"prompt of {len(p)} tokens > max_prompt_length {max_length}", "overlong")
             continue
         ids.append(p)
         kept.append(i)
@@ -471,10 +566,11 @@ def tokenize_prompts(
         raise DataError(f"{name}: every prompt was dropped (longer than max_prompt_length {max_length}); raise it")
     if report.dropped_overlong:
         log.warning(
-            "%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated)",
+            "%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated): %s",
             name,
             report.dropped_overlong,
             max_length,
+            report.named("overlong"),
         )
     if report.repeated_prompts:
         log.info("%s: %d repeated prompts kept once (%d distinct)", name, report.repeated_prompts, len(ids))
@@ -509,18 +605,28 @@ def load_rows(
                 converted = convert(row, source.format, where)
                 if converted is None:  # valid but useless (e.g. chosen == rejected): counted, not trained on
                     report.skipped_useless += 1
-                    report.note(f"{where}: skipped (no learning signal)")
+                    report.drop(where, "chosen and rejected are identical: no learning signal", "no_signal")
                     continue
                 good.append({**converted, "where": where})
             except DataError as e:
                 if not skip_bad_rows:
                     raise DataError(f"{e} (or set data.skip_bad_rows: true to skip and count such rows)") from None
                 report.skipped_bad += 1
-                report.note(str(e))
+                report.drop(where, str(e).removeprefix(f"{where}: "), "malformed")
         if hold_out:
             rng.shuffle(good)
             k = max(1, round(len(good) * hold_out))
             held, good = held + good[:k], good[k:]
+        skipped = [d for d in report.drops if d["source"] == name and d["kind"] in ("malformed", "no_signal")]
+        if skipped:
+            log.warning(
+                "%s: %d rows skipped: %s",
+                name,
+                len(skipped),
+                "; ".join(f"row {d['row']} ({d['reason']})" for d in skipped[:3])
+                + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+                + " (all in dropped_rows.jsonl of the stage output)",
+            )
         whole = int(source.weight)
         take = good * whole + rng.sample(good, round((source.weight - whole) * len(good)))
         log.info("%s: %d valid rows, weight %g -> %d rows", name, len(good), source.weight, len(take))
@@ -538,13 +644,29 @@ def train_eval_rows(section: DataSection, recipe: Recipe, seed: int, convert=Non
         evals, _ = load_rows(section.eval, recipe, section.skip_bad_rows, eval_report, seed, convert)
     else:
         eval_report.read = len(evals)
-    if section.max_eval_rows is not None:
+    if section.max_eval_rows is not None and len(evals) > section.max_eval_rows:
+        cut_held_out(evals, section.max_eval_rows, eval_report)
         evals = evals[: section.max_eval_rows]
     if not train:
         raise DataError(f"{recipe.source}: data.train: no usable training rows")
     if not evals:
         raise DataError(f"{recipe.source}: data.eval: no usable held-out rows; add eval sources or fix them")
     return train, evals, train_report, eval_report
+
+
+def cut_held_out(evals: list[dict], limit: int, report: DataReport) -> None:
+    """Record (and say) that held-out rows beyond data.max_eval_rows are left out: the figures are
+    measured on the first `limit` rows only."""
+    report.left_out = len(evals) - limit
+    for row in evals[limit:]:
+        report.drop(row.get("where", "held-out"), f"beyond data.max_eval_rows {limit}", "max_eval_rows")
+    log.warning(
+        "eval: %d held-out rows, the first %d used (data.max_eval_rows); %d left out: %s",
+        len(evals),
+        limit,
+        report.left_out,
+        report.named("max_eval_rows"),
+    )
 
 
 # ---------------------------------------------------------------- tokenization
@@ -554,10 +676,9 @@ def _check_row(row: dict, tokenizer, template: ChatTemplate, name: str, i: int) 
     """Where the row came from; refuses content that spells a special token, which would be read as
     that token (e.g. a literal <|endoftext|> ending a reply early) instead of as text."""
     where = row.get("where", f"{name}: row {i + 1}")
-    specials = set(tokenizer.all_special_tokens) | {template.end_of_turn_token(tokenizer)}
     texts = [m["content"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, [])]
     for text in texts:
-        found = next((t for t in specials if t and t in text), None)
+        found = find_special_token(text, tokenizer, template.end_of_turn_token(tokenizer))
         if found:
             raise DataError(
                 f"{where}: content contains the special token {found!r}, which would be read as that "
@@ -591,7 +712,7 @@ def tokenize_preferences(
                     "max_length or set data.on_overlong: drop"
                 )
             report.dropped_overlong += 1
-            report.note(f"{where}: {longest} tokens > max_length {max_length}")
+            report.drop(where, f"{longest} tokens > max_length {max_length}", "overlong")
             continue
         for key, value in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
             cols[key].append(value)
@@ -600,10 +721,11 @@ def tokenize_preferences(
         raise DataError(f"{name}: every pair was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
         log.warning(
-            "%s: %d pairs longer than max_length=%d were dropped (not truncated)",
+            "%s: %d pairs longer than max_length=%d were dropped (not truncated): %s",
             name,
             report.dropped_overlong,
             max_length,
+            report.named("overlong"),
         )
     return Dataset.from_dict(cols)
 
@@ -631,7 +753,7 @@ def tokenize_conversations(
                     "data.on_overlong: drop"
                 )
             report.dropped_overlong += 1
-            report.note(f"{where}: {len(x)} tokens > max_length {max_length}")
+            report.drop(where, f"{len(x)} tokens > max_length {max_length}", "overlong")
             continue
         ids.append(x)
         labels.append(y)
@@ -640,10 +762,11 @@ def tokenize_conversations(
         raise DataError(f"{name}: every row was dropped (longer than max_length {max_length}); raise max_length")
     if report.dropped_overlong:
         log.warning(
-            "%s: %d rows longer than max_length=%d were dropped (not truncated)",
+            "%s: %d rows longer than max_length=%d were dropped (not truncated): %s",
             name,
             report.dropped_overlong,
             max_length,
+            report.named("overlong"),
         )
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 

@@ -20,6 +20,26 @@ from .progress import Progress, progress, track
 log = logging.getLogger(__name__)
 
 
+class Reply(str):
+    """A generated reply, verbatim, that also says why generation stopped: `stop` is "end_of_turn" (the
+    model ended its turn) or "max_new_tokens" (cut at the budget). A str, so it prints and compares as the
+    text; its repr (used in summaries) adds "(no end-of-turn)" when cut."""
+
+    stop: str
+
+    def __new__(cls, text: str, stop: str = "end_of_turn"):
+        reply = super().__new__(cls, text)
+        reply.stop = stop
+        return reply
+
+    @property
+    def ended(self) -> bool:
+        return self.stop == "end_of_turn"
+
+    def __repr__(self) -> str:
+        return super().__repr__() + ("" if self.ended else " (no end-of-turn)")
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
@@ -33,8 +53,9 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     desc: str = "generating answers",
-) -> list[str]:
-    """Greedy replies to each conversation's last turn, stopped at the end-of-turn token.
+) -> list[Reply]:
+    """Greedy replies to each conversation's last turn, stopped at the end-of-turn token; each says whether
+    it ended its turn or ran out of tokens (Reply.stop).
 
     Prompts are left-padded (batched generation needs it) and carry their attention mask.
     """
@@ -58,8 +79,10 @@ def generate_answers(
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
             replies.append(
-                tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-                + ("" if cut < len(row) else " [no end-of-turn]")
+                Reply(
+                    tokenizer.decode(row[:cut], skip_special_tokens=True).strip(),
+                    "end_of_turn" if cut < len(row) else "max_new_tokens",
+                )
             )
     model.train(was_training)
     return replies
@@ -74,7 +97,7 @@ def correctness(rows: list[dict], replies: list[str]) -> float | None:
     scored = [(r["answer"], reply) for r, reply in zip(rows, replies) if "answer" in r]
     if not scored:
         return None
-    return sum(normalise(a) == normalise(b) for a, b in scored) / len(scored)
+    return sum(normalise(a) == normalise(b) and getattr(b, "ended", True) for a, b in scored) / len(scored)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import yaml
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
+from .integrity import DamagedFileError, check_safetensors, read_json
 from .outputs import finished, read_metrics
 
 
@@ -22,7 +23,15 @@ def check_adapter_folder(recipe: Recipe, key: str, folder: str | Path, fix: str)
     path = Path(folder)
     if not (path / "adapter_config.json").is_file():
         raise RecipeError(f"{recipe.source}: {key}: no adapter at {path}; {fix}")
-    made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    damaged = f"the output is damaged; {fix}"
+    read_json(path / "adapter_config.json", damaged)
+    if (path / "adapter_model.safetensors").is_file():
+        check_safetensors(path / "adapter_model.safetensors", damaged)
+    try:
+        made = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DamagedFileError(f"{path / 'recipe.yaml'}: damaged (not valid YAML); {damaged}") from None
+    made = made if isinstance(made, dict) else {}
     for part, ours in (("model", recipe.model.name_or_path), ("template", recipe.template.name)):
         theirs = (made.get(part) or {}).get("name_or_path" if part == "model" else "name")
         if theirs != ours:

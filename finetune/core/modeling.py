@@ -21,6 +21,7 @@ from finetune.chat_template import load_template, prepare_tokenizer
 from finetune.recipe import BUILTIN_PREFIX, Recipe, RecipeError
 from finetune.tiny import base_path
 
+from .hub import check_local_model, hub_load
 from .outputs import DropMessages
 from .progress import progress
 
@@ -97,11 +98,23 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
     """Tokenizer of the base (or of a stage output folder), with the recipe's chat template installed."""
     from transformers import AutoTokenizer
 
-    source = path or resolve_model_path(recipe.model_path())
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=None if path else recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
+    if path:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        return prepare_tokenizer(tokenizer, template_for(recipe))
+    source = base_model_source(recipe)
+    with hub_load("model.name_or_path", recipe.model.name_or_path, recipe.source):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
     return prepare_tokenizer(tokenizer, template_for(recipe))
+
+
+def base_model_source(recipe: Recipe) -> str:
+    """What from_pretrained loads the base from: the builtin's cached folder, a local folder (which must
+    exist) or a hub id."""
+    source = resolve_model_path(recipe.model_path())
+    check_local_model(recipe.model.name_or_path, source, recipe.source)
+    return source
 
 
 def template_for(recipe: Recipe):
@@ -144,11 +157,15 @@ def load_model(recipe: Recipe, task: str = "causal_lm", device_map=None, merge: 
         kwargs["device_map"] = device_map
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     name = recipe.model.name_or_path
-    with progress(f"loading {name} ({kwargs['dtype']}, {attn})".replace("torch.", ""), announce=True):
+    source = base_model_source(recipe)
+    with (
+        hub_load("model.name_or_path", name, recipe.source),
+        progress(f"loading {name} ({kwargs['dtype']}, {attn})".replace("torch.", ""), announce=True),
+    ):
         if task == "causal_lm":
-            model = cls.from_pretrained(resolve_model_path(recipe.model_path()), **kwargs, **extra)
+            model = cls.from_pretrained(source, **kwargs, **extra)
         else:
-            model = _load_classifier(cls, resolve_model_path(recipe.model_path()), **kwargs, **extra)
+            model = _load_classifier(cls, source, **kwargs, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     generation = getattr(model, "generation_config", None)

@@ -11,9 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finetune.recipe import STAGES, Recipe, dump_recipe
+from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
 from . import distributed, progress
+from .integrity import DamagedFileError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,26 @@ def staging_dir(target: Path, reset: bool = True) -> Path:
     return tmp
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` (and the folder) to disk, so that once renamed into place it is complete
+    even after a power loss: rename is atomic, but without fsync the data may not be on disk yet."""
+    for path in [*sorted(Path(folder).rglob("*"), reverse=True), Path(folder)]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # some file systems cannot fsync a directory
+            pass
+        finally:
+            os.close(fd)
+
+
 def commit_dir(tmp: Path, target: Path) -> None:
     """Replace `target` with the finished `tmp` folder (rename, so readers never see a partial one)."""
     target = Path(target)
+    fsync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
@@ -137,11 +155,27 @@ def write_samples(folder: Path, samples: list[dict] | None) -> None:
         (folder / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
 
 
-def write_stage_files(folder: Path, recipe: Recipe, metrics: dict, samples: list[dict] | None = None) -> None:
+DROPPED_ROWS = "dropped_rows.jsonl"
+
+
+def write_dropped_rows(folder: Path, reports: dict) -> int:
+    """`dropped_rows.jsonl`: every row the stage did not use (malformed, over-long, no learning signal,
+    repeated prompt, beyond max_eval_rows), one line each with its split, source, row number, kind and reason.
+    `reports`: split name -> DataReport. Written only when something was dropped; returns the count."""
+    rows = [{"split": name, **d} for name, report in reports.items() for d in report.drops]
+    if rows:
+        (folder / DROPPED_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def write_stage_files(
+    folder: Path, recipe: Recipe, metrics: dict, samples: list[dict] | None = None, reports: dict | None = None
+) -> None:
     """recipe.yaml, the samples (greedy replies to the recipe's held-out sample prompts, one JSON row
-    each) and metrics.json, written last: its presence marks a finished output."""
+    each), dropped_rows.jsonl and metrics.json, written last: its presence marks a finished output."""
     (folder / "recipe.yaml").write_text(dump_recipe(recipe))
     write_samples(folder, samples)
+    write_dropped_rows(folder, reports or {})
     write_json(folder / "metrics.json", metrics)
 
 
@@ -153,27 +187,36 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
 
 
 def save_stage(
-    trainer, recipe: Recipe, stage: str, tokenizer, metrics: dict, samples: list[dict] | None = None
+    trainer,
+    recipe: Recipe,
+    stage: str,
+    tokenizer,
+    metrics: dict,
+    samples: list[dict] | None = None,
+    reports: dict | None = None,
 ) -> Path:
     """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json. Every launched process calls this;
-    the main one writes."""
+    template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
+    launched process calls this; the main one writes."""
     out = recipe.stage_dir(stage)
     main_process = distributed.is_main()
     tmp = staging_dir(out, reset=main_process)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
-    failure = None
+    failure, error = None, None
     if main_process:
         try:
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
             # the training curves (loss, lr, ... per logging step), for the pipeline's plot
             write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples)
+            write_stage_files(tmp, recipe, metrics, samples, reports)
             commit_dir(tmp, out)
         except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
-            failure = f"{type(e).__name__}: {e}"
+            failure, error = f"{type(e).__name__}: {e}", e
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written staging folder only takes space
     failure = distributed.broadcast_from_main(failure)
+    if error is not None:
+        raise error  # the original (its errno says e.g. "disk full")
     if failure:
         raise RuntimeError(f"saving {out} failed on the main process: {failure}")
     return out
@@ -189,9 +232,72 @@ def finished(recipe: Recipe, stage: str) -> bool:
 
 
 def read_metrics(folder: str | Path) -> dict:
-    """A stage output's metrics.json ({} when the stage has not finished)."""
+    """A stage output's metrics.json ({} when the stage has not finished). A damaged one (it is written
+    atomically, so only a fault outside finetune makes one) is a DamagedFileError naming it and the fix."""
     f = Path(folder) / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    metrics = read_json(
+        f,
+        f"the output {Path(folder)} is damaged: run the stage that made it again (finetune <stage> RECIPE; "
+        "finetune pipeline RECIPE --force for all), or restore the folder from a copy",
+    )
+    if not isinstance(metrics, dict):
+        raise DamagedFileError(f"{f}: damaged (not a JSON object); run the stage that made it again")
+    return metrics
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A complete `finetune export` output: config.json and a metrics.json naming its stage and adapters."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "config.json").is_file() and isinstance(metrics, dict) and {"stage", "adapters"} <= set(metrics)
+
+
+def check_export_target(recipe: Recipe, target: Path, force: bool) -> None:
+    """Refuse an export target that would destroy anything but an earlier export (force replaces only
+    those): the output_dir or a stage or checkpoint folder, a folder containing one, a folder inside a
+    stage's, or any other existing non-empty folder. Also fails now, before loading, when the target's
+    parent cannot be written."""
+    key = "export.output"
+    t = Path(target).expanduser().resolve()
+    out = Path(recipe.output_dir).expanduser().resolve()
+    keep = {"the output_dir": out}
+    for name in STAGES.names():
+        if name != "export":
+            keep[f"the {name} stage output"] = recipe.stage_dir(name).expanduser().resolve()
+        keep[f"the {name} checkpoints"] = recipe.checkpoint_dir(name).expanduser().resolve()
+    for what, p in keep.items():
+        if t == p or p.is_relative_to(t):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} {'is' if t == p else 'contains'} {what} ({p}); exporting there "
+                f"would replace it. Export to a folder of its own (the default is <output_dir>/export)"
+            )
+        if p != out and t.is_relative_to(p):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} lies inside {what} ({p}), which is replaced when that stage runs "
+                "again; export to a folder of its own (the default is <output_dir>/export)"
+            )
+    if t.exists():
+        if not t.is_dir():
+            raise RecipeError(f"{recipe.source}: {key}: {target} is a file; name a folder")
+        if not force:
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} already exists; pass --force (or "
+                "export.force=true) to replace it, or export.output=<another folder>"
+            )
+        if any(t.iterdir()) and not is_export_folder(t):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} exists and is not an earlier export (no config.json and "
+                "metrics.json naming a stage and its adapters); --force replaces only an export. Choose another "
+                "export.output, "
+                "or move that folder away yourself"
+            )
+    t.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=t.parent, prefix=f".{t.name}.probe"):
+        pass
 
 
 def key_metrics(stage: str, metrics: dict) -> dict:

@@ -29,26 +29,28 @@ class Loaded:
     description: str
 
 
-def load_for_chat(target: str, overrides: list[str]) -> Loaded:
-    """The model and tokenizer `target` names (a model folder or a recipe), in eval mode."""
+def load_for_chat(target: str, overrides: list[str], before_model=None) -> Loaded:
+    """The model and tokenizer `target` names (a model folder or a recipe), in eval mode. `before_model`, if
+    given, is called as before_model(tokenizer, stop_ids) once the tokenizer is ready and before the model
+    loads: checks of the input (e.g. prompts that spell special tokens) fail in a second, not after the load."""
     path = Path(target)
     if path.is_dir():
         if overrides:
             raise RecipeError(f"{target}: key=value overrides apply to a recipe, not to a model folder")
-        return load_folder(path)
+        return load_folder(path, before_model)
     if not path.is_file():
         raise RecipeError(
             f"{target}: neither a model folder nor a recipe file; give an exported folder "
             "(finetune export RECIPE) or a recipe such as recipes/tiny_chat.yaml"
         )
-    return load_recipe_model(load_recipe(path, overrides))
+    return load_recipe_model(load_recipe(path, overrides), before_model=before_model)
 
 
-def load_recipe_model(recipe: Recipe, stage: str = "auto") -> Loaded:
+def load_recipe_model(recipe: Recipe, stage: str = "auto", before_model=None) -> Loaded:
     """A recipe's model: its export when complete (stage auto or export), else the chain of `stage`
     (auto: the last finished chat stage) merged into the base in memory."""
     if stage in ("auto", "export") and finished(recipe, "export"):
-        return load_folder(recipe.stage_dir("export"))
+        return load_folder(recipe.stage_dir("export"), before_model)
     if stage == "export":
         raise RecipeError(
             f"{recipe.source}: no finished export in {recipe.stage_dir('export')}; run `finetune export "
@@ -58,7 +60,7 @@ def load_recipe_model(recipe: Recipe, stage: str = "auto") -> Loaded:
         recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"stage": stage})})
     stage = chat_model_stage(recipe)
     chain = model_chain(recipe, stage)
-    loaded = _load_merged(recipe, chain)
+    loaded = _load_merged(recipe, chain, before_model)
     loaded.description = f"{stage} of {recipe.source} ({' + '.join(chain)} merged in memory; not exported yet)"
     return loaded
 
@@ -70,18 +72,20 @@ def load_base(recipe: Recipe) -> Loaded:
     return loaded
 
 
-def _load_merged(recipe: Recipe, chain: list[str]) -> Loaded:
+def _load_merged(recipe: Recipe, chain: list[str], before_model=None) -> Loaded:
     cuda = torch.cuda.is_available()
-    run_recipe = recipe if cuda else fp32_recipe(recipe)  # fp16 generation on a CPU is slow
-    model = load_model(run_recipe, merge=chain, device_map="auto" if cuda else None)
     tokenizer = load_tokenizer(recipe)
     stop = end_of_turn_ids(tokenizer, template_for(recipe))
+    if before_model is not None:
+        before_model(tokenizer, stop)
+    run_recipe = recipe if cuda else fp32_recipe(recipe)  # fp16 generation on a CPU is slow
+    model = load_model(run_recipe, merge=chain, device_map="auto" if cuda else None)
     model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop  # as the export writes it
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return Loaded(model.eval(), tokenizer, stop, "")
 
 
-def load_folder(path: Path) -> Loaded:
+def load_folder(path: Path, before_model=None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if not (path / "config.json").is_file():
@@ -96,12 +100,14 @@ def load_folder(path: Path) -> Loaded:
         raise RecipeError(
             f"{path}: the tokenizer has no chat template; export the model with finetune export, which embeds it"
         )
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None
-    )
     eos = GenerationConfig.from_pretrained(path).eos_token_id if (path / "generation_config.json").is_file() else None
     stop = [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None] or [tokenizer.eos_token_id]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if before_model is not None:
+        before_model(tokenizer, stop)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None
+    )
     return Loaded(model.eval(), tokenizer, stop, str(path))

@@ -21,6 +21,7 @@ from .memory import preflight
 from .modeling import base_fingerprint, load_tokenizer, template_for
 from .outputs import setup_logging
 from .progress import Progress, duration, progress, step_line
+from .resume import choose_checkpoint, hf_beyond, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -81,50 +82,13 @@ def place_for_eval(model, args, recipe: Recipe):
     return model
 
 
-def _run_identity(recipe: Recipe, stage: str) -> dict:
-    """What a checkpoint must match to be resumed: base, template, LoRA shape and start adapters."""
-    import hashlib
-
-    starts = {}
-    if "start_from" in type(recipe.section(stage)).model_fields:
-        for folder in start_chain(recipe, stage):
-            weights = Path(folder) / "adapter_model.safetensors"
-            starts[folder] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {
-        "model": recipe.model.name_or_path,
-        "template": recipe.template.name,
-        "lora": recipe.lora.model_dump(mode="json"),
-        "start_adapters": starts,
-    }
-
-
-def resume_from(recipe: Recipe, stage: str, resume: bool | str):
-    """Checkpoint to resume from: the newest in the stage's checkpoint folder when resume is true,
-    refused if that folder belongs to a different run (another base, template, LoRA or start adapter)."""
-    import json
-
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if isinstance(resume, str):
-        if not Path(resume).is_dir():
-            raise RecipeError(f"{recipe.source}: {stage}.resume: checkpoint folder not found: {resume}")
-        return resume
-    folder = recipe.checkpoint_dir(stage)
-    identity, marker = _run_identity(recipe, stage), folder / "run_identity.json"
-    last = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
-    if last:
-        if marker.is_file() and json.loads(marker.read_text()) != identity:
-            raise RecipeError(
-                f"{recipe.source}: {stage}.resume: the checkpoints in {folder} come from another base, template, "
-                f"LoRA shape or start adapter than this run; delete that folder, set {stage}.resume=false, or name "
-                "a checkpoint path"
-            )
-        log.info("resuming %s from %s", stage, last)
-        return last
-    if distributed.is_main():  # starting this run's checkpoints: record what they belong to
-        folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(identity, indent=2))
-    return None
+def resume_checkpoint(recipe: Recipe, stage: str, args, rows: list[dict], start: list[str]) -> Path | None:
+    """The checkpoint a TRL stage continues from (core.resume's rules: the newest complete one of the same
+    run), decided before the model loads so that a refusal comes at once."""
+    identity = run_identity(recipe, stage, rows, start)
+    return choose_checkpoint(
+        recipe, stage, recipe.section(stage).resume, identity, beyond=hf_beyond(recipe, stage, args)
+    )
 
 
 # What each TRL stage's one-line step log shows after loss and learning rate: (Trainer log key, label).
@@ -188,12 +152,12 @@ def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
     trainer.add_callback(StepLog(stage, verbose))
 
 
-def train(trainer, model, recipe: Recipe, stage: str, resume: bool | str) -> dict:
-    """Run the trainer (resuming when asked) and report it, including whether the frozen base
-    stayed bitwise equal (sha256 of its parameters before and after)."""
+def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -> dict:
+    """Run the trainer (from `checkpoint` when given: see resume_checkpoint) and report it, including
+    whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
     use_step_log(trainer, stage, recipe.logging.verbose)
     fingerprint = base_fingerprint(model)
-    checkpoint = resume_from(recipe, stage, resume)
+    checkpoint = str(checkpoint) if checkpoint else None
     if tracking.current().active:
         trainer.add_callback(tracking.trainer_callback(tracking.current()))
     started = time.time()
@@ -223,6 +187,7 @@ class PreferenceSetup:
     pairs: dict  # name -> datasets.Dataset of prompt_ids / chosen_ids / rejected_ids
     eval_rows: list[dict]
     reports: dict  # name -> DataReport
+    checkpoint: Path | None = None  # where training continues from (None: from the start)
 
     @property
     def main_process(self) -> bool:
@@ -236,6 +201,7 @@ class PreferenceSetup:
             "skipped_bad_rows": train.skipped_bad + evals.skipped_bad,
             "skipped_identical_pairs": train.skipped_useless + evals.skipped_useless,
             "dropped_overlong_rows": train.dropped_overlong + evals.dropped_overlong,
+            "eval_rows_left_out": evals.left_out,
             "start_from": self.start,
         }
 
@@ -263,6 +229,7 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
         )
         for name, rows in (("train", train_rows), ("eval", eval_rows))
     }
-    setup = PreferenceSetup(start, template, tokenizer, args, pairs, eval_rows, reports)
+    checkpoint = resume_checkpoint(recipe, stage, args, train_rows, start)
+    setup = PreferenceSetup(start, template, tokenizer, args, pairs, eval_rows, reports, checkpoint)
     log.info(setup.data_summary())
     return setup

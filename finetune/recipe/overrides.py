@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import yaml
@@ -20,6 +21,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             raise RecipeError(f"override {item!r}: empty key; write it as section.key=value, e.g. sft.max_steps=20")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
+            if isinstance(value, (datetime.date, datetime.datetime)):
+                value = raw  # YAML reads 2024-01-01 as a date; every recipe key that takes one wants the text
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
             raise RecipeError(
@@ -33,11 +36,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set each override in the raw recipe mapping (creating missing sections)."""
     for path, value in parse_overrides(overrides):
         node = raw
-        for part in path[:-1]:
-            if node.get(part) is None:
+        for depth, part in enumerate(path):
+            key = ".".join(path[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, list):  # e.g. sft.data.train.0.path: the first source
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(
+                        f"override {'.'.join(path)}: {'.'.join(path[:depth])} is a list of {len(node)}; index it "
+                        f"with a number from 0 to {len(node) - 1}, or set the whole list (e.g. "
+                        f"{'.'.join(path[:depth])}='[{{path: data.jsonl}}]')"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"override {'.'.join(path)}: {'.'.join(path[:depth])} is not a section")
+            elif not last and node.get(part) is None:
                 node[part] = {}
-            if not isinstance(node[part], dict):
-                raise RecipeError(f"override {'.'.join(path)}: {part} is not a section")
-            node = node[part]
-        node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override {'.'.join(path)}: {key} is not a section")
     return raw

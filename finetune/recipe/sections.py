@@ -158,7 +158,9 @@ class TrainedStage(Section):
 
     resume: bool | str = Field(
         True,
-        description="true: continue from the newest checkpoint if any; false: start over; or a checkpoint path.",
+        description="true: continue from the newest complete checkpoint of the same run (refused, with the "
+        "differences named, if the data or training settings changed); false: start over (the old checkpoints "
+        "are removed); or a checkpoint path.",
         json_schema_extra=CWD_PATH,
     )
     eval_generate_rows: int = Field(

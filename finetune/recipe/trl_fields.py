@@ -161,6 +161,61 @@ def check_training_block(block: dict, config_cls, where: str, source: str, own_k
                 f"{source}: {where}.{key}: expected {expected}, got {type(value).__name__} {value!r}"
                 + (f"; did you mean '{close[0]}'?" if close else "")
             )
+    check_ranges(block, where, source)
+
+
+def _positive(v) -> bool:
+    return v > 0  # False for NaN too
+
+
+def _at_least(n):
+    return lambda v: v >= n
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+def _steps(v) -> bool:
+    return v == -1 or v > 0
+
+
+# Ranges of the TRL / transformers fields a recipe sets most, checked when the recipe loads: the
+# dataclasses accept e.g. a negative learning rate or batch size, and the trainer finds out (or trains
+# nothing) only after the model has loaded. (field, test, what the value must be, why).
+RANGES = {
+    "learning_rate": (_positive, "a number > 0", "0 or less trains nothing or trains backwards"),
+    "per_device_train_batch_size": (_at_least(1), "an integer >= 1", ""),
+    "per_device_eval_batch_size": (_at_least(1), "an integer >= 1", ""),
+    "gradient_accumulation_steps": (_at_least(1), "an integer >= 1", ""),
+    "num_train_epochs": (_positive, "a number > 0", "0 epochs trains nothing"),
+    "max_steps": (_steps, "-1 (train num_train_epochs) or an integer > 0", "0 steps trains nothing"),
+    "warmup_steps": (_at_least(0), "a number >= 0", ""),
+    "warmup_ratio": (_fraction, "a fraction in [0, 1)", ""),
+    "weight_decay": (_at_least(0), "a number >= 0", ""),
+    "max_grad_norm": (_at_least(0), "a number >= 0 (0 turns clipping off)", ""),
+    "adam_beta1": (_fraction, "a fraction in [0, 1)", ""),
+    "adam_beta2": (_fraction, "a fraction in [0, 1)", ""),
+    "adam_epsilon": (_positive, "a number > 0", ""),
+    "save_steps": (_positive, "a number > 0", ""),
+    "save_total_limit": (_at_least(1), "an integer >= 1 (or null: keep all)", "0 would keep no checkpoint"),
+    "eval_steps": (_positive, "a number > 0", ""),
+    "max_length": (_at_least(1), "an integer >= 1", ""),
+    "max_prompt_length": (_at_least(1), "an integer >= 1", ""),
+    "beta": (_positive, "a number > 0", "DPO's beta 0 makes the loss constant: nothing is learnt"),
+    "dataloader_num_workers": (_at_least(0), "an integer >= 0", ""),
+}
+
+
+def check_ranges(block: dict, where: str, source: str) -> None:
+    """Raise RecipeError for a value out of its field's range (RANGES), naming file, key and the range."""
+    for key, value in block.items():
+        rule = RANGES.get(key)
+        if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        test, must, why = rule
+        if not test(value):
+            raise RecipeError(f"{source}: {where}.{key}: must be {must}, got {value!r}" + (f" ({why})" if why else ""))
 
 
 def config_class(spec: tuple[str, str]):

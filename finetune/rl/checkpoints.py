@@ -1,9 +1,11 @@
 """PPO checkpoints: `<output_dir>/ppo-checkpoints/update-N/`, complete or absent.
 
-A checkpoint is written into a staging folder and renamed into place once every file is there, so a
-run killed mid-save leaves only the hidden staging folder. Nothing in it is unpickled as code: adapter
-weights and the value head are safetensors, figures are JSON, and optimiser / RNG state is read with
-`torch.load(weights_only=True)` (tensors and plain containers only).
+A checkpoint is written into a staging folder and renamed into place once every file is there (and
+flushed to disk), so a run killed mid-save leaves only the hidden staging folder. Nothing in it is
+unpickled as code: adapter weights and the value head are safetensors, figures are JSON, and optimiser /
+RNG state is read with `torch.load(weights_only=True)` (tensors and plain containers only), after
+`problem` has checked every file (complete, and no pickled global outside torch's allowlist). Which
+checkpoint a run resumes from is decided by finetune.core.resume (the newest that passes `problem`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from finetune.core import distributed
+from finetune.core.integrity import safetensors_problem, torch_file_problem
 from finetune.core.outputs import commit_dir, staging_dir, write_json
 from finetune.recipe import RecipeError
 
@@ -59,14 +62,39 @@ def _update_of(folder: Path) -> int:
     return int(folder.name[len(PREFIX) :])
 
 
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (its state.json is written last, inside the renamed folder)."""
-    found = [
-        p
-        for p in root.glob(f"{PREFIX}*")
-        if p.is_dir() and p.name[len(PREFIX) :].isdigit() and (p / "state.json").is_file()
-    ]
-    return max(found, key=_update_of, default=None)
+def problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (missing, truncated or unsafe files), or None when it is complete.
+    Run before anything is loaded, so that a damaged checkpoint is skipped, not half-applied."""
+    state = folder / "state.json"
+    if not state.is_file():
+        return "no state.json (written last): incomplete"
+    try:
+        meta = json.loads(state.read_text())
+        update = int(meta["update"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "state.json is damaged"
+    if update != _update_of(folder):
+        return f"state.json says update {update}, the folder name says {_update_of(folder)}"
+    found = safetensors_problem(folder / "weights.safetensors")
+    if found:
+        return f"weights.safetensors: {found}"
+    for name in ("engine.pt", f"rng_{distributed.rank()}.pt"):
+        if not (folder / name).is_file():
+            return f"no {name}"
+        found = torch_file_problem(folder / name)
+        if found:
+            return f"{name}: {found}"
+    return None
+
+
+def beyond(updates: int):
+    """A check that a checkpoint is not past `updates` (ppo.updates lowered below it)."""
+
+    def check(folder: Path) -> str | None:
+        update = json.loads((folder / "state.json").read_text())["update"]
+        return f"it is at update {update}, past ppo.updates {updates}" if update > updates else None
+
+    return check
 
 
 def save(
