@@ -35,7 +35,7 @@ from finetune.recipe.sections import EvalSection
 
 log = logging.getLogger("finetune.eval")
 
-INSTALL = "pip install 'finetune[eval]' (lm-eval)"
+INSTALL = STAGES["eval"].requires[0][1]
 
 
 def _lm_eval():

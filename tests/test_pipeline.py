@@ -114,3 +114,18 @@ def test_stage_subset_and_its_validation():
         load_recipe(TINY_RECIPE, ["pipeline.stages=[sft, ppo]", "ppo=null"])
     with pytest.raises(RecipeError, match=r"pipeline.stages: unknown stage 'sfx'; stages are sft, reward"):
         load_recipe(TINY_RECIPE, ["pipeline.stages=[sfx]"])
+
+
+def test_missing_stage_library_stops_the_pipeline_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from finetune.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["pipeline", str(TINY_RECIPE), f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "the eval stage needs lm_eval, which is not installed: pip install 'finetune[eval]'" in err
+    assert "pipeline.stages=[sft, reward, dpo, ppo, export]. Nothing was run." in err and "Traceback" not in err
+    assert not (out / "sft").exists() and not (out / "pipeline_report.json").exists()

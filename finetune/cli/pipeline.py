@@ -321,8 +321,24 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         return _run(recipe, recipe_path, overrides, force)
 
 
+def check_requirements(recipe: Recipe, stages: list[str]) -> None:
+    """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
+    training): name the stage, the install command and how to leave the stage out."""
+    missing = [(stage, module, install) for stage in stages for module, install in STAGES[stage].missing()]
+    if missing:
+        others = [s for s in stages if s not in {m[0] for m in missing}]
+        raise UserError(
+            f"{recipe.source}: "
+            + "; ".join(
+                f"the {stage} stage needs {module}, which is not installed: {how}" for stage, module, how in missing
+            )
+            + f". Install it, or leave the stage out with pipeline.stages=[{', '.join(others)}]. Nothing was run."
+        )
+
+
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
     stages = recipe.pipeline_stages()
+    check_requirements(recipe, stages)
     out = Path(recipe.output_dir)
     report_path = out / REPORT
     earlier = _earlier_seconds(report_path)

@@ -34,6 +34,15 @@ class Stage:
     headline: tuple[str, str | None, str] | None = None
     correctness: tuple[str, str] | None = None
     summary_title: str = ""
+    # Optional libraries the stage imports: (module, how to install it). The pipeline checks them before
+    # it runs anything, so a missing one stops it at once instead of after the stages before it.
+    requires: tuple[tuple[str, str], ...] = ()
+
+    def missing(self) -> list[tuple[str, str]]:
+        """The `requires` entries that are not installed here."""
+        import importlib.util
+
+        return [(module, install) for module, install in self.requires if importlib.util.find_spec(module) is None]
 
     def default_input(self, key: str) -> str | None:
         """The earlier stage whose output `key` (e.g. start_from) defaults to."""
@@ -149,6 +158,7 @@ STAGES = Registry(
             launcher=False,
             headline=("benchmark (first task)", "score_base", "score"),
             summary_title="eval done",
+            requires=(("lm_eval", "pip install 'finetune[eval]' (lm-evaluation-harness)"),),
         ),
     ]
 )
