@@ -75,6 +75,30 @@ class DataReport:
             + (" (all in dropped_rows.jsonl of the stage output)" if rows else "")
         )
 
+    def overlong(self, where: str, tokens: int, key: str, limit: int, on_overlong: str = "drop") -> None:
+        """A row longer than `key` (= `limit` tokens): an error naming it (`data.on_overlong: error`), or
+        counted, named and dropped, never truncated."""
+        if on_overlong == "error":
+            raise DataError(f"{where}: {tokens} tokens > {key} {limit}; raise {key} or set data.on_overlong: drop")
+        self.dropped_overlong += 1
+        self.drop(where, f"{tokens} tokens > {key} {limit}", "overlong")
+
+    def close_overlong(self, name: str, used: int, what: str, key: str, limit: int) -> None:
+        """After tokenizing: `used` rows kept; none kept is an error, over-long ones are logged by row."""
+        self.used = used
+        if not used:
+            raise DataError(f"{name}: every {what} was dropped (longer than {key} {limit}); raise {key}")
+        if self.dropped_overlong:
+            log.warning(
+                "%s: %d %ss longer than %s=%d were dropped (not truncated): %s",
+                name,
+                self.dropped_overlong,
+                what,
+                key,
+                limit,
+                self.named("overlong"),
+            )
+
     def summary(self, name: str) -> str:
         text = f"{name}: {self.read} rows read, {self.used} used"
         if self.skipped_bad:
@@ -556,22 +580,11 @@ def tokenize_prompts(
             continue
         seen[tuple(p)] = where
         if len(p) > max_length:
-            report.dropped_overlong += 1
-            report.drop(where, f"prompt of {len(p)} tokens > max_prompt_length {max_length}", "overlong")
+            report.overlong(where, len(p), "max_prompt_length", max_length)
             continue
         ids.append(p)
         kept.append(i)
-    report.used = len(ids)
-    if not ids:
-        raise DataError(f"{name}: every prompt was dropped (longer than max_prompt_length {max_length}); raise it")
-    if report.dropped_overlong:
-        log.warning(
-            "%s: %d prompts longer than max_prompt_length=%d were dropped (not truncated): %s",
-            name,
-            report.dropped_overlong,
-            max_length,
-            report.named("overlong"),
-        )
+    report.close_overlong(name, len(ids), "prompt", "max_prompt_length", max_length)
     if report.repeated_prompts:
         log.info("%s: %d repeated prompts kept once (%d distinct)", name, report.repeated_prompts, len(ids))
     return ids, kept
@@ -706,27 +719,11 @@ def tokenize_preferences(
         _, r = tokenize_reply(tokenizer, template, row["prompt"], row["rejected"][0]["content"])
         longest = len(p) + max(len(c), len(r))
         if longest > max_length:
-            if on_overlong == "error":
-                raise DataError(
-                    f"{where}: {longest} tokens > max_length {max_length}; raise "
-                    "max_length or set data.on_overlong: drop"
-                )
-            report.dropped_overlong += 1
-            report.drop(where, f"{longest} tokens > max_length {max_length}", "overlong")
+            report.overlong(where, longest, "max_length", max_length, on_overlong)
             continue
         for key, value in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
             cols[key].append(value)
-    report.used = len(cols["prompt_ids"])
-    if not cols["prompt_ids"]:
-        raise DataError(f"{name}: every pair was dropped (longer than max_length {max_length}); raise max_length")
-    if report.dropped_overlong:
-        log.warning(
-            "%s: %d pairs longer than max_length=%d were dropped (not truncated): %s",
-            name,
-            report.dropped_overlong,
-            max_length,
-            report.named("overlong"),
-        )
+    report.close_overlong(name, len(cols["prompt_ids"]), "pair", "max_length", max_length)
     return Dataset.from_dict(cols)
 
 
@@ -747,27 +744,11 @@ def tokenize_conversations(
         where = _check_row(row, tokenizer, template, name, i)
         x, y = tokenize_conversation(tokenizer, template, row["messages"])
         if len(x) > max_length:
-            if on_overlong == "error":
-                raise DataError(
-                    f"{where}: {len(x)} tokens > max_length {max_length}; raise max_length or set "
-                    "data.on_overlong: drop"
-                )
-            report.dropped_overlong += 1
-            report.drop(where, f"{len(x)} tokens > max_length {max_length}", "overlong")
+            report.overlong(where, len(x), "max_length", max_length, on_overlong)
             continue
         ids.append(x)
         labels.append(y)
-    report.used = len(ids)
-    if not ids:
-        raise DataError(f"{name}: every row was dropped (longer than max_length {max_length}); raise max_length")
-    if report.dropped_overlong:
-        log.warning(
-            "%s: %d rows longer than max_length=%d were dropped (not truncated): %s",
-            name,
-            report.dropped_overlong,
-            max_length,
-            report.named("overlong"),
-        )
+    report.close_overlong(name, len(ids), "row", "max_length", max_length)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
