@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.core.memory import preflight
 from finetune.core.outputs import atomic_dir, print_summary, read_metrics, setup_logging, write_json
 from finetune.core.progress import progress
 from finetune.core.serving import Loaded, load_base, load_folder, load_recipe_model
@@ -240,8 +239,6 @@ def run(recipe: Recipe) -> dict:
     """`finetune eval RECIPE`: the recipe's model (eval.model) and base on the eval section's tasks."""
     setup_logging()
     section = recipe.eval
-    _lm_eval()  # say it is missing before loading any model
-    preflight(recipe, "eval")  # stop now rather than be killed for memory later
     export = read_metrics(recipe.stage_dir("export"))
     extra = {"correct_rate_export": export.get("correct_rate_after")} if export else {}
     return evaluate(

@@ -29,7 +29,6 @@ from finetune.chat_template import encode, end_of_turn_ids, render
 from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
-from finetune.core.memory import preflight
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
 from finetune.core.outputs import (
     atomic_dir,
@@ -198,7 +197,6 @@ def run(recipe: Recipe) -> dict:
         return read_metrics(target)
     check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
-    preflight(recipe, "export")  # the fp32 merge on the CPU: stop now rather than be killed for memory later
     stage = chat_model_stage(recipe)
     chain = model_chain(recipe, stage)
     dtype_name = recipe.precision if section.dtype == "auto" else section.dtype

@@ -118,6 +118,17 @@ def ignoring_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def before_loading(recipe: Recipe, stage: str) -> None:
+    """What every stage checks before it writes or loads anything: its optional libraries, then whether
+    its estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
+    missing = STAGES.missing_libraries([stage])
+    if missing:
+        raise UserError(f"finetune {stage}: {'; '.join(missing)}")
+    from finetune.core.memory import preflight  # torch: only once a stage runs, not for `finetune --help`
+
+    preflight(recipe, stage)
+
+
 def stage_main(stage: str, run, argv: list[str] | None) -> int:
     """What every stage module's main() does: parse `RECIPE [overrides] [--print-config]`, take the stage's
     lock on the output folder, then run, reporting to the recipe's trackers (`logging.report_to`) for as
@@ -129,6 +140,7 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
             setup_logging(distributed.is_main(), recipe.logging.verbose)  # before anything loads and warns
+            before_loading(recipe, stage)  # nothing written yet, not even the lock
             with (
                 output_lock(
                     recipe.output_path(recipe.output_dir),

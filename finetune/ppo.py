@@ -29,7 +29,6 @@ from finetune.core.batching import left_pad
 from finetune.core.data import DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
-from finetune.core.memory import preflight
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
 from finetune.core.outputs import (
     commit_dir,
@@ -437,7 +436,6 @@ def run(recipe: Recipe) -> dict:
 
     s = recipe.ppo
     check_precision(recipe)
-    preflight(recipe, "ppo")  # before anything loads: stop now rather than be killed for memory later
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
     setup_logging(main, recipe.logging.verbose)

@@ -17,7 +17,6 @@ from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
 from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
 from finetune.core.evaluation import Samples, eval_loss, held_out_correctness
-from finetune.core.memory import preflight
 from finetune.core.modeling import (
     DTYPES,
     add_lora,
@@ -83,7 +82,6 @@ def run(recipe: Recipe) -> dict:
 
     section = recipe.sft
     check_precision(recipe)
-    preflight(recipe, "sft")  # before anything loads: stop now rather than be killed for memory later
     set_seed(recipe.seed)
     template = template_for(recipe)
     tokenizer = load_tokenizer(recipe)

@@ -324,15 +324,12 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
 def check_requirements(recipe: Recipe, stages: list[str]) -> None:
     """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
     training): name the stage, the install command and how to leave the stage out."""
-    missing = [(stage, module, install) for stage in stages for module, install in STAGES[stage].missing()]
+    missing = STAGES.missing_libraries(stages)
     if missing:
-        others = [s for s in stages if s not in {m[0] for m in missing}]
+        others = [s for s in stages if not STAGES[s].missing()]
         raise UserError(
-            f"{recipe.source}: "
-            + "; ".join(
-                f"the {stage} stage needs {module}, which is not installed: {how}" for stage, module, how in missing
-            )
-            + f". Install it, or leave the stage out with pipeline.stages=[{', '.join(others)}]. Nothing was run."
+            f"{recipe.source}: {'; '.join(missing)}. Install it, or leave the stage out with "
+            f"pipeline.stages=[{', '.join(others)}]. Nothing was run."
         )
 
 

@@ -17,7 +17,6 @@ from finetune.recipe.trl_fields import RENAMED, TRL_DEFAULTS
 from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
-from .memory import preflight
 from .modeling import base_fingerprint, load_tokenizer, template_for
 from .outputs import setup_logging
 from .progress import Progress, duration, progress, step_line
@@ -215,7 +214,6 @@ def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> Preferen
 
     section = getattr(recipe, stage)
     check_precision(recipe)
-    preflight(recipe, stage)  # before anything loads: stop now rather than be killed for memory later
     start = start_chain(recipe, stage)
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)

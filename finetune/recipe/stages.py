@@ -82,6 +82,14 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._stages)
 
+    def missing_libraries(self, names: list[str]) -> list[str]:
+        """One line per optional library that a stage of `names` needs and this machine lacks."""
+        return [
+            f"the {name} stage needs {module}, which is not installed: {install}"
+            for name in names
+            for module, install in self[name].missing()
+        ]
+
     def chat_model_stages(self) -> list[str]:
         return [s.name for s in self if s.chat_model]
 
