@@ -72,12 +72,12 @@ def build(folder: Path, layers: int) -> int:
     from transformers import AutoTokenizer, PhiForCausalLM
 
     from bench.models import phi2_config
-    from finetune.tiny import ensure_tiny_phi
+    from finetune.tiny import base_path
 
     config = phi2_config()
     config.num_hidden_layers = layers
     config.pad_token_id = None
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_phi())
+    tokenizer = AutoTokenizer.from_pretrained(base_path())
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     with torch.device("cpu"):

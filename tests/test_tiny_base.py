@@ -8,6 +8,7 @@ import tomllib
 import pytest
 
 from finetune import tiny
+from finetune.tiny import build
 
 from .conftest import ROOT
 
@@ -15,7 +16,7 @@ from .conftest import ROOT
 def test_shipped_base_record_matches_the_build_code():
     record = tiny.build_record()
     expected = {
-        "build_key": tiny._build_key(record["steps"], record["seed"]),
+        "build_key": build._build_key(record["steps"], record["seed"]),
         "build_version": tiny.BUILD_VERSION,
         "steps": tiny.PRETRAIN_STEPS,
         "seed": 0,
@@ -27,7 +28,7 @@ def test_shipped_base_record_matches_the_build_code():
         f"makes {expected}: the corpus, the model config or the build changed without a rebuild; "
         f"{tiny.rebuild_hint()}"
     )
-    assert tiny.sha256_file(tiny.BASE_DIR / "model.safetensors") == record["model_sha256"], (
+    assert build.sha256_file(tiny.BASE_DIR / "model.safetensors") == record["model_sha256"], (
         f"finetune/tiny/base/model.safetensors is not the file its build record describes; {tiny.rebuild_hint()}"
     )
     for key in ("torch", "transformers", "cpu_capability", "loss_per_100_steps"):
@@ -46,8 +47,8 @@ def test_builtin_tiny_phi_loads_the_shipped_base_without_building_or_writing(tmp
     def no_build(*args, **kwargs):
         raise AssertionError("builtin:tiny-phi must load the shipped base, not build one")
 
-    monkeypatch.setattr(tiny, "pretrain", no_build)
-    monkeypatch.setattr(tiny, "build", no_build)
+    monkeypatch.setattr(build, "pretrain", no_build)
+    monkeypatch.setattr(build, "build", no_build)
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny.BASE_DIR.iterdir()}
 
     assert resolve_model_path("builtin:tiny-phi") == str(tiny.BASE_DIR)
@@ -82,10 +83,10 @@ def test_missing_base_is_a_clear_error(tmp_path, monkeypatch):
 def test_build_command_is_deterministic_and_records_what_made_it(tmp_path):
     """A short build (3 steps) twice: bit-identical weights, and the record the shipped base also has."""
     for name in ("a", "b"):
-        assert tiny.main(["build", str(tmp_path / name), "--steps", "3", "--threads", "1"]) == 0
+        assert build.main(["build", str(tmp_path / name), "--steps", "3", "--threads", "1"]) == 0
     a, b = (json.loads((tmp_path / n / tiny.RECORD).read_text()) for n in ("a", "b"))
-    assert a["model_sha256"] == b["model_sha256"] == tiny.sha256_file(tmp_path / "a" / "model.safetensors")
-    assert a["build_key"] == tiny._build_key(3, 0) != tiny.build_record()["build_key"]
+    assert a["model_sha256"] == b["model_sha256"] == build.sha256_file(tmp_path / "a" / "model.safetensors")
+    assert a["build_key"] == build._build_key(3, 0) != tiny.build_record()["build_key"]
     assert a["threads"] == 1 and a["steps"] == 3 and len(a["loss_per_100_steps"]) == 1
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in tiny.BASE_DIR.iterdir())
-    assert tiny.main(["build", str(tmp_path / "a"), "--steps", "3"]) == 2  # exists: refused without --force
+    assert build.main(["build", str(tmp_path / "a"), "--steps", "3"]) == 2  # exists: refused without --force
