@@ -10,14 +10,13 @@ load recipe -> pairs -> SFT-merged base + new LoRA (reference = adapters disable
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from finetune.core import distributed
 from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
 from finetune.core.outputs import print_summary, rate, save_stage
-from finetune.core.progress import progress
+from finetune.core.progress import library_bars_off, progress
 from finetune.core.training import place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -70,17 +69,14 @@ def _trainer_class():
             compute_ref_log_probs below."""
             batches = -(-len(dataset) // (batch_size * distributed.world_size()))
             self._drop_copied_reference_adapter()  # runs inside DPOTrainer.__init__, after TRL's copy
-            previous = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"
             try:
-                with progress(f"dpo reference log-probs ({name})", total=batches, unit="batches") as self._ref_bar:
+                with (
+                    library_bars_off(),
+                    progress(f"dpo reference log-probs ({name})", total=batches, unit="batches") as self._ref_bar,
+                ):
                     return super()._precompute_ref_logps(dataset, name, batch_size)
             finally:
                 self._ref_bar = None
-                if previous is None:
-                    os.environ.pop("TQDM_DISABLE", None)
-                else:
-                    os.environ["TQDM_DISABLE"] = previous
 
         def compute_ref_log_probs(self, model, batch):
             out = super().compute_ref_log_probs(model, batch)

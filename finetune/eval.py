@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from finetune.core.outputs import atomic_dir, print_summary, read_metrics, setup_logging, write_json
-from finetune.core.progress import progress
+from finetune.core.progress import library_bars_off, progress
 from finetune.core.serving import Loaded, load_base, load_folder, load_recipe_model
 from finetune.errors import UserError
 from finetune.launch import stage_main
@@ -87,7 +87,8 @@ def run_tasks(loaded: Loaded, section: EvalSection, manager, seed: int) -> dict:
     merged = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}, "versions": {}, "settings": {}}
     for (shots, chat, limit), names in groups.items():
         log.info("lm-eval: %s (%s-shot, chat template %s) on %s", names, shots, chat, loaded.description)
-        with progress(f"lm-eval {', '.join(names)} on {loaded.description}"):  # timed lines when not a terminal
+        # timed lines when not a terminal, instead of lm-eval's bars
+        with library_bars_off(always=False), progress(f"lm-eval {', '.join(names)} on {loaded.description}"):
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=names,

@@ -34,6 +34,10 @@ def test_pipeline_eval_scores_the_export_as_its_held_out_correctness_and_the_bas
     assert "| finetune_tiny_heldout | exact_match | 0 | yes |" in table
     row = {r["stage"]: r for r in pipeline_run["report"]["stages"]}["eval"]
     assert (row["before"], row["after"]) == (evaluated["score_base"], evaluated["score"])
+    log = pipeline_run["second"].stderr
+    log = log[log.index("pipeline [6/6] eval: running") :]
+    assert "lm-eval: ['finetune_tiny_heldout']" in log  # our lines, not lm-eval's bars and notices
+    assert "it/s]" not in log and "already-initialized model" not in log and "Building contexts" not in log
 
 
 def test_eval_of_an_export_folder_with_the_recipe_task(pipeline_run, tmp_path, capsys):

@@ -31,7 +31,15 @@ QUIET_WARNINGS = [
 QUIET_LOG_LINES = {
     # DeepSpeed at import, on every machine without a GPU (deepspeed/accelerator/real_accelerator.py)
     "DeepSpeed": ("Setting accelerator to CPU", "Setting ds_accelerator to"),
+    # lm-eval, when handed a model object (finetune eval does so on purpose: the model is loaded once, by us)
+    "lm_eval.models.huggingface": (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    ),
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
 }
+# Libraries whose INFO lines restate what the stage's own log says (set to WARNING unless verbose)
+QUIET_LOGGERS = ["lm_eval"]
 _quieted = False
 
 
@@ -68,6 +76,8 @@ def setup_logging(main_process: bool = True, verbose: bool = False):
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, texts in QUIET_LOG_LINES.items():
         logging.getLogger(name).addFilter(DropMessages(*texts))  # kept when the library configures its logger
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if progress.mode() != "bar":
         # Their carriage-return redraws are a wall of text in a log file; load_model, the data loader and
         # the Trainer report through finetune.core.progress instead. At a terminal they stay (downloads).

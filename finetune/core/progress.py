@@ -33,6 +33,7 @@ $FINETUNE_PROGRESS chooses the mode: `auto` (default: bar when stderr is a termi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -237,6 +238,35 @@ def step_line(stage: str, step: int, total: int | None, figures: dict) -> str:
     `sft     step 10/40  loss 1.234  lr 4.90e-06  token acc 0.77` (figures in the order given; None skipped)."""
     head = f"{stage:<7} step {step}/{total}" if total else f"{stage:<7} step {step}"
     return "  ".join([head, *(f"{k} {number(v)}" for k, v in figures.items() if v is not None)])
+
+
+@contextlib.contextmanager
+def library_bars_off(always: bool = True):
+    """Within: the libraries' tqdm bars off, because a phase of ours reports instead. TQDM_DISABLE covers bars
+    made with tqdm's defaults; when output is not a terminal (where ours are lines, not tqdm bars) also those
+    a library makes with an explicit `disable=False` (lm-eval's), whose redraws are a wall of text in a log
+    file. With `always=False`, only when output is not a terminal."""
+    if not always and mode() == "bar":
+        yield
+        return
+    import tqdm.std
+
+    previous, init = os.environ.get("TQDM_DISABLE"), tqdm.std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "disable": True})
+
+    os.environ["TQDM_DISABLE"] = "1"
+    if mode() != "bar":
+        tqdm.std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = init
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 def progress(desc: str, total: int | None = None, unit: str = "items", **kwargs) -> Progress:
