@@ -149,6 +149,10 @@ def test_mlflow_store_has_one_child_run_per_stage_under_the_pipeline_run(pipelin
         assert sorted(steps) == list(range(resumed + 1, 13)), key
     killed = [r for r in by_stage["ppo"] if r.info.status != "FINISHED"]
     assert killed and client.get_metric_history(killed[0].info.run_id, "ppo/score")  # its curve survived the kill
+    # SIGKILL left the PPO run and the first pipeline run open; the rerun closed them as KILLED
+    assert [r.info.status for r in killed] == ["KILLED"]
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+    assert not list(pipeline_run["out"].glob(".*.mlflow"))  # no run left open
     export = finished["export"][0].data.metrics["final/correct_rate_after"]
     assert export == pytest.approx(metrics_json(pipeline_run, "export")["correct_rate_after"])
     parent = client.get_run(finished["export"][0].data.tags["mlflow.parentRunId"])
@@ -220,6 +224,22 @@ def test_tracker_choice_and_its_errors(monkeypatch):
     assert tracking.requested(load_recipe(TINY_RECIPE, ["logging.report_to=[none]"])) == []
     with pytest.raises(RecipeError, match="'all' would report everything twice"):
         load_recipe(TINY_RECIPE, ["logging.report_to=[all]"])
+
+
+def test_only_a_run_left_running_is_closed_as_killed(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    experiment = client.create_experiment("x")
+    open_run, done = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(done, "FINISHED")
+    for run_id, status in ((open_run, "KILLED"), (done, "FINISHED")):
+        marker = tmp_path / f".{run_id}.mlflow"
+        tracking.remember_open_run(marker, run_id)
+        assert tracking.close_orphaned_run(client, marker) == (run_id if status == "KILLED" else None)
+        assert client.get_run(run_id).info.status == status
+    assert tracking.close_orphaned_run(client, tmp_path / "absent.mlflow") is None
 
 
 def test_mlflow_that_cannot_start_stops_the_stage_before_training(tmp_path, monkeypatch):

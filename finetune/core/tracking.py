@@ -217,12 +217,15 @@ class _MLflow:
         self.client = MlflowClient()
         self.owned = "MLFLOW_RUN_ID" not in os.environ
         if self.owned:
+            self.marker = open_run_marker(recipe, stage)
+            close_orphaned_run(self.client, self.marker)
             tags = {"finetune.stage": stage, "finetune.group": group_name(recipe)}
             if os.environ.get(ENV_PARENT):
                 tags["mlflow.parentRunId"] = os.environ[ENV_PARENT]
             experiment = experiment_id(self.client, experiment_name(recipe))
             run = self.client.create_run(experiment, run_name=stage_run_name(recipe, stage), tags=tags)
             self.run_id = run.info.run_id
+            remember_open_run(self.marker, self.run_id)
         else:
             self.run_id = os.environ["MLFLOW_RUN_ID"]
         self._log_params(params)
@@ -250,6 +253,38 @@ class _MLflow:
         self.log(final, step)
         if self.owned:
             self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+            self.marker.unlink(missing_ok=True)
+
+
+def open_run_marker(recipe: Recipe, name: str) -> Path:
+    """Where a stage (or the pipeline) keeps the id of the MLflow run it has open: `<output_dir>/.<name>.mlflow`."""
+    return recipe.output_path(recipe.output_dir) / f".{name}.mlflow"
+
+
+def close_orphaned_run(client, marker: Path) -> str | None:
+    """The run recorded in `marker` by an earlier process, if MLflow still shows it RUNNING, is marked KILLED:
+    that process ended without closing it (SIGKILL, out of memory, power loss). The caller holds the output's
+    lock, so no live process owns that run. Returns the id of a run so closed."""
+    try:
+        run_id = marker.read_text().strip()
+    except OSError:
+        return None
+    try:
+        if not run_id or client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_terminated(run_id, "KILLED")
+    except Exception as e:  # another tracking server, a deleted run: nothing of ours to close
+        log.debug("mlflow: left the earlier run %s as it is (%s)", run_id, e)
+        return None
+    log.info("mlflow: the earlier run %s ended without closing (killed?): marked KILLED", run_id)
+    return run_id
+
+
+def remember_open_run(marker: Path, run_id: str) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, marker)
 
 
 def _mlflow_key(key: str) -> str:
@@ -431,12 +466,15 @@ class PipelineRun:
 
             try:
                 self.client = MlflowClient()
+                self.marker = open_run_marker(recipe, "pipeline")
+                close_orphaned_run(self.client, self.marker)
                 experiment = experiment_id(self.client, experiment_name(recipe))
                 self.run_id = self.client.create_run(
                     experiment,
                     run_name=run_name(recipe),
                     tags={"finetune.group": self.env[ENV_GROUP], "finetune.stage": "pipeline"},
                 ).info.run_id
+                remember_open_run(self.marker, self.run_id)
             except Exception as e:
                 raise RecipeError(
                     f"{recipe.source}: logging.report_to: mlflow could not start the pipeline's run "
@@ -454,3 +492,4 @@ class PipelineRun:
             if curves is not None and curves.is_file():
                 self.client.log_artifact(self.run_id, str(curves))
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        self.marker.unlink(missing_ok=True)
