@@ -171,7 +171,7 @@ def run(recipe: Recipe) -> dict:
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples.rows(), setup.reports)
+    out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples=samples.rows(), reports=setup.reports)
     if setup.main_process:
         print_summary(
             STAGES["dpo"].summary_title,

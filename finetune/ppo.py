@@ -357,6 +357,7 @@ def save_output(
     recipe: Recipe,
     metrics: dict,
     log_file: Path,
+    *,
     samples: list[dict] | None = None,
     reports: dict | None = None,
 ) -> None:
@@ -374,7 +375,7 @@ def save_output(
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples, reports)
+        write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
         commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -471,7 +472,6 @@ def run(recipe: Recipe) -> dict:
         fp16=recipe.precision == "fp16",
         total_updates=s.updates,
     )
-    start_update, history, log_file = resume_or_start(recipe, last, model, engine, scorer)
 
     def correctness():
         if not main:
@@ -480,10 +480,13 @@ def run(recipe: Recipe) -> dict:
             model.peft, tokenizer, template, prompts.eval_rows, s.eval_generate_rows, s.max_new_tokens
         )
 
+    # the start's figures before a checkpoint is loaded, so a resumed run reports the same "before" as an
+    # unbroken one (none of these touches the training RNG: greedy, or sampled under a forked seed)
     correct_before, _ = correctness()
     held_before = held_out_rollouts(recipe, engine, scorer, prompts) if main else {}
     samples = Samples(recipe, None if main else [])  # the main process generates and saves them
     samples.answer("start", model.peft, tokenizer, template)  # the policy's start: the DPO model
+    start_update, history, log_file = resume_or_start(recipe, last, model, engine, scorer)
     runtime = train_updates(recipe, engine, scorer, model, prompts, start_update, history, log_file)
     correct_after, replies = correctness()
     held_after = held_out_rollouts(recipe, engine, scorer, prompts) if main else {}
@@ -513,7 +516,7 @@ def run(recipe: Recipe) -> dict:
     out = recipe.stage_dir("ppo")
     if main:
         reports = {"train": prompts.report, "eval": prompts.eval_report}
-        save_output(out, model, tokenizer, recipe, metrics, log_file, samples.rows(), reports)
+        save_output(out, model, tokenizer, recipe, metrics, log_file, samples=samples.rows(), reports=reports)
         summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics

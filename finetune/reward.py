@@ -69,7 +69,7 @@ def run(recipe: Recipe) -> dict:
         **trained,
         **setup.data_metrics(),
     }
-    out = save_stage(trainer, recipe, "reward", tokenizer, metrics, setup.reports)
+    out = save_stage(trainer, recipe, "reward", tokenizer, metrics, reports=setup.reports)
     if setup.main_process:
         print_summary(
             STAGES["reward"].summary_title,

@@ -138,7 +138,13 @@ def run(recipe: Recipe) -> dict:
         **trained,
     }
     out = save_stage(
-        trainer, recipe, "sft", tokenizer, metrics, samples.rows(), {"train": train_report, "eval": eval_report}
+        trainer,
+        recipe,
+        "sft",
+        tokenizer,
+        metrics,
+        samples=samples.rows(),
+        reports={"train": train_report, "eval": eval_report},
     )
     if main_process:
         sample = eval_rows[0]["messages"] if eval_rows else None

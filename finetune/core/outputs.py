@@ -179,7 +179,7 @@ def write_dropped_rows(folder: Path, reports: dict) -> int:
 
 
 def write_stage_files(
-    folder: Path, recipe: Recipe, metrics: dict, samples: list[dict] | None = None, reports: dict | None = None
+    folder: Path, recipe: Recipe, metrics: dict, *, samples: list[dict] | None = None, reports: dict | None = None
 ) -> None:
     """recipe.yaml, the samples (greedy replies to the recipe's held-out sample prompts, one JSON row
     each), dropped_rows.jsonl and metrics.json, written last: its presence marks a finished output."""
@@ -202,6 +202,7 @@ def save_stage(
     stage: str,
     tokenizer,
     metrics: dict,
+    *,
     samples: list[dict] | None = None,
     reports: dict | None = None,
 ) -> Path:
@@ -219,7 +220,7 @@ def save_stage(
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
             # the training curves (loss, lr, ... per logging step), for the pipeline's plot
             write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples, reports)
+            write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
             commit_dir(tmp, out)
         except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
             failure, error = f"{type(e).__name__}: {e}", e
