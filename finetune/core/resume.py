@@ -25,7 +25,7 @@ import re
 import shutil
 from pathlib import Path
 
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed
 from .integrity import safetensors_problem, torch_file_problem
@@ -37,9 +37,17 @@ log = logging.getLogger(__name__)
 IDENTITY = "run_identity.json"
 
 # Keys that may change between a run and its resumption: how long to train, how often to save or log,
-# how to evaluate. Everything else in a stage's settings is part of the run's identity.
+# how to evaluate, and how to trade memory for compute without changing the math (recomputing
+# activations; PPO's micro-batches), which is what the memory check suggests when a rerun would not fit.
+# Everything else in a stage's settings is part of the run's identity.
 MAY_CHANGE = {
     "resume",
+    "eval_prompts",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "micro_batch_size",
     "eval_generate_rows",
     "max_new_tokens",
     "max_steps",
@@ -96,10 +104,15 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
     """What a checkpoint must match to be resumed by this run (see the module docstring)."""
     section = recipe.section(stage)
     own = section.model_dump(mode="json", exclude=RECORDED_ELSEWHERE)
-    settings = {k: v for k, v in {**recipe.training, **own}.items() if k not in MAY_CHANGE}
+    shared = recipe.training if STAGES[stage].trl_config else {}  # `training` feeds the TRL configs only
+    settings = {k: v for k, v in {**shared, **own}.items() if k not in MAY_CHANGE}
     template = template_for(recipe).source
     return {
-        "model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision},
+        "model": {
+            "name_or_path": recipe.model.name_or_path,
+            "revision": recipe.model.revision,
+            "load_in_4bit": recipe.model.load_in_4bit,
+        },
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,
@@ -277,6 +290,7 @@ def choose_checkpoint(
             if diff:  # named explicitly: the user's choice, but not silently
                 log.warning("%s: resuming from %s although it was made with: %s", stage, chosen, "; ".join(diff))
         _refuse_beyond(recipe, stage, chosen, beyond)
+        _record(root, identity, main)  # the checkpoints this run saves in root are this run's
         log.info("resuming %s from %s (named by %s.resume)", stage, chosen, stage)
         return chosen
     candidates = checkpoints_in(root, prefix)
