@@ -34,6 +34,7 @@ from finetune.core.outputs import (
     atomic_dir,
     check_export_target,
     figure,
+    is_export_folder,
     key_metrics,
     print_summary,
     rate,
@@ -191,7 +192,7 @@ def run(recipe: Recipe) -> dict:
     setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
-    if target.exists() and not section.force and section.push_to_hub and (target / "metrics.json").is_file():
+    if not section.force and section.push_to_hub and is_export_folder(target):
         log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
         print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
         return read_metrics(target)

@@ -44,6 +44,22 @@ def test_push_to_hub_offline_fails_fast_and_keeps_the_export(pipeline_run, monke
     assert fingerprint(folder) == before
 
 
+@pytest.mark.timeout(60)
+def test_push_to_hub_pushes_as_is_only_an_export_folder(pipeline_run, monkeypatch, capsys):
+    """export.output naming a stage folder with --push-to-hub: refused as an export target (that folder is not
+    an export), never uploaded as if it were one."""
+    from finetune import export
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sft = pipeline_run["out"] / "sft"
+    before = fingerprint(sft)
+    args = [str(TINY_RECIPE), f"output_dir={pipeline_run['out']}", f"export.output={sft}", "--push-to-hub", "me/x"]
+    assert export.main(args) == 2
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" not in err and "Traceback" not in err and str(sft) in err
+    assert fingerprint(sft) == before
+
+
 def test_push_to_hub_flag_is_the_recipe_key_and_private_by_default():
     from finetune.recipe import load_recipe
 
