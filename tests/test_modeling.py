@@ -146,3 +146,18 @@ def test_safetensors_only(tmp_path, tiny_base):
 def test_unknown_builtin_model():
     with pytest.raises(RecipeError, match="unknown builtin model 'huge'"):
         resolve_model_path("builtin:huge")
+
+
+def test_a_full_disk_while_loading_from_the_hub_is_not_called_a_bad_id(monkeypatch):
+    import errno
+
+    from finetune.core.hub import hub_load
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError) as caught:
+        with hub_load("model.name_or_path", "microsoft/phi-2", "r.yaml"):
+            raise OSError(errno.ENOSPC, "No space left on device", "/cache/model.safetensors")
+    assert caught.value.errno == errno.ENOSPC  # left for the stage's fault report ("no space left ...")
+    with pytest.raises(RecipeError, match="microsoft/phi-2 is a hub id and the hub is offline"):
+        with hub_load("model.name_or_path", "microsoft/phi-2", "r.yaml"):
+            raise OSError("not in the cache")

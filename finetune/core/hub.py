@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 from finetune.recipe import RecipeError
 
+from . import faults
+
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 3.0
@@ -112,6 +114,8 @@ def hub_load(key: str, name: str, source: str, error=RecipeError):
         with _offline(reason is not None):
             yield
     except (OSError, ConnectionError, HFValidationError) as e:
+        if faults.describe(e, Path.cwd()) is not None:
+            raise  # a full disk, read-only or forbidden folder (e.g. the cache): reported as such by the stage
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if reason:
             raise error(
