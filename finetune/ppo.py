@@ -26,7 +26,7 @@ import torch
 from finetune.chat_template import end_of_turn_ids
 from finetune.core import distributed, tracking
 from finetune.core.batching import left_pad
-from finetune.core.data import DataReport, to_prompt, tokenize_prompts, train_eval_rows
+from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
@@ -122,7 +122,14 @@ def load_prompts(recipe: Recipe, tokenizer, template) -> Prompts:
         )
     eval_ids = []
     if s.eval_prompts:
-        eval_ids, _ = tokenize_prompts(eval_rows, tokenizer, template, s.max_prompt_length, eval_report, "eval", True)
+        # the held-out rollouts' prompts (distinct, short enough): a diagnostic with its own report, since every
+        # held-out row stays in use for held-out correctness; none usable skips the rollouts, not the stage
+        try:
+            eval_ids, _ = tokenize_prompts(
+                eval_rows, tokenizer, template, s.max_prompt_length, DataReport(), "eval (held-out rollouts)", True
+            )
+        except DataError as e:
+            log.warning("held-out rollouts skipped: %s", e)
     return Prompts(ids, [train_rows[i] for i in kept], eval_rows, report, eval_ids[: s.eval_prompts], eval_report)
 
 

@@ -173,3 +173,21 @@ def test_two_processes_under_accelerate_launch(sft_run, reward_run, tmp_path):
     assert "PPO done" in res.stderr and "plain data parallel" in res.stderr
     m = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert m["processes"] == 2 and m["updates"] == 2 and m["base_unchanged"] and m["adapters_in_sync"]
+
+
+def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
+    """Held-out prompts too long for the rollouts skip the held-out rollouts with a warning (the stage goes on),
+    and a repeated held-out prompt is not reported as dropped: held-out correctness still uses every row."""
+    from finetune import ppo
+    from finetune.core.modeling import load_tokenizer, template_for
+
+    rows = [{"prompt": "What is 2 plus 3? " * 30}, {"prompt": "What is 2 plus 3? " * 30}]
+    held_out = tmp_path / "long.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(
+        TINY_RECIPE, [f"ppo.data.eval=[{{path: {held_out}}}]", "ppo.max_prompt_length=64", "ppo.rollout_batch_size=8"]
+    )
+    prompts = ppo.load_prompts(recipe, load_tokenizer(recipe), template_for(recipe))
+    assert prompts.eval_ids == [] and len(prompts.eval_rows) == 2 and prompts.ids
+    assert "held-out rollouts skipped" in caplog.text
+    assert not prompts.eval_report.drops
