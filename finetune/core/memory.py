@@ -43,7 +43,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
-from finetune.recipe.trl_fields import RENAMED, config_class, finetune_default
+from finetune.recipe.trl_fields import config_class, finetune_default
 from finetune.tiny import tiny_config
 
 from .modeling import LORA_TARGETS
@@ -385,9 +385,6 @@ def _arg(recipe: Recipe, stage: str, name: str, default=None):
 def checkpointing(recipe: Recipe, stage: str) -> bool:
     """Gradient (activation) checkpointing for a TRL stage, under either of its names (RENAMED)."""
     args = recipe.training_args(stage)
-    for old, new in RENAMED.items():
-        if old in args:
-            args.setdefault(new, args.pop(old))  # both given: the new name wins, as in transformers
     return bool(args.get("activation_checkpointing", finetune_default(stage, "activation_checkpointing")))
 
 

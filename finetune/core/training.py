@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.recipe import Recipe, RecipeError
-from finetune.recipe.trl_fields import RENAMED, TRL_DEFAULTS
+from finetune.recipe.trl_fields import TRL_DEFAULTS
 
 from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
@@ -57,11 +57,7 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         **TRL_DEFAULTS,
         **(defaults or {}),
     )
-    asked = recipe.training_args(stage)
-    for old, new in RENAMED.items():  # a recipe's old name means the new one (and must beat our default)
-        if old in asked:
-            asked.setdefault(new, asked.pop(old))  # both given: the new name wins, as in transformers
-    kwargs.update(asked)
+    kwargs.update(recipe.training_args(stage))  # a recipe's old name means the new one, and beats our default
     kwargs.update(fixed)
     config = config_cls(**kwargs)
     if getattr(config, "max_length", 0) is None:

@@ -28,6 +28,7 @@ from .sections import (
     TemplateSection,
 )
 from .stages import STAGES
+from .trl_fields import RENAMED
 
 
 class Recipe(Section):
@@ -137,9 +138,14 @@ class Recipe(Section):
         return None if value.strip().lower() == NO_ADAPTER else self.output_path(value)
 
     def training_args(self, stage: str) -> dict[str, Any]:
-        """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section."""
+        """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section, old
+        field names as their new ones (RENAMED; both given: the new name wins, as in transformers)."""
         section = self.section(stage)
-        return {**self.training, **((section.model_extra or {}) if section is not None else {})}
+        args = {**self.training, **((section.model_extra or {}) if section is not None else {})}
+        for old, new in RENAMED.items():
+            if old in args:
+                args.setdefault(new, args.pop(old))
+        return args
 
 
 _models: dict[int, type[Recipe]] = {}
