@@ -161,7 +161,7 @@ def _sources(section) -> str:
 
 def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, str]:
     """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read)."""
-    from finetune.core.memory import _arg
+    from finetune.core.memory import trl_setting
 
     if stage == "ppo":
         s = recipe.ppo
@@ -178,20 +178,20 @@ def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, 
         tasks = getattr(recipe.section(stage), "tasks", None)
         names = f": {', '.join(t.name for t in tasks)}" if tasks else ""
         return f"no training{names}", "as the tasks need"
-    batch = _arg(recipe, stage, "per_device_train_batch_size", 8)
-    accumulate = _arg(recipe, stage, "gradient_accumulation_steps", 1)
-    length = _arg(recipe, stage, "max_length", 1024)
+    batch = trl_setting(recipe, stage, "per_device_train_batch_size")
+    accumulate = trl_setting(recipe, stage, "gradient_accumulation_steps")
+    length = trl_setting(recipe, stage, "max_length")
     rows = batch * accumulate * processes
     unit = "rows" if stage == "sft" else "pairs"
     per_row = length if stage == "sft" else 2 * length
-    max_steps = _arg(recipe, stage, "max_steps", -1)
-    epochs = _arg(recipe, stage, "num_train_epochs", 3.0)
+    max_steps = trl_setting(recipe, stage, "max_steps")
+    epochs = trl_setting(recipe, stage, "num_train_epochs")
     steps = (
         f"{max_steps}"
         if max_steps and max_steps > 0
         else f"unknown until the data is read: {epochs:g} epoch(s) over the rows read"
     )
-    packed = " (packed)" if stage == "sft" and _arg(recipe, stage, "packing", True) else ""
+    packed = " (packed)" if stage == "sft" and trl_setting(recipe, stage, "packing") else ""
     return (
         f"{steps}; {rows} {unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
         f"at most {rows * per_row:,} per step ({unit} of <= {length} tokens"

@@ -365,7 +365,7 @@ def model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     return shape_from_config(config, targets, recipe.lora.r, source), source
 
 
-def _arg(recipe: Recipe, stage: str, name: str, default=None):
+def trl_setting(recipe: Recipe, stage: str, name: str, default=None):
     """A stage's training setting: the recipe's value, finetune's default, else its TRL config's default."""
     args = recipe.training_args(stage)
     if name in args:
@@ -426,9 +426,9 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         **common,
         zero_shards=zero,
         merges=merges,
-        batch=_arg(recipe, stage, "per_device_train_batch_size", 8),
-        seq=_arg(recipe, stage, "max_length", 1024) or 1024,
-        eval_batch=_arg(recipe, stage, "per_device_eval_batch_size", 8),
+        batch=trl_setting(recipe, stage, "per_device_train_batch_size", 8),
+        seq=trl_setting(recipe, stage, "max_length", 1024) or 1024,
+        eval_batch=trl_setting(recipe, stage, "per_device_eval_batch_size", 8),
         grad_ckpt=checkpointing(recipe, stage),
     )
 
