@@ -188,6 +188,32 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
     return "\n".join(lines)
 
 
+def summarise(recipe: Recipe, metrics: dict, parity_checked: bool, target: Path) -> None:
+    """The export's closing summary, from its metrics."""
+    chain, dtype_name = metrics["adapters"], metrics["dtype"]
+    parity = (
+        f"max |Δ logit| fp32 {metrics['parity_max_abs_diff_fp32']:.2e}, "
+        f"{dtype_name} {metrics['parity_max_abs_diff_export_dtype']:.2e}"
+        if parity_checked
+        else "not checked"
+    )
+    print_summary(
+        STAGES["export"].summary_title,
+        [
+            ("model", f"{metrics['stage']}: {' + '.join(chain)} merged into {recipe.model.name_or_path}"),
+            ("dtype", f"{dtype_name} ({len(metrics['shards'])} safetensors shard(s), max {metrics['max_shard_size']})"),
+            ("parity", parity),
+            (
+                "held-out correct",
+                f"{rate(metrics['correct_rate_base'])} (base) -> {rate(metrics['correct_rate_after'])} (exported)",
+            ),
+            ("sample reply", repr(metrics["sample_reply"])),
+            ("stops at", f"{metrics['end_of_turn']} (generation_config eos_token_id {metrics['eos_token_id']})"),
+            ("output", str(target)),
+        ],
+    )
+
+
 def run(recipe: Recipe) -> dict:
     setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
@@ -260,24 +286,7 @@ def run(recipe: Recipe) -> dict:
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users
-    print_summary(
-        STAGES["export"].summary_title,
-        [
-            ("model", f"{stage}: {' + '.join(chain)} merged into {recipe.model.name_or_path}"),
-            ("dtype", f"{dtype_name} ({len(metrics['shards'])} safetensors shard(s), max {section.max_shard_size})"),
-            (
-                "parity",
-                "not checked"
-                if not inputs
-                else f"max |Δ logit| fp32 {metrics['parity_max_abs_diff_fp32']:.2e}, "
-                f"{dtype_name} {metrics['parity_max_abs_diff_export_dtype']:.2e}",
-            ),
-            ("held-out correct", f"{rate(metrics['correct_rate_base'])} (base) -> {rate(correct)} (exported)"),
-            ("sample reply", repr(metrics["sample_reply"])),
-            ("stops at", f"{eot} (generation_config eos_token_id {gen.eos_token_id})"),
-            ("output", str(target)),
-        ],
-    )
+    summarise(recipe, metrics, bool(inputs), target)
     if section.push_to_hub:
         print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
     return metrics
