@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
@@ -75,6 +76,29 @@ def make_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds=None,
             data_collator=collator,
             **extra,
         )
+
+
+def summarise(metrics: dict, data: str, prompt: str, replies: list[str], out: Path) -> None:
+    """SFT's closing summary, from its metrics."""
+    print_summary(
+        STAGES["sft"].summary_title,
+        [
+            (
+                "eval loss",
+                f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+                f"({metrics['eval_loss_reduction']:.0%} lower)",
+            ),
+            ("held-out correct", f"{rate(metrics['correct_rate_before'])} -> {rate(metrics['correct_rate_after'])}"),
+            (
+                "trained",
+                f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, {metrics['train_runtime_s']:.1f}s",
+            ),
+            ("data", data),
+            ("sample prompt", repr(prompt)),
+            ("sample reply", repr(replies[0]) if replies else "n/a"),
+            ("output", str(out)),
+        ],
+    )
 
 
 def run(recipe: Recipe) -> dict:
@@ -147,27 +171,9 @@ def run(recipe: Recipe) -> dict:
         reports={"train": train_report, "eval": eval_report},
     )
     if main_process:
-        sample = eval_rows[0]["messages"] if eval_rows else None
-        print_summary(
-            STAGES["sft"].summary_title,
-            [
-                (
-                    "eval loss",
-                    f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
-                    f"({metrics['eval_loss_reduction']:.0%} lower)",
-                ),
-                ("held-out correct", f"{rate(correct_before)} -> {rate(correct_after)}"),
-                (
-                    "trained",
-                    f"{metrics['global_steps']} steps, {metrics['train_tokens']} tokens, "
-                    f"{metrics['train_runtime_s']:.1f}s",
-                ),
-                ("data", f"{train_report.summary('train')}; {eval_report.summary('eval')}"),
-                ("sample prompt", repr(tokenizer.decode(tokenize_prompt(tokenizer, sample[:1])) if sample else "")),
-                ("sample reply", repr(replies[0]) if replies else "n/a"),
-                ("output", str(out)),
-            ],
-        )
+        prompt = eval_rows[0]["messages"][:1] if eval_rows else None
+        data = f"{train_report.summary('train')}; {eval_report.summary('eval')}"
+        summarise(metrics, data, tokenizer.decode(tokenize_prompt(tokenizer, prompt)) if prompt else "", replies, out)
     return metrics
 
 
