@@ -151,7 +151,8 @@ def test_mlflow_store_has_one_child_run_per_stage_under_the_pipeline_run(pipelin
     assert killed and client.get_metric_history(killed[0].info.run_id, "ppo/score")  # its curve survived the kill
     # SIGKILL left the PPO run and the first pipeline run open; the rerun closed them as KILLED
     assert [r.info.status for r in killed] == ["KILLED"]
-    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+    statuses = [p.info.status for p in parents]  # the killed one, the one that finished, any later rerun
+    assert statuses.count("KILLED") == 1 and "RUNNING" not in statuses
     assert not list(pipeline_run["out"].glob(".*.mlflow"))  # no run left open
     export = finished["export"][0].data.metrics["final/correct_rate_after"]
     assert export == pytest.approx(metrics_json(pipeline_run, "export")["correct_rate_after"])
