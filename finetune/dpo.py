@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from finetune.core import distributed
 from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
@@ -116,6 +117,27 @@ def make_trainer(args, model, tokenizer, train_pairs, eval_pairs=None, **extra):
         )
 
 
+def summarise(metrics: dict, train_pairs: int, replies: list[str], start: list[str], out: Path) -> None:
+    """DPO's closing summary, from its metrics."""
+    m = metrics
+    print_summary(
+        STAGES["dpo"].summary_title,
+        [
+            ("held-out DPO loss", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"),
+            ("reward accuracy", f"{m['eval_rewards_accuracy_before']:.0%} -> {m['eval_rewards_accuracy']:.0%}"),
+            ("reward margin", f"{m['eval_rewards_margin_before']:.3f} -> {m['eval_rewards_margin']:.3f}"),
+            (
+                "held-out correct",
+                f"{rate(m['correct_rate_start'])} (start model) -> {rate(m['correct_rate_after'])} (DPO)",
+            ),
+            ("trained", f"{m['global_steps']} steps on {train_pairs} pairs, {m['train_runtime_s']:.1f}s"),
+            ("sample reply", repr(replies[0]) if replies else "n/a"),
+            ("started from", ", ".join(start) or "the base"),
+            ("output", str(out)),
+        ],
+    )
+
+
 def run(recipe: Recipe) -> dict:
     from trl import DPOConfig
 
@@ -173,23 +195,7 @@ def run(recipe: Recipe) -> dict:
     }
     out = save_stage(trainer, recipe, "dpo", tokenizer, metrics, samples=samples.rows(), reports=setup.reports)
     if setup.main_process:
-        print_summary(
-            STAGES["dpo"].summary_title,
-            [
-                ("held-out DPO loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
-                ("reward accuracy", f"{before['rewards_accuracy']:.0%} -> {after['rewards_accuracy']:.0%}"),
-                ("reward margin", f"{before['rewards_margin']:.3f} -> {after['rewards_margin']:.3f}"),
-                ("held-out correct", f"{rate(correct_before)} (start model) -> {rate(correct_after)} (DPO)"),
-                (
-                    "trained",
-                    f"{metrics['global_steps']} steps on {len(pairs['train'])} pairs, "
-                    f"{metrics['train_runtime_s']:.1f}s",
-                ),
-                ("sample reply", repr(replies[0]) if replies else "n/a"),
-                ("started from", ", ".join(start) or "the base"),
-                ("output", str(out)),
-            ],
-        )
+        summarise(metrics, len(pairs["train"]), replies, start, out)
     return metrics
 
 

@@ -438,15 +438,9 @@ def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[st
     )
 
 
-def run(recipe: Recipe) -> dict:
-    from accelerate import PartialState
-    from transformers import set_seed
-
+def check_settings(recipe: Recipe, main: bool) -> None:
+    """What the ppo section's values must satisfy together, before anything loads."""
     s = recipe.ppo
-    check_precision(recipe)
-    device = PartialState().device  # also initialises torch.distributed under a launcher
-    main = distributed.is_main()
-    setup_logging(main, recipe.logging.verbose)
     if recipe.deepspeed and main:
         log.info(
             "ppo: the DeepSpeed config is not used by this stage: adapters are trained with plain data "
@@ -457,15 +451,11 @@ def run(recipe: Recipe) -> dict:
             f"{recipe.source}: ppo.mini_batches: {s.mini_batches} does not divide "
             f"ppo.rollout_batch_size {s.rollout_batch_size}"
         )
-    start = resolve_start(recipe)
-    rule = load_reward_function(s.reward_function, recipe)
-    set_seed(recipe.seed)
-    template, tokenizer = template_for(recipe), load_tokenizer(recipe)
-    prompts = load_prompts(recipe, tokenizer, template)
-    last = choose_start(recipe, prompts, start)
 
-    model = build_policy_model(recipe, *start, device)
-    fingerprint = base_fingerprint(model.peft)
+
+def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, template) -> tuple[Scorer, PPOEngine]:
+    """The scorer (learned reward and/or rule) and the PPO engine over the one model."""
+    s = recipe.ppo
     scorer = Scorer(
         model, rule, s.reward_function_weight, tokenizer, tokenizer.pad_token_id, s.normalize_reward, s.micro_batch_size
     )
@@ -479,6 +469,29 @@ def run(recipe: Recipe) -> dict:
         fp16=recipe.precision == "fp16",
         total_updates=s.updates,
     )
+    return scorer, engine
+
+
+def run(recipe: Recipe) -> dict:
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    s = recipe.ppo
+    check_precision(recipe)
+    device = PartialState().device  # also initialises torch.distributed under a launcher
+    main = distributed.is_main()
+    setup_logging(main, recipe.logging.verbose)
+    check_settings(recipe, main)
+    start = resolve_start(recipe)
+    rule = load_reward_function(s.reward_function, recipe)
+    set_seed(recipe.seed)
+    template, tokenizer = template_for(recipe), load_tokenizer(recipe)
+    prompts = load_prompts(recipe, tokenizer, template)
+    last = choose_start(recipe, prompts, start)
+
+    model = build_policy_model(recipe, *start, device)
+    fingerprint = base_fingerprint(model.peft)
+    scorer, engine = build_engine(recipe, model, rule, tokenizer, template)
 
     def correctness():
         if not main:
