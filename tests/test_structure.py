@@ -94,19 +94,12 @@ def test_imports_point_one_way():
 
 
 def test_nothing_cites_notes_outside_the_repository():
+    # spelt in pieces so that this list is not itself a citation for a grep of the repository
     pattern = (
-        "shared/design",
-        "design note",
-        "pitfall 1",
-        "pitfall 2",
-        "pitfall 3",
-        "pitfall 4",
-        "pitfall 5",
-        "pitfall 6",
-        "pitfall 7",
-        "pitfall 8",
-        "pitfall 9",
-        "section 1.",
+        "/".join(("shared", "design")),
+        " ".join(("design", "note")),
+        *(" ".join(("pitfall", str(n))) for n in range(1, 10)),
+        " ".join(("section", "1.")),
     )
     files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
     hits = [
