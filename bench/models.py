@@ -51,30 +51,27 @@ SETTINGS = {
 
 
 def phi2_config(small: bool = False):
-    """Phi-2's architecture (microsoft/phi-2 config.json); `small` keeps its shape rules (partial
+    """Phi-2's architecture: its published shape as finetune's memory estimate holds it (microsoft/phi-2
+    config.json), plus the fields the estimate does not need; `small` keeps its shape rules (partial
     rotary 0.4, untied head, full 51200 vocabulary) at a size a CPU test can run."""
     from transformers import PhiConfig
 
-    size = (
-        dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
-        if small
-        else dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32)
-    )
+    from bench.ours import PHI2_PUBLISHED
+
+    shape = {k: v for k, v in PHI2_PUBLISHED.items() if k != "dtype"}  # the dtype is the benchmark's choice
+    if small:
+        shape.update(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
     return PhiConfig(
-        vocab_size=51200,
-        max_position_embeddings=2048,
-        partial_rotary_factor=0.4,
+        **shape,
         rope_theta=10000.0,
         hidden_act="gelu_new",
         layer_norm_eps=1e-5,
         resid_pdrop=0.1,
         embd_pdrop=0.0,
         attention_dropout=0.0,
-        tie_word_embeddings=False,
         bos_token_id=50256,
         eos_token_id=50256,
         pad_token_id=None,
-        **size,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from finetune.chat_template import end_of_turn_ids, tokenize_prompt
 from finetune.core.batching import left_pad
 from finetune.core.data import DataReport, tokenize_conversations, tokenize_preferences
+from finetune.core.memory import KNOWN_CONFIGS
 from finetune.core.modeling import (
     DTYPES,
     add_lora,
@@ -30,7 +31,10 @@ from finetune.sft import make_trainer as sft_trainer
 from finetune.sft import sft_args
 from finetune.tiny import base_path
 
+PHI2_PUBLISHED = KNOWN_CONFIGS["microsoft/phi-2"][1]  # the hub's config.json values, without the network
+
 __all__ = [
+    "PHI2_PUBLISHED",
     "DTYPES",
     "DataReport",
     "PPOEngine",
