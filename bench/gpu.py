@@ -3,7 +3,7 @@ the strongest peers, in one command that fits about 8 minutes of an H100 / H200,
 
     python bench/gpu.py bundle                      # here (PyPI reachable): bench/gpu_bundle/ (wheels, tokenizer)
     python bench/gpu.py run --out DIR               # on the GPU machine (no network), carrying bench/gpu_bundle
-    python bench/gpu.py run --dry-run --out DIR     # the same plan at CPU size (tests/test_bench.py runs it)
+    python bench/gpu.py run --dry-run --out DIR     # the same plan at CPU size (tests/bench/test_bench.py runs it)
 
 `run` first checks, in seconds, everything it will need (a CUDA GPU; the project's Python packages at
 the versions CI runs, installed from the bundle's wheels into a folder of their own when the machine's

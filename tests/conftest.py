@@ -85,7 +85,7 @@ def subprocess_env() -> dict:
 # The tiny recipe with shorter reward / DPO / PPO runs (SFT as shipped, so the export has learnt the task):
 # the full recipe's figures are in the README; the tests check behaviour, and CI has 2 cores.
 PIPELINE_QUICK = ["reward.num_train_epochs=1", "dpo.num_train_epochs=2", "ppo.updates=12", "ppo.save_every=4"]
-# The session's pipeline reports to TensorBoard and to a local MLflow file store (tests/test_tracking.py reads
+# The session's pipeline reports to TensorBoard and to a local MLflow file store (tests/core/test_tracking.py reads
 # them back with those libraries' own readers).
 PIPELINE_TRACKERS = ["logging.report_to=[tensorboard,mlflow]"]
 

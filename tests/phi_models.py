@@ -1,6 +1,6 @@
 """Stand-ins for the Phi bases, built in code: each recipe's own architecture and vocabulary size with two
 layers, a tiny hidden size and random weights, and an offline byte-level BPE tokenizer that has the
-family's special tokens. What the dress rehearsals (tests/test_phi_rehearsal.py) run the shipped
+family's special tokens. What the dress rehearsals (tests/recipes/test_phi_rehearsal.py) run the shipped
 recipes on instead of downloading microsoft/phi-2, microsoft/phi-1_5 or microsoft/Phi-3.5-mini-instruct.
 """
 

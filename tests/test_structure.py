@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY_RECIPE
+from tests.conftest import ROOT, TINY_RECIPE
 
 PACKAGE = ROOT / "finetune"
 
@@ -101,7 +101,7 @@ def test_nothing_cites_notes_outside_the_repository():
         *(" ".join(("pitfall", str(n))) for n in range(1, 10)),
         " ".join(("section", "1.")),
     )
-    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
     hits = [
         f"{f.relative_to(ROOT)}: {p}"
         for f in files

@@ -97,7 +97,7 @@ class MultiAdapterModel(nn.Module):
         """Run with one adapter active (REFERENCE: the reference model). With `grad`, exactly that
         adapter's weights require grad. PEFT's set_adapter also flips requires_grad (peft#2759), and
         switching adapters between a forward and its backward silently drops the gradients (a test in
-        tests/test_ppo_engine.py shows it), so callers finish backward inside this block."""
+        tests/rl/test_engine.py shows it), so callers finish backward inside this block."""
         if adapter == REFERENCE and not self.has_reference_adapter:
             with self.peft.disable_adapter():
                 yield
