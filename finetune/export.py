@@ -3,7 +3,7 @@
     finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID]
     python finetune/export.py RECIPE [key=value ...] [--force]
 
-choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
+choose the stage (export.stage; auto = the last finished of grpo, ppo, dpo, sft) -> its adapter chain ->
 base in fp32 with the chain merged (core.modeling.load_model, one copy of the model) -> parity logits and
 held-out correctness -> cast to export.dtype -> sharded safetensors, config, generation config (EOS =
 the template's end-of-turn token), tokenizer with the chat template, model card -> parity reference
@@ -11,7 +11,8 @@ the template's end-of-turn token), tokenizer with the chat template, model card 
 
 The chain of a stage output is the adapters it was trained on top of (its metrics.json `start_from`)
 and then its own (finetune.core.lineage). For PPO that is sft + ppo: the PPO policy adapter began as
-a copy of the DPO adapter and replaces it. No DeepSpeed and no GPU: merging runs on the CPU in fp32
+a copy of the DPO adapter and replaces it; GRPO's is sft + grpo (a new policy LoRA on the SFT model, or a
+copy of the adapter grpo.start_from names beyond it). No DeepSpeed and no GPU: merging runs on the CPU in fp32
 (fp16 merges lose precision: peft#2368).
 """
 
@@ -102,7 +103,7 @@ def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int]:
 def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot: str) -> str:
     """README.md of the exported folder: what it is, how to use it, the stages and their figures, the recipe."""
     out = Path(recipe.output_dir)
-    ppo = read_metrics(recipe.stage_dir("ppo")) if stage == "ppo" else {}
+    rl = read_metrics(recipe.stage_dir(stage)) if stage in ("ppo", "grpo") else {}
     rows = []
     for name in STAGES.names():
         folder = recipe.stage_dir(name)
@@ -111,10 +112,10 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
             continue
         if str(folder) in chain:
             role = "merged into this model"
-        elif ppo.get("policy_initialised_from") == str(folder):
-            role = "initialised the PPO policy, which replaced it"
-        elif ppo.get("reward_from") == str(folder):
-            role = "scored PPO's samples (not part of this model)"
+        elif rl.get("policy_initialised_from") == str(folder):
+            role = f"initialised the {stage.upper()} policy, which replaced it"
+        elif rl.get("reward_from") == str(folder):
+            role = f"scored {stage.upper()}'s samples (not part of this model)"
         else:
             role = "not part of this model"
         k = key_metrics(name, m)

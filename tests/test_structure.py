@@ -156,9 +156,9 @@ def test_a_registered_stage_appears_everywhere_with_no_other_edit(noop_stage, tm
         assert main(["--help"]) == 0
     assert "finetune noop RECIPE" in help_text.getvalue() and "a throwaway stage" in help_text.getvalue()
 
-    recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}/run", "noop.say=hi"])
-    assert recipe.pipeline_stages() == ["sft", "reward", "dpo", "ppo", "noop", "export", "eval"]
-    assert "noop" not in load_recipe(TINY_RECIPE).pipeline_stages()  # only when the recipe has the section
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}/run", "noop.say=hi", "pipeline.stages=null"])
+    assert recipe.pipeline_stages() == ["sft", "reward", "dpo", "ppo", "grpo", "noop", "export", "eval"]
+    assert "noop" not in load_recipe(TINY_RECIPE, ["pipeline.stages=null"]).pipeline_stages()  # only with its section
 
     stage_choices = next(a for a in azureml.parser()._actions if a.dest == "stage").choices
     assert "noop" in stage_choices

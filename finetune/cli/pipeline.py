@@ -87,7 +87,8 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
     """One panel per stage with recorded curves: training loss per step (sft, reward, dpo; from
-    log_history.json) and score and KL per update (ppo; from updates.jsonl). Returns the stages drawn."""
+    log_history.json) and the headline figure and KL per update (ppo, grpo; from updates.jsonl). Returns the
+    stages drawn."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -96,9 +97,10 @@ def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
     curves = {}
     for stage in stages:
         folder = recipe.stage_dir(stage)
-        if stage == "ppo" and (folder / "updates.jsonl").is_file():
+        if (folder / "updates.jsonl").is_file():  # the RL stages: their headline figure and KL per update
             rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
-            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
+            first = STAGES[stage].headline[2].rsplit("_", 1)[0]  # score_end -> score, reward_end -> reward
+            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in (first, "kl")})
         elif (folder / "log_history.json").is_file():
             rows = json.loads((folder / "log_history.json").read_text())
             curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
@@ -171,6 +173,16 @@ def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, 
             f"{s.ppo_epochs} epochs x {s.mini_batches} minibatches each",
             f"at most {episodes * (s.max_prompt_length + s.response_length):,} per update "
             f"(prompts <= {s.max_prompt_length}, responses <= {s.response_length})",
+        )
+    if stage == "grpo":
+        s = recipe.grpo
+        prompts = s.rollout_batch_size * processes
+        completions = prompts * s.num_generations
+        return (
+            f"{s.updates} updates x {prompts} prompts x {s.num_generations} completions ({s.rollout_batch_size} "
+            f"prompts x {processes} processes), {s.num_iterations} pass(es) x {s.mini_batches} minibatches each",
+            f"at most {completions * (s.max_prompt_length + s.max_completion_length):,} per update "
+            f"(prompts <= {s.max_prompt_length}, completions <= {s.max_completion_length})",
         )
     if stage == "export":
         return "no training", "parity and sample prompts only"

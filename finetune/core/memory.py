@@ -13,14 +13,14 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
   and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
   state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
-  adapters and two optimisers;
+  adapters and two optimisers, GRPO policy, reward and reference and one;
 - activations: 34 bytes per token, layer and hidden unit in 16-bit (twice in fp32) without gradient
   checkpointing, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", table 2) count a transformer layer when attention runs in a fused kernel (no attention
   matrix: flash attention / SDPA); with checkpointing, each layer's input plus one layer recomputed;
 - logits: tokens x vocabulary x (dtype + fp32 copy + fp32 gradient) for the language-model loss;
-- generation: the KV cache (2 x layers x key/value width x dtype per token) for PPO's rollouts and the
-  held-out samples;
+- generation: the KV cache (2 x layers x key/value width x dtype per token) for PPO's and GRPO's rollouts
+  (GRPO: prompts x num_generations sequences) and the held-out samples;
 - export: the fp32 merged model (and its checkpoint's pages while it loads), then the unmerged reference.
 Evaluation peaks (held-out loss, DPO log-probs, generation) and training peaks do not coexist; the
 estimate takes the larger.
@@ -57,7 +57,7 @@ ENV_CHECK = "FINETUNE_MEMORY_CHECK"
 # Calibrated on CPU (bench/memory.py, docs/memory.md): what a stage process holds besides its model
 # (interpreter, torch, transformers, TRL, datasets, tokenizer, data): 0.53 GiB in SFT and DPO, 0.45 in
 # PPO, 0.64 in export, measured on 2- and 4-layer Phi-2-width models (fp32, seq <= 128).
-RUNTIME_CPU_GIB = {"ppo": 0.45, "export": 0.65}
+RUNTIME_CPU_GIB = {"ppo": 0.45, "grpo": 0.45, "export": 0.65}  # GRPO: PPO's (same process, no value adapter)
 RUNTIME_CPU_DEFAULT_GIB = 0.55
 # GPU: CUDA context and kernel workspaces, then the caching allocator's fragmentation on top of what is used.
 RUNTIME_GPU_GIB = 1.0
@@ -206,9 +206,10 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
         train += logits_bytes(tokens, shape.vocab, b, grad=False)  # the reference's log-probs
         evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
-    elif stage == "ppo":  # four adapters on one base; policy and value trained, no ZeRO
+    elif stage in ("ppo", "grpo"):  # one base; PPO: 4 adapters, policy + value trained; GRPO: 3, policy trained
         length = s.prompt_len + s.response_len
-        parts["adapters"] = adapter_bytes(shape.lora_params, adapters=4, trained=2)
+        adapters, trained = (4, 2) if stage == "ppo" else (3, 1)
+        parts["adapters"] = adapter_bytes(shape.lora_params, adapters=adapters, trained=trained)
         generate = max(generate, kv_cache_bytes(s.rollout, length, shape, b) + s.rollout * shape.vocab * 4 * 2)
         tokens = s.micro * length
         train = activation_bytes(tokens, shape, b, s.grad_ckpt)
@@ -403,15 +404,15 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
     )
     starts = "start_from" in type(section).model_fields if section is not None else False
     merges = starts and recipe.input_dir(stage, "start_from") is not None
-    if stage == "ppo":
-        s = recipe.ppo
+    if stage in ("ppo", "grpo"):  # GRPO's rollout is every completion: prompts x num_generations
+        s = recipe.section(stage)
         return StageSettings(
             **common,
             merges=merges,
             grad_ckpt=s.gradient_checkpointing,
-            rollout=s.rollout_batch_size,
+            rollout=s.rollout_batch_size * getattr(s, "num_generations", 1),
             prompt_len=s.max_prompt_length,
-            response_len=s.response_length,
+            response_len=getattr(s, "response_length", None) or s.max_completion_length,
             micro=s.micro_batch_size,
         )
     if stage == "export":
@@ -510,14 +511,18 @@ def remedies(stage: str, shape: ModelShape, s: StageSettings, need: float, gpu: 
     if not gpu and s.processes > 1:
         out.append(f"fewer processes on this machine (launch.num_processes; each needs {need:.1f} GiB)")
     if stage != "export" and not s.grad_ckpt:
-        key = "ppo.gradient_checkpointing=true" if stage == "ppo" else "training.gradient_checkpointing=true"
+        key = (
+            f"{stage}.gradient_checkpointing=true"
+            if stage in ("ppo", "grpo")
+            else "training.gradient_checkpointing=true"
+        )
         option(key, grad_ckpt=True)
     if stage in ("sft", "reward", "dpo") and s.batch > 1:
         option(f"{stage}.per_device_train_batch_size=1 with more gradient_accumulation_steps", batch=1)
-    if stage == "ppo" and s.micro > 1:
-        option("a smaller ppo.micro_batch_size", micro=max(1, s.micro // 2))
-    if stage == "ppo" and s.rollout > 8:
-        option("a smaller ppo.rollout_batch_size", rollout=max(1, s.rollout // 2))
+    if stage in ("ppo", "grpo") and s.micro > 1:
+        option(f"a smaller {stage}.micro_batch_size", micro=max(1, s.micro // 2))
+    if stage in ("ppo", "grpo") and s.rollout > 8:
+        option(f"a smaller {stage}.rollout_batch_size", rollout=max(1, s.rollout // 2))
     if gpu and not s.four_bit and stage != "export":
         option("model.load_in_4bit=true (QLoRA; not with deepspeed)", four_bit=True)
     if not gpu and s.dtype_bytes == 4 and stage != "export":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from .sections import DpoSection, EvalSection, ExportSection, PpoSection, RewardSection, SftSection
+from .sections import DpoSection, EvalSection, ExportSection, GrpoSection, PpoSection, RewardSection, SftSection
 
 
 @dataclass(frozen=True)
@@ -144,11 +144,23 @@ STAGES = Registry(
             summary_title="PPO done",
         ),
         Stage(
+            "grpo",
+            "finetune.grpo",
+            GrpoSection,
+            "run GRPO (policy from the SFT output; rule rewards and/or a reward model)",
+            # reward_from defaults to none in the section: `<output_dir>/reward` (or null) names the reward stage
+            inputs={"sft": "start_from", "reward": "reward_from"},
+            chat_model=True,
+            headline=("reward", "reward_start", "reward_end"),
+            correctness=("correct_rate_before", "correct_rate_after"),
+            summary_title="GRPO done",
+        ),
+        Stage(
             "export",
             "finetune.export",
             ExportSection,
             "merge the last stage's adapters into the base: a plain HF model folder (--force replaces it)",
-            inputs={"sft": None, "dpo": None, "ppo": None},
+            inputs={"sft": None, "dpo": None, "ppo": None, "grpo": None},
             has_data=False,
             default_section=True,
             launcher=False,
@@ -161,7 +173,7 @@ STAGES = Registry(
             "finetune.eval",
             EvalSection,
             "benchmark the model and its base with lm-evaluation-harness (the eval section; or MODEL_DIR --tasks)",
-            inputs={"sft": None, "dpo": None, "ppo": None, "export": None},
+            inputs={"sft": None, "dpo": None, "ppo": None, "grpo": None, "export": None},
             has_data=False,
             launcher=False,
             headline=("benchmark (first task)", "score_base", "score"),
