@@ -70,6 +70,7 @@ ARMS = {
     "grpo": {
         "ours": "finetune GRPO engine (one base: policy LoRA, the reward model as a LoRA adapter + head on it)",
         "trl": "TRL 1.16 GRPOTrainer: LoRA policy (peft_config), the reward model passed as a separate model",
+        "ours-vllm": "finetune GRPO engine with vLLM rollouts (use_vllm; CUDA and a matching vLLM only)",
     },
 }
 LIGER_ARMS = ("ours", "trl-tuned")  # SFT / DPO arms that take a "+liger" suffix
@@ -454,6 +455,10 @@ def _grpo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> d
         scorer = fo.Scorer(model, None, 1.0, tokenizer, tokenizer.pad_token_id, False, batch * k)
         never = [base.config.vocab_size]  # a stop id the model cannot sample: every completion runs the full length
         engine = fo.GRPOEngine(model, settings, scorer, never, tokenizer.pad_token_id, seed=42)
+        if arm == "ours-vllm":
+            from finetune.rl.vllm_rollout import VllmSampler
+
+            engine.sampler = VllmSampler(recipe, "ppo", model, tokenizer, engine)
         prompts = [fo.tokenize_prompt(tokenizer, r) for r in rows]
         prompt_tokens = [len(p) for p in prompts]
         wall, cpu, generate, score = [], [], [], []
