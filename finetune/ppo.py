@@ -30,18 +30,10 @@ from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompt
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
-from finetune.core.outputs import (
-    commit_dir,
-    figure,
-    print_summary,
-    rate,
-    read_metrics,
-    setup_logging,
-    staging_dir,
-    write_stage_files,
-)
+from finetune.core.outputs import commit_dir, read_metrics, staging_dir, write_stage_files
 from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
+from finetune.core.summary import figure, print_summary, rate
 from finetune.core.training import check_precision
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -292,14 +284,13 @@ def _window_mean(log_rows: list[dict], key: str, last: bool) -> float | None:
 
 
 def _earlier_correctness(recipe: Recipe) -> dict:
-    """Held-out correctness of the earlier chat-model stages' outputs, for the summary."""
+    """Held-out correctness of the earlier chat-model stages' outputs that measure it, for the summary."""
     out = {}
-    for stage in STAGES.chat_model_stages():
-        if stage == "ppo":
-            break
-        metrics = read_metrics(recipe.stage_dir(stage))
-        if metrics:
-            out[f"correct_rate_{stage}"] = metrics.get(STAGES[stage].correctness[1])
+    earlier = STAGES.names()[: STAGES.names().index("ppo")]
+    for stage in (s for s in STAGES.chat_model_stages() if s in earlier):
+        correct = STAGES.correctness_after(stage, read_metrics(recipe.stage_dir(stage)))
+        if correct is not None:
+            out[f"correct_rate_{stage}"] = correct
     return out
 
 
@@ -480,7 +471,6 @@ def run(recipe: Recipe) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
-    setup_logging(main, recipe.logging.verbose)
     check_settings(recipe, main)
     start = resolve_start(recipe)
     rule = load_reward_function(s.reward_function, recipe)
