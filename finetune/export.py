@@ -3,7 +3,7 @@
     finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID]
     python finetune/export.py RECIPE [key=value ...] [--force]
 
-choose the stage (export.stage; auto = the last finished of grpo, ppo, dpo, sft) -> its adapter chain ->
+choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
 base in fp32 with the chain merged (core.modeling.load_model, one copy of the model) -> parity logits and
 held-out correctness -> cast to export.dtype -> sharded safetensors, config, generation config (EOS =
 the template's end-of-turn token), tokenizer with the chat template, model card -> parity reference
@@ -11,16 +11,17 @@ the template's end-of-turn token), tokenizer with the chat template, model card 
 
 The chain of a stage output is the adapters it was trained on top of (its metrics.json `start_from`)
 and then its own (finetune.core.lineage). For PPO that is sft + ppo: the PPO policy adapter began as
-a copy of the DPO adapter and replaces it; GRPO's is sft + grpo (a new policy LoRA on the SFT model, or a
-copy of the adapter grpo.start_from names beyond it). No DeepSpeed and no GPU: merging runs on the CPU in fp32
-(fp16 merges lose precision: peft#2368).
+a copy of the DPO adapter and replaces it; GRPO's is sft + grpo (a new policy LoRA on the SFT model). No
+DeepSpeed and no GPU: merging runs on the CPU in fp32 (fp16 merges lose precision: peft#2368).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,23 +32,12 @@ from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
-from finetune.core.outputs import (
-    atomic_dir,
-    check_export_target,
-    figure,
-    is_export_folder,
-    key_metrics,
-    print_summary,
-    rate,
-    read_metrics,
-    setup_logging,
-    write_json,
-    write_samples,
-)
+from finetune.core.outputs import atomic_dir, read_metrics, write_json, write_samples
 from finetune.core.progress import progress
 from finetune.core.publishing import push_folder
+from finetune.core.summary import figure, print_summary, rate
 from finetune.launch import stage_main
-from finetune.recipe import STAGES, Recipe, dump_recipe
+from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
 log = logging.getLogger("finetune.export")
 
@@ -86,39 +76,99 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int]:
-    """The SFT stage's held-out rows and generation settings: the rows on which the SFT stage measured
-    the base model, so the exported model's figure compares with it one to one."""
-    if recipe.sft is None:
-        return [], 0, 0
-    limit = (
-        recipe.sft.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
-    )
+# ----------------------------------------------------------------------------- where the export goes
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A complete `finetune export` output: config.json and a metrics.json naming its stage and adapters."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "config.json").is_file() and isinstance(metrics, dict) and {"stage", "adapters"} <= set(metrics)
+
+
+def check_export_target(recipe: Recipe, target: Path, force: bool) -> None:
+    """Refuse an export target that would destroy anything but an earlier export (force replaces only
+    those): the output_dir or a stage or checkpoint folder, a folder containing one, a folder inside a
+    stage's, or any other existing non-empty folder. Also fails now, before loading, when the target's
+    parent cannot be written."""
+    key = "export.output"
+    t = Path(target).expanduser().resolve()
+    out = Path(recipe.output_dir).expanduser().resolve()
+    keep = {"the output_dir": out}
+    for name in STAGES.names():
+        if name != "export":
+            keep[f"the {name} stage output"] = recipe.stage_dir(name).expanduser().resolve()
+        keep[f"the {name} checkpoints"] = recipe.checkpoint_dir(name).expanduser().resolve()
+    for what, p in keep.items():
+        if t == p or p.is_relative_to(t):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} {'is' if t == p else 'contains'} {what} ({p}); exporting there "
+                f"would replace it. Export to a folder of its own (the default is <output_dir>/export)"
+            )
+        if p != out and t.is_relative_to(p):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} lies inside {what} ({p}), which is replaced when that stage runs "
+                "again; export to a folder of its own (the default is <output_dir>/export)"
+            )
+    if t.exists():
+        if not t.is_dir():
+            raise RecipeError(f"{recipe.source}: {key}: {target} is a file; name a folder")
+        if not force:
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} already exists; pass --force (or "
+                "export.force=true) to replace it, or export.output=<another folder>"
+            )
+        if any(t.iterdir()) and not is_export_folder(t):
+            raise RecipeError(
+                f"{recipe.source}: {key}: {target} exists and is not an earlier export (no config.json and "
+                "metrics.json naming a stage and its adapters); --force replaces only an export. Choose another "
+                "export.output, "
+                "or move that folder away yourself"
+            )
+    t.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=t.parent, prefix=f".{t.name}.probe"):
+        pass
+
+
+def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int, float | None]:
+    """The held-out rows and generation settings of the recipe's first chat-model stage with data (SFT): the
+    rows on which that stage measured the base model, so the exported model's figure compares with it one to
+    one; and that stage's figure for the base (None when it measured none)."""
+    first = recipe.question_stage()
+    if first is None:
+        return [], 0, 0, None
+    section = recipe.section(first)
+    limit = section.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
     if limit == 0:
-        return [], 0, 0
-    _, eval_rows, _, _ = train_eval_rows(recipe.sft.data, recipe, recipe.seed)
-    return eval_rows, limit, recipe.sft.max_new_tokens
+        return [], 0, 0, None
+    _, eval_rows, _, _ = train_eval_rows(section.data, recipe, recipe.seed)
+    base = STAGES[first].key_metrics(read_metrics(recipe.stage_dir(first)))["correct_before"]
+    return eval_rows, limit, section.max_new_tokens, base
 
 
 def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot: str) -> str:
     """README.md of the exported folder: what it is, how to use it, the stages and their figures, the recipe."""
     out = Path(recipe.output_dir)
-    rl = read_metrics(recipe.stage_dir(stage)) if stage in ("ppo", "grpo") else {}
+    outputs = {name: read_metrics(recipe.stage_dir(name)) for name in STAGES.names() if name != "export"}
     rows = []
-    for name in STAGES.names():
-        folder = recipe.stage_dir(name)
-        m = read_metrics(folder) if name != "export" else {}
+    for name, m in outputs.items():
         if not m:
             continue
-        if str(folder) in chain:
+        folder = str(recipe.stage_dir(name))
+        # an RL stage records the adapter its policy started as a copy of, and the reward model it scored with
+        started = [other for other, o in outputs.items() if o.get("policy_initialised_from") == folder]
+        scored = [other for other, o in outputs.items() if o.get("reward_from") == folder]
+        if folder in chain:
             role = "merged into this model"
-        elif rl.get("policy_initialised_from") == str(folder):
-            role = f"initialised the {stage.upper()} policy, which replaced it"
-        elif rl.get("reward_from") == str(folder):
-            role = f"scored {stage.upper()}'s samples (not part of this model)"
+        elif started and started[0] == stage:
+            role = f"initialised the {stage} policy, which replaced it"
+        elif scored and stage in scored:
+            role = f"scored {stage}'s samples (not part of this model)"
         else:
             role = "not part of this model"
-        k = key_metrics(name, m)
+        k = STAGES[name].key_metrics(m)
         rows.append(
             f"| {name} | {role} | {k['metric']}: {figure(k['before'], k['metric'])} → "
             f"{figure(k['after'], k['metric'])} | "
@@ -216,7 +266,6 @@ def summarise(recipe: Recipe, metrics: dict, parity_checked: bool, target: Path)
 
 
 def run(recipe: Recipe) -> dict:
-    setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
     if not section.force and section.push_to_hub and is_export_folder(target):
@@ -225,8 +274,8 @@ def run(recipe: Recipe) -> dict:
         return read_metrics(target)
     check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
-    stage = chat_model_stage(recipe)
-    chain = model_chain(recipe, stage)
+    stage = chat_model_stage(recipe, section.stage, "export.stage")
+    chain = model_chain(recipe, stage, "export.stage")
     dtype_name = recipe.precision if section.dtype == "auto" else section.dtype
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     stop = end_of_turn_ids(tokenizer, template)
@@ -245,7 +294,7 @@ def run(recipe: Recipe) -> dict:
     merged32 = logits_of(model, inputs)
     model.to(DTYPES[dtype_name])
     exported = logits_of(model, inputs)
-    rows, limit, max_new = held_out_rows(recipe)
+    rows, limit, max_new, correct_base = held_out_rows(recipe)
     correct, replies = held_out_correctness(model, tokenizer, template, rows, limit, max_new) if limit else (None, [])
     samples = Samples(recipe)
     samples.answer("export", model, tokenizer, template)  # the exported weights (export.dtype), as served
@@ -262,7 +311,7 @@ def run(recipe: Recipe) -> dict:
         "max_shard_size": section.max_shard_size,
         "eos_token_id": gen.eos_token_id,
         "end_of_turn": eot,
-        "correct_rate_base": read_metrics(recipe.stage_dir("sft")).get("correct_rate_before"),
+        "correct_rate_base": correct_base,
         "correct_rate_after": correct,
         "sample_reply": replies[0] if replies else None,
     }
@@ -279,6 +328,8 @@ def run(recipe: Recipe) -> dict:
             metrics["parity_max_abs_diff_fp32"] = max_abs_diff(merged32, ref)
             metrics["parity_max_abs_diff_export_dtype"] = max_abs_diff(exported, ref)
             metrics["parity_tokens"] = sum(map(len, inputs))
+            if dtype_name != "fp32":  # the pipeline's table shows it beside the fp32 figure
+                metrics["headline_note"] = f"{dtype_name}: {figure(metrics['parity_max_abs_diff_export_dtype'])}"
         metrics["export_runtime_s"] = time.time() - started
         metrics["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))

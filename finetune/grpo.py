@@ -16,7 +16,7 @@ import logging
 import sys
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core.outputs import figure, print_summary, rate
+from finetune.core.summary import figure, print_summary, rate
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 from finetune.rl import stage as rl

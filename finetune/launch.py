@@ -21,7 +21,7 @@ from pathlib import Path
 
 from finetune.core import distributed, faults, tracking
 from finetune.core.locks import output_lock
-from finetune.core.outputs import setup_logging
+from finetune.core.logs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 

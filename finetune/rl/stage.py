@@ -278,14 +278,14 @@ def window_mean(log_rows: list[dict], key: str, last: bool) -> float | None:
 
 
 def earlier_correctness(recipe: Recipe, stage: str) -> dict:
-    """Held-out correctness of the chat-model stages' outputs before `stage` in pipeline order, for the summary."""
+    """Held-out correctness of the chat-model stages' outputs before `stage` in pipeline order that measure it,
+    for the summary."""
     out = {}
-    for earlier in STAGES.chat_model_stages():
-        if earlier == stage:
-            break
-        metrics = read_metrics(recipe.stage_dir(earlier))
-        if metrics and STAGES[earlier].correctness:
-            out[f"correct_rate_{earlier}"] = metrics.get(STAGES[earlier].correctness[1])
+    earlier = STAGES.names()[: STAGES.names().index(stage)]
+    for name in (s for s in STAGES.chat_model_stages() if s in earlier):
+        correct = STAGES.correctness_after(name, read_metrics(recipe.stage_dir(name)))
+        if correct is not None:
+            out[f"correct_rate_{name}"] = correct
     return out
 
 
@@ -408,7 +408,6 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
 
     from finetune.core.evaluation import Samples, held_out_correctness
     from finetune.core.modeling import base_fingerprint, load_tokenizer, template_for
-    from finetune.core.outputs import setup_logging
     from finetune.core.training import check_precision
 
     from .engine import adapters_in_sync
@@ -418,7 +417,6 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
-    setup_logging(main, recipe.logging.verbose)
     if recipe.deepspeed and main:
         log.info(
             "%s: the DeepSpeed config is not used by this stage: adapters are trained with plain data parallel "

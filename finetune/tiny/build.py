@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.core.outputs import setup_logging
+from finetune.core.logs import setup_logging
 from finetune.core.progress import progress
 
 from . import (

@@ -110,9 +110,11 @@ def learn(seed: int, signal: bool = True, updates: int = 12) -> tuple[float, flo
 
 
 def test_grpo_learns_a_synthetic_reward_for_three_seeds_and_the_control_does_not():
-    # measured: see docs/grpo.md ("Acceptance checks")
+    # Measured on this code (12 updates x 8 prompts x 8 completions, first/last 3 updates): seeds 0/1/2 0.038 -> 0.085,
+    # 0.028 -> 0.150, 0.043 -> 0.102 (2.2x, 5.3x, 2.4x); the control 0.038 -> 0.036. The bar, 1.5x, is ~70% of the
+    # worst seed's gain.
     runs = {seed: learn(seed) for seed in (0, 1, 2)}
     for seed, (first, last) in runs.items():
-        assert last >= 2 * first, (seed, first, last)
+        assert last >= 1.5 * first, (seed, first, last)
     first, last = learn(0, signal=False)
-    assert not last >= 2 * first, (first, last)  # the same check fails with the reward's signal off
+    assert not last >= 1.5 * first, (first, last)  # the same check fails with the reward's signal off
