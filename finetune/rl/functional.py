@@ -219,15 +219,18 @@ def reinforce_pp_advantages(rewards: torch.Tensor, eps: float = 1e-8, all_reduce
     return masked_whiten(rewards[:, None], torch.ones_like(rewards[:, None]), eps, all_reduce)[:, 0]
 
 
+ADVANTAGES = {  # advantage_estimator -> f(rewards, k, scale, all_reduce)
+    "grpo": lambda r, k, scale, all_reduce: group_advantages(r, k, scale),
+    "rloo": lambda r, k, scale, all_reduce: rloo_advantages(r, k),
+    "reinforce_pp": lambda r, k, scale, all_reduce: reinforce_pp_advantages(r, all_reduce=all_reduce),
+}
+
+
 def advantages_for(estimator: str, rewards: torch.Tensor, k: int, scale: str = "group", all_reduce=None):
     """The advantage of each completion under `estimator` (grpo, rloo or reinforce_pp)."""
-    if estimator == "grpo":
-        return group_advantages(rewards, k, scale)
-    if estimator == "rloo":
-        return rloo_advantages(rewards, k)
-    if estimator == "reinforce_pp":
-        return reinforce_pp_advantages(rewards, all_reduce=all_reduce)
-    raise ValueError(f"unknown advantage estimator {estimator!r}; use grpo, rloo or reinforce_pp")
+    if estimator not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use grpo, rloo or reinforce_pp")
+    return ADVANTAGES[estimator](rewards, k, scale, all_reduce)
 
 
 def informative_groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -299,12 +302,23 @@ def loss_weights(
       dapo     mean over every token of the global minibatch (DAPO's token-level loss; TRL's default);
       dr_grpo  sum over tokens divided by completions x max_completion_length, a constant (Dr. GRPO)."""
     mask = mask.float()
-    if loss_type == "grpo":
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / sequences
-    if loss_type in ("bnpo", "dapo"):
-        return mask / max(float(tokens), 1.0)
-    if loss_type == "dr_grpo":
-        if not max_length:
-            raise ValueError("dr_grpo needs max_completion_length")
-        return mask / (sequences * max_length)
-    raise ValueError(f"unknown loss_type {loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
+    if loss_type not in LOSS_NORMALISERS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
+    return LOSS_NORMALISERS[loss_type](mask, sequences, tokens, max_length)
+
+
+def _per_completion(mask, sequences, tokens, max_length):
+    return mask / mask.sum(1, keepdim=True).clamp(min=1) / sequences
+
+
+def _per_token(mask, sequences, tokens, max_length):
+    return mask / max(float(tokens), 1.0)
+
+
+def _constant(mask, sequences, tokens, max_length):
+    if not max_length:
+        raise ValueError("dr_grpo needs max_completion_length")
+    return mask / (sequences * max_length)
+
+
+LOSS_NORMALISERS = {"grpo": _per_completion, "bnpo": _per_token, "dapo": _per_token, "dr_grpo": _constant}
