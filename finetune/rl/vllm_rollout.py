@@ -19,7 +19,6 @@ vllm 0.32 and pip reports that conflict. bench/gpu.py runs this path where a GPU
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -71,7 +70,8 @@ class VllmSampler:
         check_available(recipe, stage)
         s = recipe.section(stage)
         self.engine, self.model = engine, model
-        self.folder = Path(tempfile.mkdtemp(prefix=f"finetune-{stage}-vllm-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"finetune-{stage}-vllm-")  # removed by close() or at exit
+        self.folder = Path(self._tmp.name)
         base = model.peft.get_base_model()
         with model.peft.disable_adapter():
             base.save_pretrained(self.folder / "base", safe_serialization=True)
@@ -89,15 +89,15 @@ class VllmSampler:
         self.sync()
 
     def sync(self) -> None:
-        """Save the policy adapter and make it the LoRA vLLM samples with from now on."""
+        """Save the policy adapter over the last one and make it, under a new LoRA id, the adapter vLLM samples
+        with from now on (vLLM caches adapters by id, so a new id makes it read the new weights)."""
         from vllm.lora.request import LoRARequest
 
         self.version += 1
-        target = self.folder / f"policy-{self.version}"
+        target = self.folder / "policy"
         self.model.peft.save_pretrained(str(target), selected_adapters=["policy"])
-        nested = target / "policy"
+        nested = target / "policy"  # PEFT nests an adapter not named "default" in a folder of its name
         self.request = LoRARequest(f"policy-{self.version}", self.version, str(nested if nested.is_dir() else target))
-        shutil.rmtree(self.folder / f"policy-{self.version - 2}", ignore_errors=True)
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Responses [B, R] for left-padded prompts, as RolloutEngine.generate returns them: sampled at the
@@ -119,4 +119,4 @@ class VllmSampler:
         return torch.tensor(rows, dtype=prompt_ids.dtype, device=prompt_ids.device)
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._tmp.cleanup()
