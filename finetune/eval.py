@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.core import ownership
 from finetune.core.logs import setup_logging
 from finetune.core.outputs import atomic_dir, read_metrics, write_json
 from finetune.core.progress import library_bars_off, progress
@@ -210,7 +211,7 @@ def evaluate(
         **(extra or {}),
         "eval_runtime_s": time.time() - started,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ownership.stage_kind("eval")) as tmp:
         write_json(tmp / "results.json", {"model": scored, "base": base_scores, "descriptions": metrics})
         (tmp / "results.md").write_text(markdown_table(rows))
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a finished stage
@@ -276,6 +277,7 @@ def _folder_main(args) -> int:
     if args.no_base:
         section = section.model_copy(update={"base": False})
     out = Path(args.out) if args.out else folder.with_name(f"{folder.name}-eval")
+    ownership.check_target(out, ownership.stage_kind("eval"), "Name another --out folder, or move that one away")
     _lm_eval()
     metrics = read_metrics(folder)
     extra = {"correct_rate_export": metrics.get("correct_rate_after")} if metrics else {}

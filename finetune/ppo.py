@@ -30,7 +30,8 @@ from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompt
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
-from finetune.core.outputs import commit_dir, read_metrics, staging_dir, write_stage_files
+from finetune.core.outputs import commit_dir, discard, read_metrics, staging_dir, write_stage_files
+from finetune.core.ownership import stage_kind
 from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
 from finetune.core.summary import figure, print_summary, rate
@@ -363,7 +364,8 @@ def save_output(
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
     from safetensors.torch import save_file
 
-    tmp = staging_dir(out)
+    kind = stage_kind("ppo")
+    tmp = staging_dir(out, kind)
     try:
         model.peft.save_pretrained(str(tmp), selected_adapters=[POLICY, VALUE])
         for f in (tmp / POLICY).iterdir():
@@ -374,9 +376,9 @@ def save_output(
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
         write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, kind)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[str] | None, out: Path) -> None:
