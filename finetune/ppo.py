@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core import distributed, tracking
+from finetune.core import distributed, lineage, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
@@ -375,7 +375,8 @@ def save_output(
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
+        stamped = lineage.stamp(recipe, "ppo", metrics, lineage.upstream(recipe, "ppo"))
+        write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
         commit_dir(tmp, out, kind)
     finally:
         discard(tmp)

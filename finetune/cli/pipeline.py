@@ -6,11 +6,15 @@ Each stage runs exactly as `finetune <stage> RECIPE [key=value ...]` would launc
 or `accelerate launch --config_file <launch.accelerate_config>`; export always plain), with the same
 overrides. `pipeline.stages` picks a subset; the order is always the one above.
 
-Continuing after a stop: a stage whose finished output exists (`<output_dir>/<stage>/metrics.json`,
-written last inside the atomically renamed folder; the complete export folder) is skipped, and an
-unfinished stage resumes from its checkpoints. Once a stage has run, every later stage runs again
-from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. `--force`
-(`pipeline.force=true`) runs everything again.
+Which stages run: a stage whose finished output (`<output_dir>/<stage>/metrics.json`, written last inside the
+atomically renamed folder) records that it was made from what the recipe and the earlier outputs make now (its
+fingerprint: the settings that shape it, the data's content, the base weights, the template and the adapters it
+read; finetune.core.fingerprints) is skipped as up to date. Any other stage runs, and the log line and the
+report say why (no output yet, or what changed: `sft.learning_rate: 0.002 -> 0.001`, the data of
+`dpo.data.train` changed, `ppo.start_from (the adapters it starts from) was made again`); a later stage whose
+inputs were made again is then out of date in turn. A finished output that is out of date starts over
+(`<stage>.resume=false`, `export.force=true`); an unfinished one resumes from its checkpoints unless an
+earlier stage ran in this pipeline. `--force` (`pipeline.force=true`) runs everything again.
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
@@ -324,6 +328,29 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         return _run(recipe, recipe_path, overrides, force)
 
 
+def freshness(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    """(whether the stage's finished output is up to date, why): it is when what it records it was made from
+    (its fingerprint: settings, data content, base weights, template, the adapters it read; core.fingerprints)
+    is what the recipe and the earlier outputs make now. An output finished before finetune recorded that is
+    kept (say so); --force runs it again."""
+    from finetune.core import fingerprints, lineage
+
+    metrics = read_metrics(recipe.stage_dir(stage))
+    if not metrics:
+        return False, "no finished output"
+    if "made_from" not in metrics:
+        return True, "finished before outputs recorded what they are made from; --force runs it again"
+    try:
+        expected = lineage.made_from(recipe, stage, lineage.upstream(recipe, stage))
+    except UserError as e:
+        return False, f"its inputs changed ({str(e).splitlines()[0][:200]})"
+    if fingerprints.digest(expected) == metrics.get("fingerprint"):
+        return True, "up to date: made from these settings, data and inputs"
+    changed = fingerprints.changes(metrics["made_from"], expected, stage) or ["what it is made from"]
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return False, "changed since it ran: " + "; ".join(changed[:4]) + more
+
+
 def check_requirements(recipe: Recipe, stages: list[str]) -> None:
     """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
     training): name the stage, the install command and how to leave the stage out."""
@@ -344,6 +371,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     earlier = _earlier_seconds(report_path)
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
+    ran_any = False
     rows, failed, started = [], None, time.time()
     tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
     env = {**os.environ, **tracked.env}
@@ -364,12 +392,24 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
 
     for i, stage in enumerate(stages, 1):
         where = recipe.stage_dir(stage)
-        if finished(recipe, stage) and not rerun:
-            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
-            rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
+        # the recipe this stage runs with (export takes this pipeline's model), for its freshness check
+        as_run = load_recipe(recipe_path, [*overrides, *stage_overrides(recipe, stage, trained, False)])
+        fresh, why = freshness(as_run, stage)
+        if fresh and not rerun:
+            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped ({why}; output in {where})", file=sys.stderr)
+            rows.append(
+                {**report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier), "why": why}
+            )
             continue
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
-        print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+        # start over rather than resume: a finished output that no longer matches, or (its checkpoints were made on
+        # inputs this pipeline has just made again) an earlier stage ran
+        start_over = rerun or finished(recipe, stage) or ran_any
+        why = "--force" if force or recipe.pipeline.force else why
+        extra = stage_overrides(recipe, stage, trained, start_over)
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
+        print(
+            f"== pipeline [{i}/{len(stages)}] {stage}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True
+        )
         t0 = time.time()
         try:
             code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
@@ -385,9 +425,9 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
             rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
             failed = (stage, code)
             break
-        rows.append(report_row(recipe, stage, "ran", seconds))
+        rows.append({**report_row(recipe, stage, "ran", seconds), "why": why})
         write_report()
-        rerun = True
+        ran_any = True
     interrupted = failed is not None and failed[1] == INTERRUPTED
     with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.recipe import Recipe, dump_recipe
 
-from . import distributed, ownership
+from . import ownership
 from .integrity import DamagedFileError, read_json
 
 log = logging.getLogger(__name__)
@@ -118,43 +118,6 @@ def write_stage_files(
     write_samples(folder, samples)
     write_dropped_rows(folder, reports or {})
     write_json(folder / "metrics.json", metrics)
-
-
-def save_stage(
-    trainer,
-    recipe: Recipe,
-    stage: str,
-    tokenizer,
-    metrics: dict,
-    *,
-    samples: list[dict] | None = None,
-    reports: dict | None = None,
-) -> Path:
-    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
-    launched process calls this; the main one writes."""
-    out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
-    main_process = distributed.is_main()
-    tmp = staging_dir(out, kind, reset=main_process)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
-    failure, error = None, None
-    if main_process:
-        try:
-            tokenizer.save_pretrained(str(tmp))  # includes the chat template
-            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
-            write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-            commit_dir(tmp, out, kind)
-        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
-            failure, error = f"{type(e).__name__}: {e}", e
-            discard(tmp)  # a half-written staging folder only takes space
-    failure = distributed.broadcast_from_main(failure)
-    if error is not None:
-        raise error  # the original (its errno says e.g. "disk full")
-    if failure:
-        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
-    return out
 
 
 def finished(recipe: Recipe, stage: str) -> bool:

@@ -13,10 +13,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
-from . import distributed, tracking
+from . import distributed, lineage, ownership, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for
+from .outputs import commit_dir, discard, staging_dir, write_json, write_stage_files
 from .progress import Progress, duration, library_bars_off, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
 
@@ -266,3 +267,42 @@ def prepare_preference_stage(
     setup = PreferenceSetup(stage, start, template, tokenizer, args, pairs, eval_rows, reports, checkpoint)
     log.info(setup.data_summary())
     return setup
+
+
+def save_stage(
+    trainer,
+    recipe: Recipe,
+    stage: str,
+    tokenizer,
+    metrics: dict,
+    *,
+    samples: list[dict] | None = None,
+    reports: dict | None = None,
+) -> Path:
+    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
+    template, resolved recipe, metrics.json (with what the output is made from: core.lineage.stamp),
+    log_history.json, dropped_rows.jsonl (from `reports`). Every launched process calls this; the main one
+    writes."""
+    out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
+    main_process = distributed.is_main()
+    tmp = staging_dir(out, kind, reset=main_process)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    failure, error = None, None
+    if main_process:
+        try:
+            tokenizer.save_pretrained(str(tmp))  # includes the chat template
+            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
+            write_json(tmp / "log_history.json", trainer.state.log_history)
+            stamped = lineage.stamp(recipe, stage, metrics, lineage.upstream(recipe, stage))
+            write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
+            commit_dir(tmp, out, kind)
+        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
+            failure, error = f"{type(e).__name__}: {e}", e
+            discard(tmp)  # a half-written staging folder only takes space
+    failure = distributed.broadcast_from_main(failure)
+    if error is not None:
+        raise error  # the original (its errno says e.g. "disk full")
+    if failure:
+        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
+    return out
