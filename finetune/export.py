@@ -18,7 +18,6 @@ DeepSpeed and no GPU: merging runs on the CPU in fp32 (fp16 merges lose precisio
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import encode, end_of_turn_ids, render
+from finetune.core import lineage, ownership
 from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
@@ -80,53 +80,26 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def is_export_folder(folder: Path) -> bool:
-    """A complete `finetune export` output: config.json and a metrics.json naming its stage and adapters."""
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (folder / "config.json").is_file() and isinstance(metrics, dict) and {"stage", "adapters"} <= set(metrics)
+    """A complete `finetune export` output: finetune's mark says so, and its metrics.json (written last) is there."""
+    return ownership.kind_of(folder) == ownership.stage_kind("export") and (Path(folder) / "metrics.json").is_file()
 
 
 def check_export_target(recipe: Recipe, target: Path, force: bool) -> None:
-    """Refuse an export target that would destroy anything but an earlier export (force replaces only
-    those): the output_dir or a stage or checkpoint folder, a folder containing one, a folder inside a
-    stage's, or any other existing non-empty folder. Also fails now, before loading, when the target's
-    parent cannot be written."""
+    """Refuse, before anything loads, an export target that is not absent, empty or an earlier export
+    (core.ownership: never a user's folder, the output_dir, a stage's output or checkpoints, nor a folder inside
+    one), an earlier export without `force`, and a target whose parent cannot be written."""
     key = "export.output"
-    t = Path(target).expanduser().resolve()
-    out = Path(recipe.output_dir).expanduser().resolve()
-    keep = {"the output_dir": out}
-    for name in STAGES.names():
-        if name != "export":
-            keep[f"the {name} stage output"] = recipe.stage_dir(name).expanduser().resolve()
-        keep[f"the {name} checkpoints"] = recipe.checkpoint_dir(name).expanduser().resolve()
-    for what, p in keep.items():
-        if t == p or p.is_relative_to(t):
-            raise RecipeError(
-                f"{recipe.source}: {key}: {target} {'is' if t == p else 'contains'} {what} ({p}); exporting there "
-                f"would replace it. Export to a folder of its own (the default is <output_dir>/export)"
-            )
-        if p != out and t.is_relative_to(p):
-            raise RecipeError(
-                f"{recipe.source}: {key}: {target} lies inside {what} ({p}), which is replaced when that stage runs "
-                "again; export to a folder of its own (the default is <output_dir>/export)"
-            )
-    if t.exists():
-        if not t.is_dir():
-            raise RecipeError(f"{recipe.source}: {key}: {target} is a file; name a folder")
-        if not force:
-            raise RecipeError(
-                f"{recipe.source}: {key}: {target} already exists; pass --force (or "
-                "export.force=true) to replace it, or export.output=<another folder>"
-            )
-        if any(t.iterdir()) and not is_export_folder(t):
-            raise RecipeError(
-                f"{recipe.source}: {key}: {target} exists and is not an earlier export (no config.json and "
-                "metrics.json naming a stage and its adapters); --force replaces only an export. Choose another "
-                "export.output, "
-                "or move that folder away yourself"
-            )
+    t = Path(target).expanduser()
+    try:
+        ownership.check_target(t, ownership.stage_kind("export"), "Export to a folder of its own (the default is "
+                               "<output_dir>/export)")  # fmt: skip
+    except ownership.NotOurs as e:
+        raise RecipeError(f"{recipe.source}: {key}: {e}") from None
+    if t.is_dir() and any(t.iterdir()) and not force:
+        raise RecipeError(
+            f"{recipe.source}: {key}: {target} already exists; pass --force (or export.force=true) to replace it, "
+            "or export.output=<another folder>"
+        )
     t.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=t.parent, prefix=f".{t.name}.probe"):
         pass
@@ -315,7 +288,7 @@ def run(recipe: Recipe) -> dict:
         "correct_rate_after": correct,
         "sample_reply": replies[0] if replies else None,
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, ownership.stage_kind("export")) as tmp:
         with progress(f"export: writing {dtype_name} safetensors"):
             model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
@@ -335,6 +308,7 @@ def run(recipe: Recipe) -> dict:
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         write_samples(tmp, samples.rows())
+        metrics = lineage.stamp(recipe, "export", metrics, {"stage": chain})
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users

@@ -1,4 +1,5 @@
-"""Stage outputs: atomic folders, metrics.json, the resolved recipe and the end-of-stage summary."""
+"""Stage outputs: atomic folders (finetune's own, core.ownership), metrics.json, the resolved recipe, samples and
+dropped rows."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from finetune.recipe import Recipe, dump_recipe
 
-from . import distributed
+from . import ownership
 from .integrity import DamagedFileError, read_json
 
 log = logging.getLogger(__name__)
@@ -35,18 +35,17 @@ def write_json(path: Path, data) -> None:
             os.unlink(tmp)
 
 
-def staging_dir(target: Path, reset: bool = True) -> Path:
-    """The temporary folder beside `target` where a stage writes before `commit_dir`.
+def staging_dir(target: Path, kind: str, reset: bool = True) -> Path:
+    """The temporary folder beside `target` where a run of `kind` writes before `commit_dir`.
 
-    Its name is fixed so every launched process writes into the same one; an interrupted stage
-    leaves only this hidden folder, never a half-written `target`.
+    Its name is fixed so every launched process writes into the same one (only the main process resets it);
+    an interrupted run leaves only this hidden folder, never a half-written `target`. It is marked as
+    finetune's (core.ownership), so the next run may remove it.
     """
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
     if reset:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    return tmp
+        return ownership.new_staging(target, kind)
+    return target.with_name(f".{target.name}.tmp")
 
 
 def fsync_tree(folder: Path) -> None:
@@ -65,28 +64,30 @@ def fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Replace `target` with the finished `tmp` folder (rename, so readers never see a partial one)."""
-    target = Path(target)
+def commit_dir(tmp: Path, target: Path, kind: str) -> None:
+    """Replace `target` (absent, or an earlier output of the same kind) with the finished `tmp` folder: a
+    rename, so readers never see a partial one (core.ownership.replace)."""
     fsync_tree(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    ownership.replace(tmp, target, kind)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a staging folder that will not be committed (a failed run's): it only takes space."""
+    try:
+        ownership.remove(tmp)
+    except (OSError, ownership.NotOurs):
+        pass
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path):
+def atomic_dir(target: Path, kind: str):
     """Single-process form: yield a staging folder, commit it on success, remove it on failure."""
-    tmp = staging_dir(target)
+    tmp = staging_dir(target, kind)
     try:
         yield tmp
-        commit_dir(tmp, target)
+        commit_dir(tmp, target, kind)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def write_samples(folder: Path, samples: list[dict] | None) -> None:
@@ -117,43 +118,6 @@ def write_stage_files(
     write_samples(folder, samples)
     write_dropped_rows(folder, reports or {})
     write_json(folder / "metrics.json", metrics)
-
-
-def save_stage(
-    trainer,
-    recipe: Recipe,
-    stage: str,
-    tokenizer,
-    metrics: dict,
-    *,
-    samples: list[dict] | None = None,
-    reports: dict | None = None,
-) -> Path:
-    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
-    launched process calls this; the main one writes."""
-    out = recipe.stage_dir(stage)
-    main_process = distributed.is_main()
-    tmp = staging_dir(out, reset=main_process)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
-    failure, error = None, None
-    if main_process:
-        try:
-            tokenizer.save_pretrained(str(tmp))  # includes the chat template
-            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
-            write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-            commit_dir(tmp, out)
-        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
-            failure, error = f"{type(e).__name__}: {e}", e
-            shutil.rmtree(tmp, ignore_errors=True)  # a half-written staging folder only takes space
-    failure = distributed.broadcast_from_main(failure)
-    if error is not None:
-        raise error  # the original (its errno says e.g. "disk full")
-    if failure:
-        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
-    return out
 
 
 def finished(recipe: Recipe, stage: str) -> bool:

@@ -19,7 +19,8 @@ from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import load_model, lora_targets
-from finetune.core.outputs import commit_dir, read_metrics, staging_dir, write_stage_files
+from finetune.core.outputs import commit_dir, discard, read_metrics, staging_dir, write_stage_files
+from finetune.core.ownership import stage_kind
 from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -349,6 +350,7 @@ def common_metrics(
 
 def save_output(
     out: Path,
+    stage: str,
     model,
     tokenizer,
     recipe: Recipe,
@@ -362,7 +364,8 @@ def save_output(
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
     from safetensors.torch import save_file
 
-    tmp = staging_dir(out)
+    kind = stage_kind(stage)
+    tmp = staging_dir(out, kind)
     try:
         value = model.value_head is not None
         model.peft.save_pretrained(str(tmp), selected_adapters=[POLICY, VALUE] if value else [POLICY])
@@ -376,9 +379,9 @@ def save_output(
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
         write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, kind)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 # ----------------------------------------------------------------------------- the stage, start to end
@@ -478,7 +481,7 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
     out = recipe.stage_dir(stage)
     if main:
         reports = {"train": prompts.report, "eval": prompts.eval_report}
-        save_output(out, model, tokenizer, recipe, metrics, log_file, samples=samples.rows(), reports=reports)
+        save_output(out, stage, model, tokenizer, recipe, metrics, log_file, samples=samples.rows(), reports=reports)
         parts.summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics
