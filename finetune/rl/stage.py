@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.core import distributed, tracking
+from finetune.core import distributed, lineage, stopping, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
@@ -234,25 +234,34 @@ def train_updates(
     meter = progress(
         f"{stage} training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main
     )
-    for update in range(start_update, s.updates):
-        idx = prompt_indices(
-            len(prompts.ids), s.rollout_batch_size, update, distributed.rank(), distributed.world_size(), recipe.seed
-        )
-        ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
-        stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
-        stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
-        meter.update(1, **{label: f"{stats[key]:.3f}" for label, key in bar.items() if key in stats})
-        if main:
-            history.append(stats)
-            tracking.current().log(tracking.rl_names(stats, stage), step=stats["update"])
-            with log_file.open("a") as fh:
-                fh.write(json.dumps(stats) + "\n")
-            if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
-                meter.write(step_line(stage, update + 1, s.updates, figures(stats)))
-                if recipe.logging.verbose:
-                    meter.write(str(stats))
-        if (update + 1) % s.save_every == 0 or update + 1 == s.updates:
-            checkpoints.save(recipe.checkpoint_dir(stage), update + 1, model, engine, scorer.norm)
+    with stopping.checkpointable():  # SIGTERM: the loop checkpoints and stops (core.stopping)
+        for update in range(start_update, s.updates):
+            idx = prompt_indices(
+                len(prompts.ids),
+                s.rollout_batch_size,
+                update,
+                distributed.rank(),
+                distributed.world_size(),
+                recipe.seed,
+            )
+            ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
+            stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
+            stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
+            meter.update(1, **{label: f"{stats[key]:.3f}" for label, key in bar.items() if key in stats})
+            if main:
+                history.append(stats)
+                tracking.current().log(tracking.rl_names(stats, stage), step=stats["update"])
+                with log_file.open("a") as fh:
+                    fh.write(json.dumps(stats) + "\n")
+                if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
+                    meter.write(step_line(stage, update + 1, s.updates, figures(stats)))
+                    if recipe.logging.verbose:
+                        meter.write(str(stats))
+            stop = stopping.stop_now(engine.device)  # SIGTERM: checkpoint this update, then stop
+            if stop or (update + 1) % s.save_every == 0 or update + 1 == s.updates:
+                checkpoints.save(recipe.checkpoint_dir(stage), update + 1, model, engine, scorer.norm)
+            if stop:
+                raise stopping.Terminated(f"{stage} saved a checkpoint at update {update + 1}")
     meter.close()
     return time.time() - started
 
@@ -378,7 +387,8 @@ def save_output(
             save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
+        stamped = lineage.stamp(recipe, stage, metrics, lineage.upstream(recipe, stage))
+        write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
         commit_dir(tmp, out, kind)
     finally:
         discard(tmp)

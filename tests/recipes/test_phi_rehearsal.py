@@ -130,7 +130,10 @@ def check_pipeline(run: dict, family: str) -> None:
     # stage, GRPO) merging SFT + the GRPO policy
     assert m["reward"]["start_from"] == [str(out / "sft")] and m["dpo"]["start_from"] == [str(out / "sft")]
     assert m["ppo"]["policy_initialised_from"] == str(out / "dpo") and m["ppo"]["reward_from"] == str(out / "reward")
-    assert m["grpo"]["start_from"] == [str(out / "sft")] and m["grpo"]["policy_initialised_from"] is None
+    from finetune.core.lineage import adapter_chain
+
+    assert adapter_chain(out / "grpo") == [str(out / "sft"), str(out / "grpo")]
+    assert m["grpo"]["policy_initialised_from"] is None
     assert m["grpo"]["reward_function"] == "finetune.rl.rewards:numeric_answer" and m["grpo"]["updates"] == 1
     assert m["grpo"]["score_rule_end"] is not None and m["grpo"]["eval_eos_rate_after"] is not None
     assert m["export"]["stage"] == "grpo" and m["export"]["adapters"] == [str(out / "sft"), str(out / "grpo")]

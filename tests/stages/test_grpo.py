@@ -3,6 +3,7 @@ SFT model, the shipped rule reward), its output, resume, export of its output, a
 vLLM without vLLM or without CUDA)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +43,12 @@ def grpo_run(sft_run, tmp_path_factory):
 
 
 def test_grpo_runs_after_sft_and_reports_its_figures(grpo_run, sft_run, capsys):
+    from finetune.core.lineage import adapter_chain
+
     recipe, m, out = grpo_run
     assert m["updates"] == 3 and m["base_unchanged"] and m["adapters_in_sync"]
-    assert m["start_from"] == [str(sft_run[2])] and m["policy_initialised_from"] is None and m["reward_from"] is None
+    assert adapter_chain(out) == [str(sft_run[2]), str(out)]  # a new policy LoRA on the SFT model
+    assert m["policy_initialised_from"] is None and m["reward_from"] is None
     assert m["reward_function"] == "finetune.rl.rewards:exact_answer" and m["loss_type"] == "dapo"
     assert 0 <= m["reward_start"] <= 1 and 0 <= m["reward_end"] <= 1 and m["score_rule_end"] == m["reward_end"]
     for key in ("correct_rate_before", "correct_rate_after", "eval_eos_rate_before", "eval_eos_rate_after"):
@@ -65,12 +69,13 @@ def test_grpo_runs_after_sft_and_reports_its_figures(grpo_run, sft_run, capsys):
 def test_grpo_output_is_a_plain_peft_adapter_on_the_sft_model(grpo_run):
     from peft import PeftModel
 
+    from finetune.core.lineage import adapter_chain
     from finetune.core.modeling import base_fingerprint, load_model
 
     recipe, m, out = grpo_run
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it learnt something
-    base = load_model(recipe, merge=m["start_from"])
+    base = load_model(recipe, merge=adapter_chain(out)[:-1])
     assert base_fingerprint(base) == m["base_fingerprint"]
     model = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():
@@ -82,7 +87,7 @@ def test_export_of_a_grpo_output(grpo_run):
 
     recipe, m, out = grpo_run
     exported = export.run(load_recipe(TINY_RECIPE, [f"output_dir={out.parent}", "export.stage=grpo"]))
-    assert exported["stage"] == "grpo" and exported["adapters"] == [*m["start_from"], str(out)]
+    assert exported["stage"] == "grpo" and [Path(a).name for a in exported["adapters"]] == ["sft", "grpo"]
     assert exported["parity_max_abs_diff_fp32"] <= 1e-4
     card = (out.parent / "export" / "README.md").read_text()
     assert "| grpo | merged into this model |" in card
