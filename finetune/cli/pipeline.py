@@ -14,7 +14,8 @@ from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. 
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+`<output_dir>/pipeline_curves.png`, and all of it with the samples in `<output_dir>/report.html`
+(finetune.cli.report). With `logging.report_to` the stages report under one tracker run
 (an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
@@ -121,6 +122,17 @@ def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return list(curves)
+
+
+def html_report(out: Path, recipe: Recipe) -> Path | None:
+    """report.html (finetune.cli.report); a page that cannot be drawn is a warning, never the pipeline's failure."""
+    from finetune.cli.report import write_report
+
+    try:
+        return write_report(out, recipe=recipe)
+    except Exception as e:  # noqa: BLE001  (the figures are already in pipeline_report.json)
+        print(f"finetune pipeline: report.html not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _earlier_seconds(report: Path) -> dict:
@@ -390,6 +402,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
+        page = html_report(out, recipe)
     if failed is None:
         title = "pipeline done"
     elif interrupted:
@@ -397,7 +410,9 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     else:
         title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
-    print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
+    print(
+        f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else "") + (f"\npage: {page}" if page else "")
+    )
     if interrupted:
         print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:
