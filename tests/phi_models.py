@@ -125,6 +125,7 @@ def write_sentencepiece_base(folder: Path, family: str, texts: list[str]) -> Pat
         eos_id=2,
         pad_id=-1,
         character_coverage=1.0,
+        hard_vocab_limit=False,  # at most 400 pieces: a tiny corpus has fewer merges
         minloglevel=2,
     )
     folder.mkdir(parents=True, exist_ok=True)

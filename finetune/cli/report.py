@@ -169,7 +169,8 @@ def curve_images(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:
 
 
 def held_out_section(recipe: Recipe, stages: list[str]) -> str:
-    """Every held-out figure a stage recorded before and after (metrics.json keys ending _before/_after/_start)."""
+    """Every held-out figure a stage recorded before and after training (metrics.json: X_before with X_after or X,
+    X_start with X_end or X_after)."""
     rows = []
     for stage in stages:
         m = read_metrics(recipe.stage_dir(stage))
@@ -177,11 +178,10 @@ def held_out_section(recipe: Recipe, stages: list[str]) -> str:
         for key, value in m.items():
             if not isinstance(value, int | float) or isinstance(value, bool):
                 continue
-            for before, after in (("_before", "_after"), ("_start", "_end"), ("_start", "_after"), ("_base", "_after")):
-                if key.endswith(before):
-                    stem = key[: -len(before)]
-                    if f"{stem}{after}" in m and isinstance(m[f"{stem}{after}"], int | float):
-                        pairs[stem] = (value, m[f"{stem}{after}"])
+            for before, after in (("_before", "_after"), ("_before", ""), ("_start", "_end"), ("_start", "_after")):
+                stem = key[: -len(before)]
+                if key.endswith(before) and stem not in pairs and isinstance(m.get(stem + after), int | float):
+                    pairs[stem] = (value, m[stem + after])
         for stem, (a, b) in sorted(pairs.items()):
             fmt = rate if "rate" in stem or "accuracy" in stem else figure
             rows.append([f"<b>{esc(stage)}</b>", esc(stem), f'<span class="num">{esc(fmt(a))} → {esc(fmt(b))}</span>'])

@@ -48,7 +48,7 @@ def quiet_native(log: list[str]):
 class GgufModel:
     """One GGUF file loaded by llama.cpp on the CPU."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 1024, threads: int | None = None, logits_all: bool = False):
         require("llama_cpp", "running a GGUF file")
         from llama_cpp import Llama
 
@@ -56,11 +56,22 @@ class GgufModel:
         try:
             with quiet_native(log):
                 self.llm = Llama(
-                    model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), seed=0, verbose=False
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_threads=threads or os.cpu_count(),
+                    logits_all=logits_all,  # keep every position's logits (for comparing them), not only sample
+                    seed=0,
+                    verbose=False,
                 )
         except ValueError as e:
             raise DeployError(f"llama.cpp cannot load {path}: {e}\n{''.join(log)[-2000:]}") from None
         self.path = Path(path)
+
+    def logits(self, ids: list[int]):
+        """fp32 next-token logits after `ids` (a numpy array; needs logits_all=True)."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self.llm.scores[len(ids) - 1].copy()
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -56,7 +56,7 @@ def test_report_renders_in_chromium_with_every_stage_samples_and_curves(pipeline
     assert header == ["prompt", "base", "sft", "dpo", "ppo", "export"]
     rows = re.findall(r"<tr>(.*?)</tr>", samples[samples.index("<tbody>") :], re.S)
     expected = [json.loads(x) for x in (out / "sft" / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == len(expected) == 8
+    assert len(rows) == len(expected) > 0
     first = re.findall(r"<td>(.*?)</td>", rows[0], re.S)
     assert first[0] == expected[0]["prompt"] and first[2] == expected[0]["sft"].replace("&", "&amp;").replace(
         "<", "&lt;"
