@@ -97,7 +97,7 @@ def test_f16_and_q8_0_greedy_replies_equal_transformers(gguf_run, transformers_r
     q4 = files["q4_k_m"]["correct_rate"]
     assert 0.0 <= q4 <= 1.0
     print(
-        f"held-out correct: transformers {manifest['files'][0]['correct_rate']:.0%} (f16 GGUF), "
+        f"held-out correct (llama.cpp): f16 {files['f16']['correct_rate']:.0%}, "
         f"q8_0 {files['q8_0']['correct_rate']:.0%}, q4_k_m {q4:.0%} "
         f"({sum(a == b for a, b in zip([(r['text'], r['stop']) for r in files['q4_k_m']['replies']], expected))}"
         f"/{len(expected)} replies equal to transformers')"
