@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import distributed, faults, tracking
-from finetune.core.locks import output_lock
-from finetune.core.outputs import setup_logging
+from finetune.core import distributed, faults, ownership, tracking
+from finetune.core.locks import output_lock, target_lock
+from finetune.core.logs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 
@@ -119,11 +119,18 @@ def ignoring_sigint():
 
 
 def before_loading(recipe: Recipe, stage: str) -> None:
-    """What every stage checks before it writes or loads anything: its optional libraries, then whether
-    its estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
+    """What every stage checks before it writes or loads anything: its optional libraries, that the folders it
+    will replace are its own (core.ownership: never a user's folder, never another stage's), then whether its
+    estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
+    fix = "Set output_dir (or the stage's output key) to another folder, or move that one away yourself"
+    ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
+    ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
+    from finetune.core.lineage import check_not_being_written  # torch: only once a stage runs
+
+    check_not_being_written(recipe, list(STAGES.inputs(stage)), f"finetune {stage}")
     from finetune.core.memory import preflight  # torch: only once a stage runs, not for `finetune --help`
 
     preflight(recipe, stage)
@@ -143,8 +150,7 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
             before_loading(recipe, stage)  # nothing written yet, not even the lock
             with (
                 output_lock(
-                    recipe.output_path(recipe.output_dir),
-                    stage,
+                    *target_lock(recipe.stage_dir(stage)),  # beside its output, wherever that is (export.output)
                     f"the {stage} stage",
                     "wait for it to finish, stop it, or set output_dir to another folder",
                 ),

@@ -22,7 +22,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from finetune.core.outputs import DROPPED_ROWS, figure, key_metrics, rate, read_metrics, write_text
+from finetune.core.outputs import DROPPED_ROWS, read_metrics, write_text
+from finetune.core.summary import figure, rate
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, load_recipe
 
@@ -111,7 +112,7 @@ def stage_rows(recipe: Recipe, report: dict | None) -> list[dict]:
     for stage in STAGES.names():
         m = read_metrics(recipe.stage_dir(stage))
         if m:
-            rows.append({"stage": stage, "status": "finished", **key_metrics(stage, m), "seconds": None})
+            rows.append({"stage": stage, "status": "finished", **STAGES[stage].key_metrics(m), "seconds": None})
             rows[-1]["output"] = str(recipe.stage_dir(stage))
     return rows
 
@@ -246,8 +247,10 @@ def dropped_section(recipe: Recipe, stages: list[str]) -> str:
 
 
 def gguf_section(recipe: Recipe) -> str:
-    """The export's GGUF files (finetune.deploy), when it has them."""
-    gguf = _read_json(recipe.stage_dir("export") / "gguf" / "gguf.json")
+    """The exported model's GGUF files (finetune.deploy), when it has them."""
+    stage = STAGES.model_folder_stage()
+    folder = recipe.stage_dir(stage) / "gguf" if stage else None
+    gguf = _read_json(folder / "gguf.json") if folder else None
     if not gguf:
         return ""
     rows = [
@@ -265,7 +268,7 @@ def gguf_section(recipe: Recipe) -> str:
     return (
         "<h2>GGUF and Ollama</h2>"
         + table(["type", "file", "size", "held-out correct (llama.cpp)", "replies equal to the export's"], rows)
-        + f'<p class="meta">Modelfile: {esc(recipe.stage_dir("export") / "gguf" / "Modelfile")} '
+        + f'<p class="meta">Modelfile: {esc(folder / "Modelfile")} '
         f"(template checked with {esc(gguf.get('modelfile', {}).get('template_checked_with'))}); docs/deploy.md</p>"
     )
 

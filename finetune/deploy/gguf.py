@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.core.outputs import print_summary, rate, write_json
+from finetune.core.outputs import write_json
+from finetune.core.summary import print_summary, rate
 from finetune.recipe.sections import GGUF_TYPES
 
 from .llamacpp import DeployError, quiet_native, require
@@ -294,8 +295,10 @@ def check_installed() -> None:
     require("gguf", "export.gguf")
 
 
-def export_gguf(recipe, export_dir: Path, rows: list[dict], limit: int, max_new_tokens: int, reference=None) -> dict:
-    """The export stage's call: export.gguf's files for the finished export at `export_dir`, measured on the
+def export_gguf(
+    recipe, export_dir: Path, types: list[str], rows: list[dict], limit: int, max_new_tokens: int, reference=None
+) -> dict:
+    """The export stage's call: the GGUF `types` for the finished export at `export_dir`, measured on the
     held-out rows the export measured itself (`reference`: its replies, when it has just made them)."""
     from finetune.core.evaluation import held_out_prompts
 
@@ -303,4 +306,4 @@ def export_gguf(recipe, export_dir: Path, rows: list[dict], limit: int, max_new_
     config = Path(export_dir) / "generation_config.json"
     generation = json.loads(config.read_text()) if config.is_file() else {}
     name = Path(recipe.output_dir).name or "model"
-    return write_gguf(export_dir, recipe.export.gguf, name, (kept, prompts, max_new_tokens), reference, generation)
+    return write_gguf(export_dir, types, name, (kept, prompts, max_new_tokens), reference or None, generation)

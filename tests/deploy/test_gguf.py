@@ -45,7 +45,7 @@ def transformers_replies(gguf_run):
 
     export = gguf_run[0]
     recipe = load_recipe(TINY_RECIPE)
-    rows, limit, max_new = held_out_rows(recipe)
+    rows, limit, max_new, _ = held_out_rows(recipe)
     rows, prompts = held_out_prompts(rows, limit)
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export)
