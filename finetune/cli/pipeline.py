@@ -42,8 +42,8 @@ from finetune.errors import UserError
 from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
 from finetune.recipe import STAGES, Recipe, load_recipe
 
-REPORT = "pipeline_report.json"
-CURVES = "pipeline_curves.png"
+from .report import CURVES, plot_curves, write_page
+from .report import PIPELINE_REPORT as REPORT
 
 
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
@@ -85,50 +85,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(fmt.format(*line).rstrip() for line in [header, ["-" * w for w in widths], *lines])
 
 
-def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
-    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
-    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    curves = {}
-    for stage in stages:
-        folder = recipe.stage_dir(stage)
-        if (folder / "updates.jsonl").is_file():
-            rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
-            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
-        elif (folder / "log_history.json").is_file():
-            rows = json.loads((folder / "log_history.json").read_text())
-            curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
-    if not curves:
-        return []
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-    for ax, (stage, (xlabel, series)) in zip(axes[0], curves.items()):
-        first = True
-        for (name, points), color in zip(series.items(), ("tab:blue", "tab:red")):
-            target = ax if first else ax.twinx()
-            if points:
-                target.plot(*zip(*points), color=color, label=name)
-            target.set_ylabel(name, color=color)
-            first = False
-        ax.set_title(stage)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return list(curves)
-
-
 def html_report(out: Path, recipe: Recipe) -> Path | None:
     """report.html (finetune.cli.report); a page that cannot be drawn is a warning, never the pipeline's failure."""
-    from finetune.cli.report import write_report
-
     try:
-        return write_report(out, recipe=recipe)
+        return write_page(out, recipe=recipe)
     except Exception as e:  # any fault: the figures are already in pipeline_report.json
         print(f"finetune pipeline: report.html not written: {type(e).__name__}: {e}", file=sys.stderr)
         return None

@@ -28,7 +28,8 @@ from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT_HTML = "report.html"
-PIPELINE_REPORT = "pipeline_report.json"  # finetune.cli.pipeline.REPORT
+PIPELINE_REPORT = "pipeline_report.json"  # the pipeline's figures (finetune.cli.pipeline writes it)
+CURVES = "pipeline_curves.png"  # every stage's curves in one figure (plot_curves, called by the pipeline)
 SAMPLES = "samples.jsonl"
 EXAMPLES = 3  # dropped rows shown per stage
 LIBRARIES = (
@@ -156,10 +157,46 @@ def section_table(rows: list[dict]) -> str:
     return table(["stage", "status", "key metric", "before → after", "held-out correct", "time", "output"], body)
 
 
+def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
+    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
+    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for stage in stages:
+        folder = recipe.stage_dir(stage)
+        if (folder / "updates.jsonl").is_file():
+            rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
+            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
+        elif (folder / "log_history.json").is_file():
+            rows = json.loads((folder / "log_history.json").read_text())
+            curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
+    if not curves:
+        return []
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (stage, (xlabel, series)) in zip(axes[0], curves.items()):
+        first = True
+        for (name, points), color in zip(series.items(), ("tab:blue", "tab:red")):
+            target = ax if first else ax.twinx()
+            if points:
+                target.plot(*zip(*points), color=color, label=name)
+            target.set_ylabel(name, color=color)
+            first = False
+        ax.set_title(stage)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return list(curves)
+
+
 def curve_images(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:
     """(stage, data: URI) of each stage's curves, drawn by the pipeline's own plot, one stage per figure."""
-    from finetune.cli.pipeline import plot_curves
-
     images = []
     with tempfile.TemporaryDirectory() as d:
         for stage in stages:
@@ -330,7 +367,7 @@ written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
 """
 
 
-def write_report(out: Path, target: Path | None = None, recipe: Recipe | None = None) -> Path:
+def write_page(out: Path, target: Path | None = None, recipe: Recipe | None = None) -> Path:
     """Write the report (atomically) to `target` (default <out>/report.html) and return its path."""
     target = Path(target) if target else Path(out) / REPORT_HTML
     write_text(target, render_report(out, recipe))
@@ -348,5 +385,5 @@ def main(argv: list[str] | None = None) -> int:
     if not out.is_dir():
         print(f"finetune report: error: {out} is not a folder; name a run's output_dir", file=sys.stderr)
         return 2
-    print(f"report: {write_report(out, args.out)}")
+    print(f"report: {write_page(out, args.out)}")
     return 0
