@@ -34,12 +34,20 @@ import threading
 import time
 from pathlib import Path
 
-from finetune.core import progress, tracking
+from finetune.core import progress, stopping, tracking
 from finetune.core.locks import output_lock
 from finetune.core.outputs import finished, read_metrics, write_json
 from finetune.core.summary import figure, rate
 from finetune.errors import UserError
-from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
+from finetune.launch import (
+    INTERRUPTED,
+    VERBOSE_HELP,
+    ignoring_sigint,
+    ignoring_sigterm,
+    recipe_command,
+    run_child,
+    stop_child,
+)
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 from .report import CURVES, plot_curves, write_page
@@ -274,8 +282,8 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
             if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
-    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
-        stop_child(proc)
+    except KeyboardInterrupt as e:  # let the stage stop cleanly (its own message, its checkpoint), then say so here
+        stop_child(proc, isinstance(e, stopping.Terminated))
         raise
     finally:
         if proc.poll() is None:  # interrupted here: stop the stage too
@@ -385,11 +393,12 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         t0 = time.time()
         try:
             code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
-        except KeyboardInterrupt:
-            code = INTERRUPTED
+        except KeyboardInterrupt as e:
+            code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
         seconds = time.time() - t0
-        if code == INTERRUPTED:
-            rows.append(report_row(recipe, stage, "interrupted", seconds))
+        if code in (INTERRUPTED, stopping.TERMINATED):
+            status = "interrupted" if code == INTERRUPTED else "terminated (SIGTERM)"
+            rows.append({**report_row(recipe, stage, status, seconds), "why": why})
             failed = (stage, code)
             break
         if code != 0:
@@ -400,8 +409,8 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         rows.append({**report_row(recipe, stage, "ran", seconds), "why": why})
         write_report()
         ran_any = True
-    interrupted = failed is not None and failed[1] == INTERRUPTED
-    with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
+    interrupted = failed is not None and failed[1] in (INTERRUPTED, stopping.TERMINATED)
+    with ignoring_sigint() if interrupted else contextlib.nullcontext(), ignoring_sigterm():  # the report, whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
@@ -409,7 +418,8 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     if failed is None:
         title = "pipeline done"
     elif interrupted:
-        title = f"pipeline interrupted (Ctrl-C) during {failed[0]}"
+        how = "interrupted (Ctrl-C)" if failed[1] == INTERRUPTED else "terminated (SIGTERM)"
+        title = f"pipeline {how} during {failed[0]}"
     else:
         title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
@@ -417,7 +427,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else "") + (f"\npage: {page}" if page else "")
     )
     if interrupted:
-        print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print("finetune pipeline: stopped; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:
         print(
             f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
@@ -439,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print each stage's data, steps, tokens, memory estimate and command; load and run nothing",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    stopping.install()  # SIGTERM: passed on to the running stage, which checkpoints; then the report is written
     try:
         if args.plan:
             return plan(args.recipe, args.overrides)
@@ -446,9 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # between stages (a stage's own Ctrl-C is in its row of the report)
-        print("finetune pipeline: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as e:  # between stages (a stage's own stop is in its row of the report)
+        terminated = isinstance(e, stopping.Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"finetune pipeline: {why}; rerun the same command to continue", file=sys.stderr)
+        return stopping.TERMINATED if terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

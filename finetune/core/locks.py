@@ -118,7 +118,7 @@ def output_lock(output_dir: str | Path, name: str, what: str, fix: str):
                 time.sleep(0.2)
                 info = holder(path)
             raise LockedError(
-                f"{Path(output_dir)}: {what} is already running into this output_dir ({describe(info)}); "
+                f"{Path(output_dir)}: {what} is already running into this folder ({describe(info)}); "
                 f"{fix}. (A run that died leaves no lock: {path} is released when its process exits.)"
             ) from None
         info = {
