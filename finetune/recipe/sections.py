@@ -21,6 +21,12 @@ from .errors import NO_ADAPTER
 BUILTIN_PREFIX = "builtin:"
 RECIPE_PATH = {"path": "recipe"}  # relative to the recipe file
 CWD_PATH = {"path": "cwd"}  # relative to the working directory, like output_dir
+# GGUF file types `export.gguf` accepts: the converter's own output types (f32, f16, bf16) and llama.cpp's
+# quantisations of them (the names `llama-quantize --help` lists, lower-cased).
+GGUF_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
+    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+)  # fmt: skip
 
 
 class Section(BaseModel):
@@ -482,6 +488,30 @@ class ExportSection(Section):
         "(also `finetune export RECIPE --push-to-hub user/name`). Token: HF_TOKEN or `hf auth login`.",
     )
     hub_private: bool = Field(True, description="Create the Hub repository private (false: public).")
+    gguf: list[str] = Field(
+        default_factory=list,
+        description="GGUF files to write into <export>/gguf/ with llama.cpp's converter and quantiser, e.g. "
+        "[q8_0, q4_k_m] (also `finetune export RECIPE --gguf q8_0,q4_k_m`; needs `pip install 'finetune[gguf]'`): "
+        f"any of {', '.join(GGUF_TYPES)}. An Ollama Modelfile is written beside them (FROM the first) and each "
+        "file's held-out correctness is measured with llama.cpp. A finished export gets them added without a "
+        "new merge. docs/deploy.md.",
+    )
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_list(cls, value):
+        if isinstance(value, str):  # export.gguf=q8_0,q4_k_m on the command line
+            value = [v for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_types(cls, value: list[str]) -> list[str]:
+        names = [v.strip().lower() for v in value]
+        unknown = [v for v in names if v not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; use any of {', '.join(GGUF_TYPES)}")
+        return list(dict.fromkeys(names))
 
     @field_validator("max_shard_size")
     @classmethod
