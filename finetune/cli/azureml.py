@@ -109,8 +109,9 @@ def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
 def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
     """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order. An input
     with no key (needed only as part of an adapter chain) is linked whenever the stage reads any keyed
-    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage."""
-    table = STAGES[stage].inputs
+    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage. An input's
+    own adapter chain comes too (a start_from pointing at DPO's output needs the SFT adapter under it)."""
+    table = STAGES.inputs(stage)
     keyed = {_upstream(recipe, stage, key, earlier) for earlier, key in table.items() if key is not None}
     keyed.discard(None)
     has_keys = any(key is not None for key in table.values())
@@ -119,7 +120,11 @@ def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
         for earlier, key in table.items()
         if key is None and (keyed or (not has_keys and recipe.section(earlier) is not None))
     }
-    return [s for s in STAGES.names() if s in keyed | chain]
+    found = keyed | chain
+    for earlier in list(found):
+        if recipe.section(earlier) is not None:
+            found |= set(stage_upstreams(recipe, earlier))
+    return [s for s in STAGES.names() if s in found]
 
 
 def _data_inputs(recipe: Recipe, stage: str, yaml_dir: Path) -> tuple[dict, list[str]]:
@@ -223,7 +228,14 @@ def build_stage_job(
     inputs = {**{u: bind(u) for u in upstreams}, **data_inputs, **model_inputs}
     job_overrides = [o for o in overrides if not o.startswith("azureml.")] + data_overrides + model_overrides
     # The launcher is Azure ML's (one process per GPU): the stage runs in-process in each of them.
-    local = stage_command(stage, recipe_rel, job_overrides, python="python", script=stage_script(stage, REPO_DIR))
+    try:
+        script = stage_script(stage, REPO_DIR)
+    except ValueError:
+        raise RecipeError(
+            f"{recipe.source}: the {stage} stage's module ({stage_script(stage)}) lies outside the repository "
+            f"{REPO_DIR}; an Azure ML job runs a snapshot of the repository, so the module must be inside it"
+        ) from None
+    local = stage_command(stage, recipe_rel, job_overrides, python="python", script=script)
     out = shlex.quote(recipe.output_dir)
     links = [
         f"{{ ln -sfn ${{{{inputs.{u}}}}} {shlex.quote(str(recipe.stage_dir(u)))} || "

@@ -33,8 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from finetune.core import ownership
 from finetune.core.outputs import write_json
 from finetune.core.summary import print_summary, rate
+from finetune.recipe import STAGES
 from finetune.recipe.sections import GGUF_TYPES
 
 from .llamacpp import DeployError, quiet_native, require
@@ -222,7 +224,7 @@ def write_gguf(
             made[t] = out
             log.info("gguf: %s done in %.0fs (%.1f MB)", t, time.time() - t0, out.stat().st_size / 1e6)
         for t, path in files.items():
-            os.replace(made[t], path)
+            ownership.put_file(made[t], path, ownership.stage_kind(STAGES.model_folder_stage()))
             made[t] = path
     finally:
         for p in partials:

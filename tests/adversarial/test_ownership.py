@@ -199,6 +199,10 @@ ALLOWED = {
     ("finetune/core/tracking.py", "os.replace"): "the open-run marker file, written atomically",
     ("finetune/rl/stage.py", "rename"): "moves files inside its own staging folder (the RL stages' policy adapter)",
     ("finetune/rl/stage.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/core/fingerprints.py", "os.replace"): "its own hash cache file, written atomically",
+    ("finetune/deploy/gguf.py", "os.replace"): "llama.cpp's converter into its own cache folder, from a staging copy",
+    ("finetune/deploy/gguf.py", "shutil.rmtree"): "its own staging copy of the converter, when another process won",
+    ("finetune/deploy/gguf.py", "unlink"): "its own partial GGUF files (.name.partial-*), left by an interrupted run",
 }
 REMOVING = {"rmtree", "remove", "unlink", "rmdir", "rename", "move", "replace", "removedirs"}
 
