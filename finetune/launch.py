@@ -119,13 +119,16 @@ def ignoring_sigint():
 
 
 def before_loading(recipe: Recipe, stage: str) -> None:
-    """What every stage checks before it writes or loads anything: its optional libraries, then whether
-    its estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
+    """What every stage checks before it writes or loads anything: its optional libraries, whether its settings
+    fit the model (context length, LoRA targets and rank), then whether its estimated memory fits this machine
+    (a clear stop now instead of an out-of-memory kill later)."""
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
-    from finetune.core.memory import preflight  # torch: only once a stage runs, not for `finetune --help`
+    from finetune.core.limits import check_limits  # torch: only once a stage runs, not for `finetune --help`
+    from finetune.core.memory import preflight
 
+    check_limits(recipe, stage)
     preflight(recipe, stage)
 
 

@@ -116,7 +116,12 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,
+        # the config's content, not only its name: ZeRO's stage and partitioning decide how the optimiser state
+        # was saved, and DeepSpeed fails on a checkpoint of another layout with its own traceback
         "deepspeed": recipe.deepspeed,
+        "deepspeed_sha256": sha256_file(recipe.resolve_path(recipe.deepspeed)) if recipe.deepspeed else None,
+        # processes change the global batch, and ZeRO partitions the optimiser state by process
+        "processes": distributed.world_size(),
         "seed": recipe.seed,
         "adapters": {str(f): sha256_file(Path(f) / "adapter_model.safetensors") for f in adapters if f},
         "data": data_fingerprint(rows),
@@ -161,6 +166,10 @@ def differences(stage: str, old: dict, new: dict) -> list[str]:
             name = "template " + ("(its text)" if key.endswith("sha256") else "name")
         elif key.startswith("model."):
             name = key
+        elif key == "deepspeed_sha256":
+            name = "deepspeed (the config file's content)"
+        elif key == "processes":
+            name = "processes (launch.num_processes, or the accelerate config's num_processes x machines)"
         out.append(f"{name}: {_show(a.get(key))} -> {_show(b.get(key))}")
     return out
 
@@ -296,7 +305,7 @@ def choose_checkpoint(
     candidates = checkpoints_in(root, prefix)
     if not resume:
         if main and root.exists():
-            shutil.rmtree(root)
+            _clear(root, prefix)
             log.info("%s.resume is false: starting over; removed the earlier checkpoints in %s", stage, root)
         _record(root, identity, main)
         return None
@@ -336,6 +345,18 @@ def choose_checkpoint(
         f"; skipped {', '.join(s.split(' ')[0] for s in skipped)}" if skipped else "",
     )
     return chosen
+
+
+def _clear(root: Path, prefix: str) -> None:
+    """Remove a run's checkpoints. A checkpoints folder that is a symbolic link (checkpoints kept on another
+    disk) stays, and so does anything in it that is not a checkpoint: only the checkpoint folders and the
+    identity file inside it go (shutil.rmtree refuses a link, with a traceback)."""
+    if not root.is_symlink():
+        shutil.rmtree(root)
+        return
+    for folder in checkpoints_in(root, prefix):
+        shutil.rmtree(folder)
+    (root / IDENTITY).unlink(missing_ok=True)
 
 
 def _refuse_beyond(recipe: Recipe, stage: str, chosen: Path, beyond) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from finetune.readers import read_json
 from finetune.recipe import Recipe, RecipeError
 from finetune.recipe.trl_fields import TRL_DEFAULTS
 
@@ -50,7 +51,9 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         data_seed=recipe.seed,
         fp16=recipe.precision == "fp16",
         bf16=recipe.precision == "bf16",
-        deepspeed=recipe.resolve_path(recipe.deepspeed),
+        # the file as finetune.readers read it when the recipe loaded (a byte-order mark accepted, a key given
+        # twice refused); transformers' own json.load would fail on the one and keep the last of the other
+        deepspeed=read_json(recipe.resolve_path(recipe.deepspeed), RecipeError) if recipe.deepspeed else None,
         logging_steps=recipe.logging.logging_steps,
         report_to=trackers(recipe),
         use_cpu=not torch.cuda.is_available(),

@@ -179,3 +179,45 @@ def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():
         for stage, figures in row["stages"].items():
             est = estimate_stage(stage, shape, memory.stage_settings(recipe, stage, "cpu", 1)).total_gib
             assert est == pytest.approx(figures["peak_rss_gib"], rel=0.08), (row["layers"], stage)
+
+
+def _saved_bytes(overrides: list[str], tokens: tuple[int, int], autocast: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward of the tiny model with LoRA (unique storages)."""
+    import torch
+
+    from finetune.core.modeling import add_lora, load_model
+
+    recipe = load_recipe(TINY_RECIPE, overrides)
+    model = add_lora(load_model(recipe), recipe).train()
+    ids = torch.randint(0, model.config.vocab_size, tokens, generator=torch.Generator().manual_seed(0))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=autocast):
+        model(input_ids=ids)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_activations_match_what_autograd_keeps(precision):
+    """The LoRA part of the estimate against torch's saved-tensor hooks: what a higher rank and LoRA dropout add."""
+    tokens = (16, 128)
+    base = [f"precision={precision}", "lora.dropout=0.0", "lora.r=8"]
+    shape, _ = memory.model_shape(load_recipe(TINY_RECIPE, ["lora.r=8"]))
+    rank_shape = dataclasses.replace(shape, lora_rank=128)
+    b = 4 if precision == "fp32" else 2
+    n = tokens[0] * tokens[1]
+    measured = _saved_bytes([*base, "lora.r=128"], tokens, b == 2) - _saved_bytes(base, tokens, b == 2)
+    measured -= shape.lora_params * (128 // 8 - 1) * b  # the adapter weights F.linear keeps: the adapters part
+    formula = memory.lora_activation_bytes(n, rank_shape, b, False, False) - memory.lora_activation_bytes(
+        n, shape, b, False, False
+    )
+    assert formula == pytest.approx(measured, rel=0.1)
+    measured = _saved_bytes([*base, "lora.dropout=0.1"], tokens, b == 2) - _saved_bytes(base, tokens, b == 2)
+    formula = memory.lora_activation_bytes(n, shape, b, True, False) - memory.lora_activation_bytes(
+        n, shape, b, False, False
+    )
+    assert formula == pytest.approx(measured, rel=0.2)
