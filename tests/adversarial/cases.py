@@ -207,6 +207,8 @@ GROUP_MODULES = [  # the table's order: the suite's files, each in file order
     "test_concurrency",
     "test_outputs",
     "test_inference",
+    "test_limits",
+    "test_mistakes",
 ]
 
 
