@@ -18,7 +18,7 @@ import logging
 from finetune.recipe import Recipe, RecipeError
 from finetune.recipe.sections import TrainedStage
 
-from .memory import model_config, trl_setting
+from .memory import model_config
 from .modeling import context_length, lora_problem, lora_targets, meta_model
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def check_limits(recipe: Recipe, stage: str) -> None:
     section = recipe.section(stage)
     context = context_length(config)
     if context and hasattr(section, "token_budgets"):
-        for keys, tokens in section.token_budgets(stage, lambda name: trl_setting(recipe, stage, name)):
+        for keys, tokens in section.token_budgets(stage, lambda name: recipe.trl_setting(stage, name)):
             if tokens is not None and tokens > context:
                 raise RecipeError(
                     f"{recipe.source}: {keys}: {tokens} tokens, more than the {context} positions of "

@@ -227,7 +227,7 @@ def test_huge_rows_are_counted_when_dropped(case, tokenizer, tiny_recipe):
             "refused before loading: lora.r, the largest usable rank, why",
             (stage,),
         )
-        for stage in ("sft", "reward", "dpo", "ppo", "pipeline")
+        for stage in ("sft", "reward", "dpo", "kto", "orpo", "ppo", "pipeline")
     )
 )
 def test_an_absurd_lora_rank_is_refused_by_every_training_command(case, tmp_path, capsys):
@@ -279,6 +279,8 @@ def test_the_memory_check_counts_lora(case, tmp_path, capsys, monkeypatch):
             ("sft", "sft.max_length=4096", "sft.max_length"),
             ("reward", "reward.max_length=4096", "reward.max_length"),
             ("dpo", "dpo.max_length=4096", "dpo.max_length"),
+            ("kto", "kto.max_length=4096", "kto.max_length"),
+            ("orpo", "orpo.max_length=4096", "orpo.max_length"),
             ("sft", "sft.max_new_tokens=300 sft.eval_generate_rows=4", "sft.max_new_tokens"),
             ("ppo", "ppo.response_length=200", "ppo.max_prompt_length + ppo.response_length"),
             ("ppo", "ppo.max_new_tokens=200", "ppo.max_prompt_length + ppo.max_new_tokens"),
