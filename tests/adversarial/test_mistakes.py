@@ -12,17 +12,12 @@ import pytest
 
 from tests.conftest import ROOT, TINY_RECIPE, write_jsonl
 
-from .cases import GOOD, Case, cases, cli, copy_run, refused, snapshot, unchanged
+from .cases import GOOD, Case, cases, cli, copy_run, nothing_written, refused, snapshot, unchanged
 
 pytestmark = pytest.mark.timeout(900)
 
 BOM = "\ufeff"
 EVAL_DATA = ROOT / "data/tiny/sft_eval.jsonl"
-
-
-def nothing_written(out: Path) -> None:
-    """Nothing in `out` but the lock a stage takes before it reads anything."""
-    assert not [p.name for p in out.glob("*") if not p.name.endswith(".lock")] if out.exists() else True
 
 
 def _recipe(tmp_path, text: str, name: str = "r.yaml") -> Path:
