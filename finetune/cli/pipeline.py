@@ -342,6 +342,10 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
             f"{recipe.source}: {'; '.join(missing)}. Install it, or leave the stage out with "
             f"pipeline.stages=[{', '.join(others)}]. Nothing was run."
         )
+    from finetune.core.limits import check_limits  # each stage checks again; here before the first one runs
+
+    for stage in stages:
+        check_limits(recipe, stage)
 
 
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:

@@ -30,9 +30,10 @@ GGUF_TYPES = (
 
 
 class Section(BaseModel):
-    """A recipe section: unknown keys are errors (the loader names the nearest valid key)."""
+    """A recipe section: unknown keys are errors (the loader names the nearest valid key); numbers must be finite
+    (pydantic takes .inf and .nan for a float unless told not to)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -188,6 +189,11 @@ class TrainedStage(Section):
     )
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
 
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        """(keys, tokens) this section asks of one sequence, each of which must fit the model's context
+        (finetune.core.limits); `setting(name)` reads a TRL field with its defaults."""
+        return [(f"{stage}.max_new_tokens", self.max_new_tokens)] if self.eval_generate_rows else []
+
 
 def _adapter_ref(value: str | None, key: str) -> str | None:
     """One spelling for "no adapter": none. 'base' was the old spelling of start_from."""
@@ -196,7 +202,7 @@ def _adapter_ref(value: str | None, key: str) -> str | None:
     return value
 
 
-TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True)
+TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True, allow_inf_nan=False)
 
 
 class TrlStage(TrainedStage):
@@ -204,6 +210,9 @@ class TrlStage(TrainedStage):
     config (e.g. `sft.max_steps`, `sft.learning_rate`), which overrides the shared `training` block."""
 
     model_config = TRL_STAGE_CONFIG
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", setting("max_length")), *super().token_budgets(stage, setting)]
 
 
 class FromEarlierStage(Section):
@@ -403,6 +412,16 @@ class RlStage(TrainedStage, FromEarlierStage):
         "(eval_score_before/after, ...); 0 skips.",
     )
 
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        # the key of the response budget differs by stage: ppo.response_length, grpo.max_completion_length
+        key = "response_length" if "response_length" in type(self).model_fields else "max_completion_length"
+        budgets = [(f"{stage}.max_prompt_length + {stage}.{key}", self.max_prompt_length + self.response_length)]
+        if self.eval_generate_rows:
+            budgets.append(
+                (f"{stage}.max_prompt_length + {stage}.max_new_tokens", self.max_prompt_length + self.max_new_tokens)
+            )
+        return budgets
+
     @field_validator("reward_from", check_fields=False)
     @classmethod
     def _reward_spelling(cls, value):
@@ -587,6 +606,9 @@ class EvalSection(Section):
     output: str | None = Field(
         None, description="Results folder (default: <output_dir>/eval).", json_schema_extra=CWD_PATH
     )
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", self.max_length)] if self.max_length else []
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -180,3 +180,53 @@ def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():
         for stage, figures in row["stages"].items():
             est = estimate_stage(stage, shape, memory.stage_settings(recipe, stage, "cpu", 1)).total_gib
             assert est == pytest.approx(figures["peak_rss_gib"], rel=0.08), (row["layers"], stage)
+
+
+def _saved_bytes(base, recipe, tokens: tuple[int, int], autocast: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward of `base` with the recipe's LoRA (unique
+    storages)."""
+    import copy
+
+    import torch
+
+    from finetune.core.modeling import add_lora
+
+    model = add_lora(copy.deepcopy(base), recipe).train()
+    ids = torch.randint(0, model.config.vocab_size, tokens, generator=torch.Generator().manual_seed(0))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=autocast):
+        model(input_ids=ids)
+    return sum(kept.values())
+
+
+def test_lora_activations_match_what_autograd_keeps():
+    """The LoRA part of the estimate against torch's saved-tensor hooks: what a higher rank and LoRA dropout add,
+    at fp32 and under bf16 autocast (how 16-bit training runs: the same bytes whatever the base's dtype)."""
+    from finetune.core.modeling import load_model
+
+    recipe = load_recipe(TINY_RECIPE, ["lora.r=8", "lora.dropout=0.0"])
+    base = load_model(recipe)
+
+    def lora(**change):
+        return recipe.model_copy(update={"lora": recipe.lora.model_copy(update=change)})
+
+    tokens = (8, 128)
+    n = tokens[0] * tokens[1]
+    shape, _ = memory.model_shape(recipe)
+    rank_shape = dataclasses.replace(shape, lora_rank=128)
+    for b in (4, 2):
+        before = _saved_bytes(base, recipe, tokens, b == 2)
+        measured = _saved_bytes(base, lora(r=128), tokens, b == 2) - before
+        measured -= shape.lora_params * (128 // 8 - 1) * b  # the adapter weights F.linear keeps: the adapters part
+        formula = memory.lora_activation_bytes(n, rank_shape, b, False, False)
+        formula -= memory.lora_activation_bytes(n, shape, b, False, False)
+        assert formula == pytest.approx(measured, rel=0.1), b
+        measured = _saved_bytes(base, lora(dropout=0.1), tokens, b == 2) - before
+        formula = memory.lora_activation_bytes(n, shape, b, True, False)
+        formula -= memory.lora_activation_bytes(n, shape, b, False, False)
+        assert formula == pytest.approx(measured, rel=0.2), b
