@@ -29,7 +29,7 @@ from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
-from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
+from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_config, template_for
 from finetune.core.outputs import (
     commit_dir,
     figure,
@@ -90,7 +90,21 @@ def resolve_start(recipe: Recipe) -> tuple[list[str], str | None, str | None]:
             "same SFT output (reward.start_from) or start PPO from it (ppo.start_from)"
         )
     rest = policy_chain[len(shared) :]
+    for key, folder in (("ppo.start_from", rest[0] if rest else None), ("ppo.reward_from", reward)):
+        saved = _fully_trained_modules(folder) if folder else []
+        if saved:
+            raise RecipeError(
+                f"{recipe.source}: {key}: {folder} also trained {saved} in full (lora.modules_to_save), which PPO's "
+                "shared base cannot hold per adapter; train that stage without modules_to_save, or start PPO from an "
+                "adapter that is merged into the base (the one the reward model was trained on)"
+            )
     return shared, (rest[0] if rest else None), reward
+
+
+def _fully_trained_modules(folder: str) -> list[str]:
+    """The modules an adapter saved in full besides a score head (PEFT adds that one to modules_to_save)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return [m for m in config.get("modules_to_save") or [] if m not in ("score", "classifier")]
 
 
 # ----------------------------------------------------------------------------- the run, step by step
@@ -151,16 +165,10 @@ def held_out_rollouts(recipe: Recipe, engine: PPOEngine, scorer: Scorer, prompts
 
 def build_policy_model(recipe: Recipe, shared: list[str], policy_from, reward_from, device) -> MultiAdapterModel:
     """One frozen base (the shared chain merged in) with the policy, value and reward adapters."""
-    from peft import LoraConfig, TaskType
-
-    base = load_model(recipe, merge=shared).to(device)
-    policy_config = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=0.0,
-        target_modules=lora_targets(recipe, base.config.model_type),
-        task_type=TaskType.CAUSAL_LM,
-    )
+    base = load_model(recipe, merge=shared)
+    if not recipe.model.load_in_4bit:  # a 4-bit base is placed by its device_map and cannot move
+        base = base.to(device)
+    policy_config = lora_config(recipe, base.config.model_type, dropout=0.0)
     model = build_model(base, policy_config, policy_from, reward_from, recipe.ppo.value_init)
     trainable = sum(p.numel() for p in model.policy_parameters() + model.value_parameters())
     log.info(
@@ -197,7 +205,7 @@ def resume_or_start(recipe: Recipe, last: Path | None, model, engine, scorer) ->
     if last:
         start_update, scorer.norm = checkpoints.load(last, model, engine)
         log.info("resuming PPO from %s (update %d of %d)", last, start_update, s.updates)
-    if distributed.is_main():
+    if distributed.writes_output(root.parent):  # each node with its own output folder keeps its own log
         root.mkdir(parents=True, exist_ok=True)
         if last and log_file.is_file():
             history = [r for r in _log_rows(log_file) if r["update"] <= start_update]
@@ -234,6 +242,7 @@ def train_updates(
     every `ppo.save_every`; returns the seconds spent. Progress and the per-update lines have the shape of
     the other stages' (finetune.core.progress), one update being one step."""
     s, main = recipe.ppo, distributed.is_main()
+    writer = distributed.writes_output(log_file.parent.parent)
     started = time.time()
     bar = progress("ppo training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main)
     for update in range(start_update, s.updates):
@@ -244,11 +253,12 @@ def train_updates(
         stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
         stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
         bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
-        if main:
-            history.append(stats)
-            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
+        history.append(stats)  # the same on every process (engine.step averages its figures over them)
+        if writer:
             with log_file.open("a") as fh:
                 fh.write(json.dumps(stats) + "\n")
+        if main:
+            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
             if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
                 bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
                 if recipe.logging.verbose:
@@ -446,6 +456,12 @@ def check_settings(recipe: Recipe, main: bool) -> None:
             "ppo: the DeepSpeed config is not used by this stage: adapters are trained with plain data "
             "parallel (all-reduced gradients) over one shared frozen base; see docs/ppo.md"
         )
+    if recipe.lora.modules_to_save:
+        raise RecipeError(
+            f"{recipe.source}: lora.modules_to_save: not supported by the PPO stage, whose policy, value, reward and "
+            "reference share one base and switch adapters (a fully trained module copy would be shared by all of "
+            "them); override lora.modules_to_save=[] for ppo"
+        )
     if s.rollout_batch_size % s.mini_batches:
         raise RecipeError(
             f"{recipe.source}: ppo.mini_batches: {s.mini_batches} does not divide "
@@ -468,6 +484,7 @@ def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, temp
         seed=recipe.seed,
         fp16=recipe.precision == "fp16",
         total_updates=s.updates,
+        loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
     )
     return scorer, engine
 
@@ -480,6 +497,7 @@ def run(recipe: Recipe) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
+    distributed.shares_main_folder(recipe.output_path(recipe.output_dir))  # collective: which node writes where
     setup_logging(main, recipe.logging.verbose)
     check_settings(recipe, main)
     start = resolve_start(recipe)
@@ -534,9 +552,12 @@ def run(recipe: Recipe) -> dict:
     )
     metrics["eval_prompts"] = len(prompts.eval_ids)
     out = recipe.stage_dir("ppo")
-    if main:
+    # every writer (one per node when each node has its own output folder) saves the main process's figures
+    metrics, rows = distributed.broadcast_from_main((metrics, samples.rows()))
+    if distributed.writes_output(out.parent):
         reports = {"train": prompts.report, "eval": prompts.eval_report}
-        save_output(out, model, tokenizer, recipe, metrics, log_file, samples=samples.rows(), reports=reports)
+        save_output(out, model, tokenizer, recipe, metrics, log_file, samples=rows, reports=reports)
+    if main:
         summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics

@@ -210,6 +210,7 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         model_shape,
         planned_device,
         planned_processes,
+        planned_world,
         stage_settings,
     )
 
@@ -240,7 +241,8 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         lines.append(f"  steps:    {steps}")
         lines.append(f"  tokens:   {tokens}")
         if shape is not None:
-            est = estimate_stage(stage, shape, stage_settings(recipe, stage, where, processes))
+            settings = stage_settings(recipe, stage, where, processes, planned_world(recipe, stage))
+            est = estimate_stage(stage, shape, settings)
             unit = (
                 "per GPU"
                 if est.device == "cuda"
@@ -251,7 +253,13 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
                 if est.device == "cuda"
                 else ""
             )
-            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}){host}")
+            shards = (
+                f"; {settings.sharding}: the base 1/{settings.weight_shards} per process while training, "
+                f"optimiser state 1/{settings.zero_shards}"
+                if settings.sharding
+                else ""
+            )
+            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}{shards}){host}")
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, False)])
         lines.append(f"  command:  {' '.join(cmd)}")
     lines.append(

@@ -12,8 +12,12 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
   parameters x 4 on the host. Measured on CPU (bench/memory.py): peak = runtime + weights + file, for 2-
   and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
-  state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
-  adapters and two optimisers;
+  state sharded over the processes under ZeRO-2, ZeRO-3 and FSDP, the weights too under ZeRO-3 and FSDP);
+  PPO holds policy, value, reward and reference adapters and two optimisers, whole in every process (plain
+  data parallel: docs/ppo.md);
+- sharding: under ZeRO-3 and FSDP each process holds 1/N of the frozen base while it trains; before training
+  it holds the whole base (loaded whole, merged, fingerprinted and evaluated before the engine partitions it),
+  so the larger of the two phases is the peak;
 - activations: 34 bytes per token, layer and hidden unit in 16-bit (twice in fp32) without gradient
   checkpointing, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", table 2) count a transformer layer when attention runs in a fused kernel (no attention
@@ -92,7 +96,9 @@ class StageSettings:
     device: str  # "cpu" or "cuda"
     dtype_bytes: int  # bytes per weight while training (4 fp32, 2 fp16/bf16)
     processes: int = 1  # processes on this machine (one per GPU)
-    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2), else 1
+    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2, ZeRO-3, FSDP), else 1
+    weight_shards: int = 1  # processes the weights are partitioned over while training (ZeRO-3, FSDP), else 1
+    sharding: str = ""  # the scheme in words, e.g. "ZeRO-3 over 16 processes" ("" for none)
     batch: int = 1  # sequences per micro-batch per process (pairs for reward and DPO)
     seq: int = 1024  # max_length
     eval_batch: int = 8
@@ -137,10 +143,13 @@ def weight_bytes(shape: ModelShape, dtype_bytes: int, four_bit: bool = False) ->
     return shape.params * dtype_bytes
 
 
-def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1) -> float:
+def adapter_bytes(
+    lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1, weight_shards: int = 1
+) -> float:
     """LoRA weights (fp32) of `adapters` adapters, and for `trained` of them fp32 gradients plus AdamW's two
-    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2)."""
-    return lora_params * (4 * adapters + trained * 12 / zero_shards)
+    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2/3, FSDP), the weights over
+    `weight_shards` (ZeRO-3, FSDP)."""
+    return lora_params * (4 * adapters / weight_shards + trained * 12 / zero_shards)
 
 
 def load_bytes(shape: ModelShape, dtype_bytes: int, merges: bool) -> float:
@@ -183,7 +192,8 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         b = 4
     if stage == "reward":  # a sequence classifier: a one-output score head instead of the LM head
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
-    weights = weight_bytes(shape, b, s.four_bit)
+    whole = weight_bytes(shape, b, s.four_bit)
+    weights = whole / s.weight_shards  # ZeRO-3 / FSDP: this process's share while training
     runtime = RUNTIME_GPU_GIB if gpu else RUNTIME_CPU_GIB.get(stage, RUNTIME_CPU_DEFAULT_GIB)
     parts = {"runtime": runtime * GIB, "weights": weights}
     # host memory while the base loads: the checkpoint's pages (memory-mapped) and the loaded weights; for a
@@ -194,15 +204,15 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
     generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
     if stage == "sft":
         tokens = s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards, weight_shards=s.weight_shards)
         train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
         evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
     elif stage == "reward":  # chosen and rejected in one batch; a score head, no vocabulary logits
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards, weight_shards=s.weight_shards)
         train = activation_bytes(2 * s.batch * s.seq, shape, b, s.grad_ckpt)
     elif stage == "dpo":  # policy on chosen + rejected with gradients, the reference (adapters off) without
         tokens = 2 * s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
+        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards, weight_shards=s.weight_shards)
         train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
         train += logits_bytes(tokens, shape.vocab, b, grad=False)  # the reference's log-probs
         evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
@@ -222,8 +232,12 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         # the reference (base + unmerged adapters) loads only after the merged model is freed, and safetensors
         # writes each shard tensor by tensor (measured: no shard-sized buffer), so loading is the peak
         generate = 0.0
+    # before training the whole base sits in each process (the sharding engine starts with training), so the
+    # held-out checks and samples before it carry the part of the base that training does not
+    before = whole - weights
     # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
     # both are in RAM; on a GPU run loading happens in host RAM)
+    evaluation, generate = evaluation + before, generate + before if generate else generate
     peak = max(train, evaluation, generate)
     name = "activations" if peak == train else "evaluation"
     if peak == generate and stage != "export":
@@ -388,8 +402,9 @@ def checkpointing(recipe: Recipe, stage: str) -> bool:
     return bool(args.get("activation_checkpointing", finetune_default(stage, "activation_checkpointing")))
 
 
-def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
-    """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
+def stage_settings(recipe: Recipe, stage: str, device: str, processes: int, world: int | None = None) -> StageSettings:
+    """The settings of `stage` that size its memory, read from the recipe (no model, no data). `processes`: on
+    this machine; `world`: in the whole run (every node), what ZeRO and FSDP shard over (default: processes)."""
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
     section = recipe.section(stage)
     chat = STAGES[stage].chat_model or stage == "export"  # these answer the held-out sample prompts
@@ -421,16 +436,59 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         seq = e.max_length or 2048
         merges = e.model not in ("auto", "export")  # a stage's chain merged in memory, not the export folder
         return StageSettings(**{**common, "samples": 0}, merges=merges, eval_batch=e.batch_size, seq=seq)
-    zero = processes if recipe.deepspeed and device == "cuda" else 1
+    scheme, weight_shards, state_shards = sharding(recipe, stage, world or processes)
     return StageSettings(
         **common,
-        zero_shards=zero,
+        zero_shards=state_shards,
+        weight_shards=weight_shards,
+        sharding=scheme,
         merges=merges,
         batch=trl_setting(recipe, stage, "per_device_train_batch_size", 8),
         seq=trl_setting(recipe, stage, "max_length", 1024) or 1024,
         eval_batch=trl_setting(recipe, stage, "per_device_eval_batch_size", 8),
         grad_ckpt=checkpointing(recipe, stage),
     )
+
+
+def sharding(recipe: Recipe, stage: str, world: int) -> tuple[str, int, int]:
+    """(scheme in words, processes the weights are partitioned over, processes gradients and optimiser state are
+    partitioned over) for a stage run by `world` processes: ZeRO-2 shards the state, ZeRO-3 and FSDP (FULL_SHARD,
+    FSDP2's default) the weights too. Only stages trained by a TRL trainer use DeepSpeed or FSDP; the others (PPO)
+    run plain data parallel, one whole model per process (docs/ppo.md)."""
+    import json
+
+    if STAGES[stage].trl_config is None or world <= 1:
+        return "", 1, 1
+    if recipe.deepspeed:
+        try:
+            config = json.loads(Path(recipe.resolve_path(recipe.deepspeed)).read_text())
+            zero = int((config.get("zero_optimization") or {}).get("stage", 0))
+        except (OSError, ValueError, TypeError):
+            zero = 2  # unreadable here: the stage itself reports it; assume the shipped config
+        if zero >= 3:
+            return f"ZeRO-3 over {world} processes", world, world
+        if zero >= 1:
+            return f"ZeRO-{zero} over {world} processes", 1, world
+        return "", 1, 1
+    if recipe.training_args(stage).get("fsdp") or _accelerate_config(recipe).get("distributed_type") == "FSDP":
+        return f"FSDP over {world} processes", world, world
+    return "", 1, 1
+
+
+def _accelerate_config(recipe: Recipe) -> dict:
+    if not recipe.launch.accelerate_config:
+        return {}
+    path = Path(recipe.resolve_path(recipe.launch.accelerate_config))
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def planned_world(recipe: Recipe, stage: str) -> int:
+    """Processes of a stage in the whole run: per machine (planned_processes) x the accelerate config's machines."""
+    machines = int(_accelerate_config(recipe).get("num_machines") or 1) if STAGES[stage].launcher else 1
+    return planned_processes(recipe, stage) * machines
 
 
 def estimate_recipe(recipe: Recipe, stage: str, device: str, processes: int) -> Estimate | None:
@@ -537,16 +595,18 @@ def preflight(recipe: Recipe, stage: str) -> Estimate | None:
         log.info("memory check skipped for %s: no model config to estimate from (%s)", stage, source)
         return None
     processes = local_processes()
-    settings = stage_settings(recipe, stage, device, processes)
+    world = int(os.environ.get("WORLD_SIZE", processes))
+    settings = stage_settings(recipe, stage, device, processes, world)
     est = estimate_stage(stage, shape, settings)
     have, how = available_bytes(device)
     per = "per GPU" if gpu else "per process"
     log.info(
-        "memory estimate for %s: %.1f GiB %s (%s; %d parameters from %s); available: %.1f GiB (%s)",
+        "memory estimate for %s: %.1f GiB %s (%s%s; %d parameters from %s); available: %.1f GiB (%s)",
         stage,
         est.total_gib,
         per,
         est.breakdown(),
+        f"; {settings.sharding}" if settings.sharding else "",
         shape.params,
         source,
         have / GIB,

@@ -210,12 +210,16 @@ def save_stage(
     template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
     launched process calls this; the main one writes."""
     out = recipe.stage_dir(stage)
-    main_process = distributed.is_main()
-    tmp = staging_dir(out, reset=main_process)
+    writer = distributed.writes_output(recipe.output_path(recipe.output_dir))
+    # every writer (one per node when each node has its own output folder) writes the main process's figures
+    metrics, samples = distributed.broadcast_from_main((metrics, samples))
+    tmp = staging_dir(out, reset=writer)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    # adapter only (PEFT); every process takes part under DeepSpeed ZeRO-3 and FSDP (the weights are gathered),
+    # and the Trainer writes on rank 0, or on every node's local rank 0 with save_on_each_node
+    trainer.save_model(str(tmp))
     failure, error = None, None
-    if main_process:
+    if writer:
         try:
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
             # the training curves (loss, lr, ... per logging step), for the pipeline's plot

@@ -273,7 +273,14 @@ def choose_checkpoint(
     clean-up of `resume: false`)."""
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
-    main = distributed.is_main()
+    main = distributed.writes_output(root.parent)  # one writer per node when each node has its own folder
+    chosen = _choose(recipe, stage, resume, identity, root, marker, main, prefix, problem, beyond)
+    # every process must continue from the same checkpoint; with node-local folders a node may lack it
+    distributed.same_on_every_process(chosen.name if chosen else None, f"which {stage} checkpoint to resume from")
+    return chosen
+
+
+def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: bool, prefix, problem, beyond):
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():

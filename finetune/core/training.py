@@ -17,7 +17,7 @@ from finetune.recipe.trl_fields import TRL_DEFAULTS
 from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
-from .modeling import base_fingerprint, load_tokenizer, template_for
+from .modeling import base_fingerprint, load_tokenizer, template_for, use_loraplus
 from .outputs import setup_logging
 from .progress import Progress, duration, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
@@ -60,6 +60,13 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
     kwargs.update(recipe.training_args(stage))  # a recipe's old name means the new one, and beats our default
     kwargs.update(fixed)
     config = config_cls(**kwargs)
+    config.device  # noqa: B018 (sets up the processes: torch.distributed is initialised from here on)
+    if not config.save_on_each_node and distributed.node_local(recipe.output_path(recipe.output_dir)):
+        # Each node has its own output folder: the Trainer saves checkpoints on every node's local rank 0
+        # (and tells DeepSpeed checkpoint.use_node_local_storage), so a resumed run finds them on every node.
+        # Built again because TrainingArguments reads it into the DeepSpeed config as it is made.
+        config = config_cls(**{**kwargs, "save_on_each_node": True})
+        log.info("%s: output_dir is on each node's own disk: every node saves its checkpoints and output", stage)
     if getattr(config, "max_length", 0) is None:
         raise RecipeError(
             f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
@@ -151,6 +158,7 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
     """Run the trainer (from `checkpoint` when given: see resume_checkpoint) and report it, including
     whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
     use_step_log(trainer, stage, recipe.logging.verbose)
+    use_loraplus(trainer, recipe)
     fingerprint = base_fingerprint(model)
     checkpoint = str(checkpoint) if checkpoint else None
     if tracking.current().active:

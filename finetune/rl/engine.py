@@ -300,6 +300,17 @@ def adapters_in_sync(model: MultiAdapterModel) -> bool:
     return distributed.all_equal(digest.hexdigest())
 
 
+def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
+    """AdamW parameter groups: one at `lr`, or with LoRA+ (the recipe's lora.loraplus_lr_ratio) the lora_B
+    matrices and 1-d parameters at lr x ratio, grouped as PEFT's create_loraplus_optimizer groups them for the
+    TRL stages (Hayou et al. 2024). The first group is always at `lr` (what the update log reports)."""
+    if loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
+
+
 def _scheduler(kind: str, optimizer, total_updates: int):
     from transformers import get_scheduler
 
@@ -328,6 +339,7 @@ class PPOEngine:
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
+        loraplus_lr_ratio: float | None = None,
     ):
         self.model, self.s, self.score_fn = model, settings, score_fn
         self.fast = switches or SpeedSwitches()
@@ -335,8 +347,11 @@ class PPOEngine:
         self.beta = settings.kl_coef
         self.device = next(model.peft.parameters()).device
         adam = dict(eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
-        self.policy_opt = torch.optim.AdamW(model.policy_parameters(), lr=settings.learning_rate, **adam)
-        self.value_opt = torch.optim.AdamW(model.value_parameters(), lr=settings.value_learning_rate, **adam)
+        ratio = loraplus_lr_ratio
+        policy = _lora_params(model.peft, POLICY)
+        value = _lora_params(model.peft, VALUE) + list(model.value_head.named_parameters())
+        self.policy_opt = torch.optim.AdamW(_param_groups(policy, settings.learning_rate, ratio), **adam)
+        self.value_opt = torch.optim.AdamW(_param_groups(value, settings.value_learning_rate, ratio), **adam)
         self.schedulers = (
             []
             if settings.lr_scheduler_type == "constant"
