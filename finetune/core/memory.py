@@ -50,7 +50,7 @@ from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
 from finetune.recipe.trl_fields import config_class, finetune_default
 from finetune.tiny import tiny_config
 
-from .modeling import LORA_TARGETS
+from .modeling import LORA_TARGETS, whole_weights
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
     no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), whole_weights():  # a ZeRO-3 config left by an earlier stage would partition it
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.get_output_embeddings().parameters())

@@ -426,9 +426,25 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def whole_parameter(p):
+    """A parameter's whole tensor, also when it is partitioned over the processes: gathered from a DeepSpeed
+    ZeRO-3 partition (a collective: every process must ask for the same parameters) or an FSDP2 shard."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            yield p.data
+        return
+    from torch.distributed.tensor import DTensor
+
+    yield p.full_tensor() if isinstance(p, DTensor) else p
+
+
 def base_fingerprint(model) -> str:
     """sha256 of every frozen base parameter's name, dtype and bytes: equal fingerprints = bitwise-equal
-    base. LoRA weights and trained copies of heads (PEFT modules_to_save) are not part of the base."""
+    base. LoRA weights and trained copies of heads (PEFT modules_to_save) are not part of the base. Under ZeRO-3
+    and FSDP the parameters are gathered (every process must call this)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -440,5 +456,6 @@ def base_fingerprint(model) -> str:
         bare = name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
         h.update(bare.encode())
         h.update(str(p.dtype).encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        with whole_parameter(p) as full:
+            h.update(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

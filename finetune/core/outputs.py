@@ -196,6 +196,29 @@ def print_summary(title: str, lines: list[tuple[str, str]]) -> None:
         print(f"  {key:<{width}}  {value}", file=sys.stderr)
 
 
+def save_adapter(trainer, folder: Path) -> None:
+    """The trainer's model (adapter and any saved head, PEFT) into `folder`. Under FSDP with sharded checkpoints
+    (recipes/accelerate/fsdp2.yaml: resuming loads each process's shard) the Trainer's save_model writes nothing
+    at all, an empty output like ZeRO-3's without gathered weights (trl#4416), and asking it for a full state
+    dict gathers the whole base. The trained tensors are gathered here instead (each a collective, so every
+    process takes part) and the writers save them as a plain PEFT folder."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not trainer.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        trainer.save_model(str(folder))
+        return
+    from torch.distributed.tensor import DTensor
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+        for name, t in model.state_dict().items()
+        if name in trained
+    }
+    if trainer.args.should_save:
+        model.save_pretrained(str(folder), state_dict=state)
+
+
 def save_stage(
     trainer,
     recipe: Recipe,
@@ -217,7 +240,7 @@ def save_stage(
     trainer.accelerator.wait_for_everyone()
     # adapter only (PEFT); every process takes part under DeepSpeed ZeRO-3 and FSDP (the weights are gathered),
     # and the Trainer writes on rank 0, or on every node's local rank 0 with save_on_each_node
-    trainer.save_model(str(tmp))
+    save_adapter(trainer, tmp)
     failure, error = None, None
     if writer:
         try:

@@ -28,7 +28,7 @@ from pathlib import Path
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed
-from .integrity import safetensors_problem, torch_file_problem
+from .integrity import dcp_metadata_problem, safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
 
@@ -219,8 +219,13 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
     if step != _number(folder):
         return f"trainer_state.json says step {step}, the folder name says {_number(folder)}"
     deepspeed = (folder / "latest").is_file()
+    # FSDP with sharded state dicts: each process's share of the model and optimiser in torch.distributed
+    # .checkpoint folders (pytorch_model_fsdp_0/, optimizer_0/: accelerate's save_fsdp_model / _optimizer)
+    fsdp = (folder / "pytorch_model_fsdp_0").is_dir()
     needed = ["optimizer.pt", "scheduler.pt"] if not deepspeed else []
-    if not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
+    if fsdp:
+        needed = ["optimizer_0/.metadata", "pytorch_model_fsdp_0/.metadata", "scheduler.pt"]
+    elif not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
         needed.append("adapter_model.safetensors")
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
@@ -235,6 +240,8 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
             problem = safetensors_problem(f)
         elif f.suffix in (".pt", ".pth"):
             problem = torch_file_problem(f, trusted)
+        elif f.name == ".metadata":  # a torch.distributed.checkpoint index: a plain pickle
+            problem = dcp_metadata_problem(f)
         else:  # training_args.bin is a pickle of TrainingArguments that resuming never loads
             continue
         if problem:

@@ -12,13 +12,38 @@ from the first run's checkpoint).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from finetune.recipe import STAGES
 
 
+def fsdp_on_cpu() -> None:
+    """accelerate turns FSDP on only for GPU-like devices (AcceleratorState: MULTI_GPU, MULTI_XPU, ...), while
+    torch's FSDP2 (fully_shard) also runs on CPU processes over gloo. A CPU launch with an FSDP config
+    (ACCELERATE_USE_FSDP, set by `accelerate launch`) here gets the FSDP plugin a GPU launch gets, so CI runs
+    the same Trainer -> accelerate -> FSDP2 code as a GPU machine does. Test-only: finetune itself never patches."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and getattr(self, "fsdp_plugin", None) is None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+
+    AcceleratorState.__init__ = init
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        import torch
+
+        if not torch.cuda.is_available():
+            fsdp_on_cpu()
     plan, recipe, overrides = argv[0], argv[1], argv[2:]
     for step in plan.split(","):
         stage, *extra = step.split("+")
