@@ -218,7 +218,7 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is damaged (not valid JSON)"
     if step != _number(folder):
         return f"trainer_state.json says step {step}, the folder name says {_number(folder)}"
-    deepspeed = (folder / "latest").is_file()
+    deepspeed = (folder / "latest").is_file() or any(folder.glob("global_step*"))
     # FSDP with sharded state dicts: each process's share of the model and optimiser in torch.distributed
     # .checkpoint folders (pytorch_model_fsdp_0/, optimizer_0/: accelerate's save_fsdp_model / _optimizer)
     fsdp = (folder / "pytorch_model_fsdp_0").is_dir()
@@ -231,6 +231,8 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
     if missing:
         return f"no {', '.join(missing)}: incomplete"
     if deepspeed:
+        if not (folder / "latest").is_file():
+            return "DeepSpeed's `latest` file (written after its states) is missing: the save did not finish"
         tag = (folder / "latest").read_text().strip()
         if not (folder / tag).is_dir():
             return f"DeepSpeed's `latest` names {tag}, which is missing"

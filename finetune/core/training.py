@@ -147,6 +147,21 @@ class StepLog(TrainerCallback):
             self.bar = None
 
 
+class DeepSpeedLatestOnEveryNode(TrainerCallback):
+    """DeepSpeed writes a checkpoint's `latest` file (the tag its loader reads) on global rank 0 only, also with
+    checkpoint.use_node_local_storage (deepspeed/runtime/engine.py, save_checkpoint). With an output folder on
+    each node's own disk the other nodes' checkpoints would then have none, and a resumed run would refuse them
+    (finetune.core.resume) or DeepSpeed would load nothing. Each node's local rank 0 writes it after the save."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_local_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tag = f"global_step{state.global_step}"
+        if (folder / tag).is_dir() and not (folder / "latest").is_file():
+            (folder / "latest").write_text(tag)
+
+
 def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
     """Swap the Trainer's own progress and log printing for StepLog (idempotent)."""
     for cls in (ProgressCallback, PrinterCallback, StepLog):
@@ -159,6 +174,8 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
     whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
     use_step_log(trainer, stage, recipe.logging.verbose)
     use_loraplus(trainer, recipe)
+    if trainer.args.save_on_each_node and trainer.is_deepspeed_enabled:
+        trainer.add_callback(DeepSpeedLatestOnEveryNode())
     fingerprint = base_fingerprint(model)
     checkpoint = str(checkpoint) if checkpoint else None
     if tracking.current().active:
