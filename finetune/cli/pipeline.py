@@ -253,12 +253,12 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
                 if est.device == "cuda"
                 else ""
             )
-            shards = (
-                f"; {settings.sharding}: the base 1/{settings.weight_shards} per process while training, "
-                f"optimiser state 1/{settings.zero_shards}"
-                if settings.sharding
-                else ""
-            )
+            shards = ""
+            if settings.sharding and settings.zero_shards == 1:
+                shards = f"; {settings.sharding}"
+            elif settings.sharding:
+                parts = "the base and" if settings.weight_shards > 1 else "the adapters'"
+                shards = f"; {settings.sharding}: {parts} optimiser state 1/{settings.zero_shards} per process"
             lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}{shards}){host}")
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, False)])
         lines.append(f"  command:  {' '.join(cmd)}")

@@ -422,6 +422,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int, worl
         s = recipe.ppo
         return StageSettings(
             **common,
+            sharding=sharding(recipe, stage, world or processes)[0],
             merges=merges,
             grad_ckpt=s.gradient_checkpointing,
             rollout=s.rollout_batch_size,
@@ -457,8 +458,11 @@ def sharding(recipe: Recipe, stage: str, world: int) -> tuple[str, int, int]:
     run plain data parallel, one whole model per process (docs/ppo.md)."""
     import json
 
-    if STAGES[stage].trl_config is None or world <= 1:
+    if world <= 1:
         return "", 1, 1
+    if STAGES[stage].trl_config is None:
+        fsdp = _accelerate_config(recipe).get("distributed_type") == "FSDP"
+        return ("plain data parallel, the whole model in each process" if recipe.deepspeed or fsdp else ""), 1, 1
     if recipe.deepspeed:
         try:
             config = json.loads(Path(recipe.resolve_path(recipe.deepspeed)).read_text())

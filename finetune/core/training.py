@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,13 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         # Built again because TrainingArguments reads it into the DeepSpeed config as it is made.
         config = config_cls(**{**kwargs, "save_on_each_node": True})
         log.info("%s: output_dir is on each node's own disk: every node saves its checkpoints and output", stage)
+        if config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            log.warning(
+                "%s: FSDP's sharded checkpoints cannot be resumed from node-local folders (torch.distributed"
+                ".checkpoint writes its index on rank 0 only); the run and its output are fine, a resume is refused. "
+                "Share the output folder between the nodes to resume, or use DeepSpeed",
+                stage,
+            )
     if getattr(config, "max_length", 0) is None:
         raise RecipeError(
             f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
