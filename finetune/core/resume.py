@@ -22,12 +22,11 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
-from . import distributed
+from . import distributed, ownership
 from .integrity import dcp_metadata_problem, safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
@@ -283,13 +282,15 @@ def choose_checkpoint(
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
     main = distributed.writes_output(root.parent)  # one writer per node when each node has its own folder
-    chosen = _choose(recipe, stage, resume, identity, root, marker, main, prefix, problem, beyond)
+    kind = ownership.checkpoints_kind(stage)
+    ownership.check_target(root, kind, f"Set output_dir to another folder, or move {root} away yourself")
+    chosen = _choose(recipe, stage, resume, identity, root, marker, main, kind, prefix, problem, beyond)
     # every process must continue from the same checkpoint; with node-local folders a node may lack it
     distributed.same_on_every_process(chosen.name if chosen else None, f"which {stage} checkpoint to resume from")
     return chosen
 
 
-def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: bool, prefix, problem, beyond):
+def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: bool, kind, prefix, problem, beyond):
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():
@@ -306,15 +307,15 @@ def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: boo
             if diff:  # named explicitly: the user's choice, but not silently
                 log.warning("%s: resuming from %s although it was made with: %s", stage, chosen, "; ".join(diff))
         _refuse_beyond(recipe, stage, chosen, beyond)
-        _record(root, identity, main)  # the checkpoints this run saves in root are this run's
+        _record(root, identity, main, kind)  # the checkpoints this run saves in root are this run's
         log.info("resuming %s from %s (named by %s.resume)", stage, chosen, stage)
         return chosen
     candidates = checkpoints_in(root, prefix)
     if not resume:
         if main and root.exists():
-            shutil.rmtree(root)
+            ownership.clear(root, kind)
             log.info("%s.resume is false: starting over; removed the earlier checkpoints in %s", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     skipped, chosen = [], None
     for folder in candidates:
@@ -328,7 +329,7 @@ def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: boo
     if chosen is None:
         if skipped and main:
             log.warning("%s: no complete checkpoint in %s: starting from the beginning", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     if not marker.is_file():
         raise RecipeError(
@@ -363,6 +364,9 @@ def _refuse_beyond(recipe: Recipe, stage: str, chosen: Path, beyond) -> None:
         )
 
 
-def _record(root: Path, identity: dict, main: bool) -> None:
+def _record(root: Path, identity: dict, main: bool, kind: str) -> None:
     if main:
+        if not root.exists():
+            root.mkdir(parents=True)
+            ownership.mark(root, kind)
         write_json(root / IDENTITY, identity)
