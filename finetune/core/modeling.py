@@ -197,6 +197,8 @@ def _load(recipe: Recipe, source: str, task: str, device_map, merge, reload: boo
             model = cls.from_pretrained(source, **kwargs, **extra)
         else:
             model = _load_classifier(cls, source, **kwargs, **extra)
+    if recipe.model.load_in_4bit and not torch.cuda.is_available():
+        keep_cpu_weights_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     generation = getattr(model, "generation_config", None)
@@ -330,6 +332,17 @@ def quantization_config(recipe: Recipe):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=DTYPES[recipe.precision],
     )
+
+
+def keep_cpu_weights_trainable(model) -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit weight for a faster kernel at its first
+    forward in eval mode without gradients, and keeps it so; a later training forward then takes that
+    inference-only kernel and fails in autograd ("a view of a leaf Variable ... in-place operation",
+    bitsandbytes/autograd/_functions.py matmul_4bit). The stages evaluate before they train, so the repacking
+    is turned off: every forward uses the trainable NF4 path (slower evaluation on such CPUs, same numbers)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def bitsandbytes_cpu() -> bool:
