@@ -19,19 +19,19 @@ FOUR_BIT = [
     "precision=bf16",  # the 4-bit compute dtype (fp16 needs CUDA)
     "model.load_in_4bit=true",
     "samples.count=0",
-    "training.per_device_train_batch_size=8",
-    "training.per_device_eval_batch_size=16",
+    "training.per_device_train_batch_size=4",
+    "training.per_device_eval_batch_size=8",
     "training.warmup_steps=0",
-    "sft.max_steps=3",
+    "sft.max_steps=2",
     "sft.eval_generate_rows=0",
-    "sft.data.max_eval_rows=8",
-    "reward.max_steps=2",
-    "reward.data.max_eval_rows=8",
-    "dpo.max_steps=2",
+    "sft.data.max_eval_rows=4",
+    "reward.max_steps=1",
+    "reward.data.max_eval_rows=4",
+    "dpo.max_steps=1",
     "dpo.eval_generate_rows=0",
-    "dpo.data.max_eval_rows=8",
-    "ppo.updates=2",
-    "ppo.save_every=2",
+    "dpo.data.max_eval_rows=4",
+    "ppo.updates=1",
+    "ppo.save_every=1",
     "ppo.rollout_batch_size=4",
     "ppo.mini_batches=1",
     "ppo.micro_batch_size=4",
@@ -40,6 +40,7 @@ FOUR_BIT = [
     "ppo.eval_generate_rows=0",
     "ppo.eval_prompts=0",
     "export.eval_generate_rows=0",
+    "export.parity_prompts=2",
 ]
 
 
@@ -69,7 +70,7 @@ def test_reward_dpo_and_ppo_train_on_a_4bit_base_and_the_export_keeps_parity(tmp
         assert m["base_unchanged"], stage
         weights = load_file(str(tmp_path / stage / "adapter_model.safetensors"))
         assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in weights.items()), stage
-    assert results["ppo"]["updates"] == 2 and [p.rsplit("/", 1)[-1] for p in results["ppo"]["start_from"]] == ["sft"]
+    assert results["ppo"]["updates"] == 1 and [p.rsplit("/", 1)[-1] for p in results["ppo"]["start_from"]] == ["sft"]
     assert json.loads((tmp_path / "dpo-checkpoints" / "run_identity.json").read_text())["model"]["load_in_4bit"]
 
     m = export.run(recipe)  # merges in fp32 from the original weights: no 4-bit anywhere in the export
