@@ -16,10 +16,9 @@ from pathlib import Path
 from finetune.core import distributed
 from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
-from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
 from finetune.core.summary import print_summary, rate
-from finetune.core.training import ReferenceIsTheStart, place_for_eval, prepare_preference_stage, train
+from finetune.core.training import ReferenceIsTheStart, place_for_eval, prepare_preference_stage, save_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.core import ownership
+from finetune.core import lineage, ownership
 from finetune.core.logs import setup_logging
 from finetune.core.outputs import atomic_dir, read_metrics, write_json
 from finetune.core.progress import library_bars_off, progress
@@ -171,6 +171,7 @@ def evaluate(
     seed: int,
     base: callable | None = None,
     extra: dict | None = None,
+    finish=None,
 ) -> dict:
     """Score the model `load()` gives (and the base `base()` gives, after the model is freed); write `out`."""
     import gc
@@ -211,6 +212,8 @@ def evaluate(
         **(extra or {}),
         "eval_runtime_s": time.time() - started,
     }
+    if finish is not None:  # a recipe's eval stage: what it was made from (core.lineage)
+        metrics = finish(metrics)
     with atomic_dir(out, ownership.stage_kind("eval")) as tmp:
         write_json(tmp / "results.json", {"model": scored, "base": base_scores, "descriptions": metrics})
         (tmp / "results.md").write_text(markdown_table(rows))
@@ -243,6 +246,7 @@ def run(recipe: Recipe) -> dict:
     """`finetune eval RECIPE`: the recipe's model (eval.model) and base on the eval section's tasks."""
     section = recipe.eval
     export = read_metrics(recipe.stage_dir(STAGES.model_folder_stage()))
+    inputs = lineage.upstream(recipe, "eval")  # what it scores, taken before it loads
     extra = {"correct_rate_export": export.get("correct_rate_after")} if export else {}
     return evaluate(
         lambda: load_recipe_model(recipe, section.model, key="eval.model"),
@@ -252,6 +256,7 @@ def run(recipe: Recipe) -> dict:
         recipe.seed,
         base=(lambda: load_base(recipe)) if section.base else None,
         extra=extra,
+        finish=lambda metrics: lineage.stamp(recipe, "eval", metrics, inputs),
     )
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import encode, end_of_turn_ids, render
-from finetune.core import ownership
+from finetune.core import lineage, ownership
 from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
@@ -308,6 +308,7 @@ def run(recipe: Recipe) -> dict:
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         write_samples(tmp, samples.rows())
+        metrics = lineage.stamp(recipe, "export", metrics, {"stage": chain})
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users

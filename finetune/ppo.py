@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core import distributed, tracking
+from finetune.core import distributed, lineage, stopping, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
@@ -238,26 +238,35 @@ def train_updates(
     writer = distributed.writes_output(log_file.parent.parent)
     started = time.time()
     bar = progress("ppo training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main)
-    for update in range(start_update, s.updates):
-        idx = prompt_indices(
-            len(prompts.ids), s.rollout_batch_size, update, distributed.rank(), distributed.world_size(), recipe.seed
-        )
-        ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
-        stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
-        stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
-        bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
-        history.append(stats)  # the same on every process (engine.step averages its figures over them)
-        if writer:
-            with log_file.open("a") as fh:
-                fh.write(json.dumps(stats) + "\n")
-        if main:
-            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
-            if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
-                bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
-                if recipe.logging.verbose:
-                    bar.write(str(stats))
-        if (update + 1) % s.save_every == 0 or update + 1 == s.updates:
-            checkpoints.save(recipe.checkpoint_dir("ppo"), update + 1, model, engine, scorer.norm)
+    with stopping.checkpointable():  # SIGTERM: the loop checkpoints and stops (core.stopping)
+        for update in range(start_update, s.updates):
+            idx = prompt_indices(
+                len(prompts.ids),
+                s.rollout_batch_size,
+                update,
+                distributed.rank(),
+                distributed.world_size(),
+                recipe.seed,
+            )
+            ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
+            stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
+            stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
+            bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+            history.append(stats)  # the same on every process (engine.step averages its figures over them)
+            if writer:
+                with log_file.open("a") as fh:
+                    fh.write(json.dumps(stats) + "\n")
+            if main:
+                tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
+                if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
+                    bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
+                    if recipe.logging.verbose:
+                        bar.write(str(stats))
+            stop = stopping.stop_now(engine.device)  # SIGTERM: checkpoint this update, then stop
+            if stop or (update + 1) % s.save_every == 0 or update + 1 == s.updates:
+                checkpoints.save(recipe.checkpoint_dir("ppo"), update + 1, model, engine, scorer.norm)
+            if stop:
+                raise stopping.Terminated(f"ppo saved a checkpoint at update {update + 1}")
     bar.close()
     return time.time() - started
 
@@ -385,7 +394,8 @@ def save_output(
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
+        stamped = lineage.stamp(recipe, "ppo", metrics, lineage.upstream(recipe, "ppo"))
+        write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
         commit_dir(tmp, out, kind)
     finally:
         discard(tmp)

@@ -27,10 +27,9 @@ from finetune.core.modeling import (
     load_tokenizer,
     template_for,
 )
-from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
 from finetune.core.summary import print_summary, rate
-from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, train, trl_config
+from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, save_stage, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
 

@@ -154,8 +154,7 @@ from finetune.core.data import tokenize_conversations, train_eval_rows
 from finetune.core.evaluation import held_out_correctness
 from finetune.core.lineage import start_chain
 from finetune.core.modeling import add_lora, load_model, load_tokenizer, template_for
-from finetune.core.outputs import save_stage
-from finetune.core.training import train, trl_config
+from finetune.core.training import save_stage, train, trl_config
 from finetune.launch import stage_main
 
 

@@ -27,10 +27,10 @@ import torch
 from finetune.chat_template import ChatTemplate, find_special_token
 from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers
+from finetune.core.fingerprints import sha256_file
 from finetune.core.outputs import write_json
 from finetune.core.ownership import check_file_target, file_mark, remove_file
 from finetune.core.progress import progress
-from finetune.core.resume import sha256_file
 from finetune.core.serving import Loaded, load_for_chat
 from finetune.errors import UserError
 from finetune.launch import INTERRUPTED

@@ -6,11 +6,15 @@ Each stage runs exactly as `finetune <stage> RECIPE [key=value ...]` would launc
 or `accelerate launch --config_file <launch.accelerate_config>`; export always plain), with the same
 overrides. `pipeline.stages` picks a subset; the order is always the one above.
 
-Continuing after a stop: a stage whose finished output exists (`<output_dir>/<stage>/metrics.json`,
-written last inside the atomically renamed folder; the complete export folder) is skipped, and an
-unfinished stage resumes from its checkpoints. Once a stage has run, every later stage runs again
-from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. `--force`
-(`pipeline.force=true`) runs everything again.
+Which stages run: a stage whose finished output (`<output_dir>/<stage>/metrics.json`, written last inside the
+atomically renamed folder) records that it was made from what the recipe and the earlier outputs make now (its
+fingerprint: the settings that shape it, the data's content, the base weights, the template and the adapters it
+read; finetune.core.fingerprints) is skipped as up to date. Any other stage runs, and the log line and the
+report say why (no output yet, or what changed: `sft.learning_rate: 0.002 -> 0.001`, the data of
+`dpo.data.train` changed, `ppo.start_from (the adapters it starts from) was made again`); a later stage whose
+inputs were made again is then out of date in turn. A finished output that is out of date starts over
+(`<stage>.resume=false`, `export.force=true`); an unfinished one resumes from its checkpoints unless an
+earlier stage ran in this pipeline. `--force` (`pipeline.force=true`) runs everything again.
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
@@ -29,12 +33,20 @@ import threading
 import time
 from pathlib import Path
 
-from finetune.core import progress, tracking
+from finetune.core import progress, stopping, tracking
 from finetune.core.locks import output_lock
 from finetune.core.outputs import finished, read_metrics, write_json
 from finetune.core.summary import figure, rate
 from finetune.errors import UserError
-from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
+from finetune.launch import (
+    INTERRUPTED,
+    VERBOSE_HELP,
+    ignoring_sigint,
+    ignoring_sigterm,
+    recipe_command,
+    run_child,
+    stop_child,
+)
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -306,8 +318,8 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
             if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
-    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
-        stop_child(proc)
+    except KeyboardInterrupt as e:  # let the stage stop cleanly (its own message, its checkpoint), then say so here
+        stop_child(proc, isinstance(e, stopping.Terminated))
         raise
     finally:
         if proc.poll() is None:  # interrupted here: stop the stage too
@@ -332,6 +344,29 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         return _run(recipe, recipe_path, overrides, force)
 
 
+def freshness(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    """(whether the stage's finished output is up to date, why): it is when what it records it was made from
+    (its fingerprint: settings, data content, base weights, template, the adapters it read; core.fingerprints)
+    is what the recipe and the earlier outputs make now. An output finished before finetune recorded that is
+    kept (say so); --force runs it again."""
+    from finetune.core import fingerprints, lineage
+
+    metrics = read_metrics(recipe.stage_dir(stage))
+    if not metrics:
+        return False, "no finished output"
+    if "made_from" not in metrics:
+        return True, "finished before outputs recorded what they are made from; --force runs it again"
+    try:
+        expected = lineage.made_from(recipe, stage, lineage.upstream(recipe, stage))
+    except UserError as e:
+        return False, f"its inputs changed ({str(e).splitlines()[0][:200]})"
+    if fingerprints.digest(expected) == metrics.get("fingerprint"):
+        return True, "up to date: made from these settings, data and inputs"
+    changed = fingerprints.changes(metrics["made_from"], expected, stage) or ["what it is made from"]
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return False, "changed since it ran: " + "; ".join(changed[:4]) + more
+
+
 def check_requirements(recipe: Recipe, stages: list[str]) -> None:
     """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
     training): name the stage, the install command and how to leave the stage out."""
@@ -352,6 +387,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     earlier = _earlier_seconds(report_path)
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
+    ran_any = False
     rows, failed, started = [], None, time.time()
     tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
     env = {**os.environ, **tracked.env}
@@ -372,20 +408,33 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
 
     for i, stage in enumerate(stages, 1):
         where = recipe.stage_dir(stage)
-        if finished(recipe, stage) and not rerun:
-            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
-            rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
+        # the recipe this stage runs with (export takes this pipeline's model), for its freshness check
+        as_run = load_recipe(recipe_path, [*overrides, *stage_overrides(recipe, stage, trained, False)])
+        fresh, why = freshness(as_run, stage)
+        if fresh and not rerun:
+            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped ({why}; output in {where})", file=sys.stderr)
+            rows.append(
+                {**report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier), "why": why}
+            )
             continue
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
-        print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+        # start over rather than resume: a finished output that no longer matches, or (its checkpoints were made on
+        # inputs this pipeline has just made again) an earlier stage ran
+        start_over = rerun or finished(recipe, stage) or ran_any
+        why = "--force" if force or recipe.pipeline.force else why
+        extra = stage_overrides(recipe, stage, trained, start_over)
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
+        print(
+            f"== pipeline [{i}/{len(stages)}] {stage}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True
+        )
         t0 = time.time()
         try:
             code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
-        except KeyboardInterrupt:
-            code = INTERRUPTED
+        except KeyboardInterrupt as e:
+            code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
         seconds = time.time() - t0
-        if code == INTERRUPTED:
-            rows.append(report_row(recipe, stage, "interrupted", seconds))
+        if code in (INTERRUPTED, stopping.TERMINATED):
+            status = "interrupted" if code == INTERRUPTED else "terminated (SIGTERM)"
+            rows.append({**report_row(recipe, stage, status, seconds), "why": why})
             failed = (stage, code)
             break
         if code != 0:
@@ -393,24 +442,25 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
             rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
             failed = (stage, code)
             break
-        rows.append(report_row(recipe, stage, "ran", seconds))
+        rows.append({**report_row(recipe, stage, "ran", seconds), "why": why})
         write_report()
-        rerun = True
-    interrupted = failed is not None and failed[1] == INTERRUPTED
-    with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
+        ran_any = True
+    interrupted = failed is not None and failed[1] in (INTERRUPTED, stopping.TERMINATED)
+    with ignoring_sigint() if interrupted else contextlib.nullcontext(), ignoring_sigterm():  # the report, whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     if failed is None:
         title = "pipeline done"
     elif interrupted:
-        title = f"pipeline interrupted (Ctrl-C) during {failed[0]}"
+        how = "interrupted (Ctrl-C)" if failed[1] == INTERRUPTED else "terminated (SIGTERM)"
+        title = f"pipeline {how} during {failed[0]}"
     else:
         title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
     if interrupted:
-        print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print("finetune pipeline: stopped; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:
         print(
             f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
@@ -432,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print each stage's data, steps, tokens, memory estimate and command; load and run nothing",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    stopping.install()  # SIGTERM: passed on to the running stage, which checkpoints; then the report is written
     try:
         if args.plan:
             return plan(args.recipe, args.overrides)
@@ -439,9 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # between stages (a stage's own Ctrl-C is in its row of the report)
-        print("finetune pipeline: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as e:  # between stages (a stage's own stop is in its row of the report)
+        terminated = isinstance(e, stopping.Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"finetune pipeline: {why}; rerun the same command to continue", file=sys.stderr)
+        return stopping.TERMINATED if terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.recipe import Recipe, dump_recipe
 
-from . import distributed, ownership
+from . import ownership
 from .integrity import DamagedFileError, read_json
 
 log = logging.getLogger(__name__)
@@ -148,47 +148,6 @@ def save_adapter(trainer, folder: Path) -> None:
                 state[name] = full.detach().cpu().clone()
     if trainer.args.should_save:
         model.save_pretrained(str(folder), state_dict=state)
-
-
-def save_stage(
-    trainer,
-    recipe: Recipe,
-    stage: str,
-    tokenizer,
-    metrics: dict,
-    *,
-    samples: list[dict] | None = None,
-    reports: dict | None = None,
-) -> Path:
-    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
-    launched process calls this; the main one writes."""
-    out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
-    writer = distributed.writes_output(recipe.output_path(recipe.output_dir))
-    # every writer (one per node when each node has its own output folder) writes the main process's figures
-    metrics, samples = distributed.broadcast_from_main((metrics, samples))
-    tmp = staging_dir(out, kind, reset=writer)
-    trainer.accelerator.wait_for_everyone()
-    # adapter only (PEFT); every process takes part under DeepSpeed ZeRO-3 and FSDP (the weights are gathered),
-    # and the Trainer writes on rank 0, or on every node's local rank 0 with save_on_each_node
-    save_adapter(trainer, tmp)
-    failure, error = None, None
-    if writer:
-        try:
-            tokenizer.save_pretrained(str(tmp))  # includes the chat template
-            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
-            write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-            commit_dir(tmp, out, kind)
-        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
-            failure, error = f"{type(e).__name__}: {e}", e
-            discard(tmp)  # a half-written staging folder only takes space
-    failure = distributed.broadcast_from_main(failure)
-    if error is not None:
-        raise error  # the original (its errno says e.g. "disk full")
-    if failure:
-        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
-    return out
 
 
 def finished(recipe: Recipe, stage: str) -> bool:

@@ -27,6 +27,7 @@ from pathlib import Path
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, ownership
+from .fingerprints import base_weights, hashes_for, sha256_file
 from .integrity import dcp_metadata_problem, safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
@@ -78,17 +79,6 @@ MAY_CHANGE = {
 RECORDED_ELSEWHERE = {"data", "start_from", "reward_from"}
 
 
-def sha256_file(path: str | Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_fingerprint(rows: list[dict]) -> dict:
     """How many training rows, and a sha256 of their content in order (where each came from is left out:
     the same rows read from a moved file are the same data)."""
@@ -107,11 +97,8 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
     settings = {k: v for k, v in {**shared, **own}.items() if k not in MAY_CHANGE}
     template = template_for(recipe).source
     return {
-        "model": {
-            "name_or_path": recipe.model.name_or_path,
-            "revision": recipe.model.revision,
-            "load_in_4bit": recipe.model.load_in_4bit,
-        },
+        # the base's files' content too: weights changed at the same path are another base (core.fingerprints)
+        "model": base_weights(recipe, hashes_for(recipe)),
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,10 +15,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
-from . import distributed, tracking
+from . import distributed, lineage, ownership, stopping, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for, use_loraplus
+from .outputs import commit_dir, discard, save_adapter, staging_dir, write_json, write_stage_files
 from .progress import Progress, duration, library_bars_off, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
 
@@ -166,28 +168,78 @@ def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
     trainer.add_callback(StepLog(stage, verbose))
 
 
+LOSS_LEDGER = "finetune_loss.json"  # in each Trainer checkpoint: the training loss summed over every step so far
+
+
+class StopAndLedger(TrainerCallback):
+    """Two things the Trainer does not do. SIGTERM (core.stopping): at the end of the step, save a checkpoint
+    and stop. A resumed run's training loss: the Trainer reports the mean over the steps of this session only
+    (transformers Trainer._finalize_training: `_total_loss_scalar` restarts at 0 on resume), so each checkpoint
+    records the sum over every step so far, and the resumed run adds to it: the figure equals an unbroken run's."""
+
+    def __init__(self, trainer, before: float):
+        self.trainer, self.before, self.stopped = trainer, before, False
+
+    def session_sum(self) -> float:
+        return self.trainer._total_loss_scalar + self.trainer._tr_loss.item()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if stopping.stop_now(args.device):
+            control.should_save = control.should_training_stop = self.stopped = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(folder / LOSS_LEDGER, {"loss_sum": self.before + self.session_sum(), "step": state.global_step})
+
+
+def loss_before(checkpoint: Path | None) -> float:
+    """The training loss summed over the steps a checkpoint has trained: its ledger, else (a checkpoint written
+    before ledgers) the logged window means times their widths from its trainer_state.json."""
+    if checkpoint is None:
+        return 0.0
+    ledger = Path(checkpoint) / LOSS_LEDGER
+    if ledger.is_file():
+        return float(json.loads(ledger.read_text())["loss_sum"])
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    total, last = 0.0, 0
+    for row in state.get("log_history", []):
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - last)
+            last = row["step"]
+    return total
+
+
 def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -> dict:
     """Run the trainer (from `checkpoint` when given: see resume_checkpoint) and report it, including
-    whether the frozen base stayed bitwise equal (sha256 of its parameters before and after)."""
+    whether the frozen base stayed bitwise equal (sha256 of its parameters before and after). A resumed run
+    reports the training loss over every step, as an unbroken run does; SIGTERM stops it after a checkpoint."""
     use_step_log(trainer, stage, recipe.logging.verbose)
     use_loraplus(trainer, recipe)
     if trainer.args.save_on_each_node and trainer.is_deepspeed_enabled:
         trainer.add_callback(DeepSpeedLatestOnEveryNode())
     fingerprint = base_fingerprint(model)
-    checkpoint = str(checkpoint) if checkpoint else None
     if tracking.current().active:
         trainer.add_callback(tracking.trainer_callback(tracking.current()))
+    before = loss_before(checkpoint)
+    watch = StopAndLedger(trainer, before)
+    trainer.add_callback(watch)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with stopping.checkpointable():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.time() - started
+    if watch.stopped:
+        raise stopping.Terminated(f"{stage} saved a checkpoint at step {trainer.state.global_step}")
     after = base_fingerprint(model)
     if after != fingerprint:
         log.error("%s: the frozen base changed during training (fingerprint %s -> %s)", stage, fingerprint, after)
+    steps = trainer.state.global_step
+    session = result.training_loss * (steps - trainer._initial_global_step)
     return {
-        "train_loss": result.training_loss,
+        "train_loss": (before + session) / max(steps, 1),
         "train_runtime_s": runtime,
-        "global_steps": trainer.state.global_step,
-        "resumed_from": checkpoint,
+        "global_steps": steps,
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "base_fingerprint": fingerprint,
         "base_unchanged": after == fingerprint,
     }
@@ -299,3 +351,46 @@ def prepare_preference_stage(
     setup = PreferenceSetup(stage, start, template, tokenizer, args, pairs, eval_rows, reports, checkpoint)
     log.info(setup.data_summary())
     return setup
+
+
+def save_stage(
+    trainer,
+    recipe: Recipe,
+    stage: str,
+    tokenizer,
+    metrics: dict,
+    *,
+    samples: list[dict] | None = None,
+    reports: dict | None = None,
+) -> Path:
+    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
+    template, resolved recipe, metrics.json (with what the output is made from: core.lineage.stamp),
+    log_history.json, dropped_rows.jsonl (from `reports`). Every launched process calls this; the main one
+    writes."""
+    out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
+    writer = distributed.writes_output(recipe.output_path(recipe.output_dir))
+    # every writer (one per node when each node has its own output folder) writes the main process's figures
+    metrics, samples = distributed.broadcast_from_main((metrics, samples))
+    tmp = staging_dir(out, kind, reset=writer)
+    trainer.accelerator.wait_for_everyone()
+    # adapter only (PEFT); every process takes part under DeepSpeed ZeRO-3 and FSDP (the weights are gathered),
+    # and the Trainer writes on rank 0, or on every node's local rank 0 with save_on_each_node
+    save_adapter(trainer, tmp)
+    failure, error = None, None
+    if writer:
+        try:
+            tokenizer.save_pretrained(str(tmp))  # includes the chat template
+            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
+            write_json(tmp / "log_history.json", trainer.state.log_history)
+            stamped = lineage.stamp(recipe, stage, metrics, lineage.upstream(recipe, stage))
+            write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
+            commit_dir(tmp, out, kind)
+        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
+            failure, error = f"{type(e).__name__}: {e}", e
+            discard(tmp)  # a half-written staging folder only takes space
+    failure = distributed.broadcast_from_main(failure)
+    if error is not None:
+        raise error  # the original (its errno says e.g. "disk full")
+    if failure:
+        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
+    return out
