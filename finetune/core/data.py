@@ -304,6 +304,8 @@ def source_format(row: dict) -> str | None:
         return "alpaca"
     if "prompt" not in row and _is_hh_transcript(row.get("chosen")) and _is_hh_transcript(row.get("rejected")):
         return "hh"
+    if "question" in row and "answer" in row and "prompt" not in row:
+        return "question_answer"
     return None
 
 
@@ -366,7 +368,22 @@ def from_hh(row: dict, where: str) -> dict:
     return {**row, "chosen": chosen, "rejected": rejected, "messages": chosen}
 
 
-SOURCE_FORMATS = {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "hh": from_hh}
+def from_question_answer(row: dict, where: str) -> dict:
+    """Question / answer rows (openai/gsm8k: the answer is the worked solution ending in `#### N`) -> prompt /
+    completion, the answer kept as the row's reference for rule rewards (finetune.rl.rewards)."""
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}: missing or non-string field {key!r} (question/answer rows, e.g. GSM8K)")
+    rest = {k: v for k, v in row.items() if k != "question"}
+    return {**rest, "prompt": row["question"], "completion": row["answer"]}
+
+
+SOURCE_FORMATS = {
+    "sharegpt": from_sharegpt,
+    "alpaca": from_alpaca,
+    "hh": from_hh,
+    "question_answer": from_question_answer,
+}
 
 
 def source_row(row, fmt: str, where: str):

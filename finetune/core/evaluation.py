@@ -148,7 +148,19 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
 def held_out_correctness(
     model, tokenizer, template: ChatTemplate, rows: list[dict], limit: int, max_new_tokens: int
 ) -> tuple[float | None, list[str]]:
-    """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness.
+    """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness
+    (the rows and prompts of `held_out_prompts`)."""
+    rows, prompts = held_out_prompts(rows, limit)
+    if not rows:
+        return None, []
+    replies = generate_answers(
+        model, tokenizer, template, prompts, max_new_tokens, desc=f"held-out answers ({len(prompts)} prompts)"
+    )
+    return correctness(rows, replies), replies
+
+
+def held_out_prompts(rows: list[dict], limit: int) -> tuple[list[dict], list[list[dict]]]:
+    """Up to `limit` held-out rows that carry an `answer`, and the prompt each is answered from.
 
     Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt).
     A prompt that several rows share (preference data pairs one prompt with several rejected
@@ -169,13 +181,7 @@ def held_out_correctness(
             seen.add(key)
             kept.append(r)
             prompts.append(prompt)
-    rows = kept
-    if not rows:
-        return None, []
-    replies = generate_answers(
-        model, tokenizer, template, prompts, max_new_tokens, desc=f"held-out answers ({len(prompts)} prompts)"
-    )
-    return correctness(rows, replies), replies
+    return kept, prompts
 
 
 def batches(rows: int, batch_size: int) -> int:

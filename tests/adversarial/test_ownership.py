@@ -197,8 +197,8 @@ ALLOWED = {
     ("finetune/core/outputs.py", "os.unlink"): "write_json's own temporary file, when the write failed",
     ("finetune/core/tracking.py", "unlink"): "the open-run marker file finetune keeps beside its lock",
     ("finetune/core/tracking.py", "os.replace"): "the open-run marker file, written atomically",
-    ("finetune/ppo.py", "rename"): "moves files inside its own staging folder",
-    ("finetune/ppo.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/rl/stage.py", "rename"): "moves files inside its own staging folder (the RL stages' policy adapter)",
+    ("finetune/rl/stage.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
 }
 REMOVING = {"rmtree", "remove", "unlink", "rmdir", "rename", "move", "replace", "removedirs"}
 

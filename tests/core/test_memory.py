@@ -151,16 +151,17 @@ def test_plan_prints_every_stage_and_loads_nothing(monkeypatch, capsys):
     assert main(["pipeline", str(PHI2), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "2.78B parameters" in out and "planning for GPUs" in out
-    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "export", "eval"], 1):
-        assert f"[{i}/6] {stage}" in out
+    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "grpo", "export", "eval"], 1):
+        assert f"[{i}/7] {stage}" in out
     assert "train HuggingFaceH4/ultrachat_200k[train_sft] x0.1" in out
     assert "200 updates x 512 episodes (64 prompts x 8 processes)" in out
     assert "unknown until the data is read" in out and "64 rows (packed) per step" in out
-    assert out.count("GiB per GPU") == 5 and out.count("GiB of RAM") == 1  # export merges on the CPU
+    assert "200 updates x 1024 episodes (16 prompts x 8 samples x 8 processes)" in out  # GRPO: prompts x completions
+    assert out.count("GiB per GPU") == 6 and out.count("GiB of RAM") == 1  # export merges on the CPU
     assert "no training: ifeval, gsm8k" in out
     commands = [line for line in out.splitlines() if line.startswith("  command:")]
-    assert len(commands) == 6 and all("accelerate.commands.launch --config_file" in c for c in commands[:4])
-    assert "accelerate" not in commands[4] and commands[4].endswith(f"finetune/export.py {PHI2} export.stage=ppo")
+    assert len(commands) == 7 and all("accelerate.commands.launch --config_file" in c for c in commands[:5])
+    assert "accelerate" not in commands[5] and commands[5].endswith(f"finetune/export.py {PHI2} export.stage=grpo")
 
 
 def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():
