@@ -473,6 +473,13 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
     if facts.get("vllm", {}).get("skipped"):
         lines.append(f"\nGRPO with vLLM skipped: {facts['vllm']['skipped']}")
+    four = reports.get("four_bit")
+    if four is not None:
+        lines += ["", "| 4-bit chain (tiny model, bitsandbytes CUDA) | result |", "|---|---|"]
+        for stage, m in four.get("stages", {}).items():
+            lines.append(f"| {stage} | {json.dumps(m)} |")
+        if "error" in four:
+            lines.append(f"| failed | {four['error'].splitlines()[-1][:200]} |")
     return _rest(lines, lm_head, facts)
 
 
@@ -522,13 +529,6 @@ def _rest(lines: list[str], lm_head: dict | None, facts: dict) -> str:
                     f"| {v['variant']} ({v['tokens']} x {v['hidden']} -> {v['vocab']}, {v['dtype']}) | "
                     f"{v['seconds'] * 1e3:.1f} ms | {mem} |"
                 )
-    four = reports.get("four_bit")
-    if four is not None:
-        lines += ["", "| 4-bit chain (tiny model, bitsandbytes CUDA) | result |", "|---|---|"]
-        for stage, m in four.get("stages", {}).items():
-            lines.append(f"| {stage} | {json.dumps(m)} |")
-        if "error" in four:
-            lines.append(f"| failed | {four['error'].splitlines()[-1][:200]} |")
     liger = facts.get("liger", {})
     ran = f"installed and ran ({liger['liger_kernel']})" if "liger_kernel" in liger else liger.get("skipped", "?")[:300]
     lines.append(f"\nLiger: {ran}")
