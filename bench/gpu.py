@@ -19,7 +19,10 @@ spends time on the runs:
   reward model passed as a separate model;
 - the LM head + loss alone (bench/lm_head.py): full logits vs TRL's fused head vs Liger's fused linear
   cross-entropy (TRL 1.16 refuses Liger's inside its trainers, and Liger has no Phi-2 kernels: this is
-  where "with and without Liger" can be measured).
+  where "with and without Liger" can be measured);
+- QLoRA at every stage on bitsandbytes' CUDA kernels: the tiny model's SFT -> reward -> DPO -> PPO -> export
+  with model.load_in_4bit (the chain CI runs on bitsandbytes' CPU backend, tests/stages/test_four_bit.py),
+  when bitsandbytes is installed on the GPU machine (it is not carried: its wheel is past the carry limit).
 
 Each stage writes its JSON as soon as it ends and the table is rewritten after each, so a run cut short
 still leaves what it measured. The table: real tokens/s, MFU (docs/benchmarks.md, "How MFU is counted",
@@ -364,6 +367,51 @@ def _stage(
     return report
 
 
+# The 4-bit chain: tiny sizes, every stage (the same overrides as tests/stages/test_four_bit.py, at fp16).
+FOUR_BIT_STAGES = ["sft", "reward", "dpo", "ppo", "export"]
+FOUR_BIT = [
+    "precision=fp16",
+    "model.load_in_4bit=true",
+    "samples.count=0",
+    "training.per_device_train_batch_size=8",
+    "training.warmup_steps=0",
+    "sft.max_steps=3",
+    "sft.eval_generate_rows=8",
+    "reward.max_steps=2",
+    "dpo.max_steps=2",
+    "dpo.eval_generate_rows=8",
+    "ppo.updates=2",
+    "ppo.save_every=2",
+    "ppo.rollout_batch_size=8",
+    "ppo.micro_batch_size=8",
+    "ppo.eval_prompts=8",
+    "export.eval_generate_rows=8",
+]
+
+
+def four_bit_chain(out: Path, env: dict, timeout: float) -> dict:
+    """Each stage of the tiny recipe on a 4-bit base, as a user runs it (`python -m finetune.cli <stage>`), and
+    what each one's metrics say: the base unchanged, the steps run, the export's parity."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"error": "not run: bitsandbytes is not installed on this machine (pip install bitsandbytes)"}
+    run_dir, started, stages = out / "four_bit_run", time.perf_counter(), {}
+    for stage in FOUR_BIT_STAGES:
+        left = timeout - (time.perf_counter() - started)
+        cmd = [sys.executable, "-m", "finetune.cli", stage, str(ROOT / "recipes" / "tiny_chat.yaml")]
+        try:
+            res = _run([*cmd, f"output_dir={run_dir}", *FOUR_BIT], env, max(left, 1))
+        except subprocess.TimeoutExpired:
+            return {"stages": stages, "error": f"{stage}: timed out ({timeout:.0f} s for the chain)"}
+        if res.returncode != 0:
+            return {"stages": stages, "error": f"{stage}: {(res.stderr or res.stdout).strip()[-1200:]}"}
+        m = json.loads((run_dir / stage / "metrics.json").read_text())
+        keys = ("base_unchanged", "global_steps", "updates", "parity_max_abs_diff_fp32", "peak_memory_mb")
+        stages[stage] = {k: m[k] for k in keys if k in m}
+    return {"stages": stages, "wall_s": time.perf_counter() - started}
+
+
 def _mb(x: float) -> str:
     return f"{x / 1024:,.1f} GB" if x >= 1024 else f"{x:,.0f} MB"
 
@@ -425,6 +473,13 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
     if facts.get("vllm", {}).get("skipped"):
         lines.append(f"\nGRPO with vLLM skipped: {facts['vllm']['skipped']}")
+    four = reports.get("four_bit")
+    if four is not None:
+        lines += ["", "| 4-bit chain (tiny model, bitsandbytes CUDA) | result |", "|---|---|"]
+        for stage, m in four.get("stages", {}).items():
+            lines.append(f"| {stage} | {json.dumps(m)} |")
+        if "error" in four:
+            lines.append(f"| failed | {four['error'].splitlines()[-1][:200]} |")
     return _rest(lines, lm_head, facts)
 
 
@@ -523,6 +578,13 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
             flush=True,
         )
         (out / "gpu_table.md").write_text(table(facts, reports, lm_head, model))
+    left = budget_s - (time.perf_counter() - started)
+    if not dry_run:  # on the CPU, tests/stages/test_four_bit.py runs the same chain
+        reports["four_bit"] = (
+            four_bit_chain(out, env, min(180, left)) if left >= 60 else {"error": "not run: the budget was spent"}
+        )
+        (out / "four_bit.json").write_text(json.dumps(reports["four_bit"], indent=2) + "\n")
+        (out / "gpu_table.md").write_text(table(facts, reports, lm_head, model))
     summary = {
         "facts": facts,
         "wall_s": time.perf_counter() - started,
@@ -530,6 +592,8 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
             k: (
                 {"error": v["error"]}
                 if "error" in v
+                else v
+                if k == "four_bit"
                 else {"ratios": v.get("ratios"), "medians": {a: x["median"] for a, x in v["arms"].items()}}
             )
             for k, v in reports.items()

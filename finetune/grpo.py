@@ -80,6 +80,7 @@ def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, temp
         seed=recipe.seed,
         fp16=recipe.precision == "fp16",
         total_updates=s.updates,
+        loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
     )
     if s.use_vllm:
         from finetune.rl.vllm_rollout import VllmSampler

@@ -198,6 +198,7 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         model_shape,
         planned_device,
         planned_processes,
+        planned_world,
         stage_settings,
     )
 
@@ -228,7 +229,8 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         lines.append(f"  steps:    {steps}")
         lines.append(f"  tokens:   {tokens}")
         if shape is not None:
-            est = estimate_stage(stage, shape, stage_settings(recipe, stage, where, processes))
+            settings = stage_settings(recipe, stage, where, processes, planned_world(recipe, stage))
+            est = estimate_stage(stage, shape, settings)
             unit = (
                 "per GPU"
                 if est.device == "cuda"
@@ -239,7 +241,13 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
                 if est.device == "cuda"
                 else ""
             )
-            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}){host}")
+            shards = ""
+            if settings.sharding and settings.zero_shards == 1:
+                shards = f"; {settings.sharding}"
+            elif settings.sharding:
+                parts = "the base and" if settings.weight_shards > 1 else "the adapters'"
+                shards = f"; {settings.sharding}: {parts} optimiser state 1/{settings.zero_shards} per process"
+            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}{shards}){host}")
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, False)])
         lines.append(f"  command:  {' '.join(cmd)}")
     lines.append(

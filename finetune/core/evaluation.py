@@ -42,6 +42,20 @@ class Reply(str):
         return super().__repr__() + ("" if self.ended else " (no end-of-turn)")
 
 
+def autocast_like_training(model):
+    """The autocast the Trainer trains a 4-bit (QLoRA) model under, for the held-out checks too. Its parts are
+    kept in mixed dtypes on purpose (peft's prepare_model_for_kbit_training keeps norms in fp32; TRL casts heads
+    such as the reward model's score to bf16 on a 4-bit model), which only autocast reconciles; other models
+    evaluate exactly as loaded."""
+    import contextlib
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return contextlib.nullcontext()
+    dtypes = {p.dtype for p in model.parameters()}
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
@@ -137,14 +151,15 @@ def generate_answers(
         prompts = all_prompts[start : start + batch_size]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         width = ids.shape[1]
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with autocast_like_training(model):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
             replies.append(
@@ -187,7 +202,8 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
         batch = dataset.select(rows[start : start + batch_size])
         ids, mask = pad(batch["input_ids"], pad_token_id)
         labels, _ = pad(batch["labels"], -100)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_labels = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
@@ -265,7 +281,9 @@ def reward_scores(
     out = []
     for start in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[start : start + batch_size], pad_token_id)
-        out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out.append(logits[:, 0].float().cpu())
         if bar is not None:
             bar.update(1)
     model.train(was_training)
@@ -300,7 +318,8 @@ def sequence_logps(
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], replies[start : start + batch_size]
         ids, mask = pad([p + r for p, r in zip(ps, rs)], pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         reply_mask = torch.zeros_like(ids)
         for i, (p, r) in enumerate(zip(ps, rs)):

@@ -12,9 +12,13 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
   parameters x 4 on the host. Measured on CPU (bench/memory.py): peak = runtime + weights + file, for 2-
   and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
-  state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
-  adapters and two optimisers; a stage that merges earlier adapters holds one of them (fp32) while it
+  state sharded over the processes under ZeRO-2, ZeRO-3 and FSDP, the weights too under ZeRO-3 and FSDP);
+  PPO holds policy, value, reward and reference adapters and two optimisers, whole in every process (plain
+  data parallel: docs/scaling.md); a stage that merges earlier adapters holds one of them (fp32) while it
   merges;
+- sharding: under ZeRO-3 and FSDP each process holds 1/N of the frozen base while it trains; before training
+  it holds the whole base (loaded whole, merged, fingerprinted and evaluated before the engine partitions it),
+  so the larger of the two phases is the peak;
 - LoRA activations: each adapted layer keeps its rank-r intermediate x @ A (tokens x r, fp32) for the
   backward pass, and an fp32 copy of its input when the base is 16-bit or LoRA dropout is on. At r = 16
   this is a few percent of the activations; it grows with r and is what a huge rank runs out of memory on
@@ -50,7 +54,7 @@ from finetune.readers import read_yaml
 from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe, RecipeError
 from finetune.tiny import tiny_config
 
-from .modeling import LORA_TARGETS
+from .modeling import LORA_TARGETS, whole_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,9 @@ class StageSettings:
     device: str  # "cpu" or "cuda"
     dtype_bytes: int  # bytes per weight while training (4 fp32, 2 fp16/bf16)
     processes: int = 1  # processes on this machine (one per GPU)
-    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2), else 1
+    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2, ZeRO-3, FSDP), else 1
+    weight_shards: int = 1  # processes the weights are partitioned over while training (ZeRO-3, FSDP), else 1
+    sharding: str = ""  # the scheme in words, e.g. "ZeRO-3 over 16 processes" ("" for none)
     batch: int = 1  # sequences per micro-batch per process (pairs for reward and DPO)
     seq: int = 1024  # max_length
     eval_batch: int = 8
@@ -145,10 +151,13 @@ def weight_bytes(shape: ModelShape, dtype_bytes: int, four_bit: bool = False) ->
     return shape.params * dtype_bytes
 
 
-def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1) -> float:
+def adapter_bytes(
+    lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1, weight_shards: int = 1
+) -> float:
     """LoRA weights (fp32) of `adapters` adapters, and for `trained` of them fp32 gradients plus AdamW's two
-    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2)."""
-    return lora_params * (4 * adapters + trained * 12 / zero_shards)
+    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2/3, FSDP), the weights over
+    `weight_shards` (ZeRO-3, FSDP)."""
+    return lora_params * (4 * adapters / weight_shards + trained * 12 / zero_shards)
 
 
 def load_bytes(shape: ModelShape, dtype_bytes: int, merges: bool) -> float:
@@ -210,7 +219,8 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         b = 4
     if m.score_head:  # a sequence classifier: a one-output score head instead of the LM head
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
-    weights = weight_bytes(shape, b, s.four_bit)
+    whole = weight_bytes(shape, b, s.four_bit)
+    weights = whole / s.weight_shards  # ZeRO-3 / FSDP: this process's share while training
     runtime = RUNTIME_GPU_GIB if gpu else m.runtime_cpu_gib
     parts = {"runtime": runtime * GIB, "weights": weights}
     # host memory while the base loads: the checkpoint's pages (memory-mapped) and the loaded weights; for a
@@ -242,7 +252,9 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         generate = 0.0
     else:  # a TRL stage: `sequences` per row forwarded with gradients, a score head or vocabulary logits
         tokens = m.sequences * s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards)
+        parts["adapters"] = adapter_bytes(
+            shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards, weight_shards=s.weight_shards
+        )
         train = activation_bytes(tokens, shape, b, s.grad_ckpt) + lora(tokens)
         if m.lm_logits:
             train += logits_bytes(tokens, shape.vocab, b)
@@ -250,6 +262,10 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
             train += logits_bytes(tokens, shape.vocab, b, grad=False)
         if m.held_out_loss:
             evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
+    # before training the whole base sits in each process (the sharding engine starts with training), so the
+    # held-out checks and samples before it carry the part of the base that training does not
+    before = whole - weights
+    evaluation, generate = evaluation + before, generate + before if generate else generate
     # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
     # both are in RAM; on a GPU run loading happens in host RAM)
     peak = max(train, evaluation, generate)
@@ -277,7 +293,7 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
     no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), whole_weights():  # a ZeRO-3 config left by an earlier stage would partition it
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.get_output_embeddings().parameters())
@@ -398,8 +414,9 @@ def model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     return shape_from_config(config, targets, recipe.lora.r, source), source
 
 
-def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
-    """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
+def stage_settings(recipe: Recipe, stage: str, device: str, processes: int, world: int | None = None) -> StageSettings:
+    """The settings of `stage` that size its memory, read from the recipe (no model, no data). `processes`: on
+    this machine; `world`: in the whole run (every node), what ZeRO and FSDP shard over (default: processes)."""
     entry = STAGES[stage]
     m, section = entry.memory, recipe.section(stage)
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
@@ -425,9 +442,11 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         return StageSettings(
             **{**common, "samples": 0}, merges=merges, eval_batch=getattr(section, "batch_size", 8), seq=seq
         )
+    scheme, weight_shards, state_shards = sharding(recipe, stage, world or processes)
     if m.rollout:
         return StageSettings(
             **{**common, "lora_dropout": False},  # PPO trains with every dropout off (finetune.rl.engine)
+            sharding=scheme,
             merges=merges,
             grad_ckpt=section.gradient_checkpointing,
             rollout=section.rollout_batch_size,
@@ -436,20 +455,61 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
             response_len=section.response_length,
             micro=section.micro_batch_size,
         )
-    zero = processes if recipe.deepspeed and device == "cuda" else 1
 
     def setting(name: str, default):
         return recipe.trl_setting(stage, name, processes, default)
 
     return StageSettings(
         **common,
-        zero_shards=zero,
+        zero_shards=state_shards,
+        weight_shards=weight_shards,
+        sharding=scheme,
         merges=merges,
         batch=setting("per_device_train_batch_size", 8),
         seq=setting("max_length", None),
         eval_batch=setting("per_device_eval_batch_size", 8),
         grad_ckpt=bool(setting("activation_checkpointing", False)),
     )
+
+
+def sharding(recipe: Recipe, stage: str, world: int) -> tuple[str, int, int]:
+    """(scheme in words, processes the weights are partitioned over, processes gradients and optimiser state are
+    partitioned over) for a stage run by `world` processes: ZeRO-2 shards the state, ZeRO-3 and FSDP (FULL_SHARD,
+    FSDP2's default) the weights too. Only stages trained by a TRL trainer use DeepSpeed or FSDP; the others
+    (PPO's engine) run plain data parallel, one whole model per process (docs/scaling.md)."""
+    import json
+
+    if world <= 1:
+        return "", 1, 1
+    fsdp = recipe.training_args(stage).get("fsdp") or _accelerate_config(recipe).get("distributed_type") == "FSDP"
+    if STAGES[stage].trl_config is None:
+        return ("plain data parallel, the whole model in each process" if recipe.deepspeed or fsdp else ""), 1, 1
+    if recipe.deepspeed:
+        try:
+            config = json.loads(Path(recipe.resolve_path(recipe.deepspeed)).read_text())
+            zero = int((config.get("zero_optimization") or {}).get("stage", 0))
+        except (OSError, ValueError, TypeError):
+            zero = 2  # unreadable here: the stage itself reports it; assume the shipped config
+        if zero >= 3:
+            return f"ZeRO-3 over {world} processes", world, world
+        if zero >= 1:
+            return f"ZeRO-{zero} over {world} processes", 1, world
+        return "", 1, 1
+    if fsdp:
+        return f"FSDP over {world} processes", world, world
+    return "", 1, 1
+
+
+def _accelerate_config(recipe: Recipe) -> dict:
+    if not recipe.launch.accelerate_config:
+        return {}
+    return read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
+
+
+def planned_world(recipe: Recipe, stage: str) -> int:
+    """Processes of a stage in the whole run: per machine (planned_processes) x the accelerate config's machines."""
+    machines = int(_accelerate_config(recipe).get("num_machines") or 1) if STAGES[stage].launcher else 1
+    return planned_processes(recipe, stage) * machines
 
 
 def estimate_recipe(recipe: Recipe, stage: str, device: str, processes: int) -> Estimate | None:
@@ -559,16 +619,18 @@ def preflight(recipe: Recipe, stage: str) -> Estimate | None:
         log.info("memory check skipped for %s: no model config to estimate from (%s)", stage, source)
         return None
     processes = local_processes()
-    settings = stage_settings(recipe, stage, device, processes)
+    world = int(os.environ.get("WORLD_SIZE", processes))
+    settings = stage_settings(recipe, stage, device, processes, world)
     est = estimate_stage(stage, shape, settings)
     have, how = available_bytes(device)
     per = "per GPU" if gpu else "per process"
     log.info(
-        "memory estimate for %s: %.1f GiB %s (%s; %d parameters from %s); available: %.1f GiB (%s)",
+        "memory estimate for %s: %.1f GiB %s (%s%s; %d parameters from %s); available: %.1f GiB (%s)",
         stage,
         est.total_gib,
         per,
         est.breakdown(),
+        f"; {settings.sharding}" if settings.sharding else "",
         shape.params,
         source,
         have / GIB,

@@ -124,6 +124,36 @@ def write_stage_files(
     write_json(folder / "metrics.json", metrics)
 
 
+def save_adapter(trainer, folder: Path) -> None:
+    """The trainer's model (adapter and any saved head, PEFT) into `folder`, by the processes the Trainer saves on
+    (rank 0, or every node's local rank 0 with save_on_each_node).
+
+    When the weights are partitioned the Trainer's own save_model falls short: under FSDP with sharded state
+    dicts (recipes/accelerate/fsdp2.yaml) it writes nothing, and under ZeRO-3 it consolidates the weights on rank
+    0 only, so another node's writer saves an adapter of empty tensors (the empty-adapter trap of trl#4416 /
+    peft#2500, seen here on a second node). Then the trained tensors (LoRA, score head, modules_to_save copies)
+    are gathered on every process (one collective each: every process takes part) and saved as a plain PEFT
+    folder; the frozen base is never gathered."""
+    from .modeling import whole_parameter
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    fsdp_sharded = (
+        trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not (fsdp_sharded or zero3):
+        trainer.save_model(str(folder))
+        return
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with whole_parameter(p) as full:
+                state[name] = full.detach().cpu().clone()
+    if trainer.args.should_save:
+        model.save_pretrained(str(folder), state_dict=state)
+
+
 def finished(recipe: Recipe, stage: str) -> bool:
     """A stage's output is complete: its metrics.json is written last, inside the atomically renamed folder."""
     return (recipe.stage_dir(stage) / "metrics.json").is_file()

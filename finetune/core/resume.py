@@ -28,7 +28,7 @@ from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, ownership
 from .fingerprints import base_weights, hashes_for, sha256_file
-from .integrity import safetensors_problem, torch_file_problem
+from .integrity import dcp_metadata_problem, safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
 
@@ -213,14 +213,21 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is damaged (not valid JSON)"
     if step != _number(folder):
         return f"trainer_state.json says step {step}, the folder name says {_number(folder)}"
-    deepspeed = (folder / "latest").is_file()
+    deepspeed = (folder / "latest").is_file() or any(folder.glob("global_step*"))
+    # FSDP with sharded state dicts: each process's share of the model and optimiser in torch.distributed
+    # .checkpoint folders (pytorch_model_fsdp_0/, optimizer_0/: accelerate's save_fsdp_model / _optimizer)
+    fsdp = (folder / "pytorch_model_fsdp_0").is_dir()
     needed = ["optimizer.pt", "scheduler.pt"] if not deepspeed else []
-    if not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
+    if fsdp:
+        needed = ["optimizer_0/.metadata", "pytorch_model_fsdp_0/.metadata", "scheduler.pt"]
+    elif not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
         needed.append("adapter_model.safetensors")
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         return f"no {', '.join(missing)}: incomplete"
     if deepspeed:
+        if not (folder / "latest").is_file():
+            return "DeepSpeed's `latest` file (written after its states) is missing: the save did not finish"
         tag = (folder / "latest").read_text().strip()
         if not (folder / tag).is_dir():
             return f"DeepSpeed's `latest` names {tag}, which is missing"
@@ -230,6 +237,8 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
             problem = safetensors_problem(f)
         elif f.suffix in (".pt", ".pth"):
             problem = torch_file_problem(f, trusted)
+        elif f.name == ".metadata":  # a torch.distributed.checkpoint index: a plain pickle
+            problem = dcp_metadata_problem(f)
         else:  # training_args.bin is a pickle of TrainingArguments that resuming never loads
             continue
         if problem:
@@ -268,9 +277,16 @@ def choose_checkpoint(
     clean-up of `resume: false`)."""
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
-    main = distributed.is_main()
+    main = distributed.writes_output(root.parent)  # one writer per node when each node has its own folder
     kind = ownership.checkpoints_kind(stage)
     ownership.check_target(root, kind, f"Set output_dir to another folder, or move {root} away yourself")
+    chosen = _choose(recipe, stage, resume, identity, root, marker, main, kind, prefix, problem, beyond)
+    # every process must continue from the same checkpoint; with node-local folders a node may lack it
+    distributed.same_on_every_process(chosen.name if chosen else None, f"which {stage} checkpoint to resume from")
+    return chosen
+
+
+def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: bool, kind, prefix, problem, beyond):
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from finetune.recipe import STAGES, Recipe, RecipeError
 from . import distributed, lineage, ownership, stopping, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
-from .modeling import base_fingerprint, load_tokenizer, template_for
-from .outputs import commit_dir, discard, staging_dir, write_json, write_stage_files
+from .modeling import base_fingerprint, load_tokenizer, template_for, use_loraplus
+from .outputs import commit_dir, discard, save_adapter, staging_dir, write_json, write_stage_files
 from .progress import Progress, duration, library_bars_off, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
 
@@ -62,6 +63,20 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
     kwargs.update(recipe.trl_settings(stage, distributed.world_size()))
     kwargs.update(fixed)
     config = config_cls(**kwargs)
+    config.device  # noqa: B018 (sets up the processes: torch.distributed is initialised from here on)
+    if not config.save_on_each_node and distributed.node_local(recipe.output_path(recipe.output_dir)):
+        # Each node has its own output folder: the Trainer saves checkpoints on every node's local rank 0
+        # (and tells DeepSpeed checkpoint.use_node_local_storage), so a resumed run finds them on every node.
+        # Built again because TrainingArguments reads it into the DeepSpeed config as it is made.
+        config = config_cls(**{**kwargs, "save_on_each_node": True})
+        log.info("%s: output_dir is on each node's own disk: every node saves its checkpoints and output", stage)
+        if config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            log.warning(
+                "%s: FSDP's sharded checkpoints cannot be resumed from node-local folders (torch.distributed"
+                ".checkpoint writes its index on rank 0 only); the run and its output are fine, a resume is refused. "
+                "Share the output folder between the nodes to resume, or use DeepSpeed",
+                stage,
+            )
     if getattr(config, "max_length", 0) is None:
         raise RecipeError(
             f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
@@ -134,6 +149,21 @@ class StepLog(TrainerCallback):
             self.bar = None
 
 
+class DeepSpeedLatestOnEveryNode(TrainerCallback):
+    """DeepSpeed writes a checkpoint's `latest` file (the tag its loader reads) on global rank 0 only, also with
+    checkpoint.use_node_local_storage (deepspeed/runtime/engine.py, save_checkpoint). With an output folder on
+    each node's own disk the other nodes' checkpoints would then have none, and a resumed run would refuse them
+    (finetune.core.resume) or DeepSpeed would load nothing. Each node's local rank 0 writes it after the save."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_local_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tag = f"global_step{state.global_step}"
+        if (folder / tag).is_dir() and not (folder / "latest").is_file():
+            (folder / "latest").write_text(tag)
+
+
 def use_step_log(trainer, stage: str, verbose: bool = False) -> None:
     """Swap the Trainer's own progress and log printing for StepLog (idempotent)."""
     for cls in (ProgressCallback, PrinterCallback, StepLog):
@@ -188,6 +218,9 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
     whether the frozen base stayed bitwise equal (sha256 of its parameters before and after). A resumed run
     reports the training loss over every step, as an unbroken run does; SIGTERM stops it after a checkpoint."""
     use_step_log(trainer, stage, recipe.logging.verbose)
+    use_loraplus(trainer, recipe)
+    if trainer.args.save_on_each_node and trainer.is_deepspeed_enabled:
+        trainer.add_callback(DeepSpeedLatestOnEveryNode())
     fingerprint = base_fingerprint(model)
     if tracking.current().active:
         trainer.add_callback(tracking.trainer_callback(tracking.current()))
@@ -338,12 +371,16 @@ def save_stage(
     log_history.json, dropped_rows.jsonl (from `reports`). Every launched process calls this; the main one
     writes."""
     out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
-    main_process = distributed.is_main()
-    tmp = staging_dir(out, kind, reset=main_process)
+    writer = distributed.writes_output(recipe.output_path(recipe.output_dir))
+    # every writer (one per node when each node has its own output folder) writes the main process's figures
+    metrics, samples = distributed.broadcast_from_main((metrics, samples))
+    tmp = staging_dir(out, kind, reset=writer)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
+    # adapter only (PEFT); every process takes part under DeepSpeed ZeRO-3 and FSDP (the weights are gathered),
+    # and the Trainer writes on rank 0, or on every node's local rank 0 with save_on_each_node
+    save_adapter(trainer, tmp)
     failure, error = None, None
-    if main_process:
+    if writer:
         try:
             tokenizer.save_pretrained(str(tmp))  # includes the chat template
             # the training curves (loss, lr, ... per logging step), for the pipeline's plot

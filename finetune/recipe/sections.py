@@ -62,12 +62,38 @@ class TemplateSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank; higher adds capacity and memory.")
-    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    alpha: int = Field(
+        32, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."
+    )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: Literal["auto"] | list[str] = Field(
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
         description="Modules to adapt. auto = every linear layer of the model family "
-        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj).",
+        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj); all-linear = "
+        "PEFT's every linear layer but the output head, for any architecture; or a list of module names.",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output unit on top of the LoRA "
+        "direction update. Slower per step than plain LoRA; merges into the base like LoRA.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the update by alpha / sqrt(r) instead of "
+        "alpha / r, so a high rank still learns.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [lm_head] or [embed_tokens] after "
+        "adding tokens); their trained copy replaces the original on export. The reward stage's score head is "
+        "always saved. Not with PPO.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices learn this many times faster than "
+        "the A matrices (the paper suggests 16); null = one learning rate. PEFT's create_loraplus_optimizer builds "
+        "the optimiser (AdamW); PPO applies it to its policy and value optimisers.",
     )
 
 

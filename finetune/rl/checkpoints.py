@@ -1,7 +1,8 @@
 """RL checkpoints (PPO, GRPO): `<output_dir>/<stage>-checkpoints/update-N/`, complete or absent.
 
 A checkpoint is written into a staging folder and renamed into place once every file is there (and
-flushed to disk), so a run killed mid-save leaves only the hidden staging folder. Nothing in it is
+flushed to disk), so a run killed mid-save leaves only the hidden staging folder. On several nodes each node
+whose output folder is its own disk writes a complete copy (finetune.core.distributed.writes_output). Nothing in it is
 unpickled as code: adapter weights and the value head are safetensors, figures are JSON, and optimiser /
 RNG state is read with `torch.load(weights_only=True)` (tensors and plain containers only), after
 `problem` has checked every file (complete, and no pickled global outside torch's allowlist). Which
@@ -104,7 +105,10 @@ def save(
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    main = distributed.is_main()
+    # One writer per output folder: rank 0, and local rank 0 of each node whose folder is its own disk
+    # (finetune.core.distributed), so every node holds a complete checkpoint: weights and optimiser state from
+    # its writer (the same on every process: plain data parallel), the RNG state of each of its processes.
+    main = distributed.writes_output(root.parent)
     target = root / f"{PREFIX}{update}"
     # one update-N folder inside the stage's checkpoints folder, `<output_dir>/<stage>-checkpoints` (core.ownership)
     kind = f"checkpoint:{root.name.removesuffix('-checkpoints')}"

@@ -307,6 +307,17 @@ def adapters_in_sync(model: MultiAdapterModel) -> bool:
     return distributed.all_equal(digest.hexdigest())
 
 
+def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
+    """AdamW parameter groups: one at `lr`, or with LoRA+ (the recipe's lora.loraplus_lr_ratio) the lora_B
+    matrices and 1-d parameters at lr x ratio, grouped as PEFT's create_loraplus_optimizer groups them for the
+    TRL stages (Hayou et al. 2024). The first group is always at `lr` (what the update log reports)."""
+    if loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
+
+
 def _scheduler(kind: str, optimizer, total_updates: int):
     from transformers import get_scheduler
 
@@ -336,6 +347,7 @@ class RolloutEngine:
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
+        loraplus_lr_ratio: float | None = None,
     ):
         self.model, self.s = model, settings
         self.response_length, self.temperature = response_length, temperature
@@ -344,7 +356,13 @@ class RolloutEngine:
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         self.device = next(model.peft.parameters()).device
         adam = dict(eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
-        self.optimizers = {name: torch.optim.AdamW(params, lr=lr, **adam) for name, (params, lr) in optimizers.items()}
+        names = {id(p): n for n, p in model.named_parameters()}  # LoRA+ groups by name (lora_B)
+        self.optimizers = {
+            name: torch.optim.AdamW(
+                _param_groups([(names.get(id(p), ""), p) for p in params], lr, loraplus_lr_ratio), **adam
+            )
+            for name, (params, lr) in optimizers.items()
+        }
         self.schedulers = (
             []
             if settings.lr_scheduler_type == "constant"

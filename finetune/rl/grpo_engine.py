@@ -51,6 +51,7 @@ class GRPOEngine(RolloutEngine):
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
+        loraplus_lr_ratio: float | None = None,
     ):
         super().__init__(
             model,
@@ -64,6 +65,7 @@ class GRPOEngine(RolloutEngine):
             fp16=fp16,
             total_updates=total_updates,
             switches=switches,
+            loraplus_lr_ratio=loraplus_lr_ratio,
         )
         self.score_fn = score_fn
         self.k = settings.num_generations

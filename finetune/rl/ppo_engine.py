@@ -48,6 +48,7 @@ class PPOEngine(RolloutEngine):
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
+        loraplus_lr_ratio: float | None = None,
     ):
         super().__init__(
             model,
@@ -64,6 +65,7 @@ class PPOEngine(RolloutEngine):
             fp16=fp16,
             total_updates=total_updates,
             switches=switches,
+            loraplus_lr_ratio=loraplus_lr_ratio,
         )
         self.score_fn = score_fn
         self.beta = settings.kl_coef

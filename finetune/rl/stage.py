@@ -18,7 +18,7 @@ from finetune.core import distributed, lineage, stopping, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
-from finetune.core.modeling import load_model, lora_targets
+from finetune.core.modeling import load_model, lora_config
 from finetune.core.outputs import commit_dir, discard, read_metrics, staging_dir, write_stage_files
 from finetune.core.ownership import stage_kind
 from finetune.core.progress import progress, step_line
@@ -70,7 +70,21 @@ def resolve_start(recipe: Recipe, stage: str) -> tuple[list[str], str | None, st
             f"same SFT output (reward.start_from) or start {stage} from it ({stage}.start_from)"
         )
     rest = policy_chain[len(shared) :]
+    for key, folder in ((f"{stage}.start_from", rest[0] if rest else None), (f"{stage}.reward_from", reward)):
+        saved = fully_trained_modules(folder) if folder else []
+        if saved:
+            raise RecipeError(
+                f"{recipe.source}: {key}: {folder} also trained {saved} in full (lora.modules_to_save), which the "
+                "shared base of the RL stages cannot hold per adapter; train that stage without modules_to_save, or "
+                "start from an adapter that is merged into the base (the one the reward model was trained on)"
+            )
     return shared, (rest[0] if rest else None), reward
+
+
+def fully_trained_modules(folder: str) -> list[str]:
+    """The modules an adapter saved in full besides a score head (PEFT adds that one to modules_to_save)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return [m for m in config.get("modules_to_save") or [] if m not in ("score", "classifier")]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -136,16 +150,10 @@ def build_policy_model(
     recipe: Recipe, shared: list[str], policy_from, reward_from, device, value_init: str | None
 ) -> MultiAdapterModel:
     """One frozen base (the shared chain merged in) with the policy, reward and (PPO) value adapters."""
-    from peft import LoraConfig, TaskType
-
-    base = load_model(recipe, merge=shared).to(device)
-    policy_config = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=0.0,
-        target_modules=lora_targets(recipe, base.config.model_type),
-        task_type=TaskType.CAUSAL_LM,
-    )
+    base = load_model(recipe, merge=shared)
+    if not recipe.model.load_in_4bit:  # a 4-bit base is placed by its device_map and cannot move
+        base = base.to(device)
+    policy_config = lora_config(recipe, base.config.model_type, dropout=0.0)
     model = build_model(base, policy_config, policy_from, reward_from, value_init)
     trainable = sum(p.numel() for p in model.policy_parameters() + model.value_parameters())
     log.info(
@@ -187,7 +195,7 @@ def resume_or_start(recipe: Recipe, stage: str, last: Path | None, model, engine
     if last:
         start_update, scorer.norm = checkpoints.load(last, model, engine, stage)
         log.info("resuming %s from %s (update %d of %d)", stage, last, start_update, s.updates)
-    if distributed.is_main():
+    if distributed.writes_output(root.parent):  # each node with its own output folder keeps its own log
         root.mkdir(parents=True, exist_ok=True)
         if last and log_file.is_file():
             history = [r for r in _log_rows(log_file) if r["update"] <= start_update]
@@ -230,6 +238,7 @@ def train_updates(
     every `save_every`; returns the seconds spent. `figures(stats)` is what a step line shows, `bar` maps
     the progress bar's labels to stats keys. One update is one step of the other stages' progress lines."""
     s, main = recipe.section(stage), distributed.is_main()
+    writer = distributed.writes_output(log_file.parent.parent)
     started = time.time()
     meter = progress(
         f"{stage} training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main
@@ -248,11 +257,12 @@ def train_updates(
             stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
             stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
             meter.update(1, **{label: f"{stats[key]:.3f}" for label, key in bar.items() if key in stats})
-            if main:
-                history.append(stats)
-                tracking.current().log(tracking.rl_names(stats, stage), step=stats["update"])
+            history.append(stats)  # the same on every process (engine.step averages its figures over them)
+            if writer:
                 with log_file.open("a") as fh:
                     fh.write(json.dumps(stats) + "\n")
+            if main:
+                tracking.current().log(tracking.rl_names(stats, stage), step=stats["update"])
                 if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
                     meter.write(step_line(stage, update + 1, s.updates, figures(stats)))
                     if recipe.logging.verbose:
@@ -430,6 +440,13 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
+    distributed.shares_main_folder(recipe.output_path(recipe.output_dir))  # collective: which node writes where
+    if recipe.lora.modules_to_save:
+        raise RecipeError(
+            f"{recipe.source}: lora.modules_to_save: not supported by the {stage} stage, whose adapters share one "
+            "base and switch between each other (a fully trained module copy would be shared by all of them); "
+            "override lora.modules_to_save=[] for it"
+        )
     if recipe.deepspeed and main:
         log.info(
             "%s: the DeepSpeed config is not used by this stage: adapters are trained with plain data parallel "
@@ -489,9 +506,12 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
         ),
     }
     out = recipe.stage_dir(stage)
-    if main:
+    # every writer (one per node when each node has its own output folder) saves the main process's figures
+    metrics, rows = distributed.broadcast_from_main((metrics, samples.rows()))
+    if distributed.writes_output(out.parent):
         reports = {"train": prompts.report, "eval": prompts.eval_report}
-        save_output(out, stage, model, tokenizer, recipe, metrics, log_file, samples=samples.rows(), reports=reports)
+        save_output(out, stage, model, tokenizer, recipe, metrics, log_file, samples=rows, reports=reports)
+    if main:
         parts.summarise(metrics, engine, recipe, replies, out)
     distributed.barrier()
     return metrics

@@ -230,3 +230,29 @@ def test_lora_activations_match_what_autograd_keeps():
         formula = memory.lora_activation_bytes(n, shape, b, True, False)
         formula -= memory.lora_activation_bytes(n, shape, b, False, False)
         assert formula == pytest.approx(measured, rel=0.2), b
+
+
+def test_sharding_is_read_from_the_recipe_and_ppo_stays_whole():
+    zero2 = load_recipe(PHI2)
+    zero3 = load_recipe(PHI2, ["deepspeed=deepspeed/zero3.json"])
+    fsdp = load_recipe(PHI2, ["deepspeed=null", "launch.accelerate_config=accelerate/fsdp2.yaml"])
+    assert memory.sharding(zero2, "sft", 16) == ("ZeRO-2 over 16 processes", 1, 16)
+    assert memory.sharding(zero3, "dpo", 16) == ("ZeRO-3 over 16 processes", 16, 16)
+    assert memory.sharding(fsdp, "reward", 8) == ("FSDP over 8 processes", 8, 8)
+    assert memory.sharding(zero3, "ppo", 16) == ("plain data parallel, the whole model in each process", 1, 1)
+    assert memory.sharding(zero3, "sft", 1) == ("", 1, 1)
+    assert memory.planned_world(load_recipe(PHI2, ["launch.num_processes=4"]), "sft") == 4
+
+
+def test_zero3_divides_the_base_while_training_and_holds_it_whole_before(phi2_shape):
+    shape, _ = phi2_shape
+    zero2 = StageSettings(device="cuda", dtype_bytes=2, processes=8, zero_shards=16, batch=1, seq=2048, eval_batch=4)
+    zero3 = dataclasses.replace(zero2, weight_shards=16)
+    a, b = estimate_stage("dpo", shape, zero2), estimate_stage("dpo", shape, zero3)
+    assert b.parts["weights"] == pytest.approx(a.parts["weights"] / 16)
+    assert b.parts["adapters"] < a.parts["adapters"]  # the LoRA weights are partitioned too
+    assert b.total_gib < a.total_gib
+    # before training every process holds the whole base (held-out checks): that phase carries the other 15/16
+    whole = weight_bytes(shape, 2)
+    sft = estimate_stage("sft", shape, dataclasses.replace(zero3, seq=128, batch=1, eval_batch=64))
+    assert sft.parts["weights"] + sft.parts.get("evaluation", 0) >= whole
