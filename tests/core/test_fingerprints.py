@@ -39,13 +39,15 @@ def write_data(path: Path, rows=ROWS) -> Path:
     return path
 
 
-def recipe_at(tmp_path: Path, data: str, name: str = "recipe.yaml", **sft):
-    """A recipe in `tmp_path` whose SFT stage trains on `data` (relative to the recipe); `sft`: its section keys."""
+def recipe_at(tmp_path: Path, data: str, name: str = "recipe.yaml", top: dict | None = None, **sft):
+    """A recipe in `tmp_path` whose SFT stage trains on `data` (relative to the recipe); `sft`: its section keys,
+    `top`: other sections."""
     raw = {
         "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": "builtin:tiny-phi"},
         "training": {"learning_rate": 2.0e-3, "save_steps": 25},
         "sft": {"data": {"train": [{"path": data}]}, **sft},
+        **(top or {}),
     }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
@@ -173,6 +175,27 @@ def test_a_shared_training_setting_is_named_with_its_section(tmp_path):
     changed = recipe.model_copy(update={"training": {**recipe.training, "learning_rate": 1.0e-3}, "seed": 7})
     after = sft_made_from(changed)
     assert changes(before, after, "sft") == ["seed: 42 -> 7", "training.learning_rate: 0.002 -> 0.001"]
+
+
+def test_settings_outside_the_stages_section_are_named_by_their_recipe_keys(tmp_path):
+    write_data(tmp_path / "train.jsonl")
+    recipe = recipe_at(tmp_path, "train.jsonl")
+    (tmp_path / "acc.yaml").write_text("num_processes: 2\n")
+    launch = recipe.launch.model_copy(update={"num_processes": 2, "accelerate_config": "acc.yaml"})
+    before, after = sft_made_from(recipe), sft_made_from(recipe.model_copy(update={"launch": launch}))
+    said = changes(before, after, "sft")
+    assert said[0].startswith("launch.accelerate_config: unset -> sha256 ")  # the config file's content
+    assert said[1:] == ["launch.num_processes: unset -> 2"]
+
+
+def test_the_samples_data_is_named_by_its_recipe_key(tmp_path):
+    write_data(tmp_path / "train.jsonl")
+    samples = write_data(tmp_path / "samples.jsonl")
+    top = {"samples": {"data": [{"path": "samples.jsonl"}]}}
+    before = sft_made_from(recipe_at(tmp_path, "train.jsonl", top=top))
+    write_data(samples, ROWS[:2])
+    after = sft_made_from(recipe_at(tmp_path, "train.jsonl", top=top))
+    assert changes(before, after, "sft") == ["the data of samples.data changed"]
 
 
 def test_the_template_base_and_inputs_are_named(tmp_path):
