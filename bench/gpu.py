@@ -14,6 +14,9 @@ spends time on the runs:
 - SFT, seq 2048, batch 4: ours vs TRL 1.16 tuned (bench/run.py --stage sft --arms ours,trl-tuned);
 - DPO, seq 2048, batch 4: ours vs TRL 1.16 tuned (precomputed reference log-probs);
 - PPO, batch 64 x 256 new tokens, 1 PPO epoch: ours vs TRL 1.12's PPOTrainer;
+- GRPO, 64 prompts x 8 completions x 256 new tokens: ours with transformers' generate and with vLLM rollouts
+  (rollout tokens/s of both engines; the vLLM arm runs only where vLLM imports) vs TRL 1.16's GRPOTrainer with a
+  reward model passed as a separate model;
 - the LM head + loss alone (bench/lm_head.py): full logits vs TRL's fused head vs Liger's fused linear
   cross-entropy (TRL 1.16 refuses Liger's inside its trainers, and Liger has no Phi-2 kernels: this is
   where "with and without Liger" can be measured).
@@ -82,8 +85,10 @@ STAGES = {  # stage -> arms, steps, warmup, seconds allowed
     "sft": (["ours", "trl-tuned"], 6, 2, 150),
     "dpo": (["ours", "trl-tuned"], 6, 2, 170),
     "ppo": (["ours", "peer"], 2, 1, 240),
+    # GRPO: ours (transformers generate), ours with vLLM rollouts when a matching vLLM imports, TRL's GRPOTrainer
+    "grpo": (["ours", "ours-vllm", "trl"], 2, 1, 240),
 }
-DRY = {"sft": (1, 1), "dpo": (1, 1), "ppo": (1, 1)}  # steps, warmup in the dry run
+DRY = {"sft": (1, 1), "dpo": (1, 1), "ppo": (1, 1), "grpo": (1, 1)}  # steps, warmup in the dry run
 
 
 def _platforms() -> list[str]:
@@ -287,6 +292,13 @@ def preflight(dry_run: bool, bundle_dir: Path) -> tuple[dict, dict, dict]:
         if res.returncode != 0 or _json_line(res)["trl"] != PEER_TRL:
             raise SystemExit(f"gpu: the PPO peer's TRL {PEER_TRL} does not import:\n{res.stderr[-3000:]}")
         facts["peer"] = _json_line(res)
+    # vLLM rollouts for GRPO: only with a vLLM that imports here (none matches the project's torch and transformers
+    # today: finetune/rl/vllm_rollout.py), never in the dry run (CUDA only)
+    if dry_run or not info["cuda"]:
+        facts["vllm"] = {"skipped": "vLLM needs CUDA"}
+    else:
+        res = _run([sys.executable, "-c", "import json, vllm; print(json.dumps({'vllm': vllm.__version__}))"], env, 180)
+        facts["vllm"] = _json_line(res) if res.returncode == 0 else {"skipped": res.stderr.strip()[-300:]}
     if dry_run or not info["cuda"]:
         facts["liger"] = {"skipped": "Liger's kernels are Triton kernels: CUDA only"}
         facts["speed"] = None
@@ -407,11 +419,23 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
             lines.append(
                 f"| {stage.upper()} | ours / {arm} | {ratio['tokens_per_s']:.2f}x | | {ratio['peak_memory']:.2f}x | |"
             )
-    r = reports.get("ppo")
+    for rl_stage in ("ppo", "grpo"):
+        lines += _rl_rows(rl_stage, reports.get(rl_stage), flops, config, speed, s)
+    if "peer" in facts and "skipped" in facts["peer"]:
+        lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
+    if facts.get("vllm", {}).get("skipped"):
+        lines.append(f"\nGRPO with vLLM skipped: {facts['vllm']['skipped']}")
+    return _rest(lines, lm_head, facts)
+
+
+def _rl_rows(stage: str, r: dict | None, flops: dict, config, speed: dict, s: dict) -> list[str]:
+    """The PPO or GRPO table: time per update and its split, generated (rollout) tokens/s against the
+    memory-bandwidth bound, peak memory, parameters held."""
+    lines = []
     if r is not None:
         lines += [
             "",
-            "| PPO arm | s/update | generate / score / optimise s | generation share | generated tok/s | "
+            f"| {stage.upper()} arm | s/update | generate / score / optimise s | generation share | generated tok/s | "
             "vs bandwidth bound | peak memory | parameters held |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -420,7 +444,8 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         else:
             weight_bytes = 2 * (flops["matmul_params"] + config.vocab_size * config.hidden_size)
             bw = speed.get("copy_bandwidth_bytes_per_s")
-            bound = s["ppo_batch"] * bw / weight_bytes if bw else None
+            sequences = s["ppo_batch"] * (s["grpo_generations"] if stage == "grpo" else 1)
+            bound = sequences * bw / weight_bytes if bw else None
             for arm, a in r["arms"].items():
                 m = a["median"]
                 vs = f"{m['generated_tokens_per_s'] / bound:.0%} of {bound:,.0f}" if bound else "n/a"
@@ -434,8 +459,10 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
                     f"| ours / {arm} | {1 / ratio['tokens_per_s']:.2f}x time per update | | | | | "
                     f"{ratio['peak_memory']:.2f}x | |"
                 )
-    if "peer" in facts and "skipped" in facts["peer"]:
-        lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
+    return lines
+
+
+def _rest(lines: list[str], lm_head: dict | None, facts: dict) -> str:
     if lm_head:
         lines += ["", "| LM head + loss, forward + backward | seconds | added peak memory |", "|---|---|---|"]
         for v in lm_head["results"]:
@@ -477,6 +504,8 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
     for stage, (arms, steps, warmup, allowed) in STAGES.items():
         if stage == "ppo" and peer_env is None:
             arms = ["ours"]
+        if stage == "grpo" and (dry_run or "skipped" in facts.get("vllm", {})):
+            arms = [a for a in arms if a != "ours-vllm"]
         if dry_run:
             steps, warmup = DRY[stage]
         left = budget_s - (time.perf_counter() - started)

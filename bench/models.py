@@ -21,6 +21,7 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=48,
         max_prompt_length=96,
+        grpo_generations=8,
     ),
     # the GPU script's dry run in CI time: short rows (the 51,200-token LM head dominates a CPU step)
     "phi2-small": dict(
@@ -33,6 +34,7 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=8,
         max_prompt_length=32,
+        grpo_generations=2,
     ),
     # micro-batch 8: a LoRA backward through Phi-2 keeps ~3 MB of activations per token, so 64 rows of up to
     # 768 tokens at once would not fit; 8 at a time (8 accumulation steps) does, for ours and the peer alike
@@ -46,6 +48,7 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=256,
         max_prompt_length=512,
+        grpo_generations=8,  # 64 prompts x 8 = 512 completions per update
     ),
 }
 

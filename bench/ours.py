@@ -22,10 +22,13 @@ from finetune.core.modeling import (
 )
 from finetune.core.training import trl_config
 from finetune.dpo import make_trainer as dpo_trainer
-from finetune.recipe import apply_overrides, validate_recipe
-from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
+from finetune.recipe import GrpoAlgorithm, apply_overrides, validate_recipe
+from finetune.rl.engine import REFERENCE, SpeedSwitches
 from finetune.rl.engine import build_model as build_multi_adapter
 from finetune.rl.functional import reward_readout_index
+from finetune.rl.grpo_engine import GRPOEngine
+from finetune.rl.ppo_engine import PPOEngine
+from finetune.rl.scoring import Scorer
 from finetune.sft import make_trainer as sft_trainer
 from finetune.sft import sft_args
 from finetune.tiny import base_path
@@ -36,8 +39,11 @@ __all__ = [
     "PHI2_PUBLISHED",
     "DTYPES",
     "DataReport",
+    "GRPOEngine",
+    "GrpoAlgorithm",
     "PPOEngine",
     "REFERENCE",
+    "Scorer",
     "SpeedSwitches",
     "add_lora",
     "apply_overrides",

@@ -3,14 +3,16 @@
     python bench/run.py --stage sft --model tiny --arms ours,trl-tuned [--steps 8] [--repeats 3] [--out sft.json]
     python bench/run.py --stage ppo --model tiny --arms ours,peer        # needs bash bench/peer_env.sh once
     python bench/run.py --stage ppo --model phi2 --out ppo_phi2.json     # GPU: Phi-2 architecture, fp16
+    python bench/run.py --stage grpo --model tiny --arms ours,trl        # ours vs TRL 1.16's GRPOTrainer
 
 Arms (ARMS below; the first arm is compared with every other): `ours` is the stage's own training path
 (finetune's SFT / DPO stage code with its defaults, our PPO engine); `trl-tuned` is TRL 1.16 with
 everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py);
 `baseline` is TRL with its defaults, as most scripts run it; `peer` is TRL 1.12's PPOTrainer, the last
 TRL PPO, run by bench/ppo_peer.py in its own virtual environment on a plain Hugging Face export of
-the same model and prompts. Other arms switch one optimisation off. For SFT and DPO, `+liger` after
-`ours` or `trl-tuned` adds `use_liger_kernel=True` (GPU only).
+the same model and prompts; for GRPO `trl` is TRL 1.16's GRPOTrainer with LoRA and a reward model passed as a
+separate model, as its documentation shows (bench/grpo_trl.py). Other arms switch one optimisation off.
+For SFT and DPO, `+liger` after `ours` or `trl-tuned` adds `use_liger_kernel=True` (GPU only).
 
 Each run of an arm is a fresh process (clean peak memory, no warm caches shared between arms); arms
 alternate order across repeats so slow spells on a shared machine hit both; the median of the repeats
@@ -65,13 +67,20 @@ ARMS = {
         "unbatched": "defaults but one prompt per generate() call",
         "full-logits": "defaults but vocab-sized logits at every position",
     },
+    "grpo": {
+        "ours": "finetune GRPO engine (one base: policy LoRA, the reward model as a LoRA adapter + head on it)",
+        "trl": "TRL 1.16 GRPOTrainer: LoRA policy (peft_config), the reward model passed as a separate model",
+        "ours-vllm": "finetune GRPO engine with vLLM rollouts (use_vllm; CUDA and a matching vLLM only)",
+    },
 }
 LIGER_ARMS = ("ours", "trl-tuned")  # SFT / DPO arms that take a "+liger" suffix
 
 
 def known_arm(stage: str, arm: str) -> bool:
     base, _, suffix = arm.partition("+")
-    return base in ARMS[stage] and (not suffix or (suffix == "liger" and stage != "ppo" and base in LIGER_ARMS))
+    return base in ARMS[stage] and (
+        not suffix or (suffix == "liger" and stage in ("sft", "dpo") and base in LIGER_ARMS)
+    )
 
 
 def describe(stage: str, arm: str) -> str:
@@ -267,16 +276,18 @@ def _trainer_run(
     }
 
 
-def _ppo_prompts(tokenizer, model_name: str, n: int) -> list[list[int]]:
-    """The rendered, tokenized PPO prompts (chat template, generation prompt) both PPO arms use."""
-    from bench import ours as fo
+def _ppo_rows(tokenizer, model_name: str, n: int) -> list[dict]:
     from bench.data import prompt_rows
     from bench.models import SETTINGS
 
-    return [
-        fo.tokenize_prompt(tokenizer, r["prompt"])
-        for r in prompt_rows(tokenizer, n, SETTINGS[model_name]["max_prompt_length"])
-    ]
+    return prompt_rows(tokenizer, n, SETTINGS[model_name]["max_prompt_length"])
+
+
+def _ppo_prompts(tokenizer, model_name: str, n: int) -> list[list[int]]:
+    """The rendered, tokenized PPO prompts (chat template, generation prompt) both PPO arms use."""
+    from bench import ours as fo
+
+    return [fo.tokenize_prompt(tokenizer, r["prompt"]) for r in _ppo_rows(tokenizer, model_name, n)]
 
 
 def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
@@ -369,6 +380,124 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     }
 
 
+def _reward_model(model_name: str, recipe, base):
+    """A reward model of the benchmark model's architecture with the base's weights and a random score head (a
+    reward-model-sized forward is what scoring costs; its values do not matter for speed)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = base.config.__class__.from_dict({**base.config.to_dict(), "num_labels": 1})
+    config.pad_token_id = base.config.pad_token_id if base.config.pad_token_id is not None else base.config.eos_token_id
+    torch.manual_seed(1)
+    seq = AutoModelForSequenceClassification.from_config(config, dtype=next(base.parameters()).dtype)
+    seq.load_state_dict(base.state_dict(), strict=False)  # everything but the LM head / score head
+    return seq.to(next(base.parameters()).device).eval()
+
+
+def _grpo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
+    """GRPO: the same prompts, group size and lengths in both arms; every completion runs the full length; the
+    reward is a learned reward model (ours: its LoRA adapter and head on the policy's base; TRL: a separate
+    model)."""
+    import torch
+
+    from bench import ours as fo
+    from bench.models import SETTINGS, build_model
+
+    s = SETTINGS[model_name]
+    k, batch = s["grpo_generations"], s["ppo_batch"]
+    recipe = _recipe(model_name, "ppo", out, 0, [])
+    tokenizer = fo.load_tokenizer(recipe)
+    torch.manual_seed(0)
+    base = build_model(model_name, recipe)
+    rows = [r["prompt"] for r in _ppo_rows(tokenizer, model_name, batch * (warmup + steps))]
+    if arm == "trl":
+        from bench import grpo_trl
+
+        trainer = grpo_trl.make_trainer(
+            base, _reward_model(model_name, recipe, base), tokenizer, rows, s, warmup + steps, out, s["precision"]
+        )
+        timer = grpo_trl.Timer(trainer, _sync)
+        trainer.train()
+        measured = slice(warmup, warmup + steps)
+        wall = [w for w, _ in timer.steps[measured]]
+        cpu = [c for _, c in timer.steps[measured]]
+        generate, score = timer.generate[measured], timer.score[measured]
+        held = sum(p.numel() for p in trainer.model.parameters()) + sum(
+            p.numel() for m in trainer.reward_funcs if isinstance(m, torch.nn.Module) for p in m.parameters()
+        )
+        prompt_tokens = [len(fo.tokenize_prompt(tokenizer, r)) for r in rows]
+    else:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        reward_folder = Path(out) / "reward"
+        seq = get_peft_model(
+            _reward_model(model_name, recipe, base),
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type=TaskType.SEQ_CLS, target_modules="all-linear"),
+        )
+        seq.save_pretrained(str(reward_folder))
+        del seq
+        config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=fo.lora_targets(recipe, base.config.model_type),
+        )
+        model = fo.build_multi_adapter(base, config, reward_from=str(reward_folder), value_init=None)
+        settings = fo.GrpoAlgorithm(
+            num_generations=k,
+            max_completion_length=s["response_length"],
+            temperature=1.0,
+            micro_batch_size=batch * k,
+            learning_rate=1e-4,
+            loss_type="dapo",
+        )
+        scorer = fo.Scorer(model, None, 1.0, tokenizer, tokenizer.pad_token_id, False, batch * k)
+        never = [base.config.vocab_size]  # a stop id the model cannot sample: every completion runs the full length
+        engine = fo.GRPOEngine(model, settings, scorer, never, tokenizer.pad_token_id, seed=42)
+        if arm == "ours-vllm":
+            from finetune.rl.vllm_rollout import VllmSampler
+
+            engine.sampler = VllmSampler(recipe, "ppo", model, tokenizer, engine)
+        prompts = [fo.tokenize_prompt(tokenizer, r) for r in rows]
+        prompt_tokens = [len(p) for p in prompts]
+        wall, cpu, generate, score = [], [], [], []
+        for j in range(warmup + steps):
+            ids, mask = fo.left_pad(prompts[j * batch : (j + 1) * batch], tokenizer.pad_token_id)
+            _sync()
+            t, c = time.perf_counter(), time.process_time()
+            stats = engine.step(ids.to(engine.device), mask.to(engine.device))
+            _sync()
+            if j >= warmup:
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+                generate.append(stats["time_generate_s"])
+                score.append(stats["time_score_s"])
+        held = sum(p.numel() for p in model.parameters())
+    # real tokens per update: each measured update's prompts, each answered k times at the full length
+    tokens = [
+        k * sum(prompt_tokens[j * batch : (j + 1) * batch]) + batch * k * s["response_length"]
+        for j in range(warmup, warmup + steps)
+    ]
+    optimise = [w - g - sc for w, g, sc in zip(wall, generate, score)]
+    n = len(wall)
+    return {
+        "tokens_per_s": sum(tokens) / sum(wall),
+        "seconds_per_update": sum(wall) / n,
+        "tokens_per_cpu_s": sum(tokens) / sum(cpu),
+        "time_generate_s": sum(generate) / n,
+        "time_score_s": sum(score) / n,
+        "time_optimise_s": sum(optimise) / n,
+        "generated_tokens_per_s": batch * k * s["response_length"] * n / sum(generate),
+        "generation_share": sum(generate) / sum(wall),
+        "completions_per_update": batch * k,
+        "measured_steps": n,
+        "peak_memory_mb": _peak_memory_mb(),
+        "parameters_held": held,
+        "attention": base.config._attn_implementation,
+    }
+
+
 def export_for_peer(model_name: str, folder: Path, n_prompts: int) -> Path:
     """What the PPO peer reads, as plain Hugging Face files: the model (config; weights unless the model
     is random at Phi-2 size, where the peer draws the same random init instead of reading 5.6 GB), the
@@ -427,6 +556,8 @@ def worker(stage: str, arm: str, model: str, steps: int, warmup: int, rows: int 
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         if stage == "ppo":
             return _ppo_run(arm, model, steps, warmup, out)
+        if stage == "grpo":
+            return _grpo_run(arm, model, steps, warmup, out)
         return _trainer_run(stage, arm, model, steps, warmup, out, rows)
 
 
@@ -514,7 +645,7 @@ def _median(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=["sft", "dpo", "ppo"], required=True)
+    p.add_argument("--stage", choices=list(ARMS), required=True)
     p.add_argument(
         "--model",
         choices=["tiny", "phi2", "phi2-small"],
@@ -561,13 +692,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.stage, args.worker, args.model, args.steps, args.warmup, args.rows)))
         return 0
-    default = ["ours", "peer" if args.stage == "ppo" else "trl-tuned"]
+    default = ["ours", {"ppo": "peer", "grpo": "trl"}.get(args.stage, "trl-tuned")]
     arms = ["baseline"] if args.baseline else (args.arms.split(",") if args.arms else default)
     unknown = [a for a in arms if not known_arm(args.stage, a)]
     if unknown:
         p.error(
             f"unknown arm(s) {unknown} for {args.stage}; choose from {list(ARMS[args.stage])}"
-            + (" (ours and trl-tuned also as ours+liger, trl-tuned+liger)" if args.stage != "ppo" else "")
+            + (" (ours and trl-tuned also as ours+liger, trl-tuned+liger)" if args.stage in ("sft", "dpo") else "")
         )
     export = None
     if "peer" in arms:
@@ -654,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {a:<18} {m['tokens_per_s']:10.1f} real tokens/s ({m['tokens_per_cpu_s']:.1f} per CPU-s)  "
             f"peak {m['peak_memory_mb']:8.0f} MB"
         )
-        if args.stage == "ppo":
+        if args.stage in ("ppo", "grpo"):
             line += (
                 f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
                 f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}"

@@ -192,8 +192,10 @@ def noop_stage(tmp_path, monkeypatch):
     process, by importing the registry: here through a sitecustomize on their PYTHONPATH."""
     from finetune.recipe import STAGES
 
-    plugin = tmp_path / "plugin"
-    plugin.mkdir()
+    # inside the repository (build/ is ignored by git): an Azure ML job runs a snapshot of it, so a stage's module
+    # must live there
+    plugin = ROOT / "build" / f"noop-plugin-{os.getpid()}"
+    plugin.mkdir(parents=True)
     (plugin / "noop_entry.py").write_text(ENTRY_MODULE)
     (plugin / "noop_stage.py").write_text(STAGE_MODULE)
     (plugin / "sitecustomize.py").write_text("import noop_entry  # noqa: F401\n")
@@ -205,6 +207,7 @@ def noop_stage(tmp_path, monkeypatch):
     STAGES.unregister("noop")
     sys.modules.pop("noop_entry", None)
     sys.modules.pop("noop_stage", None)
+    shutil.rmtree(plugin)
 
 
 def test_a_registered_stage_appears_everywhere_with_no_other_edit(noop_stage, sft_run, tmp_path, capsys):

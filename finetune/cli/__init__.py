@@ -19,6 +19,7 @@ from finetune.recipe import STAGES, dump_recipe, load_recipe
 TOOLS = [
     ("config", "RECIPE [key=value ...]", "print the fully resolved recipe"),
     ("pipeline", "RECIPE [key=value ...] [--force]", "every stage in order, skipping finished ones"),
+    ("report", "OUTPUT_DIR [--out FILE]", "write the run's report.html (one file: open it in a browser)"),
     ("chat", "MODEL_DIR_OR_RECIPE", "talk to the model in the terminal (/reset, /exit)"),
     ("generate", "MODEL_DIR_OR_RECIPE --prompts FILE --out FILE.jsonl", "answer every prompt of a file (greedy)"),
     (
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.cli import pipeline
 
             return pipeline.main(rest)
+        if command == "report":
+            from finetune.cli import report
+
+            return report.main(rest)
         if command in ("chat", "generate"):
             from finetune.cli import chat
 

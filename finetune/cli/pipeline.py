@@ -18,7 +18,8 @@ earlier stage ran in this pipeline. `--force` (`pipeline.force=true`) runs every
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+`<output_dir>/pipeline_curves.png`, and all of it with the samples in `<output_dir>/report.html`
+(finetune.cli.report). With `logging.report_to` the stages report under one tracker run
 (an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
@@ -49,8 +50,8 @@ from finetune.launch import (
 )
 from finetune.recipe import STAGES, Recipe, load_recipe
 
-REPORT = "pipeline_report.json"
-CURVES = "pipeline_curves.png"
+from .report import CURVES, plot_curves, write_page
+from .report import PIPELINE_REPORT as REPORT
 
 
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
@@ -92,42 +93,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(fmt.format(*line).rstrip() for line in [header, ["-" * w for w in widths], *lines])
 
 
-def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
-    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
-    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    curves = {}
-    for stage in stages:
-        folder = recipe.stage_dir(stage)
-        if (folder / "updates.jsonl").is_file():
-            rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
-            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
-        elif (folder / "log_history.json").is_file():
-            rows = json.loads((folder / "log_history.json").read_text())
-            curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
-    if not curves:
-        return []
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-    for ax, (stage, (xlabel, series)) in zip(axes[0], curves.items()):
-        first = True
-        for (name, points), color in zip(series.items(), ("tab:blue", "tab:red")):
-            target = ax if first else ax.twinx()
-            if points:
-                target.plot(*zip(*points), color=color, label=name)
-            target.set_ylabel(name, color=color)
-            first = False
-        ax.set_title(stage)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return list(curves)
+def html_report(out: Path, recipe: Recipe) -> Path | None:
+    """report.html (finetune.cli.report); a page that cannot be drawn is a warning, never the pipeline's failure."""
+    try:
+        return write_page(out, recipe=recipe)
+    except Exception as e:  # any fault: the figures are already in pipeline_report.json
+        print(f"finetune pipeline: report.html not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _earlier_seconds(report: Path) -> dict:
@@ -182,7 +154,8 @@ def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, 
         per_prompt = f" x {generations} samples" if generations > 1 else ""
         return (
             f"{section.updates} updates x {episodes} episodes ({section.rollout_batch_size} prompts{per_prompt} x "
-            f"{processes} processes), {getattr(section, 'ppo_epochs', 1)} epochs x {section.mini_batches} "
+            f"{processes} processes), {getattr(section, 'ppo_epochs', getattr(section, 'num_iterations', 1))} epochs x "
+            f"{section.mini_batches} "
             "minibatches each",
             f"at most {episodes * (section.max_prompt_length + section.response_length):,} per update "
             f"(prompts <= {section.max_prompt_length}, responses <= {section.response_length})",
@@ -369,6 +342,10 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
             f"{recipe.source}: {'; '.join(missing)}. Install it, or leave the stage out with "
             f"pipeline.stages=[{', '.join(others)}]. Nothing was run."
         )
+    from finetune.core.limits import check_limits  # each stage checks again; here before the first one runs
+
+    for stage in stages:
+        check_limits(recipe, stage)
 
 
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
@@ -442,6 +419,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
+        page = html_report(out, recipe)
     if failed is None:
         title = "pipeline done"
     elif interrupted:
@@ -450,7 +428,9 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     else:
         title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
-    print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
+    print(
+        f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else "") + (f"\npage: {page}" if page else "")
+    )
     if interrupted:
         print("finetune pipeline: stopped; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:

@@ -13,7 +13,12 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
   and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
   state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
-  adapters and two optimisers;
+  adapters and two optimisers; a stage that merges earlier adapters holds one of them (fp32) while it
+  merges;
+- LoRA activations: each adapted layer keeps its rank-r intermediate x @ A (tokens x r, fp32) for the
+  backward pass, and an fp32 copy of its input when the base is 16-bit or LoRA dropout is on. At r = 16
+  this is a few percent of the activations; it grows with r and is what a huge rank runs out of memory on
+  (r = 100000 on the tiny model: 20 GB at batch 16 x 128 tokens);
 - activations: 34 bytes per token, layer and hidden unit in 16-bit (twice in fp32) without gradient
   checkpointing, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", table 2) count a transformer layer when attention runs in a fused kernel (no attention
@@ -39,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from finetune.errors import UserError
-from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
+from finetune.readers import read_yaml
+from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe, RecipeError
 from finetune.tiny import tiny_config
 
 from .modeling import LORA_TARGETS
@@ -83,6 +88,9 @@ class ModelShape:
     head_params: int = 0  # the LM head (a sequence classifier, the reward model, has none)
     file_bytes_per_param: int = 4  # the checkpoint's dtype on disk (Phi-2: fp16)
     source: str = ""  # where the shape came from
+    lora_rank: int = 0  # the recipe's lora.r
+    lora_layers: int = 0  # adapted layers (all decoder layers together)
+    lora_inputs: int = 0  # input features summed over the adapted layers
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class StageSettings:
     micro: int = 0  # PPO sequences per forward/backward
     samples: int = 0  # held-out sample prompts answered greedily
     sample_tokens: int = 0
+    lora_dropout: bool = False  # LoRA dropout on: each adapted layer keeps a dropped-out copy of its input
 
 
 @dataclass
@@ -144,11 +153,29 @@ def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_sh
 
 def load_bytes(shape: ModelShape, dtype_bytes: int, merges: bool) -> float:
     """Host memory while a base loads: the memory-mapped checkpoint's pages plus the weights in
-    `dtype_bytes`; to merge earlier adapters the base loads in fp32 and is cast after, both copies alive."""
+    `dtype_bytes`; to merge earlier adapters the base loads in fp32 and is cast after, both copies alive, and
+    each adapter (fp32, taken to have the recipe's rank) is held while it is merged."""
     pages = shape.params * shape.file_bytes_per_param
+    adapter = shape.lora_params * 4 if merges else 0
     if merges and dtype_bytes != 4:
-        return shape.params * 4 + max(pages, shape.params * dtype_bytes)
-    return shape.params * (4 if merges else dtype_bytes) + pages
+        return shape.params * 4 + max(pages, shape.params * dtype_bytes) + adapter
+    return shape.params * (4 if merges else dtype_bytes) + pages + adapter
+
+
+def lora_activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, dropout: bool, grad_ckpt: bool) -> float:
+    """What LoRA adds to the activations kept for the backward pass of `tokens` tokens. peft's lora.Linear
+    computes B(A(dropout(x.to(fp32)))), under autocast in the 16-bit compute dtype: every adapted layer keeps
+    A's output (tokens x r) for B's gradient, and the input A reads when that is a new tensor: autocast's
+    16-bit copy of the fp32-cast input, and with dropout on, a dropped-out copy per adapted layer plus its
+    mask (q, k and v each drop their own copy of the same input; torchtune#1492 turned LoRA dropout off for this
+    copy, peft#2196 measures LoRA's activations near twice full fine-tuning's). Measured with torch's
+    saved-tensor hooks on the tiny model (docs/memory.md): r 8 -> 128 adds what r x dtype bytes predicts within
+    10%, dropout within 16%. With gradient checkpointing only one decoder layer's adapted layers at a time."""
+    per_token = shape.lora_layers * shape.lora_rank * dtype_bytes
+    per_token += shape.lora_inputs * ((dtype_bytes if dtype_bytes != 4 else 0) + (dtype_bytes + 1 if dropout else 0))
+    if grad_ckpt:
+        per_token /= max(shape.layers, 1)
+    return tokens * per_token
 
 
 def activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, grad_ckpt: bool) -> float:
@@ -192,13 +219,17 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
 
     train, evaluation = 0.0, 0.0
     generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
+
+    def lora(tokens: int) -> float:
+        return lora_activation_bytes(tokens, shape, b, s.lora_dropout, s.grad_ckpt)
+
     if m.rollout:  # its adapters on one base, trained without ZeRO; rollouts then micro-batches of them
         length = s.prompt_len + s.response_len
         sequences = s.rollout * s.generations
         parts["adapters"] = adapter_bytes(shape.lora_params, adapters=m.adapters, trained=m.trained)
         generate = max(generate, kv_cache_bytes(sequences, length, shape, b) + sequences * shape.vocab * 4 * 2)
         tokens = s.micro * length
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + lora(tokens)
         train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
         train += sequences * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
     elif m.lm_eval:  # lm-eval: one model at a time (the base after the trained one), no gradients
@@ -212,7 +243,7 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
     else:  # a TRL stage: `sequences` per row forwarded with gradients, a score head or vocabulary logits
         tokens = m.sequences * s.batch * s.seq
         parts["adapters"] = adapter_bytes(shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards)
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + lora(tokens)
         if m.lm_logits:
             train += logits_bytes(tokens, shape.vocab, b)
         if m.reference:  # the reference's log-probs (adapters off, no gradients)
@@ -252,12 +283,14 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
     head = sum(p.numel() for p in model.get_output_embeddings().parameters())
     on_disk = getattr(config, "dtype", None)
     file_bytes = on_disk.itemsize if isinstance(on_disk, torch.dtype) else 4  # unknown: assume fp32
-    linear, lora = 0, 0
+    linear, lora, lora_layers, lora_inputs = 0, 0, 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head"):
             linear += module.weight.numel()
             if name.rsplit(".", 1)[-1] in targets:
                 lora += rank * (module.in_features + module.out_features)
+                lora_layers += 1
+                lora_inputs += module.in_features
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -272,6 +305,9 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
         head_params=head,
         file_bytes_per_param=file_bytes,
         source=source,
+        lora_rank=rank,
+        lora_layers=lora_layers,
+        lora_inputs=lora_inputs,
     )
 
 
@@ -375,6 +411,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         # these answer the held-out sample prompts: the chat-model stages and export (the merged model)
         samples=recipe.samples.count if entry.chat_model or m.merge_only else 0,
         sample_tokens=recipe.samples.max_new_tokens,
+        lora_dropout=recipe.lora.dropout > 0,
     )
     starts = section is not None and "start_from" in type(section).model_fields
     merges = starts and recipe.input_dir(stage, "start_from") is not None
@@ -390,7 +427,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         )
     if m.rollout:
         return StageSettings(
-            **common,
+            **{**common, "lora_dropout": False},  # PPO trains with every dropout off (finetune.rl.engine)
             merges=merges,
             grad_ckpt=section.gradient_checkpointing,
             rollout=section.rollout_batch_size,
@@ -436,7 +473,7 @@ def planned_processes(recipe: Recipe, stage: str) -> int:
         return 1
     if recipe.launch.num_processes:
         return recipe.launch.num_processes
-    config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+    config = read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
     return int(config.get("num_processes") or 1) // int(config.get("num_machines") or 1) or 1
 
 
@@ -446,7 +483,7 @@ def planned_device(recipe: Recipe) -> str:
     if torch.cuda.is_available() or recipe.precision == "fp16":
         return "cuda"
     if recipe.launch.accelerate_config:
-        config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+        config = read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
         return "cpu" if config.get("use_cpu") else "cuda"
     return "cpu"
 

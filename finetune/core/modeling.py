@@ -262,9 +262,74 @@ def lora_targets(recipe: Recipe, model_type: str) -> list[str]:
     return LORA_TARGETS[model_type]
 
 
+def meta_model(config):
+    """The model a config describes, built on the meta device (no memory, no weights read): for looking at its
+    layers before loading it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _adaptable(module) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA can adapt (peft: Linear, Embedding, Conv1D), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # transformers' GPT-2 style
+        return tuple(module.weight.shape)
+    return None
+
+
+def lora_problem(model, targets: list[str], rank: int, name: str) -> str | None:
+    """Why LoRA with `targets` and `rank` cannot be put on `model` (a loaded or a meta-device model), or None.
+
+    Targets match module names as peft matches a list: the full name or its last dotted parts. A target that
+    matches nothing, or only layers LoRA cannot adapt (a norm, a whole block), is named with the layers the
+    model has. A rank above min(in, out) of every adapted matrix is refused: the update B @ A has rank at most
+    min(r, in, out) (Hu et al. 2021, "LoRA", section 4), so a larger r only adds parameters, memory and time."""
+    modules = dict(model.named_modules())
+    adaptable = {n: shape for n, m in modules.items() if (shape := _adaptable(m)) is not None}
+    names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
+    unknown, not_layers, matched = [], [], {}
+    for target in targets:
+        hits = [n for n in modules if n == target or n.endswith(f".{target}")]
+        usable = {n: adaptable[n] for n in hits if n in adaptable}
+        if not hits:
+            unknown.append(target)
+        elif not usable:
+            not_layers.append(target)
+        matched.update(usable)
+    if unknown or not_layers:
+        said = []
+        if unknown:
+            said.append(f"{', '.join(map(repr, unknown))} {'matches' if len(unknown) == 1 else 'match'} no module")
+        if not_layers:
+            verb = "is" if len(not_layers) == 1 else "are"
+            said.append(f"{', '.join(map(repr, not_layers))} {verb} not a layer LoRA can adapt")
+        return (
+            f"lora.target_modules: in {name} ({model.config.model_type}), {' and '.join(said)}; the layers LoRA can "
+            f"adapt there are named {', '.join(names)} (or set target_modules: auto)"
+        )
+    cap = max((min(shape) for shape in matched.values()), default=0)
+    if cap and rank > cap:
+        return (
+            f"lora.r: {rank} is more than any adapted matrix of {name} can use: the largest has rank {cap} "
+            f"(min(in, out)), and a LoRA update has rank at most min(r, in, out), so a larger r only adds "
+            f"parameters, memory and time. Set lora.r to at most {cap} (8 to 64 is usual)"
+        )
+    return None
+
+
 def add_lora(model, recipe: Recipe, task: str = "causal_lm", adapter_name: str = "default"):
     """Wrap the base with a fresh LoRA adapter; the base is frozen and adapters stay fp32."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    targets = lora_targets(recipe, model.config.model_type)
+    problem = lora_problem(model, targets, recipe.lora.r, recipe.model.name_or_path)
+    if problem:  # also checked before loading (core.limits), when the model's config could be read then
+        raise RecipeError(f"{recipe.source}: {problem}")
 
     if recipe.model.load_in_4bit:
         # Only for a quantised base: on a plain fp16 base it would upcast every weight to fp32.
@@ -273,11 +338,22 @@ def add_lora(model, recipe: Recipe, task: str = "causal_lm", adapter_name: str =
         r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,
-        target_modules=lora_targets(recipe, model.config.model_type),
+        target_modules=targets,
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
     )
     # autocast_adapter_dtype=True keeps adapter weights fp32 (no "unscale FP16 gradients" under AMP).
     return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+
+
+def context_length(config) -> int | None:
+    """The positions a model was trained with (its config's max_position_embeddings; n_positions in GPT-2-style
+    configs), None when the config does not say. Past them a rotary model still runs, on positions it never
+    saw, and writes garbage without an error: every token budget is checked against this."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -220,6 +220,18 @@ def clear(folder: str | Path, kind: str) -> None:
         mark(real, kind)
 
 
+def put_file(tmp: str | Path, path: str | Path, kind: str) -> None:
+    """Rename a finished temporary file to `path`, inside a folder finetune made as `kind` (the nearest marked
+    folder above it), replacing the file there; refuse when that folder is not finetune's `kind`."""
+    tmp, path = Path(tmp), Path(path)
+    owner = next((p for p in path.resolve().parents if (p / MARK).exists() or made_before_marks(p)), None)
+    found = kind_of(owner) if owner is not None else None
+    if found != kind:
+        what = "lies in no folder finetune made" if found is None else f"lies in {owner}, {describe(found)}"
+        raise _refuse(path, what, "Write it inside the output finetune made for it")
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- files among the user's
 
 

@@ -102,7 +102,12 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,
+        # the config's content, not only its name: ZeRO's stage and partitioning decide how the optimiser state
+        # was saved, and DeepSpeed fails on a checkpoint of another layout with its own traceback
         "deepspeed": recipe.deepspeed,
+        "deepspeed_sha256": sha256_file(recipe.resolve_path(recipe.deepspeed)) if recipe.deepspeed else None,
+        # processes change the global batch, and ZeRO partitions the optimiser state by process
+        "processes": distributed.world_size(),
         "seed": recipe.seed,
         "adapters": {str(f): sha256_file(Path(f) / "adapter_model.safetensors") for f in adapters if f},
         "data": data_fingerprint(rows),
@@ -147,6 +152,10 @@ def differences(stage: str, old: dict, new: dict) -> list[str]:
             name = "template " + ("(its text)" if key.endswith("sha256") else "name")
         elif key.startswith("model."):
             name = key
+        elif key == "deepspeed_sha256":
+            name = "deepspeed (the config file's content)"
+        elif key == "processes":
+            name = "processes (launch.num_processes, or the accelerate config's num_processes x machines)"
         out.append(f"{name}: {_show(a.get(key))} -> {_show(b.get(key))}")
     return out
 

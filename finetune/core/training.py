@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from finetune.readers import read_json
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, lineage, ownership, stopping, tracking
@@ -51,7 +52,9 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
         data_seed=recipe.seed,
         fp16=recipe.precision == "fp16",
         bf16=recipe.precision == "bf16",
-        deepspeed=recipe.resolve_path(recipe.deepspeed),
+        # the file as finetune.readers read it when the recipe loaded (a byte-order mark accepted, a key given
+        # twice refused); transformers' own json.load would fail on the one and keep the last of the other
+        deepspeed=read_json(recipe.resolve_path(recipe.deepspeed), RecipeError) if recipe.deepspeed else None,
         logging_steps=recipe.logging.logging_steps,
         report_to=trackers(recipe),
         use_cpu=not torch.cuda.is_available(),

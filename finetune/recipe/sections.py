@@ -21,12 +21,19 @@ from .errors import NO_ADAPTER
 BUILTIN_PREFIX = "builtin:"
 RECIPE_PATH = {"path": "recipe"}  # relative to the recipe file
 CWD_PATH = {"path": "cwd"}  # relative to the working directory, like output_dir
+# GGUF file types `export.gguf` accepts: the converter's own output types (f32, f16, bf16) and llama.cpp's
+# quantisations of them (the names `llama-quantize --help` lists, lower-cased).
+GGUF_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
+    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+)  # fmt: skip
 
 
 class Section(BaseModel):
-    """A recipe section: unknown keys are errors (the loader names the nearest valid key)."""
+    """A recipe section: unknown keys are errors (the loader names the nearest valid key); numbers must be finite
+    (pydantic takes .inf and .nan for a float unless told not to)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -127,14 +134,24 @@ class DataSource(Section):
         1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
     )
     format: Literal[
-        "auto", "messages", "prompt_completion", "preference", "unpaired", "prompt", "sharegpt", "alpaca", "hh"
+        "auto",
+        "messages",
+        "prompt_completion",
+        "preference",
+        "unpaired",
+        "prompt",
+        "sharegpt",
+        "alpaca",
+        "hh",
+        "question_answer",
     ] = Field(
         "auto",
         description="Row format; auto detects it from the columns. messages (ultrachat_200k too), "
         "prompt_completion, preference (prompt/chosen/rejected; ultrafeedback_binarized's whole conversations "
-        "too), unpaired (prompt/completion/label, KTO), prompt (PPO), sharegpt (`conversations` of from/value: "
+        "too), unpaired (prompt/completion/label, KTO), prompt (PPO, GRPO), sharegpt (`conversations` of from/value: "
         "human, gpt, system), alpaca (instruction/input/output), hh (Anthropic HH-RLHF chosen/rejected "
-        "transcripts).",
+        "transcripts), question_answer (question/answer, e.g. openai/gsm8k; the answer is also the reference rule "
+        "rewards read).",
     )
 
 
@@ -172,6 +189,11 @@ class TrainedStage(Section):
     )
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
 
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        """(keys, tokens) this section asks of one sequence, each of which must fit the model's context
+        (finetune.core.limits); `setting(name)` reads a TRL field with its defaults."""
+        return [(f"{stage}.max_new_tokens", self.max_new_tokens)] if self.eval_generate_rows else []
+
 
 def _adapter_ref(value: str | None, key: str) -> str | None:
     """One spelling for "no adapter": none. 'base' was the old spelling of start_from."""
@@ -180,7 +202,7 @@ def _adapter_ref(value: str | None, key: str) -> str | None:
     return value
 
 
-TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True)
+TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True, allow_inf_nan=False)
 
 
 class TrlStage(TrainedStage):
@@ -188,6 +210,9 @@ class TrlStage(TrainedStage):
     config (e.g. `sft.max_steps`, `sft.learning_rate`), which overrides the shared `training` block."""
 
     model_config = TRL_STAGE_CONFIG
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", setting("max_length")), *super().token_budgets(stage, setting)]
 
 
 class FromEarlierStage(Section):
@@ -248,15 +273,42 @@ class OrpoSection(TrlStage):
     data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
 
 
-class PpoAlgorithm(Section):
-    """The PPO engine's knobs (finetune.rl.engine reads this section directly). Defaults and their
+class RlOptimisation(Section):
+    """Optimiser keys the RL engines share (finetune.rl.engine reads them directly)."""
+
+    mini_batches: int = Field(1, gt=0, description="Minibatches per pass over a rollout (one optimiser step each).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
+    learning_rate: float = Field(1e-5, gt=0, description="Policy adapter learning rate.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule over updates."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the optimisation passes (never during generation)."
+    )
+    use_vllm: bool = Field(
+        False,
+        description="Sample rollouts with vLLM (`pip install 'finetune[vllm]'`, CUDA only) instead of transformers' "
+        "generate; the policy's LoRA weights are handed to vLLM after every update (docs/grpo.md). Re-scoring and "
+        "training stay in transformers.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory vLLM may take (TRL's default), beside the training model.",
+    )
+
+
+class PpoAlgorithm(RlOptimisation):
+    """The PPO engine's knobs (finetune.rl.ppo_engine reads this section directly). Defaults and their
     sources: docs/ppo.md."""
 
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
     ppo_epochs: int = Field(4, gt=0, description="Optimisation passes over each rollout.")
-    mini_batches: int = Field(1, gt=0, description="Minibatches per PPO epoch (one optimiser step each).")
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon.")
     vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss.")
@@ -271,32 +323,70 @@ class PpoAlgorithm(Section):
         1.0, ge=0, description="Subtracted from the score of a response that never reached the end-of-turn token."
     )
     score_clip: float | None = Field(None, gt=0, description="Clip the shaped score to +-this (OpenRLHF uses 10).")
-    learning_rate: float = Field(1e-5, gt=0, description="Policy adapter learning rate.")
     value_learning_rate: float = Field(5e-5, gt=0, description="Value adapter and value head learning rate.")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="LR schedule over updates."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the optimisation passes (never during generation)."
-    )
 
 
-class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm):
-    """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
-    PPOTrainer), so these keys are the project's own, not a TRL config's."""
+class GrpoAlgorithm(RlOptimisation):
+    """The GRPO engine's knobs (finetune.rl.grpo_engine reads this section directly). Keys that mean what
+    they mean in TRL's GRPOConfig carry its names and defaults; docs/grpo.md gives each source."""
+
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
+    max_completion_length: int = Field(512, gt=0, description="Maximum new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the k3 KL term to the reference in the loss; 0 (TRL's default) skips the "
+        "reference's forward.",
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clip of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip: 1 + epsilon_high (DAPO's clip-higher uses 0.28); default epsilon."
+    )
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
+        "dapo",
+        description="How token losses are averaged: grpo (per completion, then over completions), bnpo (over this "
+        "process's tokens), dapo (over every process's tokens; TRL's default), dr_grpo (sum / (completions x "
+        "max_completion_length)).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide the group-centred reward by the group's std (group), the batch's (batch) or nothing "
+        "(none: Dr. GRPO). For advantage_estimator grpo.",
+    )
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo",
+        description="Baseline: grpo (group mean, scaled by scale_rewards), rloo (mean of the other completions of "
+        "the prompt), reinforce_pp (REINFORCE++: batch mean and std).",
+    )
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout (GRPO's mu).")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions that never reached the end-of-turn token out of the loss (DAPO)."
+    )
+    use_bias_correction_kl: bool = Field(
+        True, description="Weight the k3 KL term by the importance ratio, as TRL does by default."
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="Leave out of the update the prompts whose completions all got the same reward (DAPO's dynamic "
+        "sampling without refilling); how many is logged as frac_reward_zero_std.",
+    )
+    overlong_buffer: int = Field(
+        0,
+        ge=0,
+        description="DAPO's soft overlong penalty: completions longer than max_completion_length - overlong_buffer "
+        "lose up to overlong_penalty_factor, linearly; 0 turns it off.",
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="The soft overlong penalty at full length.")
+
+
+class RlStage(TrainedStage, FromEarlierStage):
+    """What the RL stages share: prompts, rewards, how many updates of how many prompts, checkpoints and the
+    held-out rollouts."""
 
     data: DataSection = Field(
         description="Prompts: prompt-only rows ({'prompt': ...}), conversations (the turns before the last "
         "assistant reply) or preference rows (their prompt)."
-    )
-    reward_from: str | None = Field(
-        None,
-        description=f"Reward-model stage output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only "
-        "`reward_function`. Must share the policy's base (both trained on the same SFT output).",
-        json_schema_extra=CWD_PATH,
     )
     reward_function: str | None = Field(
         None,
@@ -310,17 +400,9 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm):
         description="Keep one copy of a repeated prompt (preference data repeats it once per pair); the count "
         "is reported.",
     )
-    updates: int = Field(100, gt=0, description="PPO updates (each: rollout, score, optimise).")
+    updates: int = Field(100, gt=0, description="Updates (each: rollout, score, optimise).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per update per process.")
     max_prompt_length: int = Field(256, gt=0, description="Longer prompts are dropped and counted (never truncated).")
-    normalize_reward: bool = Field(
-        True,
-        description="Normalise the learned reward with its mean/std over the start policy's first rollout "
-        "(kept fixed after).",
-    )
-    value_init: Literal["reward", "new"] = Field(
-        "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
-    )
     save_every: int = Field(10, gt=0, description="Checkpoint every N updates (resume continues from the newest).")
     eval_prompts: int = Field(
         64,
@@ -330,10 +412,64 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm):
         "(eval_score_before/after, ...); 0 skips.",
     )
 
-    @field_validator("reward_from")
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        # the key of the response budget differs by stage: ppo.response_length, grpo.max_completion_length
+        key = "response_length" if "response_length" in type(self).model_fields else "max_completion_length"
+        budgets = [(f"{stage}.max_prompt_length + {stage}.{key}", self.max_prompt_length + self.response_length)]
+        if self.eval_generate_rows:
+            budgets.append(
+                (f"{stage}.max_prompt_length + {stage}.max_new_tokens", self.max_prompt_length + self.max_new_tokens)
+            )
+        return budgets
+
+    @field_validator("reward_from", check_fields=False)
     @classmethod
     def _reward_spelling(cls, value):
         return _adapter_ref(value, "reward_from")
+
+
+class PpoSection(RlStage, PpoAlgorithm):
+    """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
+    PPOTrainer), so these keys are the project's own, not a TRL config's."""
+
+    reward_from: str | None = Field(
+        None,
+        description=f"Reward-model stage output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only "
+        "`reward_function`. Must share the policy's base (both trained on the same SFT output).",
+        json_schema_extra=CWD_PATH,
+    )
+    normalize_reward: bool = Field(
+        True,
+        description="Normalise the learned reward with its mean/std over the start policy's first rollout "
+        "(kept fixed after).",
+    )
+    value_init: Literal["reward", "new"] = Field(
+        "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
+    )
+
+
+class GrpoSection(RlStage, GrpoAlgorithm):
+    """GRPO and its critic-free relatives (RLOO, REINFORCE++, Dr. GRPO, DAPO's loss): finetune's engine on one
+    shared base (docs/grpo.md says why not TRL's GRPOTrainer); keys named as in TRL's GRPOConfig where they
+    mean the same."""
+
+    reward_from: str | None = Field(
+        NO_ADAPTER,
+        description=f"A reward-stage output (e.g. <output_dir>/reward) whose adapter and score head score the "
+        f"completions on the shared base, added to `reward_function`; default '{NO_ADAPTER}': rule rewards only. "
+        "Must share the policy's base (both trained on the same SFT output).",
+        json_schema_extra=CWD_PATH,
+    )
+    normalize_reward: bool = Field(
+        False,
+        description="Normalise the learned reward with its mean/std over the start policy's first rollout (group "
+        "scaling makes this matter only for scale_rewards none).",
+    )
+
+    @property
+    def response_length(self) -> int:
+        """The RL stages' common name for the longest response (the memory estimate and --plan read it)."""
+        return self.max_completion_length
 
 
 class ExportSection(Section):
@@ -371,6 +507,30 @@ class ExportSection(Section):
         "(also `finetune export RECIPE --push-to-hub user/name`). Token: HF_TOKEN or `hf auth login`.",
     )
     hub_private: bool = Field(True, description="Create the Hub repository private (false: public).")
+    gguf: list[str] = Field(
+        default_factory=list,
+        description="GGUF files to write into <export>/gguf/ with llama.cpp's converter and quantiser, e.g. "
+        "[q8_0, q4_k_m] (also `finetune export RECIPE --gguf q8_0,q4_k_m`; needs `pip install 'finetune[gguf]'`): "
+        f"any of {', '.join(GGUF_TYPES)}. An Ollama Modelfile is written beside them (FROM the first) and each "
+        "file's held-out correctness is measured with llama.cpp. A finished export gets them added without a "
+        "new merge. docs/deploy.md.",
+    )
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_list(cls, value):
+        if isinstance(value, str):  # export.gguf=q8_0,q4_k_m on the command line
+            value = [v for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_types(cls, value: list[str]) -> list[str]:
+        names = [v.strip().lower() for v in value]
+        unknown = [v for v in names if v not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; use any of {', '.join(GGUF_TYPES)}")
+        return list(dict.fromkeys(names))
 
     @field_validator("max_shard_size")
     @classmethod
@@ -446,6 +606,9 @@ class EvalSection(Section):
     output: str | None = Field(
         None, description="Results folder (default: <output_dir>/eval).", json_schema_extra=CWD_PATH
     )
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", self.max_length)] if self.max_length else []
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -7,11 +7,13 @@ example the data row (e.g. its reference `answer`). Verifiable tasks need no rew
 
 from __future__ import annotations
 
-from finetune.core.evaluation import normalise
+from finetune.core.evaluation import same_answer
 
 
 def exact_answer(prompt: str, response: str, example: dict) -> float:
-    """1.0 when the reply equals the row's `answer` (case, spacing and a final period ignored), else 0.0."""
+    """1.0 when the reply gives the row's `answer` (case, spacing and a final period ignored; numbers by value,
+    so 42 == 42.0 == "42"), else 0.0. A row whose answer is null, NaN or empty scores 0.0 (the loader counted
+    and named it)."""
     if "answer" not in example:
         raise ValueError("exact_answer needs an 'answer' field in every prompt row")
-    return float(normalise(response) == normalise(str(example["answer"])))
+    return float(same_answer(response, example["answer"]))

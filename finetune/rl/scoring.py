@@ -1,4 +1,4 @@
-"""PPO's sequence score: the learned reward model (an adapter + head on the shared base) and/or a
+"""The RL stages' sequence score: the learned reward model (an adapter + head on the shared base) and/or a
 rule-based reward function named in the recipe."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .functional import reward_readout_index
 log = logging.getLogger(__name__)
 
 
-def load_reward_function(spec: str | None, recipe: Recipe):
+def load_reward_function(spec: str | None, recipe: Recipe, stage: str = "ppo"):
     """`module:function` -> callable(prompt, response, example) -> float. The module is imported and
     runs with the user's permissions, like any Python the recipe names: only name code you trust."""
     if not spec:
@@ -27,12 +27,12 @@ def load_reward_function(spec: str | None, recipe: Recipe):
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise RecipeError(
-            f"{recipe.source}: ppo.reward_function: {spec!r} must look like module:function "
+            f"{recipe.source}: {stage}.reward_function: {spec!r} must look like module:function "
             "(e.g. my_rewards:exact_match)"
         )
     if module_name == "finetune.rewards":  # moved with the rl package
         raise RecipeError(
-            f"{recipe.source}: ppo.reward_function: finetune.rewards moved to finetune.rl.rewards; write "
+            f"{recipe.source}: {stage}.reward_function: finetune.rewards moved to finetune.rl.rewards; write "
             f"finetune.rl.rewards:{name}"
         )
     if str(recipe.base_dir) not in sys.path:
@@ -41,7 +41,7 @@ def load_reward_function(spec: str | None, recipe: Recipe):
         fn = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
         raise RecipeError(
-            f"{recipe.source}: ppo.reward_function: cannot load {spec!r} ({e}); the module must be "
+            f"{recipe.source}: {stage}.reward_function: cannot load {spec!r} ({e}); the module must be "
             "importable (installed, or a .py file beside the recipe)"
         ) from None
     takes_example = len(inspect.signature(fn).parameters) >= 3

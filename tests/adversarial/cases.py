@@ -119,6 +119,12 @@ def unchanged(before: dict, folder: Path) -> None:
     assert not changed and not added, f"changed: {changed}, added: {added}"
 
 
+def nothing_written(out: Path) -> None:
+    """Nothing in `out` but what a run writes before it reads anything: its lock and the folder's mark."""
+    left = [p.name for p in out.glob("*")] + [p.name for p in out.glob(".*")] if out.exists() else []
+    assert not [n for n in left if not n.endswith(".lock") and n != ".finetune"], left
+
+
 def copy_run(run: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "run"
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.lock"))
@@ -210,6 +216,8 @@ GROUP_MODULES = [  # the table's order: the suite's files, each in file order
     "test_ownership",
     "test_freshness",
     "test_inference",
+    "test_limits",
+    "test_mistakes",
 ]
 
 

@@ -197,8 +197,12 @@ ALLOWED = {
     ("finetune/core/outputs.py", "os.unlink"): "write_json's own temporary file, when the write failed",
     ("finetune/core/tracking.py", "unlink"): "the open-run marker file finetune keeps beside its lock",
     ("finetune/core/tracking.py", "os.replace"): "the open-run marker file, written atomically",
-    ("finetune/ppo.py", "rename"): "moves files inside its own staging folder",
-    ("finetune/ppo.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/rl/stage.py", "rename"): "moves files inside its own staging folder (the RL stages' policy adapter)",
+    ("finetune/rl/stage.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/core/fingerprints.py", "os.replace"): "its own hash cache file, written atomically",
+    ("finetune/deploy/gguf.py", "os.replace"): "llama.cpp's converter into its own cache folder, from a staging copy",
+    ("finetune/deploy/gguf.py", "shutil.rmtree"): "its own staging copy of the converter, when another process won",
+    ("finetune/deploy/gguf.py", "unlink"): "its own partial GGUF files (.name.partial-*), left by an interrupted run",
 }
 REMOVING = {"rmtree", "remove", "unlink", "rmdir", "rename", "move", "replace", "removedirs"}
 

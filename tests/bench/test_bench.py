@@ -65,7 +65,7 @@ def test_ppo_against_trl_112_peer(tmp_path, tiny_base):
 
 
 def test_gpu_script_dry_run(tmp_path, tiny_base):
-    """The one-shot GPU benchmark at CPU size: preflight, LM-head check, SFT / DPO / PPO arms, the table."""
+    """The one-shot GPU benchmark at CPU size: preflight, LM-head check, SFT / DPO / PPO / GRPO arms, the table."""
     res = subprocess.run(
         [sys.executable, "bench/gpu.py", "run", "--dry-run", "--out", str(tmp_path)],
         cwd=ROOT,
@@ -80,7 +80,11 @@ def test_gpu_script_dry_run(tmp_path, tiny_base):
         assert row in table, table
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["facts"]["dry_run"] and summary["facts"]["software"]["tiny_tokenizer"]
-    assert set(summary["stages"]) == {"sft", "dpo", "ppo"}
+    assert set(summary["stages"]) == {"sft", "dpo", "ppo", "grpo"}
+    assert "| GRPO arm |" in table and "GRPO with vLLM skipped: vLLM needs CUDA" in table
+    grpo = summary["stages"]["grpo"]["medians"]
+    # TRL's GRPOTrainer holds the reward model as a second copy of the base; ours holds the base once
+    assert grpo["trl"]["parameters_held"] > 1.5 * grpo["ours"]["parameters_held"]
     lm_head = json.loads((tmp_path / "lm_head.json").read_text())
     assert {v["variant"] for v in lm_head["results"]} == {"plain", "trl-fused", "liger-flce"}
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.recipe import RecipeError, load_recipe
+from finetune.rl.scoring import load_reward_function
 from tests.conftest import ROOT, TINY_RECIPE, subprocess_env
 
 # A few small updates: enough to exercise every part (checkpoints every 2, learned + rule reward).
@@ -130,9 +131,9 @@ def test_a_rule_reward_alone_and_a_function_beside_the_recipe(sft_run, tmp_path)
     assert m["score_start"] <= 0  # -len/10 (plus the missing-EOS penalty)
 
     with pytest.raises(RecipeError, match="ppo.reward_function: 'my_rules' must look like module:function"):
-        ppo.load_reward_function("my_rules", load_recipe(recipe_file))
+        load_reward_function("my_rules", load_recipe(recipe_file))
     with pytest.raises(RecipeError, match="cannot load 'my_rules:nope'.*a .py file beside the recipe"):
-        ppo.load_reward_function("my_rules:nope", load_recipe(recipe_file))
+        load_reward_function("my_rules:nope", load_recipe(recipe_file))
 
 
 def test_missing_stage_outputs_are_refused_before_loading(tmp_path):
@@ -177,8 +178,8 @@ def test_two_processes_under_accelerate_launch(sft_run, reward_run, tmp_path):
 def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
     """Held-out prompts too long for the rollouts skip the held-out rollouts with a warning (the stage goes on),
     and a repeated held-out prompt is not reported as dropped: held-out correctness still uses every row."""
-    from finetune import ppo
     from finetune.core.modeling import load_tokenizer, template_for
+    from finetune.rl.stage import load_prompts
 
     rows = [{"prompt": "What is 2 plus 3? " * 30}, {"prompt": "What is 2 plus 3? " * 30}]
     held_out = tmp_path / "long.jsonl"
@@ -186,7 +187,7 @@ def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
     recipe = load_recipe(
         TINY_RECIPE, [f"ppo.data.eval=[{{path: {held_out}}}]", "ppo.max_prompt_length=64", "ppo.rollout_batch_size=8"]
     )
-    prompts = ppo.load_prompts(recipe, load_tokenizer(recipe), template_for(recipe))
+    prompts = load_prompts(recipe, "ppo", load_tokenizer(recipe), template_for(recipe))
     assert prompts.eval_ids == [] and len(prompts.eval_rows) == 2 and prompts.ids
     assert "held-out rollouts skipped" in caplog.text
     assert not prompts.eval_report.drops
