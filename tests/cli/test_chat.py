@@ -10,11 +10,22 @@ import sys
 
 import pytest
 
-from finetune.cli.chat import ChatSession, chat_loop, check_prompts, check_text, generate_file, main
+from finetune.cli.chat import (
+    DEFAULT_NEW_TOKENS,
+    ChatSession,
+    chat_checks,
+    chat_loop,
+    check_prompts,
+    check_text,
+    generate_file,
+    generation_budget,
+    main,
+)
 from finetune.core.data import DataError, read_prompts
 from finetune.core.modeling import load_model, load_tokenizer
 from finetune.core.ownership import NotOurs, file_mark
 from finetune.core.serving import load_base
+from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from tests.conftest import TINY_RECIPE
 
@@ -104,6 +115,59 @@ def test_end_of_input_ends_the_chat(loaded):
         raise EOFError
 
     chat_loop(ChatSession(loaded), read=read)
+
+
+# ----------------------------------------------------------------------------- the model's context
+
+
+def test_a_reply_gets_what_the_context_leaves_and_a_message_past_it_is_refused(loaded):
+    context = loaded.context
+    assert context == loaded.model.config.max_position_embeddings
+    session = ChatSession(loaded)
+    inputs, budget = session.prepare("What is 2 plus 2?")
+    assert budget == min(DEFAULT_NEW_TOKENS, context - inputs["input_ids"].shape[1])
+    with pytest.raises(DataError) as e:
+        session.prepare("word " * (context * 8))  # more characters than any tokenization fits in the context
+    assert str(e.value).startswith("your message: the conversation would be ")
+    assert f"more than the model's context of {context} positions" in str(e.value)
+    assert "/reset starts a new conversation; or send a shorter message" in str(e.value)
+    assert session.messages == []  # nothing was added
+
+
+def test_an_explicit_reply_budget_must_fit_beside_the_conversation(loaded):
+    session = ChatSession(loaded, max_new_tokens=loaded.context - 5)
+    with pytest.raises(DataError) as e:
+        session.prepare("What is the capital of France?")
+    message = str(e.value)
+    assert f"for a reply of {loaded.context - 5} tokens" in message and "or lower --max-new-tokens" in message
+
+
+def test_chat_checks_before_the_model_loads(loaded):
+    tok, stop, context = loaded.tokenizer, loaded.stop_ids, loaded.context
+    chat_checks("Answer briefly.", None)(tok, stop, context)
+    chat_checks(None, context - 1)(tok, stop, None)  # an unknown context is not checked
+    with pytest.raises(DataError, match=f"--max-new-tokens {context}: the model has {context} positions"):
+        chat_checks(None, context)(tok, stop, context)
+    with pytest.raises(DataError, match="--system: contains the special token"):
+        chat_checks(f"be brief {EOT}", None)(tok, stop, context)
+    with pytest.raises(UserError, match=r"1 prompt\(s\) leave no room .* --system"):
+        chat_checks("word " * 200, 10)(tok, stop, context)
+
+
+def test_generate_budget_is_asked_or_what_the_longest_prompt_leaves(loaded, tmp_path, capsys):
+    tok, context = loaded.tokenizer, loaded.context
+    path = tmp_path / "p.txt"
+    path.write_text("short\n" + "a long question " * 20 + "\n")
+    rows = read_prompts(path)
+    assert generation_budget(rows, tok, None, None) == DEFAULT_NEW_TOKENS  # no context known: the default
+    assert generation_budget(rows, tok, context, 8) == 8
+    budget = generation_budget(rows, tok, context, None)
+    assert 0 < budget < context and budget < DEFAULT_NEW_TOKENS
+    assert f"replies of at most {budget} tokens" in capsys.readouterr().err  # and said so
+    with pytest.raises(UserError) as e:
+        generation_budget(rows, tok, context, context - 20)
+    assert f"{path}: line 2" in str(e.value) and "--max-new-tokens" in str(e.value)
+    assert f"{path}: line 1 " not in str(e.value)  # only the prompts without room are named
 
 
 # ----------------------------------------------------------------------------- generate

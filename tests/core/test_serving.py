@@ -132,11 +132,19 @@ def test_the_input_check_runs_before_the_model_loads(run, tmp_path, monkeypatch)
         AutoModelForCausalLM, "from_pretrained", lambda *a, **k: order.append("model") or original(*a, **k)
     )
 
-    def check(tokenizer, stop_ids):
-        order.append(("check", stop_ids))
+    def check(tokenizer, stop_ids, context):
+        order.append(("check", stop_ids, context))
         raise DataError("prompt 3 spells <|endoftext|>")
 
     with pytest.raises(DataError):
         load_for_chat(str(folder), [], before_model=check)
-    config = json.loads((folder / "generation_config.json").read_text())
-    assert order == [("check", [config["eos_token_id"]])]  # refused before any weights were read
+    generation = json.loads((folder / "generation_config.json").read_text())
+    positions = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    assert order == [("check", [generation["eos_token_id"]], positions)]  # refused before any weights were read
+
+
+def test_a_recipe_model_says_its_context_before_it_loads(run):
+    recipe, _ = run
+    seen = []
+    loaded = load_recipe_model(recipe, before_model=lambda tok, stop, context: seen.append(context))
+    assert seen == [loaded.context] and loaded.context == loaded.model.config.max_position_embeddings
