@@ -6,6 +6,7 @@ not write."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -168,6 +169,17 @@ def test_generate_budget_is_asked_or_what_the_longest_prompt_leaves(loaded, tmp_
         generation_budget(rows, tok, context, context - 20)
     assert f"{path}: line 2" in str(e.value) and "--max-new-tokens" in str(e.value)
     assert f"{path}: line 1 " not in str(e.value)  # only the prompts without room are named
+
+
+def test_the_budget_a_refusal_advises_leaves_room_for_every_prompt_it_names(loaded, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("short\nWhat is the capital of France?\n")  # 11 and 23 prompt tokens with the template
+    rows, tok, context = read_prompts(path), loaded.tokenizer, loaded.context
+    with pytest.raises(UserError) as e:
+        generation_budget(rows, tok, context, context - 10)
+    assert f"{path}: line 1" in str(e.value) and f"{path}: line 2" in str(e.value)
+    advised = int(re.search(r"lower --max-new-tokens to at most (\d+) for them", str(e.value)).group(1))
+    assert generation_budget(rows, tok, context, advised) == advised  # following the advice works
 
 
 # ----------------------------------------------------------------------------- generate
