@@ -24,6 +24,7 @@ from finetune.core.ownership import (
     make_output_dir,
     mark,
     new_staging,
+    put_file,
     remove,
     remove_file,
     replace,
@@ -341,6 +342,33 @@ def test_an_earlier_finetunes_output_is_replaced_by_the_same_stage_and_cleared_o
     (ckpts / "run_identity.json").write_text("{}")
     clear(ckpts, checkpoints_kind("sft"))
     assert json.loads((ckpts / MARK).read_text())["kind"] == checkpoints_kind("sft")
+
+
+# ----------------------------------------------------------------------------- a file put into our folder
+
+
+def test_a_file_is_put_only_inside_a_folder_finetune_made_as_that_kind(tmp_path):
+    export = ours(tmp_path / "export", stage_kind("export"), **{"model.gguf": "old"})
+    (export / "sub").mkdir()
+    tmp = tmp_path / "model.gguf.tmp"
+    tmp.write_text("new")
+    put_file(tmp, export / "model.gguf", stage_kind("export"))
+    assert (export / "model.gguf").read_text() == "new" and not tmp.exists()
+    tmp.write_text("deeper")
+    put_file(tmp, export / "sub" / "x.gguf", stage_kind("export"))  # the nearest marked folder above it counts
+    assert (export / "sub" / "x.gguf").read_text() == "deeper"
+
+
+def test_a_file_is_not_put_among_the_users_or_another_stages_files(tmp_path):
+    users = user_folder(tmp_path / "users", **{"model.gguf": "mine"})
+    sft = ours(tmp_path / "sft", SFT)
+    tmp = tmp_path / "f.tmp"
+    tmp.write_text("new")
+    with pytest.raises(NotOurs, match="lies in no folder finetune made"):
+        put_file(tmp, users / "model.gguf", stage_kind("export"))
+    with pytest.raises(NotOurs, match=f"lies in {sft}, the sft stage's output"):
+        put_file(tmp, sft / "model.gguf", stage_kind("export"))
+    assert (users / "model.gguf").read_text() == "mine" and tmp.exists()
 
 
 # ----------------------------------------------------------------------------- files among the user's
