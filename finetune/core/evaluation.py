@@ -113,7 +113,7 @@ def prompt_tokens(
     if over:
         shown = "; ".join(f"{name} ({size})" for name, size, _ in over[:5])
         more = f"; and {len(over) - 5} more" if len(over) > 5 else ""
-        fits = context - min(n for _, _, n in over)
+        fits = context - max(n for _, _, n in over)  # room for every prompt named, the longest included
         fix = f"lower {key} to at most {fits} for them, or shorten" if fits > 0 else "shorten"
         raise UserError(
             f"{len(over)} prompt(s) leave no room for {max_new_tokens} new token(s) ({key}) in the model's context of "

@@ -184,6 +184,11 @@ def adapter_record(adapter: str | Path, output: str | Path) -> dict:
     return {"path": os.path.relpath(adapter, output), "absolute": str(adapter), "sha256": adapter_hash(adapter)}
 
 
+# Shared settings that `settings` records under another name than their recipe key (renaming them would change
+# every recorded fingerprint): `changes` names them by the key a user sets.
+RECIPE_KEYS = {"processes": "launch.num_processes", "accelerate_config": "launch.accelerate_config"}
+
+
 def settings(recipe: Recipe, stage: str) -> dict:
     """The recipe's settings that shape `stage`'s output (NOT_PART_OF_THE_RESULT left out)."""
     section = recipe.section(stage)
@@ -251,10 +256,10 @@ def changes(old: dict, new: dict, stage: str) -> list[str]:
             continue
         part, _, rest = key.partition(".")
         if part == "settings":
-            name = rest if rest.startswith(f"{stage}.") else f"{rest}"
-            out.append(f"{name}: {_short(a.get(key))} -> {_short(b.get(key))}")
+            out.append(f"{RECIPE_KEYS.get(rest, rest)}: {_short(a.get(key))} -> {_short(b.get(key))}")
         elif part == "data":
-            what = f"the data of {stage}.data.{rest.split('.')[0]}"
+            split = rest.split(".")[0]  # train, eval, or the samples' prompts (the recipe's samples.data)
+            what = "the data of samples.data" if split == "samples" else f"the data of {stage}.data.{split}"
             if what not in said:
                 said.add(what)
                 out.append(f"{what} changed")
