@@ -32,6 +32,7 @@ TOOLS = [
         "register EXPORT_DIR_OR_RECIPE [--dry-run] [--model-name N]",
         "register an export as an Azure ML model asset",
     ),
+    ("tiny", "build OUT [--force] | write-data FOLDER", "rebuild the offline default's tiny base, or its task data"),
 ]
 
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.cli import chat
 
             return chat.main(command, rest)
+        if command == "tiny":
+            from finetune.cli import tiny
+
+            return tiny.main(rest)
     except UserError as e:
         print(f"finetune {command}: error:\n{e}", file=sys.stderr)
         return 2

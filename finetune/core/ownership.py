@@ -10,7 +10,7 @@ stage's checkpoints, a staging folder, a run's output_dir) and who made it. Kind
   checkpoints:<name>  a stage's checkpoints (`<output_dir>/<stage>-checkpoints`): emptied only by that stage
                       (`<stage>.resume=false`, `--force`)
   checkpoint:<name>   one checkpoint inside them (PPO's `update-N`)
-  tiny-base           the tiny base `python -m finetune.tiny build OUT` writes (finetune/tiny/base ships one)
+  tiny-base           the tiny base `finetune tiny build OUT` writes (finetune/tiny/base ships one)
   <kind>+staging      a hidden staging folder beside the target, renamed into place once complete
 
 A file finetune writes next to user files (`finetune generate --out`) is marked by a sidecar

@@ -126,7 +126,7 @@ KEYS = [
     Case(
         "tiny-build-over-a-user-folder",
         "ownership",
-        "`python -m finetune.tiny build <a user's folder> --force`",
+        "`finetune tiny build <a user's folder> --force`",
         "refused: not made by finetune; kept",
         ("tiny", "{mine}"),
     ),
@@ -149,7 +149,7 @@ def test_a_user_folder_at_a_path_key_survives(case, small_run, tmp_path, capsys)
         before = snapshot(mine)
         code, err = cli(capsys, "eval", TINY_RECIPE, f"output_dir={mine}")
     elif command == "tiny":
-        from finetune.tiny.build import main as tiny_main
+        from finetune.cli.tiny import main as tiny_main
 
         capsys.readouterr()
         code = tiny_main(["build", str(mine), "--force", "--steps", "1"])
