@@ -28,6 +28,7 @@ from finetune.chat_template import ChatTemplate, find_special_token, least_token
 from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers, prompt_tokens
 from finetune.core.fingerprints import sha256_file
+from finetune.core.integrity import read_json
 from finetune.core.outputs import write_json
 from finetune.core.ownership import check_file_target, file_mark, remove_file
 from finetune.core.progress import progress
@@ -152,8 +153,9 @@ class ChatSession:
         return reply
 
 
-def chat_loop(session: ChatSession, read=input, out=sys.stdout) -> None:
+def chat_loop(session: ChatSession, read=input, out=None) -> None:
     """Read user turns until /exit or end of input; each reply streams to stdout as it is generated."""
+    out = out or sys.stdout  # the stream of the moment (a redirection after import included)
     while True:
         try:
             line = read("you> ").strip()
@@ -239,7 +241,9 @@ def _answered(out: Path, rows: list[dict], meta: dict, meta_path: Path, overwrit
         remove_file(out, "Choose another --out, or move that file away yourself")
         return 0
     check_file_target(out, "Choose another --out, or move that file away yourself")  # finetune wrote it
-    recorded = json.loads(meta_path.read_text())
+    recorded = read_json(
+        meta_path, "a damaged record of the run that wrote it; pass --overwrite to start the file over"
+    )
     if recorded != meta:
         differs = ", ".join(f"{k} was {recorded.get(k)!r}" for k in meta if recorded.get(k) != meta[k])
         raise DataError(

@@ -270,7 +270,9 @@ def changes(old: dict, new: dict, stage: str) -> list[str]:
             said.add("template")
             out.append("the chat template changed")
         elif part == "inputs":
-            what = f"{stage}.{rest} (the adapters it starts from) was made again"
+            reads = {"start_from": "the adapters it starts from", "reward_from": "the reward model it scores with"}
+            key = rest.split(".")[0]
+            what = f"{stage}.{key} ({reads.get(key, 'the model it takes')}) was made again"
             if what not in said:
                 said.add(what)
                 out.append(what)

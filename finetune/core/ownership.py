@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.recipe import STAGES
 
 MARK = ".finetune"
 OUTPUT = "output"
@@ -124,7 +125,10 @@ def check_target(target: str | Path, kind: str, fix: str) -> None:
         if found != kind:
             raise _refuse(target, f"was made by finetune as {describe(found)}, not as {describe(kind)}", fix)
     for parent in target.resolve().parents:
-        found = kind_of(parent) if (parent / MARK).exists() or parent.name.endswith("-checkpoints") else None
+        # a marked folder; or one an earlier finetune wrote, recognised by its layout where its name says it may be
+        # one (a stage's name, `-checkpoints`): other folders with a metrics.json are not taken for outputs
+        named = parent.name in STAGES or parent.name.endswith("-checkpoints")
+        found = kind_of(parent) if (parent / MARK).exists() or named else None
         if found is None or found == OUTPUT or found.endswith("+staging"):
             continue
         if found.startswith("checkpoints:") and kind == f"checkpoint:{found.partition(':')[2]}":
