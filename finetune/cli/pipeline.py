@@ -356,6 +356,32 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
         check_limits(recipe, stage)
 
 
+STATUS = {0: "ran", INTERRUPTED: "interrupted", stopping.TERMINATED: "terminated (SIGTERM)"}
+
+
+def run_one(recipe: Recipe, recipe_path: str, stage: str, overrides: list[str], label: str, why: str, env) -> tuple:
+    """Run one stage's process: (its report row, its exit status; a stop by signal N as the shell's 128 + N)."""
+    cmd = recipe_command(recipe, recipe_path, stage, overrides)
+    print(f"== {label}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    started = time.time()
+    try:
+        code = run_stage_process(cmd, label, env=env)
+    except KeyboardInterrupt as e:
+        code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
+    code = 128 - code if code < 0 else code
+    status = STATUS.get(code, f"failed (exit {code})")
+    return {**report_row(recipe, stage, status, time.time() - started), "why": why}, code
+
+
+def closing_title(failed: tuple | None) -> str:
+    if failed is None:
+        return "pipeline done"
+    stage, code = failed
+    if code in (INTERRUPTED, stopping.TERMINATED):
+        return f"pipeline {'interrupted (Ctrl-C)' if code == INTERRUPTED else 'terminated (SIGTERM)'} during {stage}"
+    return f"pipeline stopped: {stage} failed (exit {code})"
+
+
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
     stages = recipe.pipeline_stages()
     check_requirements(recipe, stages)
@@ -398,28 +424,12 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         # inputs this pipeline has just made again) an earlier stage ran
         start_over = rerun or finished(recipe, stage) or ran_any
         why = "--force" if force or recipe.pipeline.force else why
-        extra = stage_overrides(recipe, stage, trained, start_over)
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
-        print(
-            f"== pipeline [{i}/{len(stages)}] {stage}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True
-        )
-        t0 = time.time()
-        try:
-            code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
-        except KeyboardInterrupt as e:
-            code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
-        seconds = time.time() - t0
-        if code in (INTERRUPTED, stopping.TERMINATED):
-            status = "interrupted" if code == INTERRUPTED else "terminated (SIGTERM)"
-            rows.append({**report_row(recipe, stage, status, seconds), "why": why})
-            failed = (stage, code)
-            break
+        extra = [*overrides, *stage_overrides(recipe, stage, trained, start_over)]
+        row, code = run_one(recipe, recipe_path, stage, extra, f"pipeline [{i}/{len(stages)}] {stage}", why, env)
+        rows.append(row)
         if code != 0:
-            code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
-            rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
             failed = (stage, code)
             break
-        rows.append({**report_row(recipe, stage, "ran", seconds), "why": why})
         write_report()
         ran_any = True
     interrupted = failed is not None and failed[1] in (INTERRUPTED, stopping.TERMINATED)
@@ -428,13 +438,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
         page = html_report(out, recipe)
-    if failed is None:
-        title = "pipeline done"
-    elif interrupted:
-        how = "interrupted (Ctrl-C)" if failed[1] == INTERRUPTED else "terminated (SIGTERM)"
-        title = f"pipeline {how} during {failed[0]}"
-    else:
-        title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
+    title = closing_title(failed)
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(
         f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else "") + (f"\npage: {page}" if page else "")
