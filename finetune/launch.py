@@ -102,6 +102,9 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
 
 
 INTERRUPTED = 130  # the shell's 128 + SIGINT
+# After passing a SIGTERM on, how long a stage may take to finish its step and checkpoint before a second SIGTERM
+# stops it at once (Azure ML gives a low-priority node about 30 s; a scheduler's own kill may come sooner).
+TERM_GRACE = 300
 
 
 @contextlib.contextmanager
@@ -140,9 +143,14 @@ def before_loading(recipe: Recipe, stage: str) -> None:
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
-    fix = "Set output_dir (or the stage's output key) to another folder, or move that one away yourself"
-    ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
-    ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
+    entry, section = STAGES[stage], recipe.section(stage)
+    key = f"{stage}.{entry.output_key}" if entry.output_key and getattr(section, entry.output_key) else "output_dir"
+    fix = f"Set {key} to another folder, or move that one away yourself"
+    try:
+        ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
+        ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
+    except ownership.NotOurs as e:
+        raise UserError(f"{recipe.source}: {key}: {e}") from None
     from finetune.core.lineage import check_not_being_written  # torch: only once a stage runs
 
     check_not_being_written(recipe, list(STAGES.inputs(stage)), f"finetune {stage}")
@@ -217,12 +225,18 @@ def stop_child(proc: subprocess.Popen, terminated: bool = False) -> None:
     process alone, as schedulers do): pass it on at once, and wait for the child's checkpoint. Further Ctrl-Cs
     and SIGTERMs are ignored meanwhile, so they cannot leave the child running."""
     with ignoring_sigint(), ignoring_sigterm():
-        if terminated:
+        if terminated:  # one SIGTERM: the child finishes its step and checkpoints (a second would stop it at once)
             proc.terminate()
+            try:
+                proc.wait(timeout=TERM_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+            return
         try:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM if terminated else signal.SIGINT)
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -89,6 +89,20 @@ KEYS = [
         ("export", "{run}/sft", "export.output={run}/sft/merged", "--force"),
     ),
     Case(
+        "export-output-contains-the-run",
+        "ownership",
+        "`export.output=<the folder holding the output_dir>` with `--force`",
+        "refused: the user's folder (it holds the run); every stage output kept",
+        ("export", "{run}/..", "export.output={run}/..", "--force"),
+    ),
+    Case(
+        "export-output-is-checkpoints",
+        "ownership",
+        "`export.output=<output_dir>/sft-checkpoints` with `--force`",
+        "refused: made by finetune as the sft stage's checkpoints, not an export",
+        ("export", "{run}/sft-checkpoints", "export.output={run}/sft-checkpoints", "--force"),
+    ),
+    Case(
         "eval-output-user-folder",
         "ownership",
         "`eval.output=<a user's folder>`",
@@ -200,6 +214,10 @@ ALLOWED = {
     ("finetune/rl/stage.py", "rename"): "moves files inside its own staging folder (the RL stages' policy adapter)",
     ("finetune/rl/stage.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
     ("finetune/core/fingerprints.py", "os.replace"): "its own hash cache file, written atomically",
+    (
+        "finetune/core/distributed.py",
+        "unlink",
+    ): "its own probe file (a fresh uuid name) testing whether nodes share a folder",
     ("finetune/deploy/gguf.py", "os.replace"): "llama.cpp's converter into its own cache folder, from a staging copy",
     ("finetune/deploy/gguf.py", "shutil.rmtree"): "its own staging copy of the converter, when another process won",
     ("finetune/deploy/gguf.py", "unlink"): "its own partial GGUF files (.name.partial-*), left by an interrupted run",
