@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from finetune.core import distributed
+from finetune.core.batching import to_packed, unpack_next_token
 from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
 from finetune.core.outputs import print_summary, rate, save_stage
 from finetune.core.progress import library_bars_off, progress
-from finetune.core.training import place_for_eval, prepare_preference_stage, train
+from finetune.core.training import PaddingFree, place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 
@@ -29,23 +30,71 @@ log = logging.getLogger("finetune.dpo")
 # our step was slower (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several
 # (see run()), so there the reference stays in the step unless a recipe asks.
 DPO_DEFAULTS = {"precompute_ref_log_probs": True}
+# ... on any number of processes: padding-free batches (DPOConfig.padding_free, which TRL 1.16 itself turns
+# off; see PackedDPO below). Exact (tests/stages/test_padding_free.py) and faster (docs/benchmarks.md).
+DPO_DEFAULTS_ANY_WORLD = {"padding_free": True}
 
 
 def apply_defaults(recipe: Recipe, args):
     """DPO_DEFAULTS on `args` (a DPOConfig) where the recipe sets nothing itself, on one process."""
     own = recipe.training_args("dpo")
-    if distributed.world_size() == 1:
-        for key, value in DPO_DEFAULTS.items():
-            if key not in own:
-                setattr(args, key, value)
+    defaults = {**DPO_DEFAULTS_ANY_WORLD, **(DPO_DEFAULTS if distributed.world_size() == 1 else {})}
+    for key, value in defaults.items():
+        if key not in own:
+            setattr(args, key, value)
     return args
+
+
+# The per-token fields of TRL's fused LM head output (trl.trainer.utils.FusedCausalLMOutput)
+NEXT_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def packed_causal_lm_forward(original, packed: dict):
+    """The forward of a causal LM with TRL's fused LM head (`model(..., labels=, fused_lm_head=True)`) that
+    runs the packed form of the batch it is called on and returns the padded call's output.
+
+    Why this is exact, although TRL 1.16 switched padding-free DPO off (trl#6972: since its DPO rewrite the
+    loss sums each row of the batch and splits the rows into chosen and rejected, which a flattened batch
+    breaks; its earlier padding-free relied on flash-attention alone): TRL's loss code never sees the packed
+    batch. The packed rows give every sequence its own position ids and no attention mask, so attention is
+    block-diagonal (SDPA / eager: transformers' mask from the position ids; FlashAttention: one row, varlen);
+    each sequence's first token is no target (its label is -100 in the packed row, so the previous sequence's
+    last token scores nothing); and the per-token log-probs (and the entropy, mean logit and top-1 figures
+    TRL logs) are laid back out in the padded [2B, L-1] shape, zero at the padding as TRL's head leaves them.
+    Per-sequence sums, the chosen / rejected split and every loss type are then TRL's own code."""
+
+    def forward(*args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        index = packed["packed_index"]
+        if args or not fused_lm_head or input_ids is None or input_ids.shape != index.shape:
+            # anything but TRL's log-prob call on this batch (e.g. the logits its deprecated
+            # `return_outputs` recomputes) runs as it was asked
+            return original(
+                *args,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                fused_lm_head=fused_lm_head,
+                **kwargs,
+            )
+        ids, positions = packed["packed_input_ids"], packed["packed_position_ids"]
+        targets = to_packed(labels, index, ids.shape, -100).masked_fill(positions == 0, -100)
+        out = original(input_ids=ids, position_ids=positions, labels=targets, fused_lm_head=True, **kwargs)
+        fields = {
+            name: None if getattr(out, name) is None else unpack_next_token(getattr(out, name), index, ids.shape[1])
+            for name in NEXT_TOKEN_FIELDS
+        }
+        loss = -fields["log_probs"].sum() / fields["label_mask"].sum().clamp(min=1)  # the head's own loss rule
+        return type(out)(loss=loss, aux_loss=out.aux_loss, **fields)
+
+    return forward
 
 
 def _trainer_class():
     from trl import DPOTrainer
 
-    class PreTokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer fed prompt_ids / chosen_ids / rejected_ids built by finetune.chat_template.
+    class PreTokenizedDPOTrainer(PaddingFree, DPOTrainer):
+        """DPOTrainer fed prompt_ids / chosen_ids / rejected_ids built by finetune.chat_template, with
+        padding-free batches when `args.padding_free` (core.training.PaddingFree, packed_causal_lm_forward).
 
         TRL would re-render and re-tokenize the conversations itself (and, for conversational rows,
         train the tokens after the end-of-turn token too); our rows already hold exactly the
@@ -61,8 +110,23 @@ def _trainer_class():
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+            config = kwargs["args"]
+            self._pack_batches = bool(config.padding_free)
+            # TRL 1.16 would warn and fall back to padding (trl#6972); the packing is ours, so TRL sees it off
+            config.padding_free = False
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                config.padding_free = self._pack_batches
+            self._use_packing()
             self._drop_copied_reference_adapter()
+
+        def packed_forward(self, model, original, packed):
+            return packed_causal_lm_forward(original, packed)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            with self.packed(inputs):
+                return super()._compute_loss(model, inputs, return_outputs)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             """TRL's pass of the reference over the data (`precompute_ref_log_probs`), reported like every
@@ -70,6 +134,7 @@ def _trainer_class():
             compute_ref_log_probs below."""
             batches = -(-len(dataset) // (batch_size * distributed.world_size()))
             self._drop_copied_reference_adapter()  # runs inside DPOTrainer.__init__, after TRL's copy
+            self._use_packing()  # likewise: the reference pass packs its batches as training does
             try:
                 with (
                     library_bars_off(),
@@ -80,7 +145,8 @@ def _trainer_class():
                 self._ref_bar = None
 
         def compute_ref_log_probs(self, model, batch):
-            out = super().compute_ref_log_probs(model, batch)
+            with self.packed(batch):
+                out = super().compute_ref_log_probs(model, batch)
             if self._ref_bar is not None:
                 self._ref_bar.update(1)
             return out

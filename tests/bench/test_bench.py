@@ -115,7 +115,7 @@ def test_phi2_config_is_phi2():
 def test_packed_rows_give_the_logits_of_separate_sequences(tiny_base, attn):
     """The SFT packing default is correct on the kernels it uses without flash-attn: packs as rows,
     position ids restarting per sequence, no attention mask (what PackedRowsCollator makes)."""
-    from finetune.core.data import PackedRowsCollator
+    from finetune.core.batching import PackedRowsCollator
     from finetune.core.modeling import load_model
     from finetune.recipe import load_recipe
     from tests.conftest import TINY_RECIPE
