@@ -24,6 +24,8 @@ from finetune.core.training import trl_config
 from finetune.dpo import apply_defaults as dpo_defaults
 from finetune.dpo import make_trainer as dpo_trainer
 from finetune.recipe import apply_overrides, validate_recipe
+from finetune.reward import as_reward_rows
+from finetune.reward import make_trainer as reward_trainer
 from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
 from finetune.rl.engine import build_model as build_multi_adapter
 from finetune.rl.functional import reward_readout_index
@@ -42,6 +44,7 @@ __all__ = [
     "SpeedSwitches",
     "add_lora",
     "apply_overrides",
+    "as_reward_rows",
     "build_multi_adapter",
     "choose_attention",
     "dpo_defaults",
@@ -52,6 +55,7 @@ __all__ = [
     "load_tokenizer",
     "lora_targets",
     "reward_readout_index",
+    "reward_trainer",
     "sft_args",
     "sft_trainer",
     "template_for",

@@ -87,7 +87,20 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(seqs: list[list[int]], pad_id: int, width: int | None = None, one_row: bool = False) -> dict:
+def row_tokens(config) -> int:
+    """How long a packed row may grow beyond the longest sequence of its batch on SDPA / eager, for a model
+    of this config: while attention over the row stays under a tenth of each token's other work. Masked
+    attention scores every pair of the row, about 4*W*d FLOPs per token and layer for a row of W tokens,
+    against 2*(4*d^2 + 2*d*ffn) in the layer's linear maps, so W <= (2*d + ffn) / 10. Phi-2's width: 1,536
+    tokens (rows then hold a whole preference batch, no row padding); the tiny base: 76 (rows hold the
+    longest sequence, as when attention is a large share of the work)."""
+    d = config.hidden_size
+    return (2 * d + (getattr(config, "intermediate_size", None) or 4 * d)) // 10
+
+
+def pack(
+    seqs: list[list[int]], pad_id: int, width: int | None = None, one_row: bool = False, capacity: int = 0
+) -> dict:
     """`seqs` packed padding-free, with the map back to their right-padded [N, width] layout:
 
     - `packed_input_ids` [R, W]: the sequences end to end, rows right-padded with `pad_id`;
@@ -95,13 +108,15 @@ def pack(seqs: list[list[int]], pad_id: int, width: int | None = None, one_row: 
     - `packed_index` [N, width]: where token t of sequence n sits in the flattened packed tensor, -1 where
       the padded layout has padding.
 
-    Rows hold at most the longest sequence (best-fit-decreasing), so a packed batch is never wider than
-    the padded one and SDPA's masked attention over R rows of W^2 stays under the padded N rows of L^2.
-    `one_row` lays everything in one row in order: FlashAttention-2's varlen kernel wants that (it
-    reads the boundaries from the position ids and computes no masked scores)."""
+    Rows hold at most `capacity` tokens or the longest sequence, whichever is more (best-fit-decreasing):
+    with the default, a packed batch is never wider than the padded one and SDPA's masked attention over R
+    rows of W^2 stays under the padded N rows of L^2; `row_tokens` says how much longer rows may be
+    before attention outweighs what fewer, fuller rows save. `one_row` lays everything in one row in
+    order: FlashAttention-2's varlen kernel wants that (it reads the boundaries from the position ids and
+    computes no masked scores)."""
     lengths = [len(s) for s in seqs]
     width = width or max(lengths)
-    rows = [list(range(len(seqs)))] if one_row else best_fit_decreasing(lengths, max(lengths))
+    rows = [list(range(len(seqs)))] if one_row else best_fit_decreasing(lengths, max(max(lengths), capacity))
     W = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), W), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), W), dtype=torch.long)
@@ -125,8 +140,8 @@ class PackingCollator:
     laid back out in the padded shape with `unpack`. The sequences are read from the padded batch itself
     (`input_ids` where `attention_mask` is 1), so this wraps TRL's DPO and reward collators alike."""
 
-    def __init__(self, inner, pad_token_id: int, one_row: bool = False):
-        self.inner, self.pad_token_id, self.one_row = inner, pad_token_id, one_row
+    def __init__(self, inner, pad_token_id: int, one_row: bool = False, capacity: int = 0):
+        self.inner, self.pad_token_id, self.one_row, self.capacity = inner, pad_token_id, one_row, capacity
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.inner(examples)
@@ -135,7 +150,8 @@ class PackingCollator:
         if not bool((mask.bool() == (torch.arange(ids.shape[1]) < lengths[:, None])).all()):
             raise ValueError("PackingCollator needs a right-padded batch (every sequence from column 0)")
         seqs = [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
-        return {**batch, **pack(seqs, self.pad_token_id, width=ids.shape[1], one_row=self.one_row)}
+        packed = pack(seqs, self.pad_token_id, width=ids.shape[1], one_row=self.one_row, capacity=self.capacity)
+        return {**batch, **packed}
 
 
 def to_packed(padded: torch.Tensor, index: torch.Tensor, shape, fill) -> torch.Tensor:

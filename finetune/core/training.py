@@ -16,7 +16,7 @@ from finetune.recipe import Recipe, RecipeError
 from finetune.recipe.trl_fields import TRL_DEFAULTS
 
 from . import distributed, tracking
-from .batching import PACKED_KEYS, PackingCollator
+from .batching import PACKED_KEYS, PackingCollator, row_tokens
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for
@@ -184,18 +184,20 @@ class PaddingFree:
     what the original returns for the padded batch (per-sequence figures laid back out in its shape). TRL's
     loss, metrics and every loss type run unchanged on that; only the FLOPs spent on padding are gone.
 
-    Rows hold several sequences each on SDPA / eager (block-diagonal mask from the position ids); with a
-    FlashAttention kernel everything is one row (varlen needs one row: with several, FlashAttention would
-    treat each row as one causal sequence)."""
+    Rows hold several sequences each on SDPA / eager (block-diagonal mask from the position ids), up to
+    batching.row_tokens; with a FlashAttention kernel everything is one row (varlen needs one row: with
+    several, FlashAttention would treat each row as one causal sequence)."""
 
     _pack_batches = False  # set from the recipe before the trainer's __init__ (TRL reads the collator in it)
 
     def _use_packing(self) -> None:
         """Wrap the collator TRL built (idempotent: TRL's reference pre-pass runs inside its __init__)."""
         if self._pack_batches and not isinstance(self.data_collator, PackingCollator):
-            attn = str(getattr(self._inner(self.model).config, "_attn_implementation", ""))
+            config = self._inner(self.model).config
+            attn = str(getattr(config, "_attn_implementation", ""))
             pad_id = self.processing_class.pad_token_id
-            self.data_collator = PackingCollator(self.data_collator, pad_id, one_row="flash" in attn)
+            capacity = row_tokens(config.get_text_config())
+            self.data_collator = PackingCollator(self.data_collator, pad_id, one_row="flash" in attn, capacity=capacity)
 
     def _inner(self, model):
         """The transformers model under accelerate's and PEFT's wrappers: the one whose forward runs the layers."""

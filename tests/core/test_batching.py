@@ -37,6 +37,18 @@ def test_pack_lays_sequences_in_rows_no_wider_than_the_longest():
     assert (positions.view(-1)[flat == 0] == 0).all()  # row padding: position 0, a sequence of its own
     one = pack(SEQS, pad_id=0, one_row=True)
     assert one["packed_input_ids"].tolist() == [sum(SEQS, [])]
+    longer = pack(SEQS, pad_id=0, capacity=8)  # rows may outgrow the longest sequence: fuller, fewer rows
+    assert longer["packed_input_ids"].shape == (2, 8)
+
+
+def test_rows_grow_with_the_model_width():
+    """A row may hold a whole preference batch at Phi-2's width, only the longest sequence on the tiny base."""
+    from transformers import PhiConfig
+
+    from finetune.core.batching import row_tokens
+
+    assert row_tokens(PhiConfig(hidden_size=2560, intermediate_size=10240)) == 1536
+    assert row_tokens(PhiConfig(hidden_size=128, intermediate_size=512)) == 76
 
 
 def test_to_packed_and_unpack_are_inverse_on_the_real_tokens():
@@ -67,8 +79,8 @@ def test_packing_collator_keeps_the_padded_batch_and_refuses_left_padding():
         PackingCollator(left, pad_token_id=0)([{"ids": s} for s in SEQS])
 
 
-@pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("sdpa", True)])
-def test_packed_next_token_log_probs_equal_the_padded_ones(tiny_base, attn, one_row):
+@pytest.mark.parametrize("attn,one_row,capacity", [("sdpa", False, 0), ("eager", False, 20), ("sdpa", True, 0)])
+def test_packed_next_token_log_probs_equal_the_padded_ones(tiny_base, attn, one_row, capacity):
     """The tiny base's next-token log-probs on the packed batch, laid out by unpack_next_token, equal the
     padded batch's (SDPA / eager rows; one row is FlashAttention's layout, checked here on SDPA). The
     control, the same packed rows without per-sequence position ids, lets sequences see each other and
@@ -81,7 +93,7 @@ def test_packed_next_token_log_probs_equal_the_padded_ones(tiny_base, attn, one_
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 400, (n,), generator=g).tolist() for n in (7, 3, 12, 1, 9, 5)]
     ids, mask = pad(seqs, pad_id=0)
-    packed = pack(seqs, pad_id=0, width=ids.shape[1], one_row=one_row)
+    packed = pack(seqs, pad_id=0, width=ids.shape[1], one_row=one_row, capacity=capacity)
     p_ids, p_pos, index = packed["packed_input_ids"], packed["packed_position_ids"], packed["packed_index"]
 
     def next_token_logps(logits, targets):
