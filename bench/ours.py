@@ -21,7 +21,6 @@ from finetune.core.modeling import (
     template_for,
 )
 from finetune.core.training import trl_config
-from finetune.dpo import apply_defaults as dpo_defaults
 from finetune.dpo import make_trainer as dpo_trainer
 from finetune.recipe import apply_overrides, validate_recipe
 from finetune.reward import as_reward_rows
@@ -47,7 +46,6 @@ __all__ = [
     "as_reward_rows",
     "build_multi_adapter",
     "choose_attention",
-    "dpo_defaults",
     "dpo_trainer",
     "end_of_turn_ids",
     "left_pad",

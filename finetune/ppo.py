@@ -24,24 +24,17 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.core import distributed, tracking
+from finetune.core import distributed, lineage, stopping, tracking
 from finetune.core.batching import left_pad
 from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompts, train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
-from finetune.core.outputs import (
-    commit_dir,
-    figure,
-    print_summary,
-    rate,
-    read_metrics,
-    setup_logging,
-    staging_dir,
-    write_stage_files,
-)
+from finetune.core.outputs import commit_dir, discard, read_metrics, staging_dir, write_stage_files
+from finetune.core.ownership import stage_kind
 from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
+from finetune.core.summary import figure, print_summary, rate
 from finetune.core.training import check_precision
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -236,25 +229,34 @@ def train_updates(
     s, main = recipe.ppo, distributed.is_main()
     started = time.time()
     bar = progress("ppo training", total=s.updates, initial=start_update, unit="updates", announce=True, enabled=main)
-    for update in range(start_update, s.updates):
-        idx = prompt_indices(
-            len(prompts.ids), s.rollout_batch_size, update, distributed.rank(), distributed.world_size(), recipe.seed
-        )
-        ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
-        stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
-        stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
-        bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
-        if main:
-            history.append(stats)
-            tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
-            with log_file.open("a") as fh:
-                fh.write(json.dumps(stats) + "\n")
-            if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
-                bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
-                if recipe.logging.verbose:
-                    bar.write(str(stats))
-        if (update + 1) % s.save_every == 0 or update + 1 == s.updates:
-            checkpoints.save(recipe.checkpoint_dir("ppo"), update + 1, model, engine, scorer.norm)
+    with stopping.checkpointable():  # SIGTERM: the loop checkpoints and stops (core.stopping)
+        for update in range(start_update, s.updates):
+            idx = prompt_indices(
+                len(prompts.ids),
+                s.rollout_batch_size,
+                update,
+                distributed.rank(),
+                distributed.world_size(),
+                recipe.seed,
+            )
+            ids, mask = left_pad([prompts.ids[i] for i in idx], engine.pad_id)
+            stats = engine.step(ids.to(engine.device), mask.to(engine.device), rows=[prompts.rows[i] for i in idx])
+            stats = {"update": update + 1, **stats, "lr": engine.policy_opt.param_groups[0]["lr"]}
+            bar.update(1, score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+            if main:
+                history.append(stats)
+                tracking.current().log(tracking.ppo_names(stats), step=stats["update"])
+                with log_file.open("a") as fh:
+                    fh.write(json.dumps(stats) + "\n")
+                if (update + 1) % recipe.logging.logging_steps == 0 or update + 1 == s.updates:
+                    bar.write(step_line("ppo", update + 1, s.updates, ppo_figures(stats)))
+                    if recipe.logging.verbose:
+                        bar.write(str(stats))
+            stop = stopping.stop_now(engine.device)  # SIGTERM: checkpoint this update, then stop
+            if stop or (update + 1) % s.save_every == 0 or update + 1 == s.updates:
+                checkpoints.save(recipe.checkpoint_dir("ppo"), update + 1, model, engine, scorer.norm)
+            if stop:
+                raise stopping.Terminated(f"ppo saved a checkpoint at update {update + 1}")
     bar.close()
     return time.time() - started
 
@@ -292,14 +294,13 @@ def _window_mean(log_rows: list[dict], key: str, last: bool) -> float | None:
 
 
 def _earlier_correctness(recipe: Recipe) -> dict:
-    """Held-out correctness of the earlier chat-model stages' outputs, for the summary."""
+    """Held-out correctness of the earlier chat-model stages' outputs that measure it, for the summary."""
     out = {}
-    for stage in STAGES.chat_model_stages():
-        if stage == "ppo":
-            break
-        metrics = read_metrics(recipe.stage_dir(stage))
-        if metrics:
-            out[f"correct_rate_{stage}"] = metrics.get(STAGES[stage].correctness[1])
+    earlier = STAGES.names()[: STAGES.names().index("ppo")]
+    for stage in (s for s in STAGES.chat_model_stages() if s in earlier):
+        correct = STAGES.correctness_after(stage, read_metrics(recipe.stage_dir(stage)))
+        if correct is not None:
+            out[f"correct_rate_{stage}"] = correct
     return out
 
 
@@ -372,7 +373,8 @@ def save_output(
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
     from safetensors.torch import save_file
 
-    tmp = staging_dir(out)
+    kind = stage_kind("ppo")
+    tmp = staging_dir(out, kind)
     try:
         model.peft.save_pretrained(str(tmp), selected_adapters=[POLICY, VALUE])
         for f in (tmp / POLICY).iterdir():
@@ -382,10 +384,11 @@ def save_output(
         save_file(head, str(tmp / VALUE / "value_head.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
-        write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-        commit_dir(tmp, out)
+        stamped = lineage.stamp(recipe, "ppo", metrics, lineage.upstream(recipe, "ppo"))
+        write_stage_files(tmp, recipe, stamped, samples=samples, reports=reports)
+        commit_dir(tmp, out, kind)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[str] | None, out: Path) -> None:
@@ -480,7 +483,6 @@ def run(recipe: Recipe) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
-    setup_logging(main, recipe.logging.verbose)
     check_settings(recipe, main)
     start = resolve_start(recipe)
     rule = load_reward_function(s.reward_function, recipe)

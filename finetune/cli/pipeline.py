@@ -6,11 +6,15 @@ Each stage runs exactly as `finetune <stage> RECIPE [key=value ...]` would launc
 or `accelerate launch --config_file <launch.accelerate_config>`; export always plain), with the same
 overrides. `pipeline.stages` picks a subset; the order is always the one above.
 
-Continuing after a stop: a stage whose finished output exists (`<output_dir>/<stage>/metrics.json`,
-written last inside the atomically renamed folder; the complete export folder) is skipped, and an
-unfinished stage resumes from its checkpoints. Once a stage has run, every later stage runs again
-from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. `--force`
-(`pipeline.force=true`) runs everything again.
+Which stages run: a stage whose finished output (`<output_dir>/<stage>/metrics.json`, written last inside the
+atomically renamed folder) records that it was made from what the recipe and the earlier outputs make now (its
+fingerprint: the settings that shape it, the data's content, the base weights, the template and the adapters it
+read; finetune.core.fingerprints) is skipped as up to date. Any other stage runs, and the log line and the
+report say why (no output yet, or what changed: `sft.learning_rate: 0.002 -> 0.001`, the data of
+`dpo.data.train` changed, `ppo.start_from (the adapters it starts from) was made again`); a later stage whose
+inputs were made again is then out of date in turn. A finished output that is out of date starts over
+(`<stage>.resume=false`, `export.force=true`); an unfinished one resumes from its checkpoints unless an
+earlier stage ran in this pipeline. `--force` (`pipeline.force=true`) runs everything again.
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
@@ -29,11 +33,20 @@ import threading
 import time
 from pathlib import Path
 
-from finetune.core import progress, tracking
+from finetune.core import progress, stopping, tracking
 from finetune.core.locks import output_lock
-from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
+from finetune.core.outputs import finished, read_metrics, write_json
+from finetune.core.summary import figure, rate
 from finetune.errors import UserError
-from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
+from finetune.launch import (
+    INTERRUPTED,
+    VERBOSE_HELP,
+    ignoring_sigint,
+    ignoring_sigterm,
+    recipe_command,
+    run_child,
+    stop_child,
+)
 from finetune.recipe import STAGES, Recipe, load_recipe
 
 REPORT = "pipeline_report.json"
@@ -41,34 +54,28 @@ CURVES = "pipeline_curves.png"
 
 
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
-    row = {
+    return {
         "stage": stage,
         "status": status,
-        **key_metrics(stage, read_metrics(recipe.stage_dir(stage))),
+        **STAGES[stage].key_metrics(read_metrics(recipe.stage_dir(stage))),
         "seconds": seconds,
         "seconds_from_earlier_run": earlier,
         "output": str(recipe.stage_dir(stage)),
     }
-    if stage == "export" and row["after"] is not None:
-        m = read_metrics(recipe.stage_dir(stage))
-        row["export_dtype"], row["parity_export_dtype"] = m.get("dtype"), m.get("parity_max_abs_diff_export_dtype")
-    return row
 
 
 def format_table(rows: list[dict]) -> str:
     header = ["stage", "status", "key metric", "before -> after", "held-out correct", "time", "output"]
     lines = []
     for r in rows:
-        if r["stage"] == "export" and r["after"] is not None:
-            change = f"{figure(r['after'])}" + (
-                f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
-                if r.get("export_dtype") not in (None, "fp32")
-                else ""
-            )
+        if r["metric"] is None:
+            change = "n/a"
+        elif r["before"] is None and r["after"] is not None:  # a figure with no before (export's parity)
+            change = figure(r["after"], r["metric"])
         else:
-            change = (
-                f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] else "n/a"
-            )
+            change = f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}"
+        if r.get("note"):  # what the stage adds to its headline (export: the exported dtype's parity)
+            change += f" ({r['note']})"
         correct = (
             "n/a"
             if r["correct_before"] is None and r["correct_after"] is None
@@ -86,8 +93,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
-    """One panel per stage with recorded curves: training loss per step (sft, reward, dpo; from
-    log_history.json) and score and KL per update (ppo; from updates.jsonl). Returns the stages drawn."""
+    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
+    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -96,7 +103,7 @@ def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
     curves = {}
     for stage in stages:
         folder = recipe.stage_dir(stage)
-        if stage == "ppo" and (folder / "updates.jsonl").is_file():
+        if (folder / "updates.jsonl").is_file():
             rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
             curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
         elif (folder / "log_history.json").is_file():
@@ -134,13 +141,17 @@ def _earlier_seconds(report: Path) -> dict:
 
 
 def stage_overrides(recipe: Recipe, stage: str, trained: list[str], rerun: bool) -> list[str]:
-    """What the pipeline adds to a stage's command: export takes this pipeline's model, and once an
-    earlier stage has run, later ones start over (their inputs changed)."""
+    """What the pipeline adds to a stage's command: a stage that takes a chat model (export) takes this
+    pipeline's, and once an earlier stage has run, later ones start over (their inputs changed)."""
     extra = []
-    if stage == "export" and recipe.export.stage == "auto" and trained:
-        extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
+    entry, section = STAGES[stage], recipe.section(stage)
+    chat_choice = entry.model_choice and not any(STAGES[s].takes_models for s in STAGES.inputs(stage))
+    if chat_choice and getattr(section, entry.model_choice) == "auto" and trained:
+        # this pipeline's model, not an older stage's output (a stage that may also take the export, eval,
+        # keeps auto: it prefers the export this pipeline just wrote)
+        extra.append(f"{stage}.{entry.model_choice}={trained[-1]}")
     if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-        keys = type(recipe.section(stage)).model_fields
+        keys = type(section).model_fields
         extra += [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
     return extra
 
@@ -160,43 +171,47 @@ def _sources(section) -> str:
 
 
 def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, str]:
-    """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read)."""
-    from finetune.core.memory import trl_setting
-
-    if stage == "ppo":
-        s = recipe.ppo
-        episodes = s.rollout_batch_size * processes
+    """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read);
+    the stage's registry entry says what a row is and what the stage holds."""
+    entry, section = STAGES[stage], recipe.section(stage)
+    m = entry.memory
+    if m.rollout:
+        generations = getattr(section, "num_generations", 1)
+        prompts = section.rollout_batch_size * processes
+        episodes = prompts * generations
+        per_prompt = f" x {generations} samples" if generations > 1 else ""
         return (
-            f"{s.updates} updates x {episodes} episodes ({s.rollout_batch_size} prompts x {processes} processes), "
-            f"{s.ppo_epochs} epochs x {s.mini_batches} minibatches each",
-            f"at most {episodes * (s.max_prompt_length + s.response_length):,} per update "
-            f"(prompts <= {s.max_prompt_length}, responses <= {s.response_length})",
+            f"{section.updates} updates x {episodes} episodes ({section.rollout_batch_size} prompts{per_prompt} x "
+            f"{processes} processes), {getattr(section, 'ppo_epochs', 1)} epochs x {section.mini_batches} "
+            "minibatches each",
+            f"at most {episodes * (section.max_prompt_length + section.response_length):,} per update "
+            f"(prompts <= {section.max_prompt_length}, responses <= {section.response_length})",
         )
-    if stage == "export":
-        return "no training", "parity and sample prompts only"
-    if not STAGES[stage].trl_config:  # eval and other stages without a trainer
-        tasks = getattr(recipe.section(stage), "tasks", None)
+    if entry.trl_config is None:  # merges, benchmarks: no trainer
+        tasks = getattr(section, "tasks", None)
         names = f": {', '.join(t.name for t in tasks)}" if tasks else ""
-        return f"no training{names}", "as the tasks need"
-    batch = trl_setting(recipe, stage, "per_device_train_batch_size")
-    accumulate = trl_setting(recipe, stage, "gradient_accumulation_steps")
-    length = trl_setting(recipe, stage, "max_length")
+        return f"no training{names}", "as the tasks need" if tasks else "parity and sample prompts only"
+
+    def setting(name):
+        return recipe.trl_setting(stage, name, processes)
+
+    batch, accumulate, length = (
+        setting("per_device_train_batch_size"),
+        setting("gradient_accumulation_steps"),
+        setting("max_length"),
+    )
     rows = batch * accumulate * processes
-    unit = "rows" if stage == "sft" else "pairs"
-    per_row = length if stage == "sft" else 2 * length
-    max_steps = trl_setting(recipe, stage, "max_steps")
-    epochs = trl_setting(recipe, stage, "num_train_epochs")
+    max_steps, epochs = setting("max_steps"), setting("num_train_epochs")
     steps = (
         f"{max_steps}"
         if max_steps and max_steps > 0
         else f"unknown until the data is read: {epochs:g} epoch(s) over the rows read"
     )
-    packed = " (packed)" if stage == "sft" and trl_setting(recipe, stage, "packing") else ""
+    packed = " (packed)" if setting("packing") else ""
+    sequences = f", {m.sequences} sequences each" if m.sequences > 1 else ""
     return (
-        f"{steps}; {rows} {unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
-        f"at most {rows * per_row:,} per step ({unit} of <= {length} tokens"
-        + (", chosen and rejected" if stage != "sft" else "")
-        + ")",
+        f"{steps}; {rows} {entry.unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
+        f"at most {rows * m.sequences * length:,} per step ({entry.unit} of <= {length} tokens{sequences})",
     )
 
 
@@ -232,7 +247,7 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
     )
     for i, stage in enumerate(stages, 1):
         processes = planned_processes(recipe, stage)
-        where = "cpu" if stage == "export" else device
+        where = "cpu" if STAGES[stage].memory.merge_only else device
         steps, tokens = _steps_and_tokens(recipe, stage, processes)
         lines.append(f"\n[{i}/{len(stages)}] {stage}")
         if STAGES[stage].has_data:
@@ -295,8 +310,8 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
             if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
-    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
-        stop_child(proc)
+    except KeyboardInterrupt as e:  # let the stage stop cleanly (its own message, its checkpoint), then say so here
+        stop_child(proc, isinstance(e, stopping.Terminated))
         raise
     finally:
         if proc.poll() is None:  # interrupted here: stop the stage too
@@ -321,6 +336,29 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         return _run(recipe, recipe_path, overrides, force)
 
 
+def freshness(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    """(whether the stage's finished output is up to date, why): it is when what it records it was made from
+    (its fingerprint: settings, data content, base weights, template, the adapters it read; core.fingerprints)
+    is what the recipe and the earlier outputs make now. An output finished before finetune recorded that is
+    kept (say so); --force runs it again."""
+    from finetune.core import fingerprints, lineage
+
+    metrics = read_metrics(recipe.stage_dir(stage))
+    if not metrics:
+        return False, "no finished output"
+    if "made_from" not in metrics:
+        return True, "finished before outputs recorded what they are made from; --force runs it again"
+    try:
+        expected = lineage.made_from(recipe, stage, lineage.upstream(recipe, stage))
+    except UserError as e:
+        return False, f"its inputs changed ({str(e).splitlines()[0][:200]})"
+    if fingerprints.digest(expected) == metrics.get("fingerprint"):
+        return True, "up to date: made from these settings, data and inputs"
+    changed = fingerprints.changes(metrics["made_from"], expected, stage) or ["what it is made from"]
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return False, "changed since it ran: " + "; ".join(changed[:4]) + more
+
+
 def check_requirements(recipe: Recipe, stages: list[str]) -> None:
     """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
     training): name the stage, the install command and how to leave the stage out."""
@@ -341,6 +379,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     earlier = _earlier_seconds(report_path)
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
+    ran_any = False
     rows, failed, started = [], None, time.time()
     tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
     env = {**os.environ, **tracked.env}
@@ -361,20 +400,33 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
 
     for i, stage in enumerate(stages, 1):
         where = recipe.stage_dir(stage)
-        if finished(recipe, stage) and not rerun:
-            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
-            rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
+        # the recipe this stage runs with (export takes this pipeline's model), for its freshness check
+        as_run = load_recipe(recipe_path, [*overrides, *stage_overrides(recipe, stage, trained, False)])
+        fresh, why = freshness(as_run, stage)
+        if fresh and not rerun:
+            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped ({why}; output in {where})", file=sys.stderr)
+            rows.append(
+                {**report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier), "why": why}
+            )
             continue
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
-        print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+        # start over rather than resume: a finished output that no longer matches, or (its checkpoints were made on
+        # inputs this pipeline has just made again) an earlier stage ran
+        start_over = rerun or finished(recipe, stage) or ran_any
+        why = "--force" if force or recipe.pipeline.force else why
+        extra = stage_overrides(recipe, stage, trained, start_over)
+        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *extra])
+        print(
+            f"== pipeline [{i}/{len(stages)}] {stage}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True
+        )
         t0 = time.time()
         try:
             code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
-        except KeyboardInterrupt:
-            code = INTERRUPTED
+        except KeyboardInterrupt as e:
+            code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
         seconds = time.time() - t0
-        if code == INTERRUPTED:
-            rows.append(report_row(recipe, stage, "interrupted", seconds))
+        if code in (INTERRUPTED, stopping.TERMINATED):
+            status = "interrupted" if code == INTERRUPTED else "terminated (SIGTERM)"
+            rows.append({**report_row(recipe, stage, status, seconds), "why": why})
             failed = (stage, code)
             break
         if code != 0:
@@ -382,24 +434,25 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
             rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
             failed = (stage, code)
             break
-        rows.append(report_row(recipe, stage, "ran", seconds))
+        rows.append({**report_row(recipe, stage, "ran", seconds), "why": why})
         write_report()
-        rerun = True
-    interrupted = failed is not None and failed[1] == INTERRUPTED
-    with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
+        ran_any = True
+    interrupted = failed is not None and failed[1] in (INTERRUPTED, stopping.TERMINATED)
+    with ignoring_sigint() if interrupted else contextlib.nullcontext(), ignoring_sigterm():  # the report, whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
     if failed is None:
         title = "pipeline done"
     elif interrupted:
-        title = f"pipeline interrupted (Ctrl-C) during {failed[0]}"
+        how = "interrupted (Ctrl-C)" if failed[1] == INTERRUPTED else "terminated (SIGTERM)"
+        title = f"pipeline {how} during {failed[0]}"
     else:
         title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
     print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
     if interrupted:
-        print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print("finetune pipeline: stopped; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:
         print(
             f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
@@ -421,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print each stage's data, steps, tokens, memory estimate and command; load and run nothing",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    stopping.install()  # SIGTERM: passed on to the running stage, which checkpoints; then the report is written
     try:
         if args.plan:
             return plan(args.recipe, args.overrides)
@@ -428,9 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # between stages (a stage's own Ctrl-C is in its row of the report)
-        print("finetune pipeline: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as e:  # between stages (a stage's own stop is in its row of the report)
+        terminated = isinstance(e, stopping.Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"finetune pipeline: {why}; rerun the same command to continue", file=sys.stderr)
+        return stopping.TERMINATED if terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

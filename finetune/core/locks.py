@@ -29,6 +29,8 @@ from pathlib import Path
 
 from finetune.errors import UserError
 
+from .ownership import make_output_dir
+
 
 class LockedError(UserError):
     """Another live run holds the lock of the same output."""
@@ -36,6 +38,34 @@ class LockedError(UserError):
 
 def lock_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / f".{name}.lock"
+
+
+def target_lock(target: str | Path) -> tuple[Path, str]:
+    """(folder, name) of the lock of a write target: `<parent>/.<name>.lock` beside it. For a stage's output in
+    the output_dir that is `<output_dir>/.<stage>.lock`; for an export.output elsewhere, beside that folder: every
+    write target is locked, not only those inside the output_dir."""
+    target = Path(target)
+    return target.parent, target.name
+
+
+def held(output_dir: str | Path, name: str) -> dict | None:
+    """Who holds the lock `<output_dir>/.<name>.lock` now (its details), or None when no live process does."""
+    path = lock_path(output_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return holder(path) or {"pid": "?"}
+        raise
+    finally:
+        os.close(fd)  # a shared lock taken here is released with the descriptor
+    return None
 
 
 def holder(path: Path) -> dict:
@@ -75,7 +105,7 @@ def output_lock(output_dir: str | Path, name: str, what: str, fix: str):
     blocking = next((p for p in (Path(output_dir), *Path(output_dir).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"{output_dir}: output_dir cannot be created: {blocking} is a file; set output_dir to a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)  # marked as finetune's only when created here: a user's folder is never removed
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
@@ -88,7 +118,7 @@ def output_lock(output_dir: str | Path, name: str, what: str, fix: str):
                 time.sleep(0.2)
                 info = holder(path)
             raise LockedError(
-                f"{Path(output_dir)}: {what} is already running into this output_dir ({describe(info)}); "
+                f"{Path(output_dir)}: {what} is already running into this folder ({describe(info)}); "
                 f"{fix}. (A run that died leaves no lock: {path} is released when its process exits.)"
             ) from None
         info = {

@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
-from . import distributed
+from . import distributed, ownership
+from .fingerprints import base_weights, hashes_for, sha256_file
 from .integrity import safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
@@ -80,17 +80,6 @@ MAY_CHANGE = {
 RECORDED_ELSEWHERE = {"data", "start_from", "reward_from"}
 
 
-def sha256_file(path: str | Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_fingerprint(rows: list[dict]) -> dict:
     """How many training rows, and a sha256 of their content in order (where each came from is left out:
     the same rows read from a moved file are the same data)."""
@@ -109,11 +98,8 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
     settings = {k: v for k, v in {**shared, **own}.items() if k not in MAY_CHANGE}
     template = template_for(recipe).source
     return {
-        "model": {
-            "name_or_path": recipe.model.name_or_path,
-            "revision": recipe.model.revision,
-            "load_in_4bit": recipe.model.load_in_4bit,
-        },
+        # the base's files' content too: weights changed at the same path are another base (core.fingerprints)
+        "model": base_weights(recipe, hashes_for(recipe)),
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,
@@ -275,6 +261,8 @@ def choose_checkpoint(
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
     main = distributed.is_main()
+    kind = ownership.checkpoints_kind(stage)
+    ownership.check_target(root, kind, f"Set output_dir to another folder, or move {root} away yourself")
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():
@@ -291,15 +279,15 @@ def choose_checkpoint(
             if diff:  # named explicitly: the user's choice, but not silently
                 log.warning("%s: resuming from %s although it was made with: %s", stage, chosen, "; ".join(diff))
         _refuse_beyond(recipe, stage, chosen, beyond)
-        _record(root, identity, main)  # the checkpoints this run saves in root are this run's
+        _record(root, identity, main, kind)  # the checkpoints this run saves in root are this run's
         log.info("resuming %s from %s (named by %s.resume)", stage, chosen, stage)
         return chosen
     candidates = checkpoints_in(root, prefix)
     if not resume:
         if main and root.exists():
-            shutil.rmtree(root)
+            ownership.clear(root, kind)
             log.info("%s.resume is false: starting over; removed the earlier checkpoints in %s", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     skipped, chosen = [], None
     for folder in candidates:
@@ -313,7 +301,7 @@ def choose_checkpoint(
     if chosen is None:
         if skipped and main:
             log.warning("%s: no complete checkpoint in %s: starting from the beginning", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     if not marker.is_file():
         raise RecipeError(
@@ -348,6 +336,9 @@ def _refuse_beyond(recipe: Recipe, stage: str, chosen: Path, beyond) -> None:
         )
 
 
-def _record(root: Path, identity: dict, main: bool) -> None:
+def _record(root: Path, identity: dict, main: bool, kind: str) -> None:
     if main:
+        if not root.exists():
+            root.mkdir(parents=True)
+            ownership.mark(root, kind)
         write_json(root / IDENTITY, identity)

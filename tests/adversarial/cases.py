@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,8 @@ GROUP_MODULES = [  # the table's order: the suite's files, each in file order
     "test_faults",
     "test_concurrency",
     "test_outputs",
+    "test_ownership",
+    "test_freshness",
     "test_inference",
 ]
 
@@ -219,3 +222,25 @@ def all_cases_table() -> str:
     order = {name: i for i, name in enumerate(GROUP_MODULES)}
     REGISTRY.sort(key=lambda entry: order.get(entry[2], len(order)))
     return table()
+
+
+HOLD = """
+import sys, time
+from finetune.core.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2], "a test", "wait"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(output_dir: Path, name: str):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(output_dir), name], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

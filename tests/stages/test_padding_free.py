@@ -157,7 +157,7 @@ def test_dpo_packed_equals_padded(tmp_path, tiny_base, which):
             f"training.per_device_train_batch_size={PAIRS}",
         )
         tokenizer = load_tokenizer(recipe)
-        args = dpo.apply_defaults(recipe, trl_config(recipe, "dpo", DPOConfig, eval_strategy="no"))
+        args = trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")
         assert args.padding_free  # finetune's default, which TRL's own DPOTrainer would switch off
         model = _model(recipe, which, "causal_lm")
         trainer = dpo.make_trainer(args, model, tokenizer, _pairs(tokenizer.pad_token_id))
