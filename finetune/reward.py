@@ -40,9 +40,11 @@ def packed_score_forward(model, original, packed: dict):
 
     def forward(input_ids=None, attention_mask=None, **kwargs):
         index = packed["packed_index"]
-        asked = {k for k, v in kwargs.items() if v is not None and k != "use_cache"}
+        # PEFT passes return_dict=True and the other output switches as None: anything more (labels, hidden
+        # states, attentions, embeddings) is not the call this answers, nor a call on another batch
+        asked = {k for k, v in kwargs.items() if v not in (None, False) and k not in ("use_cache", "return_dict")}
         if input_ids is None or input_ids.shape != index.shape or asked:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # not this batch's call
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(
             input_ids=packed["packed_input_ids"], position_ids=packed["packed_position_ids"], use_cache=False

@@ -6,6 +6,7 @@ and the precomputed reference log-probs."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -98,20 +99,36 @@ def _grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@contextlib.contextmanager
+def _shapes_run(trainer):
+    """The shapes of the token tensors the transformer under the LM or score head runs on, in this block."""
+    seen = []
+    hook = trainer._inner(trainer.model).base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple((args[0] if args else kwargs["input_ids"]).shape)),
+        with_kwargs=True,
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
 def _loss_and_grads(trainer, batch):
+    """The loss, gradients and logged figures of one batch, and the shapes of what the layers ran on."""
     model = trainer.model
     model.zero_grad()
     trainer._total_train_tokens = 0  # TRL's num_tokens figure counts real tokens over the run
-    loss = trainer.compute_loss(model, dict(batch))
+    with _shapes_run(trainer) as seen:
+        loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), _grads(model), metrics
+    return loss.detach(), _grads(model), metrics, seen
 
 
 def _assert_same(padded, packed, rtol):
     """Equal to fp32 rounding: the loss and figures to `rtol`; each gradient tensor to `rtol` elementwise
     or 10 * rtol of its largest entry (sums of a few hundred products, added in another order)."""
-    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = padded, packed
+    (loss_a, grads_a, metrics_a, _), (loss_b, grads_b, metrics_b, _) = padded, packed
     torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=0.0)
     assert grads_a.keys() == grads_b.keys() and any(g.abs().sum() > 0 for g in grads_a.values())
     for name, a in grads_a.items():
@@ -120,6 +137,15 @@ def _assert_same(padded, packed, rtol):
     assert metrics_a.keys() == metrics_b.keys()
     for key in metrics_a:
         assert metrics_b[key] == pytest.approx(metrics_a[key], rel=rtol, abs=1e-6), key
+
+
+def _check_both(trainer, padded, packed, rtol):
+    """The padded batch runs padded and the packed one packed (every forward of the step: the policy's and,
+    with the reference in the step, the reference's), with the same loss, gradients and figures."""
+    a, b = _loss_and_grads(trainer, padded), _loss_and_grads(trainer, packed)
+    assert a[3] and set(a[3]) == {tuple(padded["input_ids"].shape)}
+    assert b[3] and set(b[3]) == {tuple(packed["packed_input_ids"].shape)}
+    _assert_same(a, b, rtol)
 
 
 def _collate_both(trainer, dataset):
@@ -167,15 +193,19 @@ def test_dpo_packed_equals_padded(tmp_path, tiny_base, which):
             padded, packed = _collate_both(trainer, trainer.train_dataset)
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 assert key in padded and packed[key].tolist() == [e[key] for e in examples]
-            ref_padded = trainer.compute_ref_log_probs(trainer.model, dict(padded))
-            ref_packed = trainer.compute_ref_log_probs(trainer.model, dict(packed))
+            with _shapes_run(trainer) as seen_padded:
+                ref_padded = trainer.compute_ref_log_probs(trainer.model, dict(padded))
+            with _shapes_run(trainer) as seen_packed:
+                ref_packed = trainer.compute_ref_log_probs(trainer.model, dict(packed))
+            assert seen_padded == [tuple(padded["input_ids"].shape)]
+            assert seen_packed == [tuple(packed["packed_input_ids"].shape)]
             for a, b in zip(ref_padded, ref_packed):
                 torch.testing.assert_close(b, a, rtol=rtol, atol=1e-6)
             torch.testing.assert_close(ref_packed[0], packed["ref_chosen_logps"], rtol=rtol, atol=1e-6)
         _randomize_lora(model)
         model.train()
         padded, packed = _collate_both(trainer, trainer.train_dataset)
-        _assert_same(_loss_and_grads(trainer, padded), _loss_and_grads(trainer, packed), rtol)
+        _check_both(trainer, padded, packed, rtol)
 
 
 @pytest.mark.parametrize("which", ["tiny", "phi2-width"])
@@ -202,4 +232,4 @@ def test_reward_packed_equals_padded(tmp_path, tiny_base, which):
     model.train()
     padded, packed = _collate_both(trainer, trainer.train_dataset)
     assert (padded["input_ids"] == tokenizer.pad_token_id).logical_and(padded["attention_mask"].bool()).any()
-    _assert_same(_loss_and_grads(trainer, padded), _loss_and_grads(trainer, packed), rtol)
+    _check_both(trainer, padded, packed, rtol)
