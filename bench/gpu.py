@@ -1,4 +1,4 @@
-"""One-shot GPU benchmark: SFT, DPO and PPO on the Phi-2 architecture (random weights, fp16), ours against
+"""One-shot GPU benchmark: SFT, DPO, reward, PPO and GRPO on the Phi-2 architecture (random weights, fp16), ours against
 the strongest peers, in one command that fits about 8 minutes of an H100 / H200, and the table.
 
     python bench/gpu.py bundle                      # here (PyPI reachable): bench/gpu_bundle/ (wheels, tokenizer)
@@ -12,7 +12,9 @@ Liger's kernels install and run), measures the GPU's copy bandwidth and matmul r
 spends time on the runs:
 
 - SFT, seq 2048, batch 4: ours vs TRL 1.16 tuned (bench/run.py --stage sft --arms ours,trl-tuned);
-- DPO, seq 2048, batch 4: ours vs TRL 1.16 tuned (precomputed reference log-probs);
+- DPO, seq 2048, batch 4: ours (padding-free pairs) vs TRL 1.16 tuned (precomputed reference log-probs;
+  padded, as TRL 1.16 turns padding-free DPO off) vs ours padded (`dpo.padding_free=false`);
+- reward model, seq 2048, batch 4: ours (padding-free pairs) vs TRL 1.16's RewardTrainer tuned (padded);
 - PPO, batch 64 x 256 new tokens, 1 PPO epoch: ours vs TRL 1.12's PPOTrainer;
 - GRPO, 64 prompts x 8 completions x 256 new tokens: ours with transformers' generate and with vLLM rollouts
   (rollout tokens/s of both engines; the vLLM arm runs only where vLLM imports) vs TRL 1.16's GRPOTrainer with a
@@ -86,12 +88,13 @@ CARRY_LIMIT_MB = 60  # the device tool carries at most 64 MiB of working tree in
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 STAGES = {  # stage -> arms, steps, warmup, seconds allowed
     "sft": (["ours", "trl-tuned"], 6, 2, 150),
-    "dpo": (["ours", "trl-tuned"], 6, 2, 170),
+    "dpo": (["ours", "trl-tuned", "ours-padded"], 6, 2, 170),
+    "reward": (["ours", "trl-tuned"], 6, 2, 100),
     "ppo": (["ours", "peer"], 2, 1, 240),
     # GRPO: ours (transformers generate), ours with vLLM rollouts when a matching vLLM imports, TRL's GRPOTrainer
     "grpo": (["ours", "ours-vllm", "trl"], 2, 1, 240),
 }
-DRY = {"sft": (1, 1), "dpo": (1, 1), "ppo": (1, 1), "grpo": (1, 1)}  # steps, warmup in the dry run
+DRY = {"sft": (1, 1), "dpo": (1, 1), "reward": (1, 1), "ppo": (1, 1), "grpo": (1, 1)}  # steps, warmup in the dry run
 
 
 def _platforms() -> list[str]:
@@ -419,7 +422,7 @@ def _mb(x: float) -> str:
 def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
     from bench.models import flops_per_token, phi2_config
 
-    config = phi2_config(small=model != "phi2")
+    config = phi2_config(model)
     from bench.models import SETTINGS
 
     s = SETTINGS[model]
@@ -443,7 +446,7 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         )
         lines.append("")
     lines += ["| stage | arm | real tokens/s | MFU | peak memory | notes |", "|---|---|---|---|---|---|"]
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "reward"):
         r = reports.get(stage)
         if r is None:
             continue
@@ -454,6 +457,8 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
             m = a["median"]
             in_step_ref = stage == "dpo" and "precompute_ref_s" not in m
             per_token = flops["train"] + (flops["forward"] if in_step_ref else 0)
+            if stage == "reward":  # a score head of one output instead of the LM head: no 2dV forward + 2dV back
+                per_token -= 4 * config.hidden_size * config.vocab_size
             mfu = f"{m['tokens_per_s'] * per_token / peak:.1%}" if peak else "n/a"
             note = (
                 "reference in the step"
@@ -610,11 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bundle", help="download the wheels the GPU run installs into bench/gpu_bundle")
     b.add_argument("--dir", type=Path, default=BUNDLE)
     b.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default 3.12)")
-    r = sub.add_parser("run", help="preflight, then SFT, DPO and PPO, then the table")
+    r = sub.add_parser("run", help="preflight, then SFT, DPO, reward and PPO, then the table")
     r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results" / "gpu"))
     r.add_argument("--dry-run", action="store_true", help="CPU, Phi-2 shape rules at CPU size, 1 step per arm")
     r.add_argument("--bundle", type=Path, default=BUNDLE)
-    r.add_argument("--budget-s", type=float, default=450, help="stop starting stages after this many seconds")
+    r.add_argument("--budget-s", type=float, default=510, help="stop starting stages after this many seconds")
     args = p.parse_args(argv)
     if args.command == "bundle":
         return bundle(args.dir, args.python_version)

@@ -23,6 +23,8 @@ from finetune.core.modeling import (
 from finetune.core.training import trl_config
 from finetune.dpo import make_trainer as dpo_trainer
 from finetune.recipe import GrpoAlgorithm, apply_overrides, validate_recipe
+from finetune.reward import as_reward_rows
+from finetune.reward import make_trainer as reward_trainer
 from finetune.rl.engine import REFERENCE, SpeedSwitches
 from finetune.rl.engine import build_model as build_multi_adapter
 from finetune.rl.functional import reward_readout_index
@@ -47,6 +49,7 @@ __all__ = [
     "SpeedSwitches",
     "add_lora",
     "apply_overrides",
+    "as_reward_rows",
     "build_multi_adapter",
     "choose_attention",
     "dpo_trainer",
@@ -56,6 +59,7 @@ __all__ = [
     "load_tokenizer",
     "lora_targets",
     "reward_readout_index",
+    "reward_trainer",
     "sft_args",
     "sft_trainer",
     "template_for",

@@ -2,12 +2,15 @@
 
     python bench/run.py --stage sft --model tiny --arms ours,trl-tuned [--steps 8] [--repeats 3] [--out sft.json]
     python bench/run.py --stage ppo --model tiny --arms ours,peer        # needs bash bench/peer_env.sh once
+    python bench/run.py --stage dpo --model phi2-width                  # CPU: Phi-2's width, 2 layers
+    python bench/run.py --stage reward --model phi2-width --arms ours,trl-tuned,ours-padded
     python bench/run.py --stage ppo --model phi2 --out ppo_phi2.json     # GPU: Phi-2 architecture, fp16
     python bench/run.py --stage grpo --model tiny --arms ours,trl        # ours vs TRL 1.16's GRPOTrainer
 
 Arms (ARMS below; the first arm is compared with every other): `ours` is the stage's own training path
 (finetune's SFT / DPO stage code with its defaults, our PPO engine); `trl-tuned` is TRL 1.16 with
-everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py);
+everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py,
+bench/reward_baseline.py);
 `baseline` is TRL with its defaults, as most scripts run it; `peer` is TRL 1.12's PPOTrainer, the last
 TRL PPO, run by bench/ppo_peer.py in its own virtual environment on a plain Hugging Face export of
 the same model and prompts; for GRPO `trl` is TRL 1.16's GRPOTrainer with LoRA and a reward model passed as a
@@ -58,6 +61,14 @@ ARMS = {
         "baseline": "TRL DPOTrainer defaults (reference every step, gradient checkpointing)",
         "ours-precompute": "finetune DPO with dpo.precompute_ref_log_probs=true (the default on one process)",
         "ours-noprecompute": "finetune DPO with dpo.precompute_ref_log_probs=false (the reference in every step)",
+        "ours-padded": "finetune DPO with dpo.padding_free=false (TRL's padded batches)",
+    },
+    "reward": {
+        "ours": "finetune reward defaults (padding-free pairs; no gradient checkpointing)",
+        "trl-tuned": "TRL 1.16 RewardTrainer tuned: no gradient checkpointing, same attention kernel "
+        "(it has no padding-free option)",
+        "baseline": "TRL RewardTrainer defaults (padded, gradient checkpointing)",
+        "ours-padded": "finetune reward with reward.padding_free=false (TRL's padded batches)",
     },
     "ppo": {
         "ours": "finetune PPO engine defaults (one base, policy/value LoRA, reward read from the base)",
@@ -78,9 +89,8 @@ LIGER_ARMS = ("ours", "trl-tuned")  # SFT / DPO arms that take a "+liger" suffix
 
 def known_arm(stage: str, arm: str) -> bool:
     base, _, suffix = arm.partition("+")
-    return base in ARMS[stage] and (
-        not suffix or (suffix == "liger" and stage in ("sft", "dpo") and base in LIGER_ARMS)
-    )
+    liger = suffix == "liger" and stage in ("sft", "dpo") and base in LIGER_ARMS
+    return base in ARMS[stage] and (not suffix or liger)
 
 
 def describe(stage: str, arm: str) -> str:
@@ -112,7 +122,7 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
         },
         stage: {"data": {"train": [{"path": "generated-by-bench"}]}},
     }
-    if stage in ("sft", "dpo"):
+    if stage in ("sft", "dpo", "reward"):
         raw[stage]["max_length"] = s["max_length"]
     if stage == "ppo":
         raw["training"] = {}
@@ -184,11 +194,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _real_tokens(example: dict) -> int:
+    """Real tokens of one collated example: a row or pack (SFT), a pair's two sequences (DPO: the prompt
+    twice; reward: full sequences)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return 2 * len(example.get("prompt_ids", ())) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
 def _trainer_run(
     stage: str, arm: str, model_name: str, steps: int, warmup: int, out: str, rows: int | None = None
 ) -> dict:
-    """SFT / DPO: build the arm's trainer on the same rows, train warmup + steps, measure."""
-    from bench import dpo_baseline, sft_baseline
+    """SFT / DPO / reward: build the arm's trainer on the same rows, train warmup + steps, measure."""
+    import torch
+
+    from bench import dpo_baseline, reward_baseline, sft_baseline
     from bench import ours as fo
     from bench.data import chat_rows, preference_rows
     from bench.models import SETTINGS, build_model
@@ -201,18 +221,17 @@ def _trainer_run(
         "ours-nopack": ["sft.packing=false"],
         "ours-precompute": ["dpo.precompute_ref_log_probs=true"],
         "ours-noprecompute": ["dpo.precompute_ref_log_probs=false"],
+        "ours-padded": [f"{stage}.padding_free=false"],
     }
     overrides = extra.get(base_arm, []) + (["training.use_liger_kernel=true"] if liger else [])
     recipe = _recipe(model_name, stage, out, warmup + steps, overrides)
     tokenizer, template = fo.load_tokenizer(recipe), fo.template_for(recipe)
-    model = build_model(model_name, recipe)
+    model = build_model(model_name, recipe, task="seq_cls" if stage == "reward" else "causal_lm")
     if stage == "sft":
         rows = chat_rows(tokenizer, n_rows, s["max_length"])
-        count = lambda e: len(e["input_ids"])  # noqa: E731  (unpadded row or pack)
     else:
         rows = preference_rows(tokenizer, n_rows, s["max_length"])
-        count = lambda e: 2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])  # noqa: E731
-    meter = _Meter(count)
+    meter = _Meter(_real_tokens)
     started = time.perf_counter()
     precompute = {}
     if stage == "dpo":  # time the one-off reference pass (it runs inside the trainer's constructor)
@@ -230,7 +249,7 @@ def _trainer_run(
 
         DPOTrainer._precompute_ref_logps = timed
     if base_arm in ("baseline", "trl-tuned", "trl-tuned-nopack"):
-        maker = sft_baseline if stage == "sft" else dpo_baseline
+        maker = {"sft": sft_baseline, "dpo": dpo_baseline, "reward": reward_baseline}[stage]
         tuned = {"baseline": False, "trl-tuned": True, "trl-tuned-nopack": "nopack"}[base_arm]
         trainer = maker.make_trainer(
             model,
@@ -249,6 +268,19 @@ def _trainer_run(
         args = fo.sft_args(recipe)
         ds = fo.tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
         trainer = fo.sft_trainer(recipe, args, fo.add_lora(model, recipe), tokenizer, ds, callbacks=[meter.callback])
+    elif stage == "reward":
+        from trl import RewardConfig
+
+        args = fo.trl_config(recipe, "reward", RewardConfig, eval_strategy="no")
+        pairs = fo.tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
+        trainer = fo.reward_trainer(
+            args,
+            fo.add_lora(model, recipe, task="seq_cls"),
+            tokenizer,
+            fo.as_reward_rows(pairs),
+            padding_free=recipe.reward.padding_free,
+            callbacks=[meter.callback],
+        )
     else:
         from trl import DPOConfig
 
@@ -273,6 +305,8 @@ def _trainer_run(
         "peak_memory_mb": _peak_memory_mb(),
         "attention": model.config._attn_implementation,
         "liger": liger,
+        "padding_free_pairs": bool(getattr(trainer, "_pack_batches", False)),  # DPO / reward: ours packs pairs
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -648,16 +682,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=list(ARMS), required=True)
     p.add_argument(
         "--model",
-        choices=["tiny", "phi2", "phi2-small"],
+        choices=["tiny", "phi2-width", "phi2", "phi2-small"],
         default="tiny",
-        help="tiny: builtin:tiny-phi (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
+        help="tiny: builtin:tiny-phi (CPU); phi2-width: Phi-2's hidden size, heads, rotary, FFN and vocabulary "
+        "with 2 layers, random weights, fp32 (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
         "phi2-small: the same shape rules at CPU size (a check of the phi2 path)",
     )
     p.add_argument("--baseline", action="store_true", help="run the baseline arm only")
     p.add_argument(
         "--arms",
         help="comma-separated arms (default: ours and the strongest peer: trl-tuned for "
-        "sft/dpo, peer for ppo); one of: "
+        "sft/dpo/reward, peer for ppo); one of: "
         + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items())
         + "; sft/dpo: ours+liger, trl-tuned+liger",
     )
@@ -667,7 +702,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rows",
         type=int,
-        help="SFT / DPO rows made (default: the model's setting); DPO's precomputed reference pass covers them all",
+        help="SFT / DPO / reward rows made (default: the model's setting); DPO's precomputed reference pass "
+        "covers them all",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (OMP_NUM_THREADS; default: torch's, one per core). On a machine other "
+        "people load, 1 avoids the 2-thread barrier waits a descheduled thread causes; recorded per run",
     )
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument(
@@ -679,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's torch reads it at start
+        torch.set_num_threads(args.threads)  # this process's (--in-process runs)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
     if args.export:  # child: the PPO peer's plain Hugging Face export
@@ -730,14 +777,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.repeats):
             for arm in arms if r % 2 == 0 else arms[::-1]:
+                before = os.getloadavg()
                 if args.in_process and arm != "peer":
                     result = worker(args.stage, arm, args.model, args.steps, args.warmup, args.rows)
                 else:
                     result = _child(args.stage, arm, args.model, args.steps, args.warmup, export, args.rows)
                 result["load_average_1m"] = _load()
+                result["uptime_before"], result["uptime_after"] = list(before), list(os.getloadavg())  # 1, 5, 15 min
                 runs[arm].append(result)
                 print(
-                    f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s", file=sys.stderr
+                    f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s "
+                    f"({result['tokens_per_cpu_s']:.1f} per CPU-s), load {before[0]:.1f} -> {_load():.1f}",
+                    file=sys.stderr,
+                    flush=True,
                 )
     finally:
         if export is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
-from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
+from finetune.core.batching import PackedRowsCollator, pack_rows
+from finetune.core.data import tokenize_conversations, train_eval_rows
 from finetune.core.evaluation import Samples, eval_loss, held_out_correctness
 from finetune.core.modeling import (
     DTYPES,

@@ -34,6 +34,7 @@ from finetune.errors import UserError
 from finetune.readers import BOM, decode, find_duplicate, parse_json
 from finetune.recipe import DataSection, DataSource, Recipe
 
+from .batching import PackedRowsCollator, pack_rows  # noqa: F401  (their home was here; the old import path stays)
 from .progress import progress, track
 
 log = logging.getLogger(__name__)
@@ -984,35 +985,3 @@ def tokenize_conversations(
         labels.append(y)
     report.close_overlong(name, len(ids), "row", "max_length", max_length)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
-
-
-# ---------------------------------------------------------------- packing
-
-
-def pack_rows(dataset, max_length: int):
-    """Tokenized rows packed best-fit-decreasing (TRL's `bfd`) into rows of at most max_length tokens,
-    with a `seq_lengths` column; whole conversations only (rows over max_length were dropped before)."""
-    from trl import pack_dataset
-
-    return pack_dataset(
-        dataset.select_columns(["input_ids", "labels"]), max_length, "bfd", {"desc": "Packing train dataset"}
-    )
-
-
-class PackedRowsCollator:
-    """Batches of packed rows for SDPA / eager attention: [B, L] right-padded, `position_ids` restarting
-    at 0 for every packed sequence and no attention mask, so transformers builds a block-diagonal
-    causal mask per row from the position ids (masking_utils.find_packed_sequence_indices; needs
-    use_cache=False, which SFTTrainer passes). Attention costs sum over rows of L^2, not (B*L)^2 as
-    TRL's padding-free collator (one flattened row, meant for flash-attn varlen) would on SDPA.
-    Pad tokens get position 0 each: every one is its own sequence, and no real token attends to it."""
-
-    def __init__(self, pad_token_id: int):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.inner(examples)
-        batch.pop("attention_mask")  # a 2D mask would switch off the per-row packed-sequence mask
-        return batch

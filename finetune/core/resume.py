@@ -42,6 +42,7 @@ IDENTITY = "run_identity.json"
 # Everything else in a stage's settings is part of the run's identity.
 MAY_CHANGE = {
     "resume",
+    "padding_free",  # exact either way (the same loss and gradients), only faster
     "eval_prompts",
     "gradient_checkpointing",
     "gradient_checkpointing_kwargs",

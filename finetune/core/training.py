@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from finetune.readers import read_json
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, lineage, ownership, stopping, tracking
+from .batching import PACKED_KEYS, PackingCollator, row_tokens
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for, use_loraplus
@@ -246,6 +248,64 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
         "base_fingerprint": fingerprint,
         "base_unchanged": after == fingerprint,
     }
+
+
+class PaddingFree:
+    """Padding-free batches for a TRL preference trainer (DPO, reward): mixed in before the trainer class,
+    with `packed_forward` given by the stage.
+
+    The trainer's own collator is wrapped in batching.PackingCollator, so a batch is TRL's padded batch plus
+    the same sequences packed. Where the trainer runs its model on a batch, the subclass wraps the call in
+    `packed(batch)`: the packed tensors leave the batch, and for that call the innermost model's forward
+    becomes `packed_forward(model, original forward, packed)`, which runs the packed sequences and returns
+    what the original returns for the padded batch (per-sequence figures laid back out in its shape). TRL's
+    loss, metrics and every loss type run unchanged on that; only the FLOPs spent on padding are gone.
+
+    Rows hold several sequences each on SDPA / eager (block-diagonal mask from the position ids), up to
+    batching.row_tokens; with a FlashAttention kernel everything is one row (varlen needs one row: with
+    several, FlashAttention would treat each row as one causal sequence)."""
+
+    _pack_batches = False  # set from the recipe before the trainer's __init__ (TRL reads the collator in it)
+
+    def _use_packing(self) -> None:
+        """Wrap the collator TRL built (idempotent: TRL's reference pre-pass runs inside its __init__)."""
+        if self._pack_batches and not isinstance(self.data_collator, PackingCollator):
+            config = self._inner(self.model).config
+            attn = str(getattr(config, "_attn_implementation", ""))
+            pad_id = self.processing_class.pad_token_id
+            capacity = row_tokens(config.get_text_config())
+            self.data_collator = PackingCollator(self.data_collator, pad_id, one_row="flash" in attn, capacity=capacity)
+
+    def _inner(self, model):
+        """The transformers model under accelerate's and PEFT's wrappers: the one whose forward runs the layers."""
+        model = self.accelerator.unwrap_model(model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @contextlib.contextmanager
+    def packed(self, batch: dict):
+        """Within this block, model calls on `batch` (which loses its packed keys) run on its packed form."""
+        packed = {key: batch.pop(key) for key in PACKED_KEYS if key in batch}
+        if not packed:
+            yield
+            return
+        ref = getattr(self, "ref_model", None)  # DPO with an explicit reference model
+        models = {id(m): m for m in (self._inner(self.model), ref and self._inner(ref)) if m is not None}
+        swapped = []
+        try:
+            for model in models.values():
+                own = model.__dict__.get("forward")  # TRL's fused LM head is an instance attribute; else the class's
+                model.forward = self.packed_forward(model, model.forward, packed)
+                swapped.append((model, own))
+            yield
+        finally:
+            for model, own in swapped:
+                if own is None:
+                    del model.forward
+                else:
+                    model.forward = own
+
+    def packed_forward(self, model, original, packed: dict):
+        raise NotImplementedError
 
 
 class ReferenceIsTheStart:

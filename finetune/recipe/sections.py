@@ -270,6 +270,12 @@ class RewardSection(TrlStage, FromEarlierStage):
     model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
 
     data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+    padding_free: bool = Field(
+        True,
+        description="Padding-free batches: the chosen and rejected sequences of a batch packed into rows, each "
+        "with its own position ids (no FLOPs on padding; same loss and gradients as padded batches). The name "
+        "of DPOConfig's switch (dpo.padding_free), which trl.RewardConfig lacks. See docs/benchmarks.md.",
+    )
 
 
 class DpoSection(TrlStage, FromEarlierStage):

@@ -238,6 +238,10 @@ STAGES = Registry(
             # forward in every step: what tuned TRL runs, and without it our step was slower
             # (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several.
             one_process_defaults={"precompute_ref_log_probs": True},
+            # Padding-free pairs (DPOConfig.padding_free, which TRL 1.16 itself switches off: finetune.dpo packs
+            # them): the same loss and gradients, no FLOPs on padding (tests/stages/test_padding_free.py,
+            # docs/benchmarks.md).
+            defaults={"padding_free": True},
             ranges={"beta": (positive, "a number > 0", "DPO's beta 0 makes the loss constant: nothing is learnt")},
             step_figures=PREFERENCE_FIGURES,
             memory=Memory(sequences=2, reference=True),
