@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         code = importlib.import_module(STAGES[stage].module).main([recipe, *overrides, *extra])
         if code:
             return code
+        # Each stage is its own launch for a user (and in `finetune pipeline`): every process has ended, and the
+        # main one has committed the output and let go of its lock, before the next stage starts. Here the
+        # stages share one launch, so the processes wait for each other as separate launches would.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     return 0
 
 
