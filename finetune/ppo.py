@@ -48,7 +48,8 @@ from finetune.recipe import STAGES, Recipe, RecipeError
 from finetune.rl import checkpoints
 from finetune.rl.engine import POLICY, VALUE, MultiAdapterModel, PPOEngine, adapters_in_sync, build_model
 from finetune.rl.functional import prompt_indices
-from finetune.rl.scoring import Scorer, load_reward_function
+from finetune.rl.rules import learned_weight, load_rules
+from finetune.rl.scoring import Scorer
 
 log = logging.getLogger("finetune.ppo")
 
@@ -63,22 +64,24 @@ def resolve_start(recipe: Recipe) -> tuple[list[str], str | None, str | None]:
     reward model's own start (normally the SFT output). The policy's chain must begin with it; what
     follows (normally the DPO adapter) becomes the trainable policy, a frozen copy the reference.
     """
-    s = recipe.ppo
+    terms = recipe.ppo.reward_terms()
     policy_chain = start_chain(recipe, "ppo", "start_from")
     reward_dir = recipe.input_dir("ppo", "reward_from")
-    if reward_dir is None and not s.reward_function:
+    if not terms:
         raise RecipeError(
             f"{recipe.source}: ppo.reward_from is none and no ppo.reward_function is set: PPO needs a "
-            "reward; train one (finetune reward) or name a rule-based function as module:function"
+            "reward; train one (finetune reward) or name a rule-based function as module:function (ppo.rewards)"
         )
     if reward_dir is None:  # no reward adapter to share a base with: merge the whole policy chain, fresh LoRA
         return policy_chain, None, None
+    key = next(f"ppo.{k}" for k, t in terms if t.function is None)
     reward = str(
         check_adapter_folder(
             recipe,
-            "ppo.reward_from",
+            key,
             reward_dir,
-            f"run `finetune reward {recipe.source}` first, or set ppo.reward_from=none and name a ppo.reward_function",
+            f"run `finetune reward {recipe.source}` first, or use only rule rewards (ppo.rewards: "
+            "[{function: module:name}])",
         )
     )
     shared = adapter_chain(reward)[:-1]  # what the reward model was trained on top of
@@ -348,6 +351,12 @@ def collect_metrics(
         "policy_initialised_from": policy_from,
         "reward_from": reward_from,
         "reward_function": s.reward_function,
+        "rewards": scorer.terms(),
+        **{
+            f"{part}_{edge}": _window_mean(history, part, last=edge == "end")
+            for part in sorted({k for r in history for k in r if k.startswith("reward_")})
+            for edge in ("start", "end")
+        },
         "reward_normalisation": scorer.norm,
         "beta_end": engine.beta,
         "train_prompts": len(prompts.ids),
@@ -388,6 +397,18 @@ def save_output(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _term_lines(m: dict) -> list[tuple[str, str]]:
+    """One summary line per reward term (first -> last 10% of updates, unweighted) when there are several."""
+    if len(m["rewards"]) < 2:
+        return []
+    lines = []
+    for t in m["rewards"]:
+        start, end = m.get(f"reward_{t['term']}_start"), m.get(f"reward_{t['term']}_end")
+        if start is not None:
+            lines.append((f"reward term {t['term']} (x{t['weight']:g})", f"{start:.3f} -> {end:.3f}"))
+    return lines
+
+
 def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[str] | None, out: Path) -> None:
     earlier = ", ".join(f"{k.split('_')[-1].upper()} {rate(v)}" for k, v in _earlier_correctness(recipe).items())
     m = metrics
@@ -400,11 +421,7 @@ def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[st
                 if m["score_learned_raw_start"] is not None
                 else []
             ),
-            *(
-                [("rule reward", f"{m['score_rule_start']:.3f} -> {m['score_rule_end']:.3f}")]
-                if m["score_rule_start"] is not None
-                else []
-            ),
+            *_term_lines(m),
             ("KL at the end", f"{m['kl_end']:.3f} nats/response (beta {engine.beta:.3g})"),
             ("EOS rate at the end", rate(m["eos_rate_end"])),
             *(
@@ -453,11 +470,18 @@ def check_settings(recipe: Recipe, main: bool) -> None:
         )
 
 
-def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, template) -> tuple[Scorer, PPOEngine]:
-    """The scorer (learned reward and/or rule) and the PPO engine over the one model."""
+def build_engine(recipe: Recipe, model: MultiAdapterModel, rules, tokenizer, template) -> tuple[Scorer, PPOEngine]:
+    """The scorer (learned reward and/or rules) and the PPO engine over the one model."""
     s = recipe.ppo
     scorer = Scorer(
-        model, rule, s.reward_function_weight, tokenizer, tokenizer.pad_token_id, s.normalize_reward, s.micro_batch_size
+        model,
+        rules,
+        tokenizer,
+        tokenizer.pad_token_id,
+        s.normalize_reward,
+        s.micro_batch_size,
+        learned_weight=learned_weight(recipe, "ppo"),
+        response_limit=s.response_length,
     )
     engine = PPOEngine(
         model,
@@ -483,7 +507,7 @@ def run(recipe: Recipe) -> dict:
     setup_logging(main, recipe.logging.verbose)
     check_settings(recipe, main)
     start = resolve_start(recipe)
-    rule = load_reward_function(s.reward_function, recipe)
+    rules = load_rules(recipe, "ppo")  # imported and their signatures checked before any model loads
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     prompts = load_prompts(recipe, tokenizer, template)
@@ -491,7 +515,7 @@ def run(recipe: Recipe) -> dict:
 
     model = build_policy_model(recipe, *start, device)
     fingerprint = base_fingerprint(model.peft)
-    scorer, engine = build_engine(recipe, model, rule, tokenizer, template)
+    scorer, engine = build_engine(recipe, model, rules, tokenizer, template)
 
     def correctness():
         if not main:

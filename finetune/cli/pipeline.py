@@ -35,6 +35,7 @@ from finetune.core.outputs import figure, finished, key_metrics, rate, read_metr
 from finetune.errors import UserError
 from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
 from finetune.recipe import STAGES, Recipe, load_recipe
+from finetune.rl.rules import load_rules
 
 REPORT = "pipeline_report.json"
 CURVES = "pipeline_curves.png"
@@ -331,6 +332,9 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
             f"{recipe.source}: {'; '.join(missing)}. Install it, or leave the stage out with "
             f"pipeline.stages=[{', '.join(others)}]. Nothing was run."
         )
+    for stage in stages:  # the RL stages' rule rewards: a misnamed or mis-shaped function stops here too
+        if hasattr(recipe.section(stage), "reward_terms"):
+            load_rules(recipe, stage)
 
 
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
