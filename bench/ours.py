@@ -21,7 +21,6 @@ from finetune.core.modeling import (
     template_for,
 )
 from finetune.core.training import trl_config
-from finetune.dpo import apply_defaults as dpo_defaults
 from finetune.dpo import make_trainer as dpo_trainer
 from finetune.recipe import apply_overrides, validate_recipe
 from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
@@ -44,7 +43,6 @@ __all__ = [
     "apply_overrides",
     "build_multi_adapter",
     "choose_attention",
-    "dpo_defaults",
     "dpo_trainer",
     "end_of_turn_ids",
     "left_pad",

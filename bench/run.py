@@ -243,7 +243,7 @@ def _trainer_run(
     else:
         from trl import DPOConfig
 
-        args = fo.dpo_defaults(recipe, fo.trl_config(recipe, "dpo", DPOConfig, eval_strategy="no"))
+        args = fo.trl_config(recipe, "dpo", DPOConfig, eval_strategy="no")  # with the stage's registry defaults
         pairs = fo.tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
         trainer = fo.dpo_trainer(args, fo.add_lora(model, recipe), tokenizer, pairs, callbacks=[meter.callback])
     setup_s = time.perf_counter() - started

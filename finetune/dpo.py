@@ -16,35 +16,20 @@ from pathlib import Path
 from finetune.core import distributed
 from finetune.core.evaluation import Samples, dpo_eval, held_out_correctness
 from finetune.core.modeling import add_lora, count_parameters, load_model
-from finetune.core.outputs import print_summary, rate, save_stage
-from finetune.core.progress import library_bars_off, progress
-from finetune.core.training import place_for_eval, prepare_preference_stage, train
+from finetune.core.outputs import save_stage
+from finetune.core.progress import progress
+from finetune.core.summary import print_summary, rate
+from finetune.core.training import ReferenceIsTheStart, place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 log = logging.getLogger("finetune.dpo")
 
-# finetune's defaults over DPOConfig's (a recipe value wins). The reference log-probs are computed once, in a
-# pass before training, instead of by a reference forward in every step: what tuned TRL runs, and without it
-# our step was slower (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several
-# (see run()), so there the reference stays in the step unless a recipe asks.
-DPO_DEFAULTS = {"precompute_ref_log_probs": True}
-
-
-def apply_defaults(recipe: Recipe, args):
-    """DPO_DEFAULTS on `args` (a DPOConfig) where the recipe sets nothing itself, on one process."""
-    own = recipe.training_args("dpo")
-    if distributed.world_size() == 1:
-        for key, value in DPO_DEFAULTS.items():
-            if key not in own:
-                setattr(args, key, value)
-    return args
-
 
 def _trainer_class():
     from trl import DPOTrainer
 
-    class PreTokenizedDPOTrainer(DPOTrainer):
+    class PreTokenizedDPOTrainer(ReferenceIsTheStart, DPOTrainer):
         """DPOTrainer fed prompt_ids / chosen_ids / rejected_ids built by finetune.chat_template.
 
         TRL would re-render and re-tokenize the conversations itself (and, for conversational rows,
@@ -53,51 +38,10 @@ def _trainer_class():
         counted and dropped, so preparation is skipped.
         """
 
-        _ref_bar = None
-
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._drop_copied_reference_adapter()
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            """TRL's pass of the reference over the data (`precompute_ref_log_probs`), reported like every
-            other phase: its own tqdm bar is off (it reads TQDM_DISABLE) and batches are counted in
-            compute_ref_log_probs below."""
-            batches = -(-len(dataset) // (batch_size * distributed.world_size()))
-            self._drop_copied_reference_adapter()  # runs inside DPOTrainer.__init__, after TRL's copy
-            try:
-                with (
-                    library_bars_off(),
-                    progress(f"dpo reference log-probs ({name})", total=batches, unit="batches") as self._ref_bar,
-                ):
-                    return super()._precompute_ref_logps(dataset, name, batch_size)
-            finally:
-                self._ref_bar = None
-
-        def compute_ref_log_probs(self, model, batch):
-            out = super().compute_ref_log_probs(model, batch)
-            if self._ref_bar is not None:
-                self._ref_bar.update(1)
-            return out
-
-        def _drop_copied_reference_adapter(self):
-            """Given a PeftModel, TRL 1.16 copies its adapter into a frozen "ref" adapter and runs every
-            reference forward through it. Our adapter is new (lora_B = 0), so that copy is exactly the
-            model with adapters disabled, at the price of the LoRA matmuls in every reference forward
-            (bench/run.py --stage dpo: the reference pass took 1.5x as long). Without "ref", TRL disables
-            the adapters for the reference, the reference this stage documents. A copy of a trained
-            adapter (any lora_B non-zero) is kept: then it is the reference."""
-            model = self.accelerator.unwrap_model(self.model)
-            if "ref" not in getattr(model, "peft_config", {}):
-                return
-            if any(p.detach().any() for n, p in model.named_parameters() if ".ref." in n and "lora_B" in n):
-                return
-            model.delete_adapter("ref")
 
     return PreTokenizedDPOTrainer
 
@@ -143,7 +87,6 @@ def run(recipe: Recipe) -> dict:
 
     section = recipe.dpo
     setup = prepare_preference_stage(recipe, "dpo", DPOConfig)
-    apply_defaults(recipe, setup.args)
     start, template, tokenizer, args, pairs = setup.start, setup.template, setup.tokenizer, setup.args, setup.pairs
     eval_rows = setup.eval_rows
     if args.precompute_ref_log_probs and distributed.world_size() > 1:

@@ -24,9 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.core.outputs import atomic_dir, print_summary, read_metrics, setup_logging, write_json
+from finetune.core import ownership
+from finetune.core.logs import setup_logging
+from finetune.core.outputs import atomic_dir, read_metrics, write_json
 from finetune.core.progress import library_bars_off, progress
 from finetune.core.serving import Loaded, load_base, load_folder, load_recipe_model
+from finetune.core.summary import print_summary
 from finetune.errors import UserError
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
@@ -208,7 +211,7 @@ def evaluate(
         **(extra or {}),
         "eval_runtime_s": time.time() - started,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ownership.stage_kind("eval")) as tmp:
         write_json(tmp / "results.json", {"model": scored, "base": base_scores, "descriptions": metrics})
         (tmp / "results.md").write_text(markdown_table(rows))
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a finished stage
@@ -238,12 +241,11 @@ def _fmt(value) -> str:
 
 def run(recipe: Recipe) -> dict:
     """`finetune eval RECIPE`: the recipe's model (eval.model) and base on the eval section's tasks."""
-    setup_logging()
     section = recipe.eval
-    export = read_metrics(recipe.stage_dir("export"))
+    export = read_metrics(recipe.stage_dir(STAGES.model_folder_stage()))
     extra = {"correct_rate_export": export.get("correct_rate_after")} if export else {}
     return evaluate(
-        lambda: load_recipe_model(recipe, section.model),
+        lambda: load_recipe_model(recipe, section.model, key="eval.model"),
         section,
         recipe.resolve_path(section.include_path),
         recipe.stage_dir("eval"),
@@ -275,6 +277,7 @@ def _folder_main(args) -> int:
     if args.no_base:
         section = section.model_copy(update={"base": False})
     out = Path(args.out) if args.out else folder.with_name(f"{folder.name}-eval")
+    ownership.check_target(out, ownership.stage_kind("eval"), "Name another --out folder, or move that one away")
     _lm_eval()
     metrics = read_metrics(folder)
     extra = {"correct_rate_export": metrics.get("correct_rate_after")} if metrics else {}

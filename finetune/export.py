@@ -20,33 +20,24 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from finetune.chat_template import encode, end_of_turn_ids, render
+from finetune.core import ownership
 from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
 from finetune.core.modeling import DTYPES, load_model, load_stacked, load_tokenizer, template_for
-from finetune.core.outputs import (
-    atomic_dir,
-    check_export_target,
-    figure,
-    is_export_folder,
-    key_metrics,
-    print_summary,
-    rate,
-    read_metrics,
-    setup_logging,
-    write_json,
-    write_samples,
-)
+from finetune.core.outputs import atomic_dir, read_metrics, write_json, write_samples
 from finetune.core.progress import progress
 from finetune.core.publishing import push_folder
+from finetune.core.summary import figure, print_summary, rate
 from finetune.launch import stage_main
-from finetune.recipe import STAGES, Recipe, dump_recipe
+from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
 log = logging.getLogger("finetune.export")
 
@@ -85,39 +76,72 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int]:
-    """The SFT stage's held-out rows and generation settings: the rows on which the SFT stage measured
-    the base model, so the exported model's figure compares with it one to one."""
-    if recipe.sft is None:
-        return [], 0, 0
-    limit = (
-        recipe.sft.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
-    )
+# ----------------------------------------------------------------------------- where the export goes
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A complete `finetune export` output: finetune's mark says so, and its metrics.json (written last) is there."""
+    return ownership.kind_of(folder) == ownership.stage_kind("export") and (Path(folder) / "metrics.json").is_file()
+
+
+def check_export_target(recipe: Recipe, target: Path, force: bool) -> None:
+    """Refuse, before anything loads, an export target that is not absent, empty or an earlier export
+    (core.ownership: never a user's folder, the output_dir, a stage's output or checkpoints, nor a folder inside
+    one), an earlier export without `force`, and a target whose parent cannot be written."""
+    key = "export.output"
+    t = Path(target).expanduser()
+    try:
+        ownership.check_target(t, ownership.stage_kind("export"), "Export to a folder of its own (the default is "
+                               "<output_dir>/export)")  # fmt: skip
+    except ownership.NotOurs as e:
+        raise RecipeError(f"{recipe.source}: {key}: {e}") from None
+    if t.is_dir() and any(t.iterdir()) and not force:
+        raise RecipeError(
+            f"{recipe.source}: {key}: {target} already exists; pass --force (or export.force=true) to replace it, "
+            "or export.output=<another folder>"
+        )
+    t.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=t.parent, prefix=f".{t.name}.probe"):
+        pass
+
+
+def held_out_rows(recipe: Recipe) -> tuple[list[dict], int, int, float | None]:
+    """The held-out rows and generation settings of the recipe's first chat-model stage with data (SFT): the
+    rows on which that stage measured the base model, so the exported model's figure compares with it one to
+    one; and that stage's figure for the base (None when it measured none)."""
+    first = recipe.question_stage()
+    if first is None:
+        return [], 0, 0, None
+    section = recipe.section(first)
+    limit = section.eval_generate_rows if recipe.export.eval_generate_rows is None else recipe.export.eval_generate_rows
     if limit == 0:
-        return [], 0, 0
-    _, eval_rows, _, _ = train_eval_rows(recipe.sft.data, recipe, recipe.seed)
-    return eval_rows, limit, recipe.sft.max_new_tokens
+        return [], 0, 0, None
+    _, eval_rows, _, _ = train_eval_rows(section.data, recipe, recipe.seed)
+    base = STAGES[first].key_metrics(read_metrics(recipe.stage_dir(first)))["correct_before"]
+    return eval_rows, limit, section.max_new_tokens, base
 
 
 def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot: str) -> str:
     """README.md of the exported folder: what it is, how to use it, the stages and their figures, the recipe."""
     out = Path(recipe.output_dir)
-    ppo = read_metrics(recipe.stage_dir("ppo")) if stage == "ppo" else {}
+    outputs = {name: read_metrics(recipe.stage_dir(name)) for name in STAGES.names() if name != "export"}
     rows = []
-    for name in STAGES.names():
-        folder = recipe.stage_dir(name)
-        m = read_metrics(folder) if name != "export" else {}
+    for name, m in outputs.items():
         if not m:
             continue
-        if str(folder) in chain:
+        folder = str(recipe.stage_dir(name))
+        # an RL stage records the adapter its policy started as a copy of, and the reward model it scored with
+        started = [other for other, o in outputs.items() if o.get("policy_initialised_from") == folder]
+        scored = [other for other, o in outputs.items() if o.get("reward_from") == folder]
+        if folder in chain:
             role = "merged into this model"
-        elif ppo.get("policy_initialised_from") == str(folder):
-            role = "initialised the PPO policy, which replaced it"
-        elif ppo.get("reward_from") == str(folder):
-            role = "scored PPO's samples (not part of this model)"
+        elif started and started[0] == stage:
+            role = f"initialised the {stage} policy, which replaced it"
+        elif scored and stage in scored:
+            role = f"scored {stage}'s samples (not part of this model)"
         else:
             role = "not part of this model"
-        k = key_metrics(name, m)
+        k = STAGES[name].key_metrics(m)
         rows.append(
             f"| {name} | {role} | {k['metric']}: {figure(k['before'], k['metric'])} → "
             f"{figure(k['after'], k['metric'])} | "
@@ -215,7 +239,6 @@ def summarise(recipe: Recipe, metrics: dict, parity_checked: bool, target: Path)
 
 
 def run(recipe: Recipe) -> dict:
-    setup_logging(verbose=recipe.logging.verbose)
     section = recipe.export
     target = recipe.stage_dir("export")
     if not section.force and section.push_to_hub and is_export_folder(target):
@@ -224,8 +247,8 @@ def run(recipe: Recipe) -> dict:
         return read_metrics(target)
     check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
-    stage = chat_model_stage(recipe)
-    chain = model_chain(recipe, stage)
+    stage = chat_model_stage(recipe, section.stage, "export.stage")
+    chain = model_chain(recipe, stage, "export.stage")
     dtype_name = recipe.precision if section.dtype == "auto" else section.dtype
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     stop = end_of_turn_ids(tokenizer, template)
@@ -244,7 +267,7 @@ def run(recipe: Recipe) -> dict:
     merged32 = logits_of(model, inputs)
     model.to(DTYPES[dtype_name])
     exported = logits_of(model, inputs)
-    rows, limit, max_new = held_out_rows(recipe)
+    rows, limit, max_new, correct_base = held_out_rows(recipe)
     correct, replies = held_out_correctness(model, tokenizer, template, rows, limit, max_new) if limit else (None, [])
     samples = Samples(recipe)
     samples.answer("export", model, tokenizer, template)  # the exported weights (export.dtype), as served
@@ -261,11 +284,11 @@ def run(recipe: Recipe) -> dict:
         "max_shard_size": section.max_shard_size,
         "eos_token_id": gen.eos_token_id,
         "end_of_turn": eot,
-        "correct_rate_base": read_metrics(recipe.stage_dir("sft")).get("correct_rate_before"),
+        "correct_rate_base": correct_base,
         "correct_rate_after": correct,
         "sample_reply": replies[0] if replies else None,
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, ownership.stage_kind("export")) as tmp:
         with progress(f"export: writing {dtype_name} safetensors"):
             model.save_pretrained(str(tmp), max_shard_size=section.max_shard_size)
         tokenizer.save_pretrained(str(tmp))  # with the chat template
@@ -278,6 +301,8 @@ def run(recipe: Recipe) -> dict:
             metrics["parity_max_abs_diff_fp32"] = max_abs_diff(merged32, ref)
             metrics["parity_max_abs_diff_export_dtype"] = max_abs_diff(exported, ref)
             metrics["parity_tokens"] = sum(map(len, inputs))
+            if dtype_name != "fp32":  # the pipeline's table shows it beside the fp32 figure
+                metrics["headline_note"] = f"{dtype_name}: {figure(metrics['parity_max_abs_diff_export_dtype'])}"
         metrics["export_runtime_s"] = time.time() - started
         metrics["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))

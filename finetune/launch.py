@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import distributed, faults, tracking
+from finetune.core import distributed, faults, ownership, tracking
 from finetune.core.locks import output_lock
-from finetune.core.outputs import setup_logging
+from finetune.core.logs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
 
@@ -119,11 +119,15 @@ def ignoring_sigint():
 
 
 def before_loading(recipe: Recipe, stage: str) -> None:
-    """What every stage checks before it writes or loads anything: its optional libraries, then whether
-    its estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
+    """What every stage checks before it writes or loads anything: its optional libraries, that the folders it
+    will replace are its own (core.ownership: never a user's folder, never another stage's), then whether its
+    estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
+    fix = "Set output_dir (or the stage's output key) to another folder, or move that one away yourself"
+    ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
+    ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
     from finetune.core.memory import preflight  # torch: only once a stage runs, not for `finetune --help`
 
     preflight(recipe, stage)

@@ -30,18 +30,11 @@ from finetune.core.data import DataError, DataReport, to_prompt, tokenize_prompt
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import adapter_chain, check_adapter_folder, start_chain
 from finetune.core.modeling import base_fingerprint, load_model, load_tokenizer, lora_targets, template_for
-from finetune.core.outputs import (
-    commit_dir,
-    figure,
-    print_summary,
-    rate,
-    read_metrics,
-    setup_logging,
-    staging_dir,
-    write_stage_files,
-)
+from finetune.core.outputs import commit_dir, discard, read_metrics, staging_dir, write_stage_files
+from finetune.core.ownership import stage_kind
 from finetune.core.progress import progress, step_line
 from finetune.core.resume import choose_checkpoint, run_identity
+from finetune.core.summary import figure, print_summary, rate
 from finetune.core.training import check_precision
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
@@ -295,14 +288,13 @@ def _window_mean(log_rows: list[dict], key: str, last: bool) -> float | None:
 
 
 def _earlier_correctness(recipe: Recipe) -> dict:
-    """Held-out correctness of the earlier chat-model stages' outputs, for the summary."""
+    """Held-out correctness of the earlier chat-model stages' outputs that measure it, for the summary."""
     out = {}
-    for stage in STAGES.chat_model_stages():
-        if stage == "ppo":
-            break
-        metrics = read_metrics(recipe.stage_dir(stage))
-        if metrics:
-            out[f"correct_rate_{stage}"] = metrics.get(STAGES[stage].correctness[1])
+    earlier = STAGES.names()[: STAGES.names().index("ppo")]
+    for stage in (s for s in STAGES.chat_model_stages() if s in earlier):
+        correct = STAGES.correctness_after(stage, read_metrics(recipe.stage_dir(stage)))
+        if correct is not None:
+            out[f"correct_rate_{stage}"] = correct
     return out
 
 
@@ -381,7 +373,8 @@ def save_output(
     head under value/, tokenizer + template, recipe.yaml, metrics.json, updates.jsonl."""
     from safetensors.torch import save_file
 
-    tmp = staging_dir(out)
+    kind = stage_kind("ppo")
+    tmp = staging_dir(out, kind)
     try:
         model.peft.save_pretrained(str(tmp), selected_adapters=[POLICY, VALUE])
         for f in (tmp / POLICY).iterdir():
@@ -392,9 +385,9 @@ def save_output(
         tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_file, tmp / "updates.jsonl")
         write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, kind)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def _term_lines(m: dict) -> list[tuple[str, str]]:
@@ -504,7 +497,6 @@ def run(recipe: Recipe) -> dict:
     check_precision(recipe)
     device = PartialState().device  # also initialises torch.distributed under a launcher
     main = distributed.is_main()
-    setup_logging(main, recipe.logging.verbose)
     check_settings(recipe, main)
     start = resolve_start(recipe)
     rules = load_rules(recipe, "ppo")  # imported and their signatures checked before any model loads

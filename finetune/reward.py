@@ -14,8 +14,9 @@ import sys
 
 from finetune.core.evaluation import pairwise_accuracy
 from finetune.core.modeling import add_lora, count_parameters, load_model
-from finetune.core.outputs import print_summary, save_stage
+from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
+from finetune.core.summary import print_summary
 from finetune.core.training import place_for_eval, prepare_preference_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe

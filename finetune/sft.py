@@ -27,12 +27,12 @@ from finetune.core.modeling import (
     load_tokenizer,
     template_for,
 )
-from finetune.core.outputs import print_summary, rate, save_stage, setup_logging
+from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
+from finetune.core.summary import print_summary, rate
 from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
-from finetune.recipe.trl_fields import SFT_DEFAULTS
 
 log = logging.getLogger("finetune.sft")
 
@@ -41,7 +41,7 @@ def sft_args(recipe: Recipe):
     """The SFTConfig of a recipe, with finetune's defaults under the recipe's own values."""
     from trl import SFTConfig
 
-    return trl_config(recipe, "sft", SFTConfig, defaults=SFT_DEFAULTS, eval_strategy="no")
+    return trl_config(recipe, "sft", SFTConfig, eval_strategy="no")
 
 
 def make_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds=None, **extra):
@@ -111,7 +111,6 @@ def run(recipe: Recipe) -> dict:
     tokenizer = load_tokenizer(recipe)
     args = sft_args(recipe)
     main_process = distributed.is_main()
-    setup_logging(main_process, recipe.logging.verbose)
 
     train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed)
     train_ds = tokenize_conversations(

@@ -5,6 +5,9 @@ import ast
 import contextlib
 import io
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,57 +115,228 @@ def test_nothing_cites_notes_outside_the_repository():
     assert not hits, hits
 
 
-NOOP_MODULE = """
-from finetune.core.outputs import atomic_dir, write_json
+ENTRY_MODULE = """
+from finetune.recipe import STAGES, DataSection, Stage
+from finetune.recipe.sections import TRL_STAGE_CONFIG, FromEarlierStage, TrlStage
+from finetune.recipe.stages import Memory
+from pydantic import Field
+
+
+class NoopSection(TrlStage, FromEarlierStage):
+    model_config = TRL_STAGE_CONFIG
+    data: DataSection = Field(description="conversations")
+    say: str = "hello"
+
+
+if "noop" not in STAGES:
+    STAGES.register(
+        Stage(
+            "noop",
+            "noop_stage",
+            NoopSection,
+            "a throwaway stage",
+            trl_config=("trl", "SFTConfig"),
+            inputs={"sft": "start_from"},
+            chat_model=True,
+            headline=("said", None, "said"),
+            correctness=("correct_rate_before", "correct_rate_after"),
+            memory=Memory(),
+        ),
+        before="export",
+    )
+"""
+
+STAGE_MODULE = """
+import sys
+
+import noop_entry  # noqa: F401  the registry entry, in every process that runs this stage
+from finetune.core.data import tokenize_conversations, train_eval_rows
+from finetune.core.evaluation import held_out_correctness
+from finetune.core.lineage import start_chain
+from finetune.core.modeling import add_lora, load_model, load_tokenizer, template_for
+from finetune.core.outputs import save_stage
+from finetune.core.training import train, trl_config
 from finetune.launch import stage_main
 
 
 def run(recipe):
-    with atomic_dir(recipe.stage_dir("noop")) as tmp:
-        write_json(tmp / "metrics.json", {"said": recipe.noop.say})
+    from trl import SFTConfig, SFTTrainer
+
+    section = recipe.section("noop")
+    start = start_chain(recipe, "noop")
+    template, tokenizer = template_for(recipe), load_tokenizer(recipe)
+    args = trl_config(recipe, "noop", SFTConfig, eval_strategy="no", packing=False)
+    rows, held_out, report, held_report = train_eval_rows(section.data, recipe, recipe.seed)
+    data = tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", report, "train")
+    model = add_lora(load_model(recipe, merge=start), recipe)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trained = train(trainer, model, recipe, "noop", None)
+    correct, _ = held_out_correctness(model, tokenizer, template, held_out, 8, 8)
+    metrics = {"said": section.say, "correct_rate_after": correct, "start_from": start, **trained}
+    save_stage(trainer, recipe, "noop", tokenizer, metrics, reports={"train": report, "eval": held_report})
+    return metrics
 
 
 def main(argv=None):
     return stage_main("noop", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 """
 
 
 @pytest.fixture
 def noop_stage(tmp_path, monkeypatch):
-    """A throwaway stage: one registry entry plus its module, nothing else edited."""
-    from finetune.recipe import STAGES, Stage
-    from finetune.recipe.sections import Section
+    """A throwaway TRL-backed stage with data: one registry entry plus its module, nothing else edited. Child
+    processes (the pipeline's stages, the export) learn of it the way the package's own stages are known to every
+    process, by importing the registry: here through a sitecustomize on their PYTHONPATH."""
+    from finetune.recipe import STAGES
 
-    class NoopSection(Section):
-        say: str = "hello"
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "noop_entry.py").write_text(ENTRY_MODULE)
+    (plugin / "noop_stage.py").write_text(STAGE_MODULE)
+    (plugin / "sitecustomize.py").write_text("import noop_entry  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(plugin))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugin), str(ROOT)]))
+    import noop_entry  # noqa: F401
 
-    (tmp_path / "noop_stage.py").write_text(NOOP_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    STAGES.register(
-        Stage("noop", "noop_stage", NoopSection, "a throwaway stage", has_data=False, headline=("said", None, "said")),
-        before="export",
-    )
     yield
     STAGES.unregister("noop")
+    sys.modules.pop("noop_entry", None)
+    sys.modules.pop("noop_stage", None)
 
 
-def test_a_registered_stage_appears_everywhere_with_no_other_edit(noop_stage, tmp_path):
+def test_a_registered_stage_appears_everywhere_with_no_other_edit(noop_stage, sft_run, tmp_path, capsys):
+    """Pipeline, --plan, the memory estimate, the Azure ML dry run and export take a new TRL-backed stage from its
+    registry entry alone."""
+    import yaml
+
     from finetune.cli import azureml, main
-    from finetune.core.outputs import key_metrics
-    from finetune.recipe import load_recipe
+    from finetune.core.memory import estimate_stage, model_shape, stage_settings
+    from finetune.recipe import STAGES, load_recipe
 
     help_text = io.StringIO()
     with contextlib.redirect_stdout(help_text):
         assert main(["--help"]) == 0
     assert "finetune noop RECIPE" in help_text.getvalue() and "a throwaway stage" in help_text.getvalue()
+    assert "noop" in next(a for a in azureml.parser()._actions if a.dest == "stage").choices
 
-    recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}/run", "noop.say=hi"])
-    assert recipe.pipeline_stages() == ["sft", "reward", "dpo", "ppo", "noop", "export", "eval"]
-    assert "noop" not in load_recipe(TINY_RECIPE).pipeline_stages()  # only when the recipe has the section
+    out = tmp_path / "run"
+    shutil.copytree(sft_run[2], out / "sft")  # the session's SFT output: the pipeline skips that stage
+    train = ROOT / "data" / "tiny" / "sft_train.jsonl"
+    overrides = [
+        f"output_dir={out}",
+        f"noop.data={{train: [{{path: {train}}}], eval_fraction: 0.1}}",
+        "noop.say=hi",
+        "noop.max_steps=1",
+        "noop.per_device_train_batch_size=4",
+        "noop.max_length=128",
+        "pipeline.stages=[sft, noop, export]",
+        "export.parity_prompts=2",
+        "samples.count=0",
+    ]
+    recipe = load_recipe(TINY_RECIPE, overrides)
+    assert recipe.pipeline_stages() == ["sft", "noop", "export"]
+    assert STAGES.inputs("export")["noop"] is None  # export reads every model stage, derived
 
-    stage_choices = next(a for a in azureml.parser()._actions if a.dest == "stage").choices
-    assert "noop" in stage_choices
+    shape, _ = model_shape(recipe)
+    estimate = estimate_stage("noop", shape, stage_settings(recipe, "noop", "cpu", 1))
+    assert {"weights", "adapters", "activations"} <= set(estimate.parts)  # its profile, not a fallback
 
-    assert main(["noop", str(TINY_RECIPE), f"output_dir={tmp_path}/run", "noop.say=hi"]) == 0
-    metrics = json.loads((tmp_path / "run" / "noop" / "metrics.json").read_text())
-    assert metrics == {"said": "hi"} and key_metrics("noop", metrics)["after"] == "hi"
+    assert main(["pipeline", str(TINY_RECIPE), *overrides, "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "[2/3] noop" in plan and "1; 4 rows per step" in plan and "noop_stage.py" in plan
+    assert plan.split("[2/3] noop")[1].split("[3/3]")[0].count("memory:") == 1
+
+    jobs = tmp_path / "jobs"
+    assert main(["azureml", "submit", str(TINY_RECIPE), *overrides, "--stage", "pipeline", "--dry-run",
+                 "--compute", "cpu", "--out", str(jobs)]) == 0  # fmt: skip
+    spec = yaml.safe_load(next(jobs.glob("*-pipeline.yaml")).read_text())
+    assert "sft" in spec["jobs"]["noop"]["inputs"] and "data_train_0" in spec["jobs"]["noop"]["inputs"]
+    assert "noop" in spec["jobs"]["export"]["inputs"]
+
+    assert main(["pipeline", str(TINY_RECIPE), *overrides]) == 0, capsys.readouterr().err[-3000:]
+    metrics = json.loads((out / "noop" / "metrics.json").read_text())
+    assert metrics["said"] == "hi" and STAGES["noop"].key_metrics(metrics)["after"] == "hi"
+    exported = json.loads((out / "export" / "metrics.json").read_text())
+    assert exported["stage"] == "noop" and [Path(a).name for a in exported["adapters"]] == ["sft", "noop"]
+    assert exported["parity_max_abs_diff_fp32"] < 1e-4
+
+
+# ----------------------------------------------------------------------------- stage facts live in the registry
+
+
+def _is_stage_text(node, names) -> bool:
+    return isinstance(node, ast.Constant) and node.value in names
+
+
+def stage_name_branches(path: Path, names: set[str], root: Path = ROOT) -> list[str]:
+    """Places in `path` that branch on, index by or reach for a stage by its literal name: a comparison or
+    membership test with a stage name, `recipe.<stage>`, `recipe.section("<stage>")`, `stage_dir("<stage>")`,
+    `STAGES["<stage>"]` (or a table of steps, jobs or outputs indexed by one), and a dict keyed by two or more
+    stage names (a table of per-stage facts)."""
+    tree = ast.parse(path.read_text())
+    hits = []
+
+    def where(node, what):
+        hits.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: {what}"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            parts = [node.left, *node.comparators]
+            flat = parts + [e for p in parts if isinstance(p, ast.Tuple | ast.List | ast.Set) for e in p.elts]
+            if any(_is_stage_text(p, names) for p in flat):
+                where(node, ast.unparse(node))
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            if isinstance(node.value, ast.Name) and node.value.id == "recipe":
+                where(node, ast.unparse(node))
+        elif isinstance(node, ast.Call) and node.args and _is_stage_text(node.args[0], names):
+            func = ast.unparse(node.func)
+            if func.endswith(("section", "stage_dir", "checkpoint_dir", "key_metrics", "correctness_after")):
+                where(node, ast.unparse(node))
+        elif isinstance(node, ast.Subscript) and _is_stage_text(node.slice, names):
+            # STAGES["dpo"], steps["export"], outputs["sft"]; a split's name ("eval") indexes other tables
+            if any(w in ast.unparse(node.value).lower() for w in ("stage", "step", "output", "job")):
+                where(node, ast.unparse(node))
+        elif isinstance(node, ast.Dict) and sum(_is_stage_text(k, names) for k in node.keys if k is not None) >= 2:
+            where(node, "a dict keyed by stage names")
+    return [text for _, text in sorted(hits)]
+
+
+def test_no_stage_is_named_outside_the_registry_and_its_own_module():
+    """A fact about a stage lives in its registry entry (or in its own module, which may name itself): code
+    anywhere else that branches on a literal stage name is a fact that escaped the registry."""
+    from finetune.recipe import STAGES
+
+    names = set(STAGES.names())
+    own = {MODULES[s.module]: s.name for s in STAGES}
+    registry = PACKAGE / "recipe" / "stages.py"
+    hits = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == registry:
+            continue
+        # a stage module may name itself (its section, its summary title); naming another stage is the same escape
+        others = names - {own[path]} if path in own else names
+        hits += stage_name_branches(path, others)
+    assert not hits, "stage facts outside the registry:\n" + "\n".join(hits)
+
+
+def test_the_stage_name_check_finds_what_it_looks_for(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(recipe, stage, r):\n"
+        "    if stage == 'ppo':\n        pass\n"
+        "    if r['stage'] in ('sft', 'dpo'):\n        pass\n"
+        "    x = recipe.export.stage\n"
+        "    y = recipe.section('sft')\n"
+        "    z = STAGES['dpo']\n"
+        "    t = {'sft': 1, 'dpo': 2}\n"
+        "    ok = 'sft' + stage\n"
+        "    split = ('train', 'eval')\n"
+        "    rows = pairs['eval']\n"
+        "    job = steps['export']\n"
+    )
+    hits = stage_name_branches(sample, {"sft", "dpo", "ppo", "export", "eval"}, root=tmp_path)
+    assert [h.split(": ", 1)[0] for h in hits] == [f"sample.py:{n}" for n in (2, 4, 6, 7, 8, 9, 13)], hits

@@ -276,8 +276,9 @@ def pipeline_job_yaml(recipe: Recipe, overrides: list[str], yaml_dir: Path, stag
         job = build_stage_job(recipe, stage, overrides, yaml_dir, upstream_binding=bind)
         outputs[stage] = job.spec["outputs"][stage]
         steps[stage] = {**job.spec, "outputs": {stage: f"${{{{parent.outputs.{stage}}}}}"}}
-    if "export" in steps and recipe.azureml.register_model:
-        steps[REGISTER_STEP], outputs[REGISTER_STEP] = register_step(recipe, yaml_dir, steps["export"])
+    exported = STAGES.model_folder_stage()  # the stage whose output is the model folder to register
+    if exported in steps and recipe.azureml.register_model:
+        steps[REGISTER_STEP], outputs[REGISTER_STEP] = register_step(recipe, yaml_dir, steps[exported], exported)
     return {
         "$schema": PIPELINE_SCHEMA,
         "type": "pipeline",
@@ -317,7 +318,7 @@ def model_description(recipe: Recipe) -> str:
     )
 
 
-def register_step(recipe: Recipe, yaml_dir: Path, export_step: dict) -> tuple[dict, dict]:
+def register_step(recipe: Recipe, yaml_dir: Path, export_step: dict, exported: str) -> tuple[dict, dict]:
     """The pipeline's last step: the export step's output copied to a custom_model output that carries
     a name (and version): Azure ML registers such an output as a model asset when the job completes.
     The folder is the whole export: weights, tokenizer with the chat template, model card, metrics."""
@@ -327,11 +328,12 @@ def register_step(recipe: Recipe, yaml_dir: Path, export_step: dict) -> tuple[di
     step = {
         "type": "command",
         "display_name": f"{Path(recipe.source).stem}-{REGISTER_STEP}",
-        "command": "cp -rL ${{inputs.export}}/. ${{outputs.model}} && cat ${{outputs.model}}/metrics.json",
+        "command": f"cp -rL ${{{{inputs.{exported}}}}}/. ${{{{outputs.model}}}} && "
+        "cat ${{outputs.model}}/metrics.json",
         "environment": export_step["environment"],
         "compute": export_step["compute"],
         "resources": {"instance_count": 1},
-        "inputs": {"export": "${{parent.jobs.export.outputs.export}}"},
+        "inputs": {exported: f"${{{{parent.jobs.{exported}.outputs.{exported}}}}}"},
         "outputs": {"model": f"${{{{parent.outputs.{REGISTER_STEP}}}}}"},
     }
     return step, output
@@ -347,7 +349,7 @@ def export_folder(target: str, overrides: list[str]) -> tuple[Path, Recipe]:
             raise RecipeError(f"{path}: no recipe.yaml; register an export written by finetune export")
         return path, load_recipe(path / "recipe.yaml", overrides)
     recipe = load_recipe(target, overrides)
-    folder = recipe.stage_dir("export")
+    folder = recipe.stage_dir(STAGES.model_folder_stage())
     if not (folder / "metrics.json").is_file():
         raise RecipeError(
             f"{recipe.source}: no finished export in {folder}; run `finetune export {recipe.source}` first"

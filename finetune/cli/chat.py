@@ -28,6 +28,7 @@ from finetune.chat_template import ChatTemplate, find_special_token
 from finetune.core.data import DataError, read_prompts
 from finetune.core.evaluation import generate_answers
 from finetune.core.outputs import write_json
+from finetune.core.ownership import check_file_target, file_mark, remove_file
 from finetune.core.progress import progress
 from finetune.core.resume import sha256_file
 from finetune.core.serving import Loaded, load_for_chat
@@ -192,19 +193,16 @@ def _answered(out: Path, rows: list[dict], meta: dict, meta_path: Path, overwrit
     short by a kill is removed."""
     if not out.exists():
         return 0
-    if overwrite:
-        out.unlink()
+    if overwrite:  # only a file an earlier `finetune generate` wrote (its mark beside it), never the user's own
+        remove_file(out, "Choose another --out, or move that file away yourself")
         return 0
-    recorded = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    check_file_target(out, "Choose another --out, or move that file away yourself")  # finetune wrote it
+    recorded = json.loads(meta_path.read_text())
     if recorded != meta:
-        differs = (
-            "no record of the run that wrote it"
-            if recorded is None
-            else ", ".join(f"{k} was {recorded.get(k)!r}" for k in meta if recorded.get(k) != meta[k])
-        )
+        differs = ", ".join(f"{k} was {recorded.get(k)!r}" for k in meta if recorded.get(k) != meta[k])
         raise DataError(
-            f"{out}: already exists and was not written by this command ({differs}); pass --overwrite to replace "
-            "it, or choose another --out"
+            f"{out}: already exists and was written by another `finetune generate` ({differs}); pass --overwrite to "
+            "replace it, or choose another --out"
         )
     data = out.read_bytes()
     keep = data[: data.rfind(b"\n") + 1]  # whole lines only
@@ -237,8 +235,10 @@ def generate_file(
     stop_token = loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
     template = ChatTemplate(name="embedded", source=loaded.tokenizer.chat_template, end_of_turn=stop_token)
     out = Path(out_path)
+    if prompts_path and out.exists() and out.resolve() == Path(prompts_path).resolve():
+        raise DataError(f"{out}: --out is the prompts file itself; name another file for the answers")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta_path = out.with_name(f".{out.name}.generate.json")
+    meta_path = file_mark(out)  # what wrote it (prompts, model, budget): finetune's mark on the file
     meta = {
         "prompts": str(Path(prompts_path).resolve()) if prompts_path else None,
         "prompts_sha256": sha256_file(prompts_path) if prompts_path else None,

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from finetune.core import progress, tracking
 from finetune.core.locks import output_lock
-from finetune.core.outputs import figure, finished, key_metrics, rate, read_metrics, write_json
+from finetune.core.outputs import finished, read_metrics, write_json
+from finetune.core.summary import figure, rate
 from finetune.errors import UserError
 from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
 from finetune.recipe import STAGES, Recipe, load_recipe
@@ -42,34 +43,28 @@ CURVES = "pipeline_curves.png"
 
 
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
-    row = {
+    return {
         "stage": stage,
         "status": status,
-        **key_metrics(stage, read_metrics(recipe.stage_dir(stage))),
+        **STAGES[stage].key_metrics(read_metrics(recipe.stage_dir(stage))),
         "seconds": seconds,
         "seconds_from_earlier_run": earlier,
         "output": str(recipe.stage_dir(stage)),
     }
-    if stage == "export" and row["after"] is not None:
-        m = read_metrics(recipe.stage_dir(stage))
-        row["export_dtype"], row["parity_export_dtype"] = m.get("dtype"), m.get("parity_max_abs_diff_export_dtype")
-    return row
 
 
 def format_table(rows: list[dict]) -> str:
     header = ["stage", "status", "key metric", "before -> after", "held-out correct", "time", "output"]
     lines = []
     for r in rows:
-        if r["stage"] == "export" and r["after"] is not None:
-            change = f"{figure(r['after'])}" + (
-                f" ({r['export_dtype']}: {figure(r['parity_export_dtype'])})"
-                if r.get("export_dtype") not in (None, "fp32")
-                else ""
-            )
+        if r["metric"] is None:
+            change = "n/a"
+        elif r["before"] is None and r["after"] is not None:  # a figure with no before (export's parity)
+            change = figure(r["after"], r["metric"])
         else:
-            change = (
-                f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}" if r["metric"] else "n/a"
-            )
+            change = f"{figure(r['before'], r['metric'])} -> {figure(r['after'], r['metric'])}"
+        if r.get("note"):  # what the stage adds to its headline (export: the exported dtype's parity)
+            change += f" ({r['note']})"
         correct = (
             "n/a"
             if r["correct_before"] is None and r["correct_after"] is None
@@ -87,8 +82,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
-    """One panel per stage with recorded curves: training loss per step (sft, reward, dpo; from
-    log_history.json) and score and KL per update (ppo; from updates.jsonl). Returns the stages drawn."""
+    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
+    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -97,7 +92,7 @@ def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
     curves = {}
     for stage in stages:
         folder = recipe.stage_dir(stage)
-        if stage == "ppo" and (folder / "updates.jsonl").is_file():
+        if (folder / "updates.jsonl").is_file():
             rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
             curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
         elif (folder / "log_history.json").is_file():
@@ -135,13 +130,17 @@ def _earlier_seconds(report: Path) -> dict:
 
 
 def stage_overrides(recipe: Recipe, stage: str, trained: list[str], rerun: bool) -> list[str]:
-    """What the pipeline adds to a stage's command: export takes this pipeline's model, and once an
-    earlier stage has run, later ones start over (their inputs changed)."""
+    """What the pipeline adds to a stage's command: a stage that takes a chat model (export) takes this
+    pipeline's, and once an earlier stage has run, later ones start over (their inputs changed)."""
     extra = []
-    if stage == "export" and recipe.export.stage == "auto" and trained:
-        extra.append(f"export.stage={trained[-1]}")  # this pipeline's model, not an older stage's output
+    entry, section = STAGES[stage], recipe.section(stage)
+    chat_choice = entry.model_choice and not any(STAGES[s].takes_models for s in STAGES.inputs(stage))
+    if chat_choice and getattr(section, entry.model_choice) == "auto" and trained:
+        # this pipeline's model, not an older stage's output (a stage that may also take the export, eval,
+        # keeps auto: it prefers the export this pipeline just wrote)
+        extra.append(f"{stage}.{entry.model_choice}={trained[-1]}")
     if rerun:  # an earlier stage changed this one's inputs: start over, replace the output
-        keys = type(recipe.section(stage)).model_fields
+        keys = type(section).model_fields
         extra += [f"{stage}.resume=false"] if "resume" in keys else [f"{stage}.force=true"] if "force" in keys else []
     return extra
 
@@ -161,43 +160,47 @@ def _sources(section) -> str:
 
 
 def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, str]:
-    """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read)."""
-    from finetune.core.memory import trl_setting
-
-    if stage == "ppo":
-        s = recipe.ppo
-        episodes = s.rollout_batch_size * processes
+    """Optimiser steps and tokens, from the recipe alone (data sizes are not known before the data is read);
+    the stage's registry entry says what a row is and what the stage holds."""
+    entry, section = STAGES[stage], recipe.section(stage)
+    m = entry.memory
+    if m.rollout:
+        generations = getattr(section, "num_generations", 1)
+        prompts = section.rollout_batch_size * processes
+        episodes = prompts * generations
+        per_prompt = f" x {generations} samples" if generations > 1 else ""
         return (
-            f"{s.updates} updates x {episodes} episodes ({s.rollout_batch_size} prompts x {processes} processes), "
-            f"{s.ppo_epochs} epochs x {s.mini_batches} minibatches each",
-            f"at most {episodes * (s.max_prompt_length + s.response_length):,} per update "
-            f"(prompts <= {s.max_prompt_length}, responses <= {s.response_length})",
+            f"{section.updates} updates x {episodes} episodes ({section.rollout_batch_size} prompts{per_prompt} x "
+            f"{processes} processes), {getattr(section, 'ppo_epochs', 1)} epochs x {section.mini_batches} "
+            "minibatches each",
+            f"at most {episodes * (section.max_prompt_length + section.response_length):,} per update "
+            f"(prompts <= {section.max_prompt_length}, responses <= {section.response_length})",
         )
-    if stage == "export":
-        return "no training", "parity and sample prompts only"
-    if not STAGES[stage].trl_config:  # eval and other stages without a trainer
-        tasks = getattr(recipe.section(stage), "tasks", None)
+    if entry.trl_config is None:  # merges, benchmarks: no trainer
+        tasks = getattr(section, "tasks", None)
         names = f": {', '.join(t.name for t in tasks)}" if tasks else ""
-        return f"no training{names}", "as the tasks need"
-    batch = trl_setting(recipe, stage, "per_device_train_batch_size")
-    accumulate = trl_setting(recipe, stage, "gradient_accumulation_steps")
-    length = trl_setting(recipe, stage, "max_length")
+        return f"no training{names}", "as the tasks need" if tasks else "parity and sample prompts only"
+
+    def setting(name):
+        return recipe.trl_setting(stage, name, processes)
+
+    batch, accumulate, length = (
+        setting("per_device_train_batch_size"),
+        setting("gradient_accumulation_steps"),
+        setting("max_length"),
+    )
     rows = batch * accumulate * processes
-    unit = "rows" if stage == "sft" else "pairs"
-    per_row = length if stage == "sft" else 2 * length
-    max_steps = trl_setting(recipe, stage, "max_steps")
-    epochs = trl_setting(recipe, stage, "num_train_epochs")
+    max_steps, epochs = setting("max_steps"), setting("num_train_epochs")
     steps = (
         f"{max_steps}"
         if max_steps and max_steps > 0
         else f"unknown until the data is read: {epochs:g} epoch(s) over the rows read"
     )
-    packed = " (packed)" if stage == "sft" and trl_setting(recipe, stage, "packing") else ""
+    packed = " (packed)" if setting("packing") else ""
+    sequences = f", {m.sequences} sequences each" if m.sequences > 1 else ""
     return (
-        f"{steps}; {rows} {unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
-        f"at most {rows * per_row:,} per step ({unit} of <= {length} tokens"
-        + (", chosen and rejected" if stage != "sft" else "")
-        + ")",
+        f"{steps}; {rows} {entry.unit}{packed} per step ({batch} x {accumulate} accumulated x {processes} processes)",
+        f"at most {rows * m.sequences * length:,} per step ({entry.unit} of <= {length} tokens{sequences})",
     )
 
 
@@ -233,7 +236,7 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
     )
     for i, stage in enumerate(stages, 1):
         processes = planned_processes(recipe, stage)
-        where = "cpu" if stage == "export" else device
+        where = "cpu" if STAGES[stage].memory.merge_only else device
         steps, tokens = _steps_and_tokens(recipe, stage, processes)
         lines.append(f"\n[{i}/{len(stages)}] {stage}")
         if STAGES[stage].has_data:

@@ -492,6 +492,37 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
     return out
 
 
+def to_unpaired(row, fmt: str, where: str) -> dict | None:
+    """Validate one row for an unpaired-preference stage (KTO) -> {'prompt': messages, 'completion': [assistant],
+    'label': bool} (TRL's unpaired preference format: label true = desirable), or a preference row as
+    `to_preference` returns it, which `tokenize_unpaired` splits into a desirable and an undesirable row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if fmt != "unpaired" and ("label" not in row or "completion" not in row):
+        if fmt == "auto" and "completion" in row:
+            raise DataError(
+                f"{where}: a prompt/completion row needs a 'label' for this stage (true: a desirable reply, false: "
+                "an undesirable one)"
+            )
+        return to_preference(row, "auto" if fmt == "unpaired" else fmt, where)
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}; unpaired rows need prompt, completion and label")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: label must be true or false (is the reply desirable?), got {label!r}")
+    prompt = _as_turns(row["prompt"], "user", where, "prompt")
+    completion = _as_turns(row["completion"], "assistant", where, "completion")
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise DataError(f"{where}: completion must be one assistant reply, got {[m['role'] for m in completion]}")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with the user's turn, got roles {[m['role'] for m in prompt]}")
+    out = {"prompt": prompt, "completion": completion, "label": label}
+    if row.get("answer") is not None:
+        out["answer"] = str(row["answer"])
+    return out
+
+
 def to_prompt(row, fmt: str, where: str) -> dict:
     """Validate one row for a prompt-only stage (PPO) -> {'prompt': messages ending with a user turn,
     'answer': optional reference, 'example': the row's other fields (for rule-based rewards)}.
@@ -689,7 +720,9 @@ def _check_row(row: dict, tokenizer, template: ChatTemplate, name: str, i: int) 
     """Where the row came from; refuses content that spells a special token, which would be read as
     that token (e.g. a literal <|endoftext|> ending a reply early) instead of as text."""
     where = row.get("where", f"{name}: row {i + 1}")
-    texts = [m["content"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, [])]
+    texts = [
+        m["content"] for key in ("messages", "prompt", "chosen", "rejected", "completion") for m in row.get(key, [])
+    ]
     for text in texts:
         found = find_special_token(text, tokenizer, template.end_of_turn_token(tokenizer))
         if found:
@@ -724,6 +757,40 @@ def tokenize_preferences(
         for key, value in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
             cols[key].append(value)
     report.close_overlong(name, len(cols["prompt_ids"]), "pair", "max_length", max_length)
+    return Dataset.from_dict(cols)
+
+
+def tokenize_unpaired(
+    rows: list[dict],
+    tokenizer,
+    template: ChatTemplate,
+    max_length: int,
+    on_overlong: str,
+    report: DataReport,
+    name: str,
+):
+    """datasets.Dataset of prompt_ids / completion_ids / label (TRL's KTO columns; replies through their
+    end-of-turn). A preference row gives two rows: its chosen reply desirable, its rejected one not."""
+    from datasets import Dataset
+
+    cols = {"prompt_ids": [], "completion_ids": [], "label": []}
+    for i, row in enumerate(track(rows, f"tokenizing {name} rows", unit="rows")):
+        where = _check_row(row, tokenizer, template, name, i)
+        replies = (
+            [(row["completion"][0]["content"], row["label"])]
+            if "completion" in row
+            else [(row["chosen"][0]["content"], True), (row["rejected"][0]["content"], False)]
+        )
+        tokenized = [(tokenize_reply(tokenizer, template, row["prompt"], text), label) for text, label in replies]
+        longest = max(len(p) + len(c) for (p, c), _ in tokenized)
+        if longest > max_length:
+            report.overlong(where, longest, "max_length", max_length, on_overlong)
+            continue
+        for (p, c), label in tokenized:
+            cols["prompt_ids"].append(p)
+            cols["completion_ids"].append(c)
+            cols["label"].append(label)
+    report.close_overlong(name, len(cols["prompt_ids"]), "row", "max_length", max_length)
     return Dataset.from_dict(cols)
 
 

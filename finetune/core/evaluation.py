@@ -203,8 +203,10 @@ def sequence_logps(
     pad_token_id: int,
     batch_size: int = 32,
     bar: Progress | None = None,
+    mean: bool = False,
 ) -> torch.Tensor:
-    """Sum of log-probabilities of each reply given its prompt; `bar` counts batches."""
+    """Sum of log-probabilities of each reply given its prompt (with `mean`, per reply token); `bar` counts
+    batches."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -215,7 +217,8 @@ def sequence_logps(
         reply_mask = torch.zeros_like(ids)
         for i, (p, r) in enumerate(zip(ps, rs)):
             reply_mask[i, len(p) : len(p) + len(r)] = 1
-        out.append((logps * reply_mask[:, 1:].to(device)).sum(-1).cpu())
+        total = (logps * reply_mask[:, 1:].to(device)).sum(-1).cpu()
+        out.append(total / torch.tensor([len(r) for r in rs]) if mean else total)
         if bar is not None:
             bar.update(1)
     return torch.cat(out)
@@ -241,6 +244,42 @@ def dpo_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 3
         "rewards_margin": margin.mean().item(),
         "loss": torch.nn.functional.softplus(-margin).mean().item(),
     }
+
+
+def kto_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 32) -> dict:
+    """Held-out KTO figures on unpaired rows: the implicit reward beta * (log pi - log pi_ref) of each reply (the
+    reference: the model with adapters disabled), the share of rows whose reward has the sign of their label
+    (above 0 for a desirable reply, below for an undesirable one) and the margin between the mean rewards of
+    desirable and undesirable replies."""
+    was_training = model.training
+    model.eval()
+    p, c = dataset["prompt_ids"], dataset["completion_ids"]
+    label = torch.tensor(dataset["label"], dtype=torch.bool)
+    with progress("held-out KTO log-probs", total=2 * batches(len(p), batch_size), unit="batches") as bar:
+        policy = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+        with model.disable_adapter():
+            reference = sequence_logps(model, p, c, pad_token_id, batch_size, bar)
+    model.train(was_training)
+    reward = beta * (policy - reference)
+    right = torch.where(label, reward > 0, reward < 0)
+    desirable = reward[label].mean().item() if label.any() else 0.0
+    undesirable = reward[~label].mean().item() if (~label).any() else 0.0
+    return {"rewards_accuracy": right.float().mean().item(), "rewards_margin": desirable - undesirable}
+
+
+def orpo_eval(model, dataset, beta: float, pad_token_id: int, batch_size: int = 32) -> dict:
+    """Held-out ORPO figures (no reference model): the reward beta * mean log-prob per reply token, as TRL's
+    ORPOTrainer logs it (Hong et al. 2024, arXiv 2403.07691), the share of pairs whose chosen reply scores
+    above the rejected one, and the mean margin."""
+    was_training = model.training
+    model.eval()
+    p = dataset["prompt_ids"]
+    with progress("held-out ORPO log-probs", total=2 * batches(len(p), batch_size), unit="batches") as bar:
+        chosen = beta * sequence_logps(model, p, dataset["chosen_ids"], pad_token_id, batch_size, bar, mean=True)
+        rejected = beta * sequence_logps(model, p, dataset["rejected_ids"], pad_token_id, batch_size, bar, mean=True)
+    model.train(was_training)
+    margin = chosen - rejected
+    return {"rewards_accuracy": (margin > 0).float().mean().item(), "rewards_margin": margin.mean().item()}
 
 
 # ---------------------------------------------------------------- samples a person reads

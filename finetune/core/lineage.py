@@ -69,20 +69,21 @@ def start_chain(recipe: Recipe, stage: str, key: str = "start_from") -> list[str
         recipe,
         f"{stage}.{key}",
         folder,
-        f"run `finetune {earlier or 'sft'} {recipe.source}` first (or run the stage that makes it first and point "
+        f"run `finetune {earlier or STAGES.chat_model_stages()[0]} {recipe.source}` first (or run the stage that makes "
+        "it first and point "
         f"{stage}.{key} at its output), or set {stage}.{key} to none",
     )
     return adapter_chain(folder)
 
 
-def chat_model_stage(recipe: Recipe) -> str:
-    """The stage whose model is exported (or chatted with): export.stage, or the last finished stage
-    whose output is a chat model, in pipeline order."""
-    wanted = recipe.section("export").stage
+def chat_model_stage(recipe: Recipe, wanted: str, key: str) -> str:
+    """The stage whose model is served (exported, chatted with, benchmarked): `wanted`, checked to be finished,
+    or with "auto" the last finished chat-model stage in pipeline order. `key` names the recipe key `wanted`
+    came from, for the messages."""
     if wanted != "auto":
         if not finished(recipe, wanted):
             raise RecipeError(
-                f"{recipe.source}: export.stage: {wanted} has no finished output in "
+                f"{recipe.source}: {key}: {wanted} has no finished output in "
                 f"{recipe.stage_dir(wanted)}; run `finetune {wanted} {recipe.source}` first"
             )
         return wanted
@@ -92,18 +93,17 @@ def chat_model_stage(recipe: Recipe) -> str:
             return stage
     names = f"{', '.join(chat[:-1])} or {chat[-1]}" if len(chat) > 1 else chat[0]
     raise RecipeError(
-        f"{recipe.source}: export: no finished {names} output under {recipe.output_dir}; run "
+        f"{recipe.source}: {key}: no finished {names} output under {recipe.output_dir}; run "
         f"`finetune {chat[0]} {recipe.source}` (or `finetune pipeline {recipe.source}`) first"
     )
 
 
-def model_chain(recipe: Recipe, stage: str) -> list[str]:
-    """The adapters that make `stage`'s model, in merge order, each checked (present, same base and template)."""
+def model_chain(recipe: Recipe, stage: str, key: str) -> list[str]:
+    """The adapters that make `stage`'s model, in merge order, each checked (present, same base and template);
+    `key` names the recipe key that chose the stage, for the messages."""
     chain = adapter_chain(recipe.stage_dir(stage))
     for folder in chain:
-        check_adapter_folder(
-            recipe, "export.stage", folder, f"it is part of {stage}'s chain; rerun the stage that makes it"
-        )
+        check_adapter_folder(recipe, key, folder, f"it is part of {stage}'s chain; rerun the stage that makes it")
     return chain
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from finetune.errors import UserError
 
+from .ownership import make_output_dir
+
 
 class LockedError(UserError):
     """Another live run holds the lock of the same output."""
@@ -75,7 +77,7 @@ def output_lock(output_dir: str | Path, name: str, what: str, fix: str):
     blocking = next((p for p in (Path(output_dir), *Path(output_dir).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"{output_dir}: output_dir cannot be created: {blocking} is a file; set output_dir to a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)  # marked as finetune's only when created here: a user's folder is never removed
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:

@@ -43,7 +43,6 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
-from finetune.recipe.trl_fields import config_class, finetune_default
 from finetune.tiny import tiny_config
 
 from .modeling import LORA_TARGETS
@@ -54,11 +53,10 @@ GIB = 2**30
 ENV_AVAILABLE = "FINETUNE_AVAILABLE_MEMORY_GB"
 ENV_CHECK = "FINETUNE_MEMORY_CHECK"
 
-# Calibrated on CPU (bench/memory.py, docs/memory.md): what a stage process holds besides its model
-# (interpreter, torch, transformers, TRL, datasets, tokenizer, data): 0.53 GiB in SFT and DPO, 0.45 in
-# PPO, 0.64 in export, measured on 2- and 4-layer Phi-2-width models (fp32, seq <= 128).
-RUNTIME_CPU_GIB = {"ppo": 0.45, "export": 0.65}
-RUNTIME_CPU_DEFAULT_GIB = 0.55
+# What a stage process holds besides its model on a CPU run (interpreter, torch, transformers, TRL, datasets,
+# tokenizer, data) is each stage's `Memory.runtime_cpu_gib` in the registry, calibrated on CPU (bench/memory.py,
+# docs/memory.md): 0.53 GiB in SFT and DPO, 0.45 in PPO, 0.64 in export, measured on 2- and 4-layer
+# Phi-2-width models (fp32, seq <= 128).
 # GPU: CUDA context and kernel workspaces, then the caching allocator's fragmentation on top of what is used.
 RUNTIME_GPU_GIB = 1.0
 ALLOCATOR_SLACK = 0.10
@@ -99,7 +97,8 @@ class StageSettings:
     grad_ckpt: bool = False
     merges: bool = False  # starts from earlier adapters: the base loads in fp32 on the host to merge them
     four_bit: bool = False
-    rollout: int = 0  # PPO prompts per update per process
+    rollout: int = 0  # RL prompts per update per process
+    generations: int = 1  # responses sampled per prompt (GRPO's group size; PPO: 1)
     prompt_len: int = 0  # PPO max_prompt_length
     response_len: int = 0
     micro: int = 0  # PPO sequences per forward/backward
@@ -172,19 +171,20 @@ def kv_cache_bytes(sequences: int, length: int, shape: ModelShape, dtype_bytes: 
 
 def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
     """Peak memory of one process of `stage`: on the GPU (and the host RAM it needs while loading), or in
-    RAM on a CPU run."""
+    RAM on a CPU run. What the stage holds is its registry entry's `Memory` profile."""
+    m = STAGES[stage].memory
     b = s.dtype_bytes
     gpu = s.device == "cuda"
-    if stage == "export":  # always on the CPU in fp32: the merged model
+    if m.merge_only:  # always on the CPU in fp32: the merged model
         s = dataclasses.replace(s, device="cpu", dtype_bytes=4, merges=True, four_bit=False)
         gpu, b = False, 4
-    if stage == "eval" and not gpu:  # on a CPU the model loads in fp32 (finetune.core.serving)
+    if m.lm_eval and not gpu:  # on a CPU the model loads in fp32 (finetune.core.serving)
         s = dataclasses.replace(s, dtype_bytes=4)
         b = 4
-    if stage == "reward":  # a sequence classifier: a one-output score head instead of the LM head
+    if m.score_head:  # a sequence classifier: a one-output score head instead of the LM head
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
     weights = weight_bytes(shape, b, s.four_bit)
-    runtime = RUNTIME_GPU_GIB if gpu else RUNTIME_CPU_GIB.get(stage, RUNTIME_CPU_DEFAULT_GIB)
+    runtime = RUNTIME_GPU_GIB if gpu else m.runtime_cpu_gib
     parts = {"runtime": runtime * GIB, "weights": weights}
     # host memory while the base loads: the checkpoint's pages (memory-mapped) and the loaded weights; for a
     # merge the base in fp32, then the cast copy while the fp32 one still exists
@@ -192,48 +192,45 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
 
     train, evaluation = 0.0, 0.0
     generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
-    if stage == "sft":
-        tokens = s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
-        evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
-    elif stage == "reward":  # chosen and rejected in one batch; a score head, no vocabulary logits
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
-        train = activation_bytes(2 * s.batch * s.seq, shape, b, s.grad_ckpt)
-    elif stage == "dpo":  # policy on chosen + rejected with gradients, the reference (adapters off) without
-        tokens = 2 * s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, zero_shards=s.zero_shards)
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + logits_bytes(tokens, shape.vocab, b)
-        train += logits_bytes(tokens, shape.vocab, b, grad=False)  # the reference's log-probs
-        evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
-    elif stage == "ppo":  # four adapters on one base; policy and value trained, no ZeRO
+    if m.rollout:  # its adapters on one base, trained without ZeRO; rollouts then micro-batches of them
         length = s.prompt_len + s.response_len
-        parts["adapters"] = adapter_bytes(shape.lora_params, adapters=4, trained=2)
-        generate = max(generate, kv_cache_bytes(s.rollout, length, shape, b) + s.rollout * shape.vocab * 4 * 2)
+        sequences = s.rollout * s.generations
+        parts["adapters"] = adapter_bytes(shape.lora_params, adapters=m.adapters, trained=m.trained)
+        generate = max(generate, kv_cache_bytes(sequences, length, shape, b) + sequences * shape.vocab * 4 * 2)
         tokens = s.micro * length
         train = activation_bytes(tokens, shape, b, s.grad_ckpt)
         train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
-        train += s.rollout * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
-    elif stage == "eval":  # lm-eval: one model at a time (the base after the trained one), no gradients
+        train += sequences * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
+    elif m.lm_eval:  # lm-eval: one model at a time (the base after the trained one), no gradients
         tokens = s.eval_batch * s.seq
         evaluation = logits_bytes(tokens, shape.vocab, b, grad=False) + activation_bytes(tokens, shape, b, True)
         generate = 0.0
-    elif stage == "export":
+    elif m.merge_only:
         # the reference (base + unmerged adapters) loads only after the merged model is freed, and safetensors
         # writes each shard tensor by tensor (measured: no shard-sized buffer), so loading is the peak
         generate = 0.0
+    else:  # a TRL stage: `sequences` per row forwarded with gradients, a score head or vocabulary logits
+        tokens = m.sequences * s.batch * s.seq
+        parts["adapters"] = adapter_bytes(shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        if m.lm_logits:
+            train += logits_bytes(tokens, shape.vocab, b)
+        if m.reference:  # the reference's log-probs (adapters off, no gradients)
+            train += logits_bytes(tokens, shape.vocab, b, grad=False)
+        if m.held_out_loss:
+            evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
     # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
     # both are in RAM; on a GPU run loading happens in host RAM)
     peak = max(train, evaluation, generate)
     name = "activations" if peak == train else "evaluation"
-    if peak == generate and stage != "export":
+    if peak == generate and not m.merge_only:
         name = "generation"
     host = {}
     if gpu:
         parts[name] = peak
         used = sum(parts.values()) - parts["runtime"]
         parts["allocator slack"] = ALLOCATOR_SLACK * used
-        host = {"runtime": RUNTIME_CPU_GIB.get(stage, RUNTIME_CPU_DEFAULT_GIB) * GIB, "loading": load_host}
+        host = {"runtime": m.runtime_cpu_gib * GIB, "loading": load_host}
     elif load_host - weights > peak:
         parts["loading (checkpoint pages)"] = load_host - weights
     else:
@@ -365,71 +362,56 @@ def model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     return shape_from_config(config, targets, recipe.lora.r, source), source
 
 
-def trl_setting(recipe: Recipe, stage: str, name: str, default=None):
-    """A stage's training setting: the recipe's value, finetune's default, else its TRL config's default."""
-    args = recipe.training_args(stage)
-    if name in args:
-        return args[name]
-    try:
-        return finetune_default(stage, name)
-    except KeyError:
-        pass
-    spec = STAGES[stage].trl_config
-    if spec is not None:
-        fields = {f.name: f for f in dataclasses.fields(config_class(spec))}
-        if name in fields and fields[name].default is not dataclasses.MISSING:
-            return fields[name].default
-    return default
-
-
-def checkpointing(recipe: Recipe, stage: str) -> bool:
-    """Gradient (activation) checkpointing for a TRL stage, under either of its names (RENAMED)."""
-    args = recipe.training_args(stage)
-    return bool(args.get("activation_checkpointing", finetune_default(stage, "activation_checkpointing")))
-
-
 def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
     """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
+    entry = STAGES[stage]
+    m, section = entry.memory, recipe.section(stage)
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
-    section = recipe.section(stage)
-    chat = STAGES[stage].chat_model or stage == "export"  # these answer the held-out sample prompts
     common = dict(
         device=device,
         dtype_bytes=dtype_bytes,
         processes=processes,
         four_bit=recipe.model.load_in_4bit,
-        samples=recipe.samples.count if chat else 0,
+        # these answer the held-out sample prompts: the chat-model stages and export (the merged model)
+        samples=recipe.samples.count if entry.chat_model or m.merge_only else 0,
         sample_tokens=recipe.samples.max_new_tokens,
     )
-    starts = "start_from" in type(section).model_fields if section is not None else False
+    starts = section is not None and "start_from" in type(section).model_fields
     merges = starts and recipe.input_dir(stage, "start_from") is not None
-    if stage == "ppo":
-        s = recipe.ppo
+    if m.merge_only:
+        return StageSettings(**common, merges=True)
+    if m.lm_eval:  # lm-eval's batch at the context it assumes (the model's: 2048 for Phi-2)
+        choice = getattr(section, entry.model_choice) if entry.model_choice else "auto"
+        # a stage's chain merged in memory, unless it scores a merged folder (auto prefers the export)
+        merges = choice != "auto" and not STAGES[choice].takes_models
+        seq = getattr(section, "max_length", None) or 2048
+        return StageSettings(
+            **{**common, "samples": 0}, merges=merges, eval_batch=getattr(section, "batch_size", 8), seq=seq
+        )
+    if m.rollout:
         return StageSettings(
             **common,
             merges=merges,
-            grad_ckpt=s.gradient_checkpointing,
-            rollout=s.rollout_batch_size,
-            prompt_len=s.max_prompt_length,
-            response_len=s.response_length,
-            micro=s.micro_batch_size,
+            grad_ckpt=section.gradient_checkpointing,
+            rollout=section.rollout_batch_size,
+            generations=getattr(section, "num_generations", 1),
+            prompt_len=section.max_prompt_length,
+            response_len=section.response_length,
+            micro=section.micro_batch_size,
         )
-    if stage == "export":
-        return StageSettings(**common, merges=True)
-    if stage == "eval":  # lm-eval's batch at the context it assumes (the model's: 2048 for Phi-2)
-        e = recipe.eval
-        seq = e.max_length or 2048
-        merges = e.model not in ("auto", "export")  # a stage's chain merged in memory, not the export folder
-        return StageSettings(**{**common, "samples": 0}, merges=merges, eval_batch=e.batch_size, seq=seq)
     zero = processes if recipe.deepspeed and device == "cuda" else 1
+
+    def setting(name: str, default):
+        return recipe.trl_setting(stage, name, processes, default)
+
     return StageSettings(
         **common,
         zero_shards=zero,
         merges=merges,
-        batch=trl_setting(recipe, stage, "per_device_train_batch_size", 8),
-        seq=trl_setting(recipe, stage, "max_length", 1024) or 1024,
-        eval_batch=trl_setting(recipe, stage, "per_device_eval_batch_size", 8),
-        grad_ckpt=checkpointing(recipe, stage),
+        batch=setting("per_device_train_batch_size", 8),
+        seq=setting("max_length", None),
+        eval_batch=setting("per_device_eval_batch_size", 8),
+        grad_ckpt=bool(setting("activation_checkpointing", False)),
     )
 
 
@@ -500,6 +482,8 @@ def host_available_bytes() -> float:
 
 def remedies(stage: str, shape: ModelShape, s: StageSettings, need: float, gpu: bool) -> list[str]:
     """What to change, each with the estimate it would give (GiB per process)."""
+    m = STAGES[stage].memory
+    trains = not (m.merge_only or m.lm_eval)
     out = []
 
     def option(text: str, **change):
@@ -509,18 +493,19 @@ def remedies(stage: str, shape: ModelShape, s: StageSettings, need: float, gpu: 
 
     if not gpu and s.processes > 1:
         out.append(f"fewer processes on this machine (launch.num_processes; each needs {need:.1f} GiB)")
-    if stage != "export" and not s.grad_ckpt:
-        key = "ppo.gradient_checkpointing=true" if stage == "ppo" else "training.gradient_checkpointing=true"
+    if trains and not s.grad_ckpt:
+        # the RL engine's own key; the TRL stages take transformers' under `training`
+        key = f"{stage}.gradient_checkpointing=true" if m.rollout else "training.gradient_checkpointing=true"
         option(key, grad_ckpt=True)
-    if stage in ("sft", "reward", "dpo") and s.batch > 1:
+    if trains and not m.rollout and s.batch > 1:
         option(f"{stage}.per_device_train_batch_size=1 with more gradient_accumulation_steps", batch=1)
-    if stage == "ppo" and s.micro > 1:
-        option("a smaller ppo.micro_batch_size", micro=max(1, s.micro // 2))
-    if stage == "ppo" and s.rollout > 8:
-        option("a smaller ppo.rollout_batch_size", rollout=max(1, s.rollout // 2))
-    if gpu and not s.four_bit and stage != "export":
+    if m.rollout and s.micro > 1:
+        option(f"a smaller {stage}.micro_batch_size", micro=max(1, s.micro // 2))
+    if m.rollout and s.rollout > 8:
+        option(f"a smaller {stage}.rollout_batch_size", rollout=max(1, s.rollout // 2))
+    if gpu and not s.four_bit and not m.merge_only:
         option("model.load_in_4bit=true (QLoRA; not with deepspeed)", four_bit=True)
-    if not gpu and s.dtype_bytes == 4 and stage != "export":
+    if not gpu and s.dtype_bytes == 4 and not m.merge_only:
         option("precision=bf16 (CPUs run it too)", dtype_bytes=2)
     out.append(f"a bigger {'GPU' if gpu else 'machine'} (at least {need:.1f} GiB {'free per GPU' if gpu else 'free'})")
     return out
@@ -530,7 +515,7 @@ def preflight(recipe: Recipe, stage: str) -> Estimate | None:
     """Estimate `stage`'s memory and stop with a MemoryCheckError when it cannot fit: on a GPU run each GPU's
     free memory and the host RAM for this machine's processes while they load; on a CPU run the RAM for all
     of them. Runs before any model or data loads; logs the estimate either way."""
-    gpu = torch.cuda.is_available() and stage != "export"  # export merges on the CPU, whatever the machine
+    gpu = torch.cuda.is_available() and not STAGES[stage].memory.merge_only  # merges run on the CPU, always
     device = "cuda" if gpu else "cpu"
     shape, source = model_shape(recipe)
     if shape is None:

@@ -22,7 +22,7 @@ from finetune.recipe import BUILTIN_PREFIX, Recipe, RecipeError
 from finetune.tiny import base_path
 
 from .hub import check_local_model, hub_load
-from .outputs import DropMessages
+from .logs import DropMessages
 from .progress import progress
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,11 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
-from . import distributed
+from . import distributed, ownership
 from .integrity import safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
@@ -274,6 +273,8 @@ def choose_checkpoint(
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
     main = distributed.is_main()
+    kind = ownership.checkpoints_kind(stage)
+    ownership.check_target(root, kind, f"Set output_dir to another folder, or move {root} away yourself")
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():
@@ -290,15 +291,15 @@ def choose_checkpoint(
             if diff:  # named explicitly: the user's choice, but not silently
                 log.warning("%s: resuming from %s although it was made with: %s", stage, chosen, "; ".join(diff))
         _refuse_beyond(recipe, stage, chosen, beyond)
-        _record(root, identity, main)  # the checkpoints this run saves in root are this run's
+        _record(root, identity, main, kind)  # the checkpoints this run saves in root are this run's
         log.info("resuming %s from %s (named by %s.resume)", stage, chosen, stage)
         return chosen
     candidates = checkpoints_in(root, prefix)
     if not resume:
         if main and root.exists():
-            shutil.rmtree(root)
+            ownership.clear(root, kind)
             log.info("%s.resume is false: starting over; removed the earlier checkpoints in %s", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     skipped, chosen = [], None
     for folder in candidates:
@@ -312,7 +313,7 @@ def choose_checkpoint(
     if chosen is None:
         if skipped and main:
             log.warning("%s: no complete checkpoint in %s: starting from the beginning", stage, root)
-        _record(root, identity, main)
+        _record(root, identity, main, kind)
         return None
     if not marker.is_file():
         raise RecipeError(
@@ -347,6 +348,9 @@ def _refuse_beyond(recipe: Recipe, stage: str, chosen: Path, beyond) -> None:
         )
 
 
-def _record(root: Path, identity: dict, main: bool) -> None:
+def _record(root: Path, identity: dict, main: bool, kind: str) -> None:
     if main:
+        if not root.exists():
+            root.mkdir(parents=True)
+            ownership.mark(root, kind)
         write_json(root / IDENTITY, identity)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import end_of_turn_ids
-from finetune.recipe import Recipe, RecipeError, load_recipe
+from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
 
 from .lineage import chat_model_stage, fp32_recipe, model_chain
 from .modeling import load_model, load_tokenizer, template_for
@@ -46,20 +46,21 @@ def load_for_chat(target: str, overrides: list[str], before_model=None) -> Loade
     return load_recipe_model(load_recipe(path, overrides), before_model=before_model)
 
 
-def load_recipe_model(recipe: Recipe, stage: str = "auto", before_model=None) -> Loaded:
-    """A recipe's model: its export when complete (stage auto or export), else the chain of `stage`
-    (auto: the last finished chat stage) merged into the base in memory."""
-    if stage in ("auto", "export") and finished(recipe, "export"):
-        return load_folder(recipe.stage_dir("export"), before_model)
-    if stage == "export":
-        raise RecipeError(
-            f"{recipe.source}: no finished export in {recipe.stage_dir('export')}; run `finetune export "
-            f"{recipe.source}` first, or name a trained stage"
-        )
-    if stage != "auto":
-        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"stage": stage})})
-    stage = chat_model_stage(recipe)
-    chain = model_chain(recipe, stage)
+def load_recipe_model(recipe: Recipe, stage: str = "auto", before_model=None, key: str = "the model") -> Loaded:
+    """A recipe's model: a finished merged folder when `stage` is auto or a stage that takes models (the export),
+    else the chain of `stage` (auto: the last finished chat stage) merged into the base in memory. `key` names
+    the recipe key `stage` came from, for the messages."""
+    folder = STAGES.model_folder_stage()  # the export: a plain model folder, served as it is
+    if folder is not None and stage in ("auto", folder):
+        if finished(recipe, folder):
+            return load_folder(recipe.stage_dir(folder), before_model)
+        if stage == folder:
+            raise RecipeError(
+                f"{recipe.source}: {key}: no finished {folder} in {recipe.stage_dir(folder)}; run "
+                f"`finetune {folder} {recipe.source}` first, or name a trained stage"
+            )
+    stage = chat_model_stage(recipe, stage, key)
+    chain = model_chain(recipe, stage, key)
     loaded = _load_merged(recipe, chain, before_model)
     loaded.description = f"{stage} of {recipe.source} ({' + '.join(chain)} merged in memory; not exported yet)"
     return loaded

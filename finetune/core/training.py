@@ -11,15 +11,13 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from finetune.recipe import Recipe, RecipeError
-from finetune.recipe.trl_fields import TRL_DEFAULTS
+from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, tracking
 from .data import to_preference, tokenize_preferences, train_eval_rows
 from .lineage import start_chain
 from .modeling import base_fingerprint, load_tokenizer, template_for
-from .outputs import setup_logging
-from .progress import Progress, duration, progress, step_line
+from .progress import Progress, duration, library_bars_off, progress, step_line
 from .resume import choose_checkpoint, hf_beyond, run_identity
 
 log = logging.getLogger(__name__)
@@ -41,9 +39,10 @@ def trackers(recipe: Recipe) -> list[str] | str:
     return tracking.for_transformers(recipe)
 
 
-def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = None, **fixed):
-    """The stage's TRL config: recipe-owned keys + finetune's `defaults` for the stage + shared
-    `training` + the stage's own fields (later wins), then `fixed`."""
+def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
+    """The stage's TRL config: the keys the recipe owns elsewhere (output_dir, seed, precision, ...), then the
+    stage's TRL settings in their one order of precedence (Recipe.trl_settings: finetune's defaults, the
+    stage's registry defaults, the recipe), then `fixed`."""
     kwargs = dict(
         output_dir=str(recipe.checkpoint_dir(stage)),
         seed=recipe.seed,
@@ -54,10 +53,8 @@ def trl_config(recipe: Recipe, stage: str, config_cls, defaults: dict | None = N
         logging_steps=recipe.logging.logging_steps,
         report_to=trackers(recipe),
         use_cpu=not torch.cuda.is_available(),
-        **TRL_DEFAULTS,
-        **(defaults or {}),
     )
-    kwargs.update(recipe.training_args(stage))  # a recipe's old name means the new one, and beats our default
+    kwargs.update(recipe.trl_settings(stage, distributed.world_size()))
     kwargs.update(fixed)
     config = config_cls(**kwargs)
     if getattr(config, "max_length", 0) is None:
@@ -84,14 +81,6 @@ def resume_checkpoint(recipe: Recipe, stage: str, args, rows: list[dict], start:
     return choose_checkpoint(
         recipe, stage, recipe.section(stage).resume, identity, beyond=hf_beyond(recipe, stage, args)
     )
-
-
-# What each TRL stage's one-line step log shows after loss and learning rate: (Trainer log key, label).
-STEP_FIGURES = {
-    "sft": [("mean_token_accuracy", "token acc"), ("grad_norm", "grad norm")],
-    "reward": [("accuracy", "pair acc"), ("margin", "margin"), ("grad_norm", "grad norm")],
-    "dpo": [("rewards/accuracies", "reward acc"), ("rewards/margins", "margin"), ("grad_norm", "grad norm")],
-}
 
 
 class StepLog(TrainerCallback):
@@ -125,7 +114,7 @@ class StepLog(TrainerCallback):
         else:
             lr = logs.get("learning_rate")
             figures = {"loss": logs.get("loss"), "lr": None if lr is None else f"{lr:.2e}"}
-            figures.update({label: logs.get(key) for key, label in STEP_FIGURES.get(self.stage, [])})
+            figures.update({label: logs.get(key) for key, label in STAGES[self.stage].step_figures})
             figures["epoch"] = round(logs["epoch"], 2) if "epoch" in logs else None
             line = step_line(self.stage, state.global_step, state.max_steps, figures)
             if logs.get("loss") is not None:
@@ -171,15 +160,63 @@ def train(trainer, model, recipe: Recipe, stage: str, checkpoint: Path | None) -
     }
 
 
+class ReferenceIsTheStart:
+    """Mixin for TRL's DPOTrainer and KTOTrainer on a new LoRA adapter, whose reference is the start model
+    (the adapters disabled): TRL's reference pass (`precompute_ref_log_probs`) reported like every other phase,
+    and no copied "ref" adapter in the reference forwards."""
+
+    _ref_bar = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._drop_copied_reference_adapter()
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's pass of the reference over the data, reported like every other phase: its own tqdm bar is off
+        (it reads TQDM_DISABLE) and batches are counted in compute_ref_log_probs below."""
+        batches = -(-len(dataset) // (batch_size * distributed.world_size()))
+        self._drop_copied_reference_adapter()  # runs inside the trainer's __init__, after TRL's copy
+        stage = getattr(self, "finetune_stage", "reference")
+        try:
+            with (
+                library_bars_off(),
+                progress(f"{stage} reference log-probs ({name})", total=batches, unit="batches") as self._ref_bar,
+            ):
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._ref_bar = None
+
+    def compute_ref_log_probs(self, model, batch):
+        out = super().compute_ref_log_probs(model, batch)
+        if self._ref_bar is not None:
+            self._ref_bar.update(1)
+        return out
+
+    def _drop_copied_reference_adapter(self):
+        """Given a PeftModel, TRL 1.16 copies its adapter into a frozen "ref" adapter and runs every reference
+        forward through it. Our adapter is new (lora_B = 0), so that copy is exactly the model with adapters
+        disabled, at the price of the LoRA matmuls in every reference forward (bench/run.py --stage dpo: the
+        reference pass took 1.5x as long). Without "ref", TRL disables the adapters for the reference, the
+        reference these stages document. A copy of a trained adapter (any lora_B non-zero) is kept: then it
+        is the reference."""
+        model = self.accelerator.unwrap_model(self.model)
+        if "ref" not in getattr(model, "peft_config", {}):
+            return
+        if any(p.detach().any() for n, p in model.named_parameters() if ".ref." in n and "lora_B" in n):
+            return
+        model.delete_adapter("ref")
+
+
 @dataclass
 class PreferenceSetup:
-    """What the preference stages (reward, DPO) share before their model is built."""
+    """What the preference stages (reward, DPO, KTO, ORPO) share before their model is built."""
 
+    stage: str
     start: list[str]
     template: object
     tokenizer: object
     args: object
-    pairs: dict  # name -> datasets.Dataset of prompt_ids / chosen_ids / rejected_ids
+    pairs: dict  # name -> datasets.Dataset of tokenized rows (prompt_ids / chosen_ids / rejected_ids, or KTO's)
     eval_rows: list[dict]
     reports: dict  # name -> DataReport
     checkpoint: Path | None = None  # where training continues from (None: from the start)
@@ -190,9 +227,10 @@ class PreferenceSetup:
 
     def data_metrics(self) -> dict:
         train, evals = self.reports["train"], self.reports["eval"]
+        unit = STAGES[self.stage].unit  # pairs, or rows (KTO's unpaired replies)
         return {
-            "train_pairs": len(self.pairs["train"]),
-            "eval_pairs": len(self.pairs["eval"]),
+            f"train_{unit}": len(self.pairs["train"]),
+            f"eval_{unit}": len(self.pairs["eval"]),
             "skipped_bad_rows": train.skipped_bad + evals.skipped_bad,
             "skipped_identical_pairs": train.skipped_useless + evals.skipped_useless,
             "dropped_overlong_rows": train.dropped_overlong + evals.dropped_overlong,
@@ -204,26 +242,27 @@ class PreferenceSetup:
         return "; ".join(report.summary(name) for name, report in self.reports.items())
 
 
-def prepare_preference_stage(recipe: Recipe, stage: str, config_cls) -> PreferenceSetup:
-    """Checks, seed, tokenizer, TRL config and tokenized preference pairs for a preference stage."""
+def prepare_preference_stage(
+    recipe: Recipe, stage: str, config_cls, convert=to_preference, tokenize=tokenize_preferences
+) -> PreferenceSetup:
+    """Checks, seed, tokenizer, TRL config and tokenized rows for a preference stage: rows read with `convert`
+    (default: preference pairs) and tokenized with `tokenize`. A stage with a `start_from` key starts from that
+    adapter chain; one without (ORPO) from the base."""
     from transformers import set_seed
 
-    section = getattr(recipe, stage)
+    section = recipe.section(stage)
     check_precision(recipe)
-    start = start_chain(recipe, stage)
+    start = start_chain(recipe, stage) if "start_from" in type(section).model_fields else []
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     args = trl_config(recipe, stage, config_cls, eval_strategy="no")
-    setup_logging(distributed.is_main(), recipe.logging.verbose)
-    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed, to_preference)
+    train_rows, eval_rows, train_report, eval_report = train_eval_rows(section.data, recipe, recipe.seed, convert)
     reports = {"train": train_report, "eval": eval_report}
     pairs = {
-        name: tokenize_preferences(
-            rows, tokenizer, template, args.max_length, section.data.on_overlong, reports[name], name
-        )
+        name: tokenize(rows, tokenizer, template, args.max_length, section.data.on_overlong, reports[name], name)
         for name, rows in (("train", train_rows), ("eval", eval_rows))
     }
     checkpoint = resume_checkpoint(recipe, stage, args, train_rows, start)
-    setup = PreferenceSetup(start, template, tokenizer, args, pairs, eval_rows, reports, checkpoint)
+    setup = PreferenceSetup(stage, start, template, tokenizer, args, pairs, eval_rows, reports, checkpoint)
     log.info(setup.data_summary())
     return setup

@@ -49,7 +49,9 @@ def validate_recipe(raw: dict, source: str = "<memory>") -> Recipe:
             continue
         config_cls = config_class(stage.trl_config)
         extra = coerce_numbers(section.model_extra or {}, config_cls)
-        check_training_block(extra, config_cls, stage.name, source, own_keys=type(section).model_fields)
+        check_training_block(
+            extra, config_cls, stage.name, source, own_keys=type(section).model_fields, ranges=stage.ranges
+        )
         section.model_extra.update(extra)
     for key, value in (("deepspeed", recipe.deepspeed), ("launch.accelerate_config", recipe.launch.accelerate_config)):
         path = recipe.resolve_path(value)

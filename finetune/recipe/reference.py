@@ -28,9 +28,11 @@ def _stage_lines() -> list[str]:
     for s in STAGES:
         takes = f"`{s.trl_config[0]}.{s.trl_config[1]}` fields too" if s.trl_config else "its own keys only"
         starts = ", ".join(f"`{s.name}.{key}` = `<output_dir>/{earlier}`" for earlier, key in s.inputs.items() if key)
-        output = (
-            "a chat model (exportable)" if s.chat_model else "a model folder" if s.name == "export" else "an adapter"
-        )
+        if s.takes_models:
+            starts = "every earlier model stage's output"
+        output = "a chat model (exportable)" if s.chat_model else "a model folder" if s.model_folder else "an adapter"
+        if s.takes_models and not s.model_folder:
+            output = "figures"
         lines.append(f"| `{s.name}` | {takes} | {starts or '-'} | {output} |")
     return lines
 

@@ -28,7 +28,7 @@ from .sections import (
     TemplateSection,
 )
 from .stages import STAGES
-from .trl_fields import RENAMED
+from .trl_fields import RENAMED, TRL_DEFAULTS, config_class
 
 
 class Recipe(Section):
@@ -66,24 +66,26 @@ class Recipe(Section):
                 raise ValueError(f"pipeline.stages: unknown stage {stage!r}; stages are {', '.join(STAGES.names())}")
             if self.section(stage) is None:
                 raise ValueError(f"pipeline.stages lists {stage!r}, but the recipe has no {stage} section")
-        export = self.section("export")
-        chat = STAGES.chat_model_stages()
-        if export is not None and export.stage not in ("auto", *chat):
-            raise ValueError(
-                f"export.stage: {export.stage!r} is not a stage whose output is a chat model; use auto "
-                f"or one of {', '.join(chat)}"
-            )
-        evaluation = self.section("eval")
-        if evaluation is not None and evaluation.model not in ("auto", "export", *chat):
-            raise ValueError(
-                f"eval.model: {evaluation.model!r} is not a model this recipe makes; use auto, export "
-                f"or one of {', '.join(chat)}"
-            )
+        for stage in STAGES:  # a key naming which model a stage takes (export.stage): auto or a stage that makes one
+            section = self.section(stage.name)
+            if section is None or stage.model_choice is None:
+                continue
+            value = getattr(section, stage.model_choice)
+            # an earlier stage that takes models makes one too (eval may score the export)
+            choices = [s for s in STAGES.names()[: STAGES.names().index(stage.name)] if s in STAGES.model_stages()]
+            if value != "auto" and value not in choices:
+                raise ValueError(
+                    f"{stage.name}.{stage.model_choice}: {value!r} is not a model this recipe makes (a stage whose "
+                    f"output is a model); use auto or one of {', '.join(choices)}"
+                )
         return self
 
     # ---- sections by stage name ----
     def section(self, stage: str):
-        """The recipe's section for `stage` (None when the recipe has no such stage)."""
+        """The recipe's section for `stage` (None when the recipe has no such stage); an unknown stage name is an
+        error, never a silent None."""
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES.names())}")
         return getattr(self, stage, None)
 
     # ---- paths: one rule per kind (see finetune.recipe.sections) ----
@@ -112,12 +114,10 @@ class Recipe(Section):
         return str(beside.resolve()) if beside.is_dir() else name
 
     def stage_dir(self, stage: str) -> Path:
-        export = self.section("export")
-        if stage == "export" and export is not None and export.output:
-            return self.output_path(export.output)
-        evaluation = self.section("eval")
-        if stage == "eval" and evaluation is not None and evaluation.output:
-            return self.output_path(evaluation.output)
+        """Where a stage writes: `<output_dir>/<stage>`, or the folder its section's output key names."""
+        key, section = STAGES[stage].output_key, self.section(stage)
+        if key and section is not None and getattr(section, key):
+            return self.output_path(getattr(section, key))
         return self.output_path(self.output_dir) / stage
 
     def checkpoint_dir(self, stage: str) -> Path:
@@ -127,6 +127,11 @@ class Recipe(Section):
         """The stages `finetune pipeline` runs, in pipeline order."""
         wanted = self.pipeline.stages or [s.name for s in STAGES if self.section(s.name) is not None]
         return [s for s in STAGES.names() if s in wanted]
+
+    def question_stage(self) -> str | None:
+        """The first stage of this recipe with data whose output is a chat model (SFT): its held-out rows are the
+        questions every model of the pipeline is measured on (export's held-out correctness)."""
+        return next((s.name for s in STAGES if s.chat_model and s.has_data and self.section(s.name) is not None), None)
 
     def input_dir(self, stage: str, key: str) -> Path | None:
         """The folder a stage's `key` (start_from, reward_from) names: the recipe's value, the default
@@ -138,14 +143,35 @@ class Recipe(Section):
         return None if value.strip().lower() == NO_ADAPTER else self.output_path(value)
 
     def training_args(self, stage: str) -> dict[str, Any]:
-        """TRL/transformers fields for a stage: shared `training` defaults overlaid with the stage section, old
-        field names as their new ones (RENAMED; both given: the new name wins, as in transformers)."""
+        """TRL/transformers fields a recipe sets for a stage: shared `training` defaults overlaid with the stage
+        section, old field names as their new ones (RENAMED; both given: the new name wins, as in transformers)."""
         section = self.section(stage)
         args = {**self.training, **((section.model_extra or {}) if section is not None else {})}
         for old, new in RENAMED.items():
             if old in args:
                 args.setdefault(new, args.pop(old))
         return args
+
+    def trl_settings(self, stage: str, processes: int = 1) -> dict[str, Any]:
+        """The TRL config values this recipe gives `stage`, in the one order of precedence every reader uses
+        (training, the memory check, --plan): finetune's defaults for every TRL stage, the stage's own
+        defaults (its registry entry), then the recipe (`training`, then the stage section). Fields none of
+        them sets keep the TRL config's default (trl_setting)."""
+        return {**TRL_DEFAULTS, **STAGES[stage].trl_defaults(processes), **self.training_args(stage)}
+
+    def trl_setting(self, stage: str, name: str, processes: int = 1, default=None):
+        """One TRL setting of a stage: trl_settings, else the stage's TRL config's default, else `default`."""
+        settings = self.trl_settings(stage, processes)
+        if name in settings:
+            return settings[name]
+        spec = STAGES[stage].trl_config
+        if spec is not None:
+            import dataclasses
+
+            fields = {f.name: f for f in dataclasses.fields(config_class(spec))}
+            if name in fields and fields[name].default is not dataclasses.MISSING:
+                return fields[name].default
+        return default
 
 
 _models: dict[int, type[Recipe]] = {}

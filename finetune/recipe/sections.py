@@ -132,14 +132,15 @@ class DataSource(Section):
     weight: float = Field(
         1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
     )
-    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt", "sharegpt", "alpaca", "hh"] = (
-        Field(
-            "auto",
-            description="Row format; auto detects it from the columns. messages (ultrachat_200k too), "
-            "prompt_completion, preference (prompt/chosen/rejected; ultrafeedback_binarized's whole conversations "
-            "too), prompt (PPO), sharegpt (`conversations` of from/value: human, gpt, system), alpaca "
-            "(instruction/input/output), hh (Anthropic HH-RLHF chosen/rejected transcripts).",
-        )
+    format: Literal[
+        "auto", "messages", "prompt_completion", "preference", "unpaired", "prompt", "sharegpt", "alpaca", "hh"
+    ] = Field(
+        "auto",
+        description="Row format; auto detects it from the columns. messages (ultrachat_200k too), "
+        "prompt_completion, preference (prompt/chosen/rejected; ultrafeedback_binarized's whole conversations "
+        "too), unpaired (prompt/completion/label, KTO), prompt (PPO), sharegpt (`conversations` of from/value: "
+        "human, gpt, system), alpaca (instruction/input/output), hh (Anthropic HH-RLHF chosen/rejected "
+        "transcripts).",
     )
 
 
@@ -230,6 +231,25 @@ class DpoSection(TrlStage, FromEarlierStage):
     """DPO (trl.DPOConfig fields too: beta, loss_type, precompute_ref_log_probs, ...)."""
 
     model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
+
+    data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+
+
+class KtoSection(TrlStage, FromEarlierStage):
+    """KTO (trl.KTOConfig fields too: beta, desirable_weight, undesirable_weight, loss_type, ...): unpaired replies
+    marked desirable or not, from the SFT output; the reference is the start model (adapters disabled)."""
+
+    model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
+
+    data: DataSection = Field(
+        description="Unpaired rows: prompt / completion / label (true: desirable), TRL's unpaired preference format; "
+        "or preference rows (prompt / chosen / rejected), each split into a desirable and an undesirable row."
+    )
+
+
+class OrpoSection(TrlStage):
+    """ORPO (trl.experimental.orpo.ORPOConfig fields too: beta, ...): supervised fine-tuning on the chosen reply and
+    an odds-ratio preference term in one stage, from the base: no SFT stage and no reference model."""
 
     data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
 

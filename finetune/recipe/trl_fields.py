@@ -13,6 +13,7 @@ import difflib
 import enum
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from .errors import RecipeError
@@ -45,10 +46,10 @@ OWNED_ELSEWHERE = {
 }
 
 
-# finetune's defaults over the TRL configs' for every stage (a recipe value wins). TRL turns gradient
-# checkpointing on by default; it re-runs each forward in the backward pass (about a third more compute)
-# and only pays when activations do not fit, so here it is off unless a recipe asks for it
-# (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
+# finetune's defaults over the TRL configs' for every stage (a recipe value wins; a stage's own defaults are in
+# its registry entry, finetune.recipe.stages). TRL turns gradient checkpointing on by default; it re-runs each
+# forward in the backward pass (about a third more compute) and only pays when activations do not fit, so here
+# it is off unless a recipe asks for it (docs/benchmarks.md, "Gradient checkpointing: off unless a recipe asks").
 # transformers 5 renamed it activation_checkpointing (the old name still works, with a FutureWarning).
 # disable_tqdm: the Trainer's bar and raw log dictionaries give way to StepLog (one log style, every stage).
 TRL_DEFAULTS = {"activation_checkpointing": False, "disable_tqdm": True}
@@ -56,14 +57,6 @@ RENAMED = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
-# ... and over SFTConfig's. Packing is measured in docs/benchmarks.md: on chat data of realistic lengths most
-# of a padded batch is padding.
-SFT_DEFAULTS = {"packing": True}
-
-
-def finetune_default(stage: str, name: str):
-    """finetune's default for a TRL field of `stage` (KeyError when finetune keeps TRL's)."""
-    return {**TRL_DEFAULTS, **(SFT_DEFAULTS if stage == "sft" else {})}[name]
 
 
 def nearest(key: str, candidates) -> str:
@@ -136,7 +129,9 @@ def coerce_numbers(block: dict, config_cls) -> dict:
     return out
 
 
-def check_training_block(block: dict, config_cls, where: str, source: str, own_keys=()) -> None:
+def check_training_block(
+    block: dict, config_cls, where: str, source: str, own_keys=(), ranges: dict[str, Range] | None = None
+) -> None:
     """Raise RecipeError for a key that is not a field of `config_cls` (or is owned elsewhere in the
     recipe), or a value of the wrong type; the message names file, key and the nearest valid key."""
     fields = _fields(config_cls)
@@ -161,10 +156,14 @@ def check_training_block(block: dict, config_cls, where: str, source: str, own_k
                 f"{source}: {where}.{key}: expected {expected}, got {type(value).__name__} {value!r}"
                 + (f"; did you mean '{close[0]}'?" if close else "")
             )
-    check_ranges(block, where, source)
+    check_ranges(block, where, source, ranges)
 
 
-def _positive(v) -> bool:
+# A value range: (test, what the value must be, why), checked when the recipe loads.
+Range = tuple[Callable[[Any], bool], str, str]
+
+
+def positive(v) -> bool:
     return v > 0  # False for NaN too
 
 
@@ -180,15 +179,16 @@ def _steps(v) -> bool:
     return v == -1 or v > 0
 
 
-# Ranges of the TRL / transformers fields a recipe sets most, checked when the recipe loads: the
-# dataclasses accept e.g. a negative learning rate or batch size, and the trainer finds out (or trains
-# nothing) only after the model has loaded. (field, test, what the value must be, why).
-RANGES = {
-    "learning_rate": (_positive, "a number > 0", "0 or less trains nothing or trains backwards"),
+# Ranges of the TRL / transformers fields every stage shares, checked when the recipe loads: the dataclasses
+# accept e.g. a negative learning rate or batch size, and the trainer finds out (or trains nothing) only after
+# the model has loaded. A field whose meaning depends on the stage (beta) has its range in the stage's registry
+# entry.
+RANGES: dict[str, Range] = {
+    "learning_rate": (positive, "a number > 0", "0 or less trains nothing or trains backwards"),
     "per_device_train_batch_size": (_at_least(1), "an integer >= 1", ""),
     "per_device_eval_batch_size": (_at_least(1), "an integer >= 1", ""),
     "gradient_accumulation_steps": (_at_least(1), "an integer >= 1", ""),
-    "num_train_epochs": (_positive, "a number > 0", "0 epochs trains nothing"),
+    "num_train_epochs": (positive, "a number > 0", "0 epochs trains nothing"),
     "max_steps": (_steps, "-1 (train num_train_epochs) or an integer > 0", "0 steps trains nothing"),
     "warmup_steps": (_at_least(0), "a number >= 0", ""),
     "warmup_ratio": (_fraction, "a fraction in [0, 1)", ""),
@@ -196,21 +196,22 @@ RANGES = {
     "max_grad_norm": (_at_least(0), "a number >= 0 (0 turns clipping off)", ""),
     "adam_beta1": (_fraction, "a fraction in [0, 1)", ""),
     "adam_beta2": (_fraction, "a fraction in [0, 1)", ""),
-    "adam_epsilon": (_positive, "a number > 0", ""),
-    "save_steps": (_positive, "a number > 0", ""),
+    "adam_epsilon": (positive, "a number > 0", ""),
+    "save_steps": (positive, "a number > 0", ""),
     "save_total_limit": (_at_least(1), "an integer >= 1 (or null: keep all)", "0 would keep no checkpoint"),
-    "eval_steps": (_positive, "a number > 0", ""),
+    "eval_steps": (positive, "a number > 0", ""),
     "max_length": (_at_least(1), "an integer >= 1", ""),
     "max_prompt_length": (_at_least(1), "an integer >= 1", ""),
-    "beta": (_positive, "a number > 0", "DPO's beta 0 makes the loss constant: nothing is learnt"),
     "dataloader_num_workers": (_at_least(0), "an integer >= 0", ""),
 }
 
 
-def check_ranges(block: dict, where: str, source: str) -> None:
-    """Raise RecipeError for a value out of its field's range (RANGES), naming file, key and the range."""
+def check_ranges(block: dict, where: str, source: str, ranges: dict[str, Range] | None = None) -> None:
+    """Raise RecipeError for a value out of its field's range (RANGES, then the stage's own `ranges`), naming
+    file, key and the range."""
+    rules = {**RANGES, **(ranges or {})}
     for key, value in block.items():
-        rule = RANGES.get(key)
+        rule = rules.get(key)
         if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         test, must, why = rule
@@ -219,8 +220,13 @@ def check_ranges(block: dict, where: str, source: str) -> None:
 
 
 def config_class(spec: tuple[str, str]):
-    """The TRL config class a stage names as (module, class)."""
+    """The TRL config class a stage names as (module, class). A stage may take its trainer from
+    trl.experimental (ORPO): that it is experimental is said in the stage's docs, not in a warning at every
+    recipe load."""
     import importlib
+    import warnings
 
     module, name = spec
-    return getattr(importlib.import_module(module), name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        return getattr(importlib.import_module(module), name)

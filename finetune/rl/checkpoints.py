@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
-from finetune.core import distributed
+from finetune.core import distributed, ownership
 from finetune.core.integrity import safetensors_problem, torch_file_problem
 from finetune.core.outputs import commit_dir, staging_dir, write_json
 from finetune.recipe import RecipeError
@@ -106,7 +105,9 @@ def save(
 
     main = distributed.is_main()
     target = root / f"{PREFIX}{update}"
-    tmp = staging_dir(target, reset=main)
+    # one update-N folder inside the stage's checkpoints folder, `<output_dir>/<stage>-checkpoints` (core.ownership)
+    kind = f"checkpoint:{root.name.removesuffix('-checkpoints')}"
+    tmp = staging_dir(target, kind, reset=main)
     distributed.barrier()
     torch.save(_rng_state(), tmp / f"rng_{distributed.rank()}.pt")
     if main:
@@ -120,12 +121,12 @@ def save(
         write_json(tmp / "state.json", {"update": update, "norm": norm, "world_size": distributed.world_size()})
     distributed.barrier()
     if main:
-        commit_dir(tmp, target)
+        commit_dir(tmp, target, kind)
         done = sorted(
             (p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()), key=_update_of
         )
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            ownership.remove(old, kind)
     distributed.barrier()
 
 

@@ -33,6 +33,7 @@ from . import functional as F
 log = logging.getLogger(__name__)
 
 POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
+VALUE_FROM_REWARD = "reward"  # ppo.value_init: the value adapter and head start as a copy of the reward model's
 
 
 @dataclass
@@ -241,7 +242,7 @@ def build_model(
     if reward_from:
         peft.add_adapter(REWARD, _adapter_config(reward_from))
         reward_head = _score_head(_load_adapter_weights(peft, reward_from, REWARD), reward_from, hidden_size)
-    if value_init == "reward" and reward_from:
+    if value_init == VALUE_FROM_REWARD and reward_from:
         peft.add_adapter(VALUE, _adapter_config(reward_from))
         value_head = _score_head(_load_adapter_weights(peft, reward_from, VALUE), reward_from, hidden_size)
     else:

@@ -8,14 +8,14 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from finetune.core.outputs import setup_logging
+from finetune.core.logs import setup_logging
+from finetune.core.outputs import atomic_dir
+from finetune.core.ownership import TINY_BASE, NotOurs, check_target
 from finetune.core.progress import progress
 
 from . import (
@@ -107,10 +107,7 @@ def build(out: str | Path, steps: int = PRETRAIN_STEPS, seed: int = 0, threads: 
         losses = pretrain(model, tokenizer, steps=steps, seed=seed)
     finally:
         torch.set_num_threads(previous)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, TINY_BASE) as tmp:  # replaces only an earlier build (core.ownership)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         record = {
@@ -134,11 +131,6 @@ def build(out: str | Path, steps: int = PRETRAIN_STEPS, seed: int = 0, threads: 
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         for f in tmp.iterdir():
             f.chmod(0o644)  # safetensors are written 0600; a package's files are read by every user
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("tiny-phi pre-training loss %.3f -> %.3f", record["loss_first_20"], record["loss_last_20"])
     return out
 
@@ -161,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if Path(args.out).exists() and not args.force:
         print(f"python -m finetune.tiny build: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:  # before the build's minutes: it replaces only an earlier build
+        check_target(args.out, TINY_BASE, "Build into another folder, or move that one away yourself")
+    except NotOurs as e:
+        print(f"python -m finetune.tiny build: error:\n{e}", file=sys.stderr)
         return 2
     setup_logging()
     print(build(args.out, steps=args.steps, threads=args.threads))

@@ -206,6 +206,7 @@ GROUP_MODULES = [  # the table's order: the suite's files, each in file order
     "test_faults",
     "test_concurrency",
     "test_outputs",
+    "test_ownership",
     "test_inference",
 ]
 

@@ -137,8 +137,8 @@ def test_replies_keep_their_text_and_say_why_they_stopped(case, small_run, tmp_p
     Case(
         "generate-out-of-another-run",
         "faults",
-        "`--out` names a file another command wrote",
-        "refused (not overwritten) unless --overwrite",
+        "`--out` names a file finetune did not write (then also with --overwrite)",
+        "refused both times: finetune replaces only a file it wrote; the file kept byte for byte",
     ),
 )
 def test_generate_appends_as_it_goes_and_resumes(case, small_run, tmp_path, capsys):
@@ -151,7 +151,9 @@ def test_generate_appends_as_it_goes_and_resumes(case, small_run, tmp_path, caps
     if case.id == "generate-out-of-another-run":
         answers.write_text('{"prompt": "mine", "response": "kept"}\n')
         code, err = cli(capsys, "generate", *args)
-        refused(code, err, f"{answers}: already exists and was not written by this command", "--overwrite")
+        refused(code, err, f"{answers}: exists and was not written by finetune", "Choose another --out")
+        code, err = cli(capsys, "generate", *args, "--overwrite")
+        refused(code, err, f"{answers}: exists and was not written by finetune")
         assert answers.read_text() == '{"prompt": "mine", "response": "kept"}\n'
         return
     log = tmp_path / "gen.log"

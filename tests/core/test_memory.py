@@ -17,7 +17,7 @@ from finetune.core.memory import (
     remedies,
     weight_bytes,
 )
-from finetune.recipe import load_recipe
+from finetune.recipe import STAGES, load_recipe
 from tests.conftest import ROOT, TINY_RECIPE
 
 PHI2 = ROOT / "recipes" / "phi2_chat.yaml"
@@ -113,7 +113,7 @@ def test_remedies_name_what_lowers_the_estimate(phi2_shape):
     assert fixes[0].startswith("fewer processes on this machine") and not any("4bit" in f for f in fixes)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "export", "eval"])
+@pytest.mark.parametrize("stage", STAGES.names())  # every registered stage: none falls back to a partial estimate
 def test_preflight_refuses_a_stage_too_big_for_the_machine(stage, tmp_path, monkeypatch, capsys):
     from finetune.cli import main
 
