@@ -1,4 +1,4 @@
-"""One-shot GPU benchmark: SFT, DPO and PPO on the Phi-2 architecture (random weights, fp16), ours against
+"""One-shot GPU benchmark: SFT, DPO, reward, PPO and GRPO on the Phi-2 architecture (random weights, fp16), ours against
 the strongest peers, in one command that fits about 8 minutes of an H100 / H200, and the table.
 
     python bench/gpu.py bundle                      # here (PyPI reachable): bench/gpu_bundle/ (wheels, tokenizer)
@@ -12,11 +12,19 @@ Liger's kernels install and run), measures the GPU's copy bandwidth and matmul r
 spends time on the runs:
 
 - SFT, seq 2048, batch 4: ours vs TRL 1.16 tuned (bench/run.py --stage sft --arms ours,trl-tuned);
-- DPO, seq 2048, batch 4: ours vs TRL 1.16 tuned (precomputed reference log-probs);
+- DPO, seq 2048, batch 4: ours (padding-free pairs) vs TRL 1.16 tuned (precomputed reference log-probs;
+  padded, as TRL 1.16 turns padding-free DPO off) vs ours padded (`dpo.padding_free=false`);
+- reward model, seq 2048, batch 4: ours (padding-free pairs) vs TRL 1.16's RewardTrainer tuned (padded);
 - PPO, batch 64 x 256 new tokens, 1 PPO epoch: ours vs TRL 1.12's PPOTrainer;
+- GRPO, 64 prompts x 8 completions x 256 new tokens: ours with transformers' generate and with vLLM rollouts
+  (rollout tokens/s of both engines; the vLLM arm runs only where vLLM imports) vs TRL 1.16's GRPOTrainer with a
+  reward model passed as a separate model;
 - the LM head + loss alone (bench/lm_head.py): full logits vs TRL's fused head vs Liger's fused linear
   cross-entropy (TRL 1.16 refuses Liger's inside its trainers, and Liger has no Phi-2 kernels: this is
-  where "with and without Liger" can be measured).
+  where "with and without Liger" can be measured);
+- QLoRA at every stage on bitsandbytes' CUDA kernels: the tiny model's SFT -> reward -> DPO -> PPO -> export
+  with model.load_in_4bit (the chain CI runs on bitsandbytes' CPU backend, tests/stages/test_four_bit.py),
+  when bitsandbytes is installed on the GPU machine (it is not carried: its wheel is past the carry limit).
 
 Each stage writes its JSON as soon as it ends and the table is rewritten after each, so a run cut short
 still leaves what it measured. The table: real tokens/s, MFU (docs/benchmarks.md, "How MFU is counted",
@@ -80,10 +88,13 @@ CARRY_LIMIT_MB = 60  # the device tool carries at most 64 MiB of working tree in
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 STAGES = {  # stage -> arms, steps, warmup, seconds allowed
     "sft": (["ours", "trl-tuned"], 6, 2, 150),
-    "dpo": (["ours", "trl-tuned"], 6, 2, 170),
+    "dpo": (["ours", "trl-tuned", "ours-padded"], 6, 2, 170),
+    "reward": (["ours", "trl-tuned"], 6, 2, 100),
     "ppo": (["ours", "peer"], 2, 1, 240),
+    # GRPO: ours (transformers generate), ours with vLLM rollouts when a matching vLLM imports, TRL's GRPOTrainer
+    "grpo": (["ours", "ours-vllm", "trl"], 2, 1, 240),
 }
-DRY = {"sft": (1, 1), "dpo": (1, 1), "ppo": (1, 1)}  # steps, warmup in the dry run
+DRY = {"sft": (1, 1), "dpo": (1, 1), "reward": (1, 1), "ppo": (1, 1), "grpo": (1, 1)}  # steps, warmup in the dry run
 
 
 def _platforms() -> list[str]:
@@ -287,6 +298,13 @@ def preflight(dry_run: bool, bundle_dir: Path) -> tuple[dict, dict, dict]:
         if res.returncode != 0 or _json_line(res)["trl"] != PEER_TRL:
             raise SystemExit(f"gpu: the PPO peer's TRL {PEER_TRL} does not import:\n{res.stderr[-3000:]}")
         facts["peer"] = _json_line(res)
+    # vLLM rollouts for GRPO: only with a vLLM that imports here (none matches the project's torch and transformers
+    # today: finetune/rl/vllm_rollout.py), never in the dry run (CUDA only)
+    if dry_run or not info["cuda"]:
+        facts["vllm"] = {"skipped": "vLLM needs CUDA"}
+    else:
+        res = _run([sys.executable, "-c", "import json, vllm; print(json.dumps({'vllm': vllm.__version__}))"], env, 180)
+        facts["vllm"] = _json_line(res) if res.returncode == 0 else {"skipped": res.stderr.strip()[-300:]}
     if dry_run or not info["cuda"]:
         facts["liger"] = {"skipped": "Liger's kernels are Triton kernels: CUDA only"}
         facts["speed"] = None
@@ -352,6 +370,51 @@ def _stage(
     return report
 
 
+# The 4-bit chain: tiny sizes, every stage (the same overrides as tests/stages/test_four_bit.py, at fp16).
+FOUR_BIT_STAGES = ["sft", "reward", "dpo", "ppo", "export"]
+FOUR_BIT = [
+    "precision=fp16",
+    "model.load_in_4bit=true",
+    "samples.count=0",
+    "training.per_device_train_batch_size=8",
+    "training.warmup_steps=0",
+    "sft.max_steps=3",
+    "sft.eval_generate_rows=8",
+    "reward.max_steps=2",
+    "dpo.max_steps=2",
+    "dpo.eval_generate_rows=8",
+    "ppo.updates=2",
+    "ppo.save_every=2",
+    "ppo.rollout_batch_size=8",
+    "ppo.micro_batch_size=8",
+    "ppo.eval_prompts=8",
+    "export.eval_generate_rows=8",
+]
+
+
+def four_bit_chain(out: Path, env: dict, timeout: float) -> dict:
+    """Each stage of the tiny recipe on a 4-bit base, as a user runs it (`python -m finetune.cli <stage>`), and
+    what each one's metrics say: the base unchanged, the steps run, the export's parity."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"error": "not run: bitsandbytes is not installed on this machine (pip install bitsandbytes)"}
+    run_dir, started, stages = out / "four_bit_run", time.perf_counter(), {}
+    for stage in FOUR_BIT_STAGES:
+        left = timeout - (time.perf_counter() - started)
+        cmd = [sys.executable, "-m", "finetune.cli", stage, str(ROOT / "recipes" / "tiny_chat.yaml")]
+        try:
+            res = _run([*cmd, f"output_dir={run_dir}", *FOUR_BIT], env, max(left, 1))
+        except subprocess.TimeoutExpired:
+            return {"stages": stages, "error": f"{stage}: timed out ({timeout:.0f} s for the chain)"}
+        if res.returncode != 0:
+            return {"stages": stages, "error": f"{stage}: {(res.stderr or res.stdout).strip()[-1200:]}"}
+        m = json.loads((run_dir / stage / "metrics.json").read_text())
+        keys = ("base_unchanged", "global_steps", "updates", "parity_max_abs_diff_fp32", "peak_memory_mb")
+        stages[stage] = {k: m[k] for k in keys if k in m}
+    return {"stages": stages, "wall_s": time.perf_counter() - started}
+
+
 def _mb(x: float) -> str:
     return f"{x / 1024:,.1f} GB" if x >= 1024 else f"{x:,.0f} MB"
 
@@ -359,7 +422,7 @@ def _mb(x: float) -> str:
 def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
     from bench.models import flops_per_token, phi2_config
 
-    config = phi2_config(small=model != "phi2")
+    config = phi2_config(model)
     from bench.models import SETTINGS
 
     s = SETTINGS[model]
@@ -383,7 +446,7 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         )
         lines.append("")
     lines += ["| stage | arm | real tokens/s | MFU | peak memory | notes |", "|---|---|---|---|---|---|"]
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "reward"):
         r = reports.get(stage)
         if r is None:
             continue
@@ -394,6 +457,8 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
             m = a["median"]
             in_step_ref = stage == "dpo" and "precompute_ref_s" not in m
             per_token = flops["train"] + (flops["forward"] if in_step_ref else 0)
+            if stage == "reward":  # a score head of one output instead of the LM head: no 2dV forward + 2dV back
+                per_token -= 4 * config.hidden_size * config.vocab_size
             mfu = f"{m['tokens_per_s'] * per_token / peak:.1%}" if peak else "n/a"
             note = (
                 "reference in the step"
@@ -407,11 +472,30 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
             lines.append(
                 f"| {stage.upper()} | ours / {arm} | {ratio['tokens_per_s']:.2f}x | | {ratio['peak_memory']:.2f}x | |"
             )
-    r = reports.get("ppo")
+    for rl_stage in ("ppo", "grpo"):
+        lines += _rl_rows(rl_stage, reports.get(rl_stage), flops, config, speed, s)
+    if "peer" in facts and "skipped" in facts["peer"]:
+        lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
+    if facts.get("vllm", {}).get("skipped"):
+        lines.append(f"\nGRPO with vLLM skipped: {facts['vllm']['skipped']}")
+    four = reports.get("four_bit")
+    if four is not None:
+        lines += ["", "| 4-bit chain (tiny model, bitsandbytes CUDA) | result |", "|---|---|"]
+        for stage, m in four.get("stages", {}).items():
+            lines.append(f"| {stage} | {json.dumps(m)} |")
+        if "error" in four:
+            lines.append(f"| failed | {four['error'].splitlines()[-1][:200]} |")
+    return _rest(lines, lm_head, facts)
+
+
+def _rl_rows(stage: str, r: dict | None, flops: dict, config, speed: dict, s: dict) -> list[str]:
+    """The PPO or GRPO table: time per update and its split, generated (rollout) tokens/s against the
+    memory-bandwidth bound, peak memory, parameters held."""
+    lines = []
     if r is not None:
         lines += [
             "",
-            "| PPO arm | s/update | generate / score / optimise s | generation share | generated tok/s | "
+            f"| {stage.upper()} arm | s/update | generate / score / optimise s | generation share | generated tok/s | "
             "vs bandwidth bound | peak memory | parameters held |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -420,7 +504,8 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
         else:
             weight_bytes = 2 * (flops["matmul_params"] + config.vocab_size * config.hidden_size)
             bw = speed.get("copy_bandwidth_bytes_per_s")
-            bound = s["ppo_batch"] * bw / weight_bytes if bw else None
+            sequences = s["ppo_batch"] * (s["grpo_generations"] if stage == "grpo" else 1)
+            bound = sequences * bw / weight_bytes if bw else None
             for arm, a in r["arms"].items():
                 m = a["median"]
                 vs = f"{m['generated_tokens_per_s'] / bound:.0%} of {bound:,.0f}" if bound else "n/a"
@@ -434,8 +519,10 @@ def table(facts: dict, reports: dict, lm_head: dict | None, model: str) -> str:
                     f"| ours / {arm} | {1 / ratio['tokens_per_s']:.2f}x time per update | | | | | "
                     f"{ratio['peak_memory']:.2f}x | |"
                 )
-    if "peer" in facts and "skipped" in facts["peer"]:
-        lines.append(f"\nPPO peer skipped: {facts['peer']['skipped']}")
+    return lines
+
+
+def _rest(lines: list[str], lm_head: dict | None, facts: dict) -> str:
     if lm_head:
         lines += ["", "| LM head + loss, forward + backward | seconds | added peak memory |", "|---|---|---|"]
         for v in lm_head["results"]:
@@ -477,6 +564,8 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
     for stage, (arms, steps, warmup, allowed) in STAGES.items():
         if stage == "ppo" and peer_env is None:
             arms = ["ours"]
+        if stage == "grpo" and (dry_run or "skipped" in facts.get("vllm", {})):
+            arms = [a for a in arms if a != "ours-vllm"]
         if dry_run:
             steps, warmup = DRY[stage]
         left = budget_s - (time.perf_counter() - started)
@@ -494,6 +583,13 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
             flush=True,
         )
         (out / "gpu_table.md").write_text(table(facts, reports, lm_head, model))
+    left = budget_s - (time.perf_counter() - started)
+    if not dry_run:  # on the CPU, tests/stages/test_four_bit.py runs the same chain
+        reports["four_bit"] = (
+            four_bit_chain(out, env, min(180, left)) if left >= 60 else {"error": "not run: the budget was spent"}
+        )
+        (out / "four_bit.json").write_text(json.dumps(reports["four_bit"], indent=2) + "\n")
+        (out / "gpu_table.md").write_text(table(facts, reports, lm_head, model))
     summary = {
         "facts": facts,
         "wall_s": time.perf_counter() - started,
@@ -501,6 +597,8 @@ def run(out: Path, dry_run: bool, bundle_dir: Path, budget_s: float) -> int:
             k: (
                 {"error": v["error"]}
                 if "error" in v
+                else v
+                if k == "four_bit"
                 else {"ratios": v.get("ratios"), "medians": {a: x["median"] for a, x in v["arms"].items()}}
             )
             for k, v in reports.items()
@@ -517,11 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bundle", help="download the wheels the GPU run installs into bench/gpu_bundle")
     b.add_argument("--dir", type=Path, default=BUNDLE)
     b.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default 3.12)")
-    r = sub.add_parser("run", help="preflight, then SFT, DPO and PPO, then the table")
+    r = sub.add_parser("run", help="preflight, then SFT, DPO, reward and PPO, then the table")
     r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results" / "gpu"))
     r.add_argument("--dry-run", action="store_true", help="CPU, Phi-2 shape rules at CPU size, 1 step per arm")
     r.add_argument("--bundle", type=Path, default=BUNDLE)
-    r.add_argument("--budget-s", type=float, default=450, help="stop starting stages after this many seconds")
+    r.add_argument("--budget-s", type=float, default=510, help="stop starting stages after this many seconds")
     args = p.parse_args(argv)
     if args.command == "bundle":
         return bundle(args.dir, args.python_version)

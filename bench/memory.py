@@ -132,6 +132,7 @@ def phi2_shape(layers: int):
 def gpu_table() -> str:
     """The GPU estimates of docs/memory.md: each Phi recipe as shipped, 8 processes (one per GPU)."""
     from finetune.core.memory import GIB, estimate_stage, model_shape, stage_settings
+    from finetune.recipe import STAGES as REGISTRY
     from finetune.recipe import load_recipe
 
     lines = [
@@ -141,8 +142,8 @@ def gpu_table() -> str:
     for name in ("phi2_chat", "phi1_5_chat", "phi3_5_mini_chat"):
         recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
         shape, _ = model_shape(recipe)
-        for stage in [*STAGES, "eval"]:  # eval: the lm-eval benchmarks of the export and the base
-            processes = 1 if stage in ("export", "eval") else 8
+        for stage in recipe.pipeline_stages():  # the stages the recipe runs, as the registry lists them
+            processes = 8 if REGISTRY[stage].launcher else 1  # export and eval run once
             est = estimate_stage(stage, shape, stage_settings(recipe, stage, "cuda", processes))
             where = f"{est.total_gib:.1f}" if est.device == "cuda" else f"CPU: {est.total_gib:.1f} of RAM"
             host = f"{est.host_gib:.1f}" if est.device == "cuda" else "-"

@@ -21,6 +21,7 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=48,
         max_prompt_length=96,
+        grpo_generations=8,
     ),
     # the GPU script's dry run in CI time: short rows (the 51,200-token LM head dominates a CPU step)
     "phi2-small": dict(
@@ -33,6 +34,23 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=8,
         max_prompt_length=32,
+        grpo_generations=2,
+    ),
+    # CPU at Phi-2's width: its hidden size, heads, partial rotary, FFN and 51,200-token vocabulary with 2 layers
+    # (phi2_config("phi2-width")), so each token costs what it costs per layer and in the head at Phi-2 size
+    # while a 2-core step stays in seconds. Batch 4 pairs / rows of the same long-tailed lengths as tiny; the
+    # DPO reference pre-pass covers `rows`, so they are few. With 2 layers the LM head is ~45% of a token's
+    # matmul FLOPs (~5% at Phi-2's 32): what padding costs in the head weighs more here than it would there.
+    "phi2-width": dict(
+        max_length=256,
+        batch=4,
+        precision="fp32",
+        rows=32,
+        ppo_batch=4,
+        ppo_micro_batch=4,
+        ppo_epochs=1,
+        response_length=16,
+        max_prompt_length=64,
     ),
     # micro-batch 8: a LoRA backward through Phi-2 keeps ~3 MB of activations per token, so 64 rows of up to
     # 768 tokens at once would not fit; 8 at a time (8 accumulation steps) does, for ours and the peer alike
@@ -46,21 +64,27 @@ SETTINGS = {
         ppo_epochs=1,
         response_length=256,
         max_prompt_length=512,
+        grpo_generations=8,  # 64 prompts x 8 = 512 completions per update
     ),
 }
 
 
-def phi2_config(small: bool = False):
+def phi2_config(size: str = "phi2"):
     """Phi-2's architecture: its published shape as finetune's memory estimate holds it (microsoft/phi-2
-    config.json), plus the fields the estimate does not need; `small` keeps its shape rules (partial
-    rotary 0.4, untied head, full 51200 vocabulary) at a size a CPU test can run."""
+    config.json), plus the fields the estimate does not need. `phi2-width` keeps all of it but 2 layers;
+    `phi2-small` keeps its shape rules (partial rotary 0.4, untied head, full 51200 vocabulary) at a size a
+    CPU test can run."""
     from transformers import PhiConfig
 
     from bench.ours import PHI2_PUBLISHED
 
     shape = {k: v for k, v in PHI2_PUBLISHED.items() if k != "dtype"}  # the dtype is the benchmark's choice
-    if small:
+    if size == "phi2-small":
         shape.update(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+    elif size == "phi2-width":
+        shape.update(num_hidden_layers=2)
+    elif size != "phi2":
+        raise ValueError(f"unknown Phi-2 size {size!r}")
     return PhiConfig(
         **shape,
         rope_theta=10000.0,
@@ -76,20 +100,24 @@ def phi2_config(small: bool = False):
 
 
 def build_model(name: str, recipe, task: str = "causal_lm"):
-    """The frozen base for a benchmark arm, on the GPU when there is one."""
+    """The frozen base for a benchmark arm, on the GPU when there is one: a causal LM, or (task "seq_cls")
+    the same backbone with a one-output score head, as the reward stage loads it."""
     from bench.ours import DTYPES, choose_attention, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    labels = {"num_labels": 1} if task == "seq_cls" else {}
     if name == "tiny":
-        return load_model(recipe).to(device)
-    from transformers import PhiForCausalLM
+        return load_model(recipe, task=task, **labels).to(device)
+    from transformers import PhiForCausalLM, PhiForSequenceClassification
 
     torch.manual_seed(0)
     attn, _ = choose_attention(recipe.model.attn_implementation, DTYPES[recipe.precision])
-    config = phi2_config(small=name == "phi2-small")
+    config = phi2_config(name)
     config.pad_token_id = config.eos_token_id
+    config.update(labels)
+    cls = PhiForSequenceClassification if task == "seq_cls" else PhiForCausalLM
     with torch.device(device):
-        model = PhiForCausalLM._from_config(config, attn_implementation=attn, dtype=DTYPES[recipe.precision])
+        model = cls._from_config(config, attn_implementation=attn, dtype=DTYPES[recipe.precision])
     return model.eval()
 
 

@@ -22,10 +22,15 @@ from finetune.core.modeling import (
 )
 from finetune.core.training import trl_config
 from finetune.dpo import make_trainer as dpo_trainer
-from finetune.recipe import apply_overrides, validate_recipe
-from finetune.rl.engine import REFERENCE, PPOEngine, SpeedSwitches
+from finetune.recipe import GrpoAlgorithm, apply_overrides, validate_recipe
+from finetune.reward import as_reward_rows
+from finetune.reward import make_trainer as reward_trainer
+from finetune.rl.engine import REFERENCE, SpeedSwitches
 from finetune.rl.engine import build_model as build_multi_adapter
 from finetune.rl.functional import reward_readout_index
+from finetune.rl.grpo_engine import GRPOEngine
+from finetune.rl.ppo_engine import PPOEngine
+from finetune.rl.scoring import Scorer
 from finetune.sft import make_trainer as sft_trainer
 from finetune.sft import sft_args
 from finetune.tiny import base_path
@@ -36,11 +41,15 @@ __all__ = [
     "PHI2_PUBLISHED",
     "DTYPES",
     "DataReport",
+    "GRPOEngine",
+    "GrpoAlgorithm",
     "PPOEngine",
     "REFERENCE",
+    "Scorer",
     "SpeedSwitches",
     "add_lora",
     "apply_overrides",
+    "as_reward_rows",
     "build_multi_adapter",
     "choose_attention",
     "dpo_trainer",
@@ -50,6 +59,7 @@ __all__ = [
     "load_tokenizer",
     "lora_targets",
     "reward_readout_index",
+    "reward_trainer",
     "sft_args",
     "sft_trainer",
     "template_for",

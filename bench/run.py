@@ -2,15 +2,20 @@
 
     python bench/run.py --stage sft --model tiny --arms ours,trl-tuned [--steps 8] [--repeats 3] [--out sft.json]
     python bench/run.py --stage ppo --model tiny --arms ours,peer        # needs bash bench/peer_env.sh once
+    python bench/run.py --stage dpo --model phi2-width                  # CPU: Phi-2's width, 2 layers
+    python bench/run.py --stage reward --model phi2-width --arms ours,trl-tuned,ours-padded
     python bench/run.py --stage ppo --model phi2 --out ppo_phi2.json     # GPU: Phi-2 architecture, fp16
+    python bench/run.py --stage grpo --model tiny --arms ours,trl        # ours vs TRL 1.16's GRPOTrainer
 
 Arms (ARMS below; the first arm is compared with every other): `ours` is the stage's own training path
 (finetune's SFT / DPO stage code with its defaults, our PPO engine); `trl-tuned` is TRL 1.16 with
-everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py);
+everything it offers for the job switched on (bench/sft_baseline.py, bench/dpo_baseline.py,
+bench/reward_baseline.py);
 `baseline` is TRL with its defaults, as most scripts run it; `peer` is TRL 1.12's PPOTrainer, the last
 TRL PPO, run by bench/ppo_peer.py in its own virtual environment on a plain Hugging Face export of
-the same model and prompts. Other arms switch one optimisation off. For SFT and DPO, `+liger` after
-`ours` or `trl-tuned` adds `use_liger_kernel=True` (GPU only).
+the same model and prompts; for GRPO `trl` is TRL 1.16's GRPOTrainer with LoRA and a reward model passed as a
+separate model, as its documentation shows (bench/grpo_trl.py). Other arms switch one optimisation off.
+For SFT and DPO, `+liger` after `ours` or `trl-tuned` adds `use_liger_kernel=True` (GPU only).
 
 Each run of an arm is a fresh process (clean peak memory, no warm caches shared between arms); arms
 alternate order across repeats so slow spells on a shared machine hit both; the median of the repeats
@@ -56,6 +61,14 @@ ARMS = {
         "baseline": "TRL DPOTrainer defaults (reference every step, gradient checkpointing)",
         "ours-precompute": "finetune DPO with dpo.precompute_ref_log_probs=true (the default on one process)",
         "ours-noprecompute": "finetune DPO with dpo.precompute_ref_log_probs=false (the reference in every step)",
+        "ours-padded": "finetune DPO with dpo.padding_free=false (TRL's padded batches)",
+    },
+    "reward": {
+        "ours": "finetune reward defaults (padding-free pairs; no gradient checkpointing)",
+        "trl-tuned": "TRL 1.16 RewardTrainer tuned: no gradient checkpointing, same attention kernel "
+        "(it has no padding-free option)",
+        "baseline": "TRL RewardTrainer defaults (padded, gradient checkpointing)",
+        "ours-padded": "finetune reward with reward.padding_free=false (TRL's padded batches)",
     },
     "ppo": {
         "ours": "finetune PPO engine defaults (one base, policy/value LoRA, reward read from the base)",
@@ -65,13 +78,19 @@ ARMS = {
         "unbatched": "defaults but one prompt per generate() call",
         "full-logits": "defaults but vocab-sized logits at every position",
     },
+    "grpo": {
+        "ours": "finetune GRPO engine (one base: policy LoRA, the reward model as a LoRA adapter + head on it)",
+        "trl": "TRL 1.16 GRPOTrainer: LoRA policy (peft_config), the reward model passed as a separate model",
+        "ours-vllm": "finetune GRPO engine with vLLM rollouts (use_vllm; CUDA and a matching vLLM only)",
+    },
 }
 LIGER_ARMS = ("ours", "trl-tuned")  # SFT / DPO arms that take a "+liger" suffix
 
 
 def known_arm(stage: str, arm: str) -> bool:
     base, _, suffix = arm.partition("+")
-    return base in ARMS[stage] and (not suffix or (suffix == "liger" and stage != "ppo" and base in LIGER_ARMS))
+    liger = suffix == "liger" and stage in ("sft", "dpo") and base in LIGER_ARMS
+    return base in ARMS[stage] and (not suffix or liger)
 
 
 def describe(stage: str, arm: str) -> str:
@@ -103,7 +122,7 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
         },
         stage: {"data": {"train": [{"path": "generated-by-bench"}]}},
     }
-    if stage in ("sft", "dpo"):
+    if stage in ("sft", "dpo", "reward"):
         raw[stage]["max_length"] = s["max_length"]
     if stage == "ppo":
         raw["training"] = {}
@@ -175,11 +194,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _real_tokens(example: dict) -> int:
+    """Real tokens of one collated example: a row or pack (SFT), a pair's two sequences (DPO: the prompt
+    twice; reward: full sequences)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return 2 * len(example.get("prompt_ids", ())) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
 def _trainer_run(
     stage: str, arm: str, model_name: str, steps: int, warmup: int, out: str, rows: int | None = None
 ) -> dict:
-    """SFT / DPO: build the arm's trainer on the same rows, train warmup + steps, measure."""
-    from bench import dpo_baseline, sft_baseline
+    """SFT / DPO / reward: build the arm's trainer on the same rows, train warmup + steps, measure."""
+    import torch
+
+    from bench import dpo_baseline, reward_baseline, sft_baseline
     from bench import ours as fo
     from bench.data import chat_rows, preference_rows
     from bench.models import SETTINGS, build_model
@@ -192,18 +221,17 @@ def _trainer_run(
         "ours-nopack": ["sft.packing=false"],
         "ours-precompute": ["dpo.precompute_ref_log_probs=true"],
         "ours-noprecompute": ["dpo.precompute_ref_log_probs=false"],
+        "ours-padded": [f"{stage}.padding_free=false"],
     }
     overrides = extra.get(base_arm, []) + (["training.use_liger_kernel=true"] if liger else [])
     recipe = _recipe(model_name, stage, out, warmup + steps, overrides)
     tokenizer, template = fo.load_tokenizer(recipe), fo.template_for(recipe)
-    model = build_model(model_name, recipe)
+    model = build_model(model_name, recipe, task="seq_cls" if stage == "reward" else "causal_lm")
     if stage == "sft":
         rows = chat_rows(tokenizer, n_rows, s["max_length"])
-        count = lambda e: len(e["input_ids"])  # noqa: E731  (unpadded row or pack)
     else:
         rows = preference_rows(tokenizer, n_rows, s["max_length"])
-        count = lambda e: 2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])  # noqa: E731
-    meter = _Meter(count)
+    meter = _Meter(_real_tokens)
     started = time.perf_counter()
     precompute = {}
     if stage == "dpo":  # time the one-off reference pass (it runs inside the trainer's constructor)
@@ -221,7 +249,7 @@ def _trainer_run(
 
         DPOTrainer._precompute_ref_logps = timed
     if base_arm in ("baseline", "trl-tuned", "trl-tuned-nopack"):
-        maker = sft_baseline if stage == "sft" else dpo_baseline
+        maker = {"sft": sft_baseline, "dpo": dpo_baseline, "reward": reward_baseline}[stage]
         tuned = {"baseline": False, "trl-tuned": True, "trl-tuned-nopack": "nopack"}[base_arm]
         trainer = maker.make_trainer(
             model,
@@ -240,6 +268,19 @@ def _trainer_run(
         args = fo.sft_args(recipe)
         ds = fo.tokenize_conversations(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
         trainer = fo.sft_trainer(recipe, args, fo.add_lora(model, recipe), tokenizer, ds, callbacks=[meter.callback])
+    elif stage == "reward":
+        from trl import RewardConfig
+
+        args = fo.trl_config(recipe, "reward", RewardConfig, eval_strategy="no")
+        pairs = fo.tokenize_preferences(rows, tokenizer, template, args.max_length, "drop", fo.DataReport(), "train")
+        trainer = fo.reward_trainer(
+            args,
+            fo.add_lora(model, recipe, task="seq_cls"),
+            tokenizer,
+            fo.as_reward_rows(pairs),
+            padding_free=recipe.reward.padding_free,
+            callbacks=[meter.callback],
+        )
     else:
         from trl import DPOConfig
 
@@ -264,19 +305,23 @@ def _trainer_run(
         "peak_memory_mb": _peak_memory_mb(),
         "attention": model.config._attn_implementation,
         "liger": liger,
+        "padding_free_pairs": bool(getattr(trainer, "_pack_batches", False)),  # DPO / reward: ours packs pairs
+        "torch_threads": torch.get_num_threads(),
     }
+
+
+def _ppo_rows(tokenizer, model_name: str, n: int) -> list[dict]:
+    from bench.data import prompt_rows
+    from bench.models import SETTINGS
+
+    return prompt_rows(tokenizer, n, SETTINGS[model_name]["max_prompt_length"])
 
 
 def _ppo_prompts(tokenizer, model_name: str, n: int) -> list[list[int]]:
     """The rendered, tokenized PPO prompts (chat template, generation prompt) both PPO arms use."""
     from bench import ours as fo
-    from bench.data import prompt_rows
-    from bench.models import SETTINGS
 
-    return [
-        fo.tokenize_prompt(tokenizer, r["prompt"])
-        for r in prompt_rows(tokenizer, n, SETTINGS[model_name]["max_prompt_length"])
-    ]
+    return [fo.tokenize_prompt(tokenizer, r["prompt"]) for r in _ppo_rows(tokenizer, model_name, n)]
 
 
 def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
@@ -369,6 +414,124 @@ def _ppo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> di
     }
 
 
+def _reward_model(model_name: str, recipe, base):
+    """A reward model of the benchmark model's architecture with the base's weights and a random score head (a
+    reward-model-sized forward is what scoring costs; its values do not matter for speed)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = base.config.__class__.from_dict({**base.config.to_dict(), "num_labels": 1})
+    config.pad_token_id = base.config.pad_token_id if base.config.pad_token_id is not None else base.config.eos_token_id
+    torch.manual_seed(1)
+    seq = AutoModelForSequenceClassification.from_config(config, dtype=next(base.parameters()).dtype)
+    seq.load_state_dict(base.state_dict(), strict=False)  # everything but the LM head / score head
+    return seq.to(next(base.parameters()).device).eval()
+
+
+def _grpo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> dict:
+    """GRPO: the same prompts, group size and lengths in both arms; every completion runs the full length; the
+    reward is a learned reward model (ours: its LoRA adapter and head on the policy's base; TRL: a separate
+    model)."""
+    import torch
+
+    from bench import ours as fo
+    from bench.models import SETTINGS, build_model
+
+    s = SETTINGS[model_name]
+    k, batch = s["grpo_generations"], s["ppo_batch"]
+    recipe = _recipe(model_name, "ppo", out, 0, [])
+    tokenizer = fo.load_tokenizer(recipe)
+    torch.manual_seed(0)
+    base = build_model(model_name, recipe)
+    rows = [r["prompt"] for r in _ppo_rows(tokenizer, model_name, batch * (warmup + steps))]
+    if arm == "trl":
+        from bench import grpo_trl
+
+        trainer = grpo_trl.make_trainer(
+            base, _reward_model(model_name, recipe, base), tokenizer, rows, s, warmup + steps, out, s["precision"]
+        )
+        timer = grpo_trl.Timer(trainer, _sync)
+        trainer.train()
+        measured = slice(warmup, warmup + steps)
+        wall = [w for w, _ in timer.steps[measured]]
+        cpu = [c for _, c in timer.steps[measured]]
+        generate, score = timer.generate[measured], timer.score[measured]
+        held = sum(p.numel() for p in trainer.model.parameters()) + sum(
+            p.numel() for m in trainer.reward_funcs if isinstance(m, torch.nn.Module) for p in m.parameters()
+        )
+        prompt_tokens = [len(fo.tokenize_prompt(tokenizer, r)) for r in rows]
+    else:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        reward_folder = Path(out) / "reward"
+        seq = get_peft_model(
+            _reward_model(model_name, recipe, base),
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type=TaskType.SEQ_CLS, target_modules="all-linear"),
+        )
+        seq.save_pretrained(str(reward_folder))
+        del seq
+        config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=fo.lora_targets(recipe, base.config.model_type),
+        )
+        model = fo.build_multi_adapter(base, config, reward_from=str(reward_folder), value_init=None)
+        settings = fo.GrpoAlgorithm(
+            num_generations=k,
+            max_completion_length=s["response_length"],
+            temperature=1.0,
+            micro_batch_size=batch * k,
+            learning_rate=1e-4,
+            loss_type="dapo",
+        )
+        scorer = fo.Scorer(model, [], tokenizer, tokenizer.pad_token_id, False, batch * k)
+        never = [base.config.vocab_size]  # a stop id the model cannot sample: every completion runs the full length
+        engine = fo.GRPOEngine(model, settings, scorer, never, tokenizer.pad_token_id, seed=42)
+        if arm == "ours-vllm":
+            from finetune.rl.vllm_rollout import VllmSampler
+
+            engine.sampler = VllmSampler(recipe, "ppo", model, tokenizer, engine)
+        prompts = [fo.tokenize_prompt(tokenizer, r) for r in rows]
+        prompt_tokens = [len(p) for p in prompts]
+        wall, cpu, generate, score = [], [], [], []
+        for j in range(warmup + steps):
+            ids, mask = fo.left_pad(prompts[j * batch : (j + 1) * batch], tokenizer.pad_token_id)
+            _sync()
+            t, c = time.perf_counter(), time.process_time()
+            stats = engine.step(ids.to(engine.device), mask.to(engine.device))
+            _sync()
+            if j >= warmup:
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+                generate.append(stats["time_generate_s"])
+                score.append(stats["time_score_s"])
+        held = sum(p.numel() for p in model.parameters())
+    # real tokens per update: each measured update's prompts, each answered k times at the full length
+    tokens = [
+        k * sum(prompt_tokens[j * batch : (j + 1) * batch]) + batch * k * s["response_length"]
+        for j in range(warmup, warmup + steps)
+    ]
+    optimise = [w - g - sc for w, g, sc in zip(wall, generate, score)]
+    n = len(wall)
+    return {
+        "tokens_per_s": sum(tokens) / sum(wall),
+        "seconds_per_update": sum(wall) / n,
+        "tokens_per_cpu_s": sum(tokens) / sum(cpu),
+        "time_generate_s": sum(generate) / n,
+        "time_score_s": sum(score) / n,
+        "time_optimise_s": sum(optimise) / n,
+        "generated_tokens_per_s": batch * k * s["response_length"] * n / sum(generate),
+        "generation_share": sum(generate) / sum(wall),
+        "completions_per_update": batch * k,
+        "measured_steps": n,
+        "peak_memory_mb": _peak_memory_mb(),
+        "parameters_held": held,
+        "attention": base.config._attn_implementation,
+    }
+
+
 def export_for_peer(model_name: str, folder: Path, n_prompts: int) -> Path:
     """What the PPO peer reads, as plain Hugging Face files: the model (config; weights unless the model
     is random at Phi-2 size, where the peer draws the same random init instead of reading 5.6 GB), the
@@ -427,6 +590,8 @@ def worker(stage: str, arm: str, model: str, steps: int, warmup: int, rows: int 
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         if stage == "ppo":
             return _ppo_run(arm, model, steps, warmup, out)
+        if stage == "grpo":
+            return _grpo_run(arm, model, steps, warmup, out)
         return _trainer_run(stage, arm, model, steps, warmup, out, rows)
 
 
@@ -514,19 +679,20 @@ def _median(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=["sft", "dpo", "ppo"], required=True)
+    p.add_argument("--stage", choices=list(ARMS), required=True)
     p.add_argument(
         "--model",
-        choices=["tiny", "phi2", "phi2-small"],
+        choices=["tiny", "phi2-width", "phi2", "phi2-small"],
         default="tiny",
-        help="tiny: builtin:tiny-phi (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
+        help="tiny: builtin:tiny-phi (CPU); phi2-width: Phi-2's hidden size, heads, rotary, FFN and vocabulary "
+        "with 2 layers, random weights, fp32 (CPU); phi2: Phi-2 architecture, random weights, fp16 (GPU); "
         "phi2-small: the same shape rules at CPU size (a check of the phi2 path)",
     )
     p.add_argument("--baseline", action="store_true", help="run the baseline arm only")
     p.add_argument(
         "--arms",
         help="comma-separated arms (default: ours and the strongest peer: trl-tuned for "
-        "sft/dpo, peer for ppo); one of: "
+        "sft/dpo/reward, peer for ppo); one of: "
         + "; ".join(f"{st}: {', '.join(a)}" for st, a in ARMS.items())
         + "; sft/dpo: ours+liger, trl-tuned+liger",
     )
@@ -536,7 +702,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rows",
         type=int,
-        help="SFT / DPO rows made (default: the model's setting); DPO's precomputed reference pass covers them all",
+        help="SFT / DPO / reward rows made (default: the model's setting); DPO's precomputed reference pass "
+        "covers them all",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (OMP_NUM_THREADS; default: torch's, one per core). On a machine other "
+        "people load, 1 avoids the 2-thread barrier waits a descheduled thread causes; recorded per run",
     )
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument(
@@ -548,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's torch reads it at start
+        torch.set_num_threads(args.threads)  # this process's (--in-process runs)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
     if args.export:  # child: the PPO peer's plain Hugging Face export
@@ -561,13 +739,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.stage, args.worker, args.model, args.steps, args.warmup, args.rows)))
         return 0
-    default = ["ours", "peer" if args.stage == "ppo" else "trl-tuned"]
+    default = ["ours", {"ppo": "peer", "grpo": "trl"}.get(args.stage, "trl-tuned")]
     arms = ["baseline"] if args.baseline else (args.arms.split(",") if args.arms else default)
     unknown = [a for a in arms if not known_arm(args.stage, a)]
     if unknown:
         p.error(
             f"unknown arm(s) {unknown} for {args.stage}; choose from {list(ARMS[args.stage])}"
-            + (" (ours and trl-tuned also as ours+liger, trl-tuned+liger)" if args.stage != "ppo" else "")
+            + (" (ours and trl-tuned also as ours+liger, trl-tuned+liger)" if args.stage in ("sft", "dpo") else "")
         )
     export = None
     if "peer" in arms:
@@ -599,14 +777,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.repeats):
             for arm in arms if r % 2 == 0 else arms[::-1]:
+                before = os.getloadavg()
                 if args.in_process and arm != "peer":
                     result = worker(args.stage, arm, args.model, args.steps, args.warmup, args.rows)
                 else:
                     result = _child(args.stage, arm, args.model, args.steps, args.warmup, export, args.rows)
                 result["load_average_1m"] = _load()
+                result["uptime_before"], result["uptime_after"] = list(before), list(os.getloadavg())  # 1, 5, 15 min
                 runs[arm].append(result)
                 print(
-                    f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s", file=sys.stderr
+                    f"  run {r + 1}/{args.repeats} {arm:<18} {result['tokens_per_s']:10.1f} tokens/s "
+                    f"({result['tokens_per_cpu_s']:.1f} per CPU-s), load {before[0]:.1f} -> {_load():.1f}",
+                    file=sys.stderr,
+                    flush=True,
                 )
     finally:
         if export is not None:
@@ -654,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {a:<18} {m['tokens_per_s']:10.1f} real tokens/s ({m['tokens_per_cpu_s']:.1f} per CPU-s)  "
             f"peak {m['peak_memory_mb']:8.0f} MB"
         )
-        if args.stage == "ppo":
+        if args.stage in ("ppo", "grpo"):
             line += (
                 f"  {m['seconds_per_update']:.2f} s/update = generate {m['time_generate_s']:.2f} + score "
                 f"{m['time_score_s']:.2f} + optimise {m['time_optimise_s']:.2f}"

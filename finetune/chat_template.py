@@ -21,10 +21,12 @@ template breaks this (e.g. a generation prompt ending in a space that BPE merges
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.readers import read_text
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 IGNORE_INDEX = -100
@@ -58,10 +60,7 @@ def load_template(name_or_path: str) -> ChatTemplate:
         raise TemplateError(
             f"chat template {name_or_path!r} not found: use one of {available_templates()} or a path to a .jinja file"
         )
-    try:
-        source = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TemplateError(f"chat template {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    source = read_text(path, TemplateError, "the template")  # a byte-order mark would be rendered into every prompt
     check_syntax(source, path)
     decl = _EOT_DECL.search(source.split("-#}", 1)[0]) if source.lstrip().startswith("{#") else None
     return ChatTemplate(name=path.stem, source=source, end_of_turn=decl.group(1) if decl else None)
@@ -127,6 +126,21 @@ def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
     if tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+_longest_token: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def least_tokens(chars: int, tokenizer) -> int:
+    """The fewest tokens a text of `chars` characters can tokenize to: no vocabulary entry covers more characters
+    than its own spelling has (a byte-level BPE entry spells each byte as one character, a SentencePiece entry
+    its characters), so a text needs at least chars / (the longest entry) tokens. A row far over a length limit
+    is known to be over it without tokenizing it: tokenizing a text of hundreds of MB takes minutes and GBs, and
+    the Rust tokenizer aborts the whole process when an allocation fails. (A tokenizer whose normalizer deletes
+    characters could need fewer; the Phi tokenizers, byte-level BPE and SentencePiece, delete none.)"""
+    if tokenizer not in _longest_token:
+        _longest_token[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+    return -(-chars // _longest_token[tokenizer])
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

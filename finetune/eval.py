@@ -19,12 +19,13 @@ the templates write their special tokens themselves (finetune.chat_template.enco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
 
-from finetune.core import ownership
+from finetune.core import lineage, ownership
 from finetune.core.logs import setup_logging
 from finetune.core.outputs import atomic_dir, read_metrics, write_json
 from finetune.core.progress import library_bars_off, progress
@@ -60,6 +61,7 @@ def task_manager(section: EvalSection, include_path: str | None):
             raise RecipeError(f"eval.include_path: {include_path} is not a folder of lm-eval task YAMLs")
         manager = TaskManager(include_path=include_path, include_defaults=False)
         if all(n in manager.all_tasks for n in names):
+            check_task_code(manager, names)
             return manager
     manager = TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
@@ -69,7 +71,61 @@ def task_manager(section: EvalSection, include_path: str | None):
             + (f" (nor defined in {include_path})" if include_path else "")
             + "; `lm-eval ls tasks` lists them, or define your own task YAML in eval.include_path"
         )
+    check_task_code(manager, names)
     return manager
+
+
+def missing_package(task: str, error: ImportError) -> RecipeError:
+    """A task whose own code needs a package that is not installed (ifeval: langdetect, immutabledict, nltk)."""
+    cause = error
+    while cause.__cause__ is not None and isinstance(cause.__cause__, ImportError):
+        cause = cause.__cause__
+    package = getattr(cause, "name", None)
+    needs = (
+        f"needs the Python package {package!r}, which is not installed: pip install {package}"
+        if package
+        else f"cannot be imported ({(str(cause).strip().splitlines() or ['ImportError'])[0][:300]})"
+    )
+    return RecipeError(
+        f"eval.tasks: {task}: the task's code {needs} (lm-evaluation-harness has extras for its tasks' packages, "
+        "e.g. pip install 'lm_eval[ifeval]'), or leave the task out. Nothing was scored"
+    )
+
+
+def check_task_code(manager, names: list[str]) -> None:
+    """Import the code of every task `names` runs (their YAMLs' `!function`s, through groups and tags) before any
+    model loads, so that a package a task needs and lacks is one message now, not a traceback after loading.
+    Reads lm-eval's task index (lm_eval.tasks._yaml_loader, lm-eval 0.4.x); with another layout the import
+    happens in simple_evaluate, where run_tasks gives the same message."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        return
+    index = getattr(manager, "task_index", {})
+    seen, todo = set(), [(n, n) for n in names]
+    while todo:
+        name, asked = todo.pop()
+        if name in seen or not isinstance(name, str):
+            continue
+        seen.add(name)
+        entry = index.get(name)
+        if entry is None:
+            continue
+        kind = getattr(entry.kind, "name", "")
+        if kind == "TAG":
+            todo.extend((e.name, asked) for e in index.values() if name in (getattr(e, "tags", None) or ()))
+            continue
+        if getattr(entry, "yaml_path", None) is None:
+            continue
+        try:
+            config = load_yaml(entry.yaml_path, resolve_func=True)
+        except ImportError as e:
+            raise missing_package(asked, e) from None
+        except Exception:  # noqa: BLE001 - lm-eval's own business; simple_evaluate reports it in its words
+            continue
+        children = config.get("task") if kind == "GROUP" else None
+        for child in children if isinstance(children, list) else []:  # a group: its tasks and groups
+            todo.append((child if isinstance(child, str) else (child or {}).get("task"), asked))
 
 
 def run_tasks(loaded: Loaded, section: EvalSection, manager, seed: int) -> dict:
@@ -91,7 +147,11 @@ def run_tasks(loaded: Loaded, section: EvalSection, manager, seed: int) -> dict:
     for (shots, chat, limit), names in groups.items():
         log.info("lm-eval: %s (%s-shot, chat template %s) on %s", names, shots, chat, loaded.description)
         # timed lines when not a terminal, instead of lm-eval's bars
-        with library_bars_off(always=False), progress(f"lm-eval {', '.join(names)} on {loaded.description}"):
+        with (
+            library_bars_off(always=False),
+            progress(f"lm-eval {', '.join(names)} on {loaded.description}"),
+            _missing_packages(names),
+        ):
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=names,
@@ -111,6 +171,15 @@ def run_tasks(loaded: Loaded, section: EvalSection, manager, seed: int) -> dict:
         for name in names:
             merged["settings"][name] = {"num_fewshot": shots, "apply_chat_template": chat, "limit": limit}
     return merged
+
+
+@contextlib.contextmanager
+def _missing_packages(names: list[str]):
+    """A task's missing package met while lm-eval runs it (what check_task_code could not see): one message."""
+    try:
+        yield
+    except ImportError as e:
+        raise missing_package(", ".join(names), e) from None
 
 
 def primary(results: dict, task: str) -> tuple[str, float | None]:
@@ -171,6 +240,7 @@ def evaluate(
     seed: int,
     base: callable | None = None,
     extra: dict | None = None,
+    finish=None,
 ) -> dict:
     """Score the model `load()` gives (and the base `base()` gives, after the model is freed); write `out`."""
     import gc
@@ -211,6 +281,8 @@ def evaluate(
         **(extra or {}),
         "eval_runtime_s": time.time() - started,
     }
+    if finish is not None:  # a recipe's eval stage: what it was made from (core.lineage)
+        metrics = finish(metrics)
     with atomic_dir(out, ownership.stage_kind("eval")) as tmp:
         write_json(tmp / "results.json", {"model": scored, "base": base_scores, "descriptions": metrics})
         (tmp / "results.md").write_text(markdown_table(rows))
@@ -243,6 +315,7 @@ def run(recipe: Recipe) -> dict:
     """`finetune eval RECIPE`: the recipe's model (eval.model) and base on the eval section's tasks."""
     section = recipe.eval
     export = read_metrics(recipe.stage_dir(STAGES.model_folder_stage()))
+    inputs = lineage.upstream(recipe, "eval")  # what it scores, taken before it loads
     extra = {"correct_rate_export": export.get("correct_rate_after")} if export else {}
     return evaluate(
         lambda: load_recipe_model(recipe, section.model, key="eval.model"),
@@ -252,6 +325,7 @@ def run(recipe: Recipe) -> dict:
         recipe.seed,
         base=(lambda: load_base(recipe)) if section.base else None,
         extra=extra,
+        finish=lambda metrics: lineage.stamp(recipe, "eval", metrics, inputs),
     )
 
 

@@ -1,6 +1,6 @@
 """Export stage: merge a stage's adapter chain into the base and write a plain Hugging Face model folder.
 
-    finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID]
+    finetune export RECIPE [key=value ...] [--force] [--push-to-hub REPO_ID] [--gguf q8_0,q4_k_m]
     python finetune/export.py RECIPE [key=value ...] [--force]
 
 choose the stage (export.stage; auto = the last finished of ppo, dpo, sft) -> its adapter chain ->
@@ -11,8 +11,8 @@ the template's end-of-turn token), tokenizer with the chat template, model card 
 
 The chain of a stage output is the adapters it was trained on top of (its metrics.json `start_from`)
 and then its own (finetune.core.lineage). For PPO that is sft + ppo: the PPO policy adapter began as
-a copy of the DPO adapter and replaces it. No DeepSpeed and no GPU: merging runs on the CPU in fp32
-(fp16 merges lose precision: peft#2368).
+a copy of the DPO adapter and replaces it; GRPO's is sft + grpo (a new policy LoRA on the SFT model). No
+DeepSpeed and no GPU: merging runs on the CPU in fp32 (fp16 merges lose precision: peft#2368).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from finetune.chat_template import encode, end_of_turn_ids, render
-from finetune.core import ownership
+from finetune.core import lineage, ownership
 from finetune.core.data import train_eval_rows
 from finetune.core.evaluation import Samples, held_out_correctness
 from finetune.core.lineage import chat_model_stage, fp32_recipe, model_chain
@@ -36,6 +36,7 @@ from finetune.core.outputs import atomic_dir, read_metrics, write_json, write_sa
 from finetune.core.progress import progress
 from finetune.core.publishing import push_folder
 from finetune.core.summary import figure, print_summary, rate
+from finetune.deploy import gguf
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe
 
@@ -241,9 +242,14 @@ def summarise(recipe: Recipe, metrics: dict, parity_checked: bool, target: Path)
 def run(recipe: Recipe) -> dict:
     section = recipe.export
     target = recipe.stage_dir("export")
-    if not section.force and section.push_to_hub and is_export_folder(target):
-        log.info("%s is a finished export: pushing it unchanged (--force exports again first)", target)
-        print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
+    if section.gguf:
+        gguf.check_installed()  # before the merge, not after it
+    if not section.force and (section.push_to_hub or section.gguf) and is_export_folder(target):
+        log.info("%s is a finished export: using it unchanged (--force exports again first)", target)
+        if section.gguf:
+            gguf.export_gguf(recipe, target, section.gguf, *held_out_rows(recipe)[:3])
+        if section.push_to_hub:
+            print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
         return read_metrics(target)
     check_export_target(recipe, target, section.force)  # --force replaces an earlier export, nothing else
     started = time.time()
@@ -308,10 +314,13 @@ def run(recipe: Recipe) -> dict:
         (tmp / "README.md").write_text(model_card(recipe, stage, chain, metrics, eot))
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         write_samples(tmp, samples.rows())
+        metrics = lineage.stamp(recipe, "export", metrics, {"stage": chain})
         write_json(tmp / "metrics.json", metrics)  # last: its presence marks a complete export
         for f in tmp.iterdir():
             f.chmod(0o644)  # shards are written 0600 (temp files): a served model is read by other users
     summarise(recipe, metrics, bool(inputs), target)
+    if section.gguf:
+        gguf.export_gguf(recipe, target, section.gguf, rows, limit, max_new, reference=replies)
     if section.push_to_hub:
         print(f"pushed {target} to {push_folder(target, section.push_to_hub, section.hub_private)}")
     return metrics
@@ -327,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             print("finetune export: --push-to-hub needs a repository id (user/name)", file=sys.stderr)
             return 2
         argv = argv[:i] + argv[i + 2 :] + [f"export.push_to_hub={argv[i + 1]}"]
+    if "--gguf" in argv:  # the flag is the override export.gguf=[TYPES]
+        i = argv.index("--gguf")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            print("finetune export: --gguf needs GGUF types, e.g. --gguf q8_0,q4_k_m", file=sys.stderr)
+            return 2
+        argv = argv[:i] + argv[i + 2 :] + [f"export.gguf=[{argv[i + 1]}]"]
     return stage_main("export", run, argv)
 
 

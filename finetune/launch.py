@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.core import distributed, faults, ownership, tracking
-from finetune.core.locks import output_lock
+from finetune.core import distributed, faults, ownership, stopping, tracking
+from finetune.core.locks import output_lock, target_lock
 from finetune.core.logs import setup_logging
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe, RecipeError, dump_recipe, load_recipe
@@ -102,6 +102,23 @@ def recipe_from_argv(argv: list[str], stage: str, prog: str) -> Recipe | None:
 
 
 INTERRUPTED = 130  # the shell's 128 + SIGINT
+# After passing a SIGTERM on, how long a stage may take to finish its step and checkpoint before a second SIGTERM
+# stops it at once (Azure ML gives a low-priority node about 30 s; a scheduler's own kill may come sooner).
+TERM_GRACE = 300
+
+
+@contextlib.contextmanager
+def ignoring_sigterm():
+    """SIGTERM ignored for the block (main thread only), while a stopping child is waited for."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -120,16 +137,27 @@ def ignoring_sigint():
 
 def before_loading(recipe: Recipe, stage: str) -> None:
     """What every stage checks before it writes or loads anything: its optional libraries, that the folders it
-    will replace are its own (core.ownership: never a user's folder, never another stage's), then whether its
-    estimated memory fits this machine (a clear stop now instead of an out-of-memory kill later)."""
+    will replace are its own (core.ownership: never a user's folder, never another stage's), whether its settings
+    fit the model (context length, LoRA targets and rank), then whether its estimated memory fits this machine
+    (a clear stop now instead of an out-of-memory kill later)."""
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
-    fix = "Set output_dir (or the stage's output key) to another folder, or move that one away yourself"
-    ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
-    ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
-    from finetune.core.memory import preflight  # torch: only once a stage runs, not for `finetune --help`
+    entry, section = STAGES[stage], recipe.section(stage)
+    key = f"{stage}.{entry.output_key}" if entry.output_key and getattr(section, entry.output_key) else "output_dir"
+    fix = f"Set {key} to another folder, or move that one away yourself"
+    try:
+        ownership.check_target(recipe.stage_dir(stage), ownership.stage_kind(stage), fix)
+        ownership.check_target(recipe.checkpoint_dir(stage), ownership.checkpoints_kind(stage), fix)
+    except ownership.NotOurs as e:
+        raise UserError(f"{recipe.source}: {key}: {e}") from None
+    from finetune.core.lineage import check_not_being_written  # torch: only once a stage runs
 
+    check_not_being_written(recipe, list(STAGES.inputs(stage)), f"finetune {stage}")
+    from finetune.core.limits import check_limits  # torch: only once a stage runs, not for `finetune --help`
+    from finetune.core.memory import preflight
+
+    check_limits(recipe, stage)
     preflight(recipe, stage)
 
 
@@ -140,6 +168,7 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
     disk or a read-only folder is one message and exit status 2; Ctrl-C is one line and exit status 130.
     Never a traceback for those."""
     recipe = None
+    stopping.install()  # SIGTERM (a scheduler, an Azure ML low-priority node): like Ctrl-C, after a checkpoint
     try:
         recipe = recipe_from_argv(sys.argv[1:] if argv is None else argv, stage, f"finetune {stage}")
         if recipe is not None:
@@ -147,8 +176,7 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
             before_loading(recipe, stage)  # nothing written yet, not even the lock
             with (
                 output_lock(
-                    recipe.output_path(recipe.output_dir),
-                    stage,
+                    *target_lock(recipe.stage_dir(stage)),  # beside its output, wherever that is (export.output)
                     f"the {stage} stage",
                     "wait for it to finish, stop it, or set output_dir to another folder",
                 ),
@@ -158,14 +186,16 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
     except UserError as e:
         print(f"finetune {stage}: error:\n{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, stopping.Terminated)
         with ignoring_sigint():  # a second Ctrl-C must not turn this into a traceback
+            why = f"terminated (SIGTERM{'; ' + str(e) if str(e) else ''})" if terminated else "interrupted (Ctrl-C)"
             print(
-                f"finetune {stage}: interrupted (Ctrl-C). Nothing half-written was kept: outputs and checkpoints "
-                "count only once complete. Rerun the same command to continue from the last complete checkpoint",
+                f"finetune {stage}: {why}. Nothing half-written was kept: outputs and checkpoints count only once "
+                "complete. Rerun the same command to continue from the last complete checkpoint",
                 file=sys.stderr,
             )
-        return INTERRUPTED
+        return stopping.TERMINATED if terminated else INTERRUPTED
     except Exception as e:
         where = recipe.output_path(recipe.output_dir) if recipe is not None else Path.cwd()
         message = faults.describe(e, where)
@@ -179,20 +209,30 @@ def stage_main(stage: str, run, argv: list[str] | None) -> int:
 def run_child(cmd: list[str], env: dict | None = None) -> int:
     """Run a stage's command and return its exit status. On Ctrl-C the child, in the same terminal, got its
     own SIGINT: give it time to stop cleanly (forward SIGINT if it did not get one, e.g. `kill -INT` of this
-    process only), then re-raise KeyboardInterrupt. subprocess.call would SIGKILL it after 0.25 s."""
+    process only), then re-raise KeyboardInterrupt. subprocess.call would SIGKILL it after 0.25 s. SIGTERM
+    (sent to this process only) is passed on to the child, which checkpoints and stops."""
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
-        stop_child(proc)
+    except KeyboardInterrupt as e:
+        stop_child(proc, isinstance(e, stopping.Terminated))
         raise
 
 
-def stop_child(proc: subprocess.Popen) -> None:
+def stop_child(proc: subprocess.Popen, terminated: bool = False) -> None:
     """After a Ctrl-C: the child, in the same terminal, got its own SIGINT; give it 2 s to stop, then send it
-    one (e.g. `kill -INT` reached only this process), then SIGTERM after a minute. Further Ctrl-Cs are
-    ignored meanwhile, so they cannot leave the child running."""
-    with ignoring_sigint():
+    one (e.g. `kill -INT` reached only this process), then SIGTERM after a minute. After a SIGTERM (sent to this
+    process alone, as schedulers do): pass it on at once, and wait for the child's checkpoint. Further Ctrl-Cs
+    and SIGTERMs are ignored meanwhile, so they cannot leave the child running."""
+    with ignoring_sigint(), ignoring_sigterm():
+        if terminated:  # one SIGTERM: the child finishes its step and checkpoints (a second would stop it at once)
+            proc.terminate()
+            try:
+                proc.wait(timeout=TERM_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+            return
         try:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -217,8 +257,11 @@ def run_stage(stage: str, argv: list[str]) -> int:
         return module.main(argv)
     cmd = recipe_command(recipe, recipe_path, stage, overrides)
     print("+ " + " ".join(cmd), file=sys.stderr)
+    stopping.install()
     try:
         return run_child(cmd)
-    except KeyboardInterrupt:
-        print(f"finetune {stage}: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, stopping.Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"finetune {stage}: {why}; rerun the same command to continue", file=sys.stderr)
+        return stopping.TERMINATED if terminated else INTERRUPTED

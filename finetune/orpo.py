@@ -19,10 +19,9 @@ import sys
 
 from finetune.core.evaluation import Samples, held_out_correctness, orpo_eval
 from finetune.core.modeling import add_lora, count_parameters, load_model
-from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
 from finetune.core.summary import print_summary, rate
-from finetune.core.training import place_for_eval, prepare_preference_stage, train
+from finetune.core.training import place_for_eval, prepare_preference_stage, save_stage, train
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from finetune.chat_template import tokenize_prompt
 from finetune.core import distributed
-from finetune.core.data import PackedRowsCollator, pack_rows, tokenize_conversations, train_eval_rows
+from finetune.core.batching import PackedRowsCollator, pack_rows
+from finetune.core.data import tokenize_conversations, train_eval_rows
 from finetune.core.evaluation import Samples, eval_loss, held_out_correctness
 from finetune.core.modeling import (
     DTYPES,
@@ -27,10 +28,9 @@ from finetune.core.modeling import (
     load_tokenizer,
     template_for,
 )
-from finetune.core.outputs import save_stage
 from finetune.core.progress import progress
 from finetune.core.summary import print_summary, rate
-from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, train, trl_config
+from finetune.core.training import check_precision, place_for_eval, resume_checkpoint, save_stage, train, trl_config
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe
 

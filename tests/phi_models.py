@@ -99,3 +99,40 @@ def write_base(folder: Path, family: str, texts: list[str]) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_sentencepiece_base(folder: Path, family: str, texts: list[str]) -> Path:
+    """Like write_base, with a SentencePiece tokenizer (tokenizer.model) as Phi-3.5 ships: llama.cpp's converter
+    reads Phi-3's vocabulary from tokenizer.model, not tokenizer.json. The family's special tokens are pieces of
+    their own (byte fallback on, as Llama's)."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    spec = FAMILIES[family]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([*texts, "Instruct: Output: System: "] * 4),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        user_defined_symbols=[s for s in spec["specials"] if s not in ("<unk>", "<s>", "</s>")],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,  # at most 400 pieces: a tiny corpus has fewer merges
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **spec["roles"]}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    build_model(family, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,5 +1,6 @@
 """Small data sets in exactly the public schemas the Phi recipes and users bring, written in code.
 
+- `openai/gsm8k` (config main): question, answer (a worked solution ending in `#### N`); splits train / test
 - `HuggingFaceH4/ultrachat_200k`: prompt, prompt_id, messages (list of {content, role}); splits
   train_sft / test_sft (and train_gen / test_gen).
 - `HuggingFaceH4/ultrafeedback_binarized`: prompt, prompt_id, chosen and rejected (whole conversations:
@@ -119,13 +120,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def hub_folder(folder: Path, splits: dict[str, list[dict]]) -> Path:
+def gsm8k_rows(n: int, offset: int = 0) -> list[dict]:
+    """openai/gsm8k's `main` config: question, and an answer that works the problem and ends in `#### N`."""
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = 3 + i % 7, 2 + (i * 5) % 9
+        rows.append(
+            {
+                "question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+            }
+        )
+    return rows
+
+
+def hub_folder(folder: Path, splits: dict[str, list[dict]], config: str = "default") -> Path:
     """`folder` laid out as a hub dataset repository: README.md whose `configs:` map each split to
-    data/<split>-00000-of-00001.parquet (how ultrachat_200k and ultrafeedback_binarized name theirs)."""
-    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    data/<split>-00000-of-00001.parquet (how ultrachat_200k and ultrafeedback_binarized name theirs; gsm8k puts
+    its `main` config's files under main/)."""
+    lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
+    where = "data" if config == "default" else config
     for split, rows in splits.items():
-        write_parquet(folder / "data" / f"{split}-00000-of-00001.parquet", rows)
-        lines += [f"  - split: {split}", f"    path: data/{split}-*"]
+        write_parquet(folder / where / f"{split}-00000-of-00001.parquet", rows)
+        lines += [f"  - split: {split}", f"    path: {where}/{split}-*"]
     (folder / "README.md").write_text("\n".join([*lines, "---", "", "A small copy in the public schema.", ""]))
     return folder
 
@@ -139,6 +156,10 @@ def ultrachat_folder(folder: Path, train: int = 24, test: int = 8) -> Path:
             "train_gen": ultrachat_rows(train // 2, offset=2000),
         },
     )
+
+
+def gsm8k_folder(folder: Path, train: int = 24, test: int = 8) -> Path:
+    return hub_folder(folder, {"train": gsm8k_rows(train), "test": gsm8k_rows(test, offset=1000)}, config="main")
 
 
 def ultrafeedback_folder(folder: Path, train: int = 24, test: int = 8) -> Path:

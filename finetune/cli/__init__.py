@@ -19,6 +19,7 @@ from finetune.recipe import STAGES, dump_recipe, load_recipe
 TOOLS = [
     ("config", "RECIPE [key=value ...]", "print the fully resolved recipe"),
     ("pipeline", "RECIPE [key=value ...] [--force]", "every stage in order, skipping finished ones"),
+    ("report", "OUTPUT_DIR [--out FILE]", "write the run's report.html (one file: open it in a browser)"),
     ("chat", "MODEL_DIR_OR_RECIPE", "talk to the model in the terminal (/reset, /exit)"),
     ("generate", "MODEL_DIR_OR_RECIPE --prompts FILE --out FILE.jsonl", "answer every prompt of a file (greedy)"),
     (
@@ -31,6 +32,7 @@ TOOLS = [
         "register EXPORT_DIR_OR_RECIPE [--dry-run] [--model-name N]",
         "register an export as an Azure ML model asset",
     ),
+    ("tiny", "build OUT [--force] | write-data FOLDER", "rebuild the offline default's tiny base, or its task data"),
 ]
 
 
@@ -75,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.cli import pipeline
 
             return pipeline.main(rest)
+        if command == "report":
+            from finetune.cli import report
+
+            return report.main(rest)
         if command in ("chat", "generate"):
             from finetune.cli import chat
 
             return chat.main(command, rest)
+        if command == "tiny":
+            from finetune.cli import tiny
+
+            return tiny.main(rest)
     except UserError as e:
         print(f"finetune {command}: error:\n{e}", file=sys.stderr)
         return 2

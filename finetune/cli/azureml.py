@@ -38,7 +38,8 @@ import yaml
 
 from finetune.core.data import local_source
 from finetune.errors import UserError
-from finetune.launch import stage_command, stage_script
+from finetune.launch import INTERRUPTED, ignoring_sigint, stage_command, stage_script
+from finetune.readers import read_json
 from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
 
 REPO_DIR = Path(__file__).resolve().parents[2]  # the checkout whose snapshot a job runs
@@ -109,8 +110,9 @@ def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
 def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
     """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order. An input
     with no key (needed only as part of an adapter chain) is linked whenever the stage reads any keyed
-    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage."""
-    table = STAGES[stage].inputs
+    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage. An input's
+    own adapter chain comes too (a start_from pointing at DPO's output needs the SFT adapter under it)."""
+    table = STAGES.inputs(stage)
     keyed = {_upstream(recipe, stage, key, earlier) for earlier, key in table.items() if key is not None}
     keyed.discard(None)
     has_keys = any(key is not None for key in table.values())
@@ -119,7 +121,11 @@ def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
         for earlier, key in table.items()
         if key is None and (keyed or (not has_keys and recipe.section(earlier) is not None))
     }
-    return [s for s in STAGES.names() if s in keyed | chain]
+    found = keyed | chain
+    for earlier in list(found):
+        if recipe.section(earlier) is not None:
+            found |= set(stage_upstreams(recipe, earlier))
+    return [s for s in STAGES.names() if s in found]
 
 
 def _data_inputs(recipe: Recipe, stage: str, yaml_dir: Path) -> tuple[dict, list[str]]:
@@ -223,7 +229,14 @@ def build_stage_job(
     inputs = {**{u: bind(u) for u in upstreams}, **data_inputs, **model_inputs}
     job_overrides = [o for o in overrides if not o.startswith("azureml.")] + data_overrides + model_overrides
     # The launcher is Azure ML's (one process per GPU): the stage runs in-process in each of them.
-    local = stage_command(stage, recipe_rel, job_overrides, python="python", script=stage_script(stage, REPO_DIR))
+    try:
+        script = stage_script(stage, REPO_DIR)
+    except ValueError:
+        raise RecipeError(
+            f"{recipe.source}: the {stage} stage's module ({stage_script(stage)}) lies outside the repository "
+            f"{REPO_DIR}; an Azure ML job runs a snapshot of the repository, so the module must be inside it"
+        ) from None
+    local = stage_command(stage, recipe_rel, job_overrides, python="python", script=script)
     out = shlex.quote(recipe.output_dir)
     links = [
         f"{{ ln -sfn ${{{{inputs.{u}}}}} {shlex.quote(str(recipe.stage_dir(u)))} || "
@@ -470,13 +483,13 @@ def workspace_ids(recipe: Recipe) -> tuple[str, str, str]:
             "and pass --config PATH. --dry-run needs none of this."
         )
     try:
-        data = json.loads(found.read_text())
+        data = read_json(found, RecipeError)
         return (
             a.subscription_id or data["subscription_id"],
             a.resource_group or data["resource_group"],
             a.workspace_name or data["workspace_name"],
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (RecipeError, KeyError, TypeError) as e:
         raise AzureMLError(
             f"{found}: not an Azure ML workspace config.json (needs subscription_id, resource_group "
             f"and workspace_name; problem: {e}); download it again from the Azure portal"
@@ -516,11 +529,45 @@ def ml_client(recipe: Recipe):
     return client
 
 
-def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
+@dataclass
+class Sent:
+    """How far a submit or register got, for the message after a Ctrl-C: whether anything may have reached
+    Azure ML, and the job it created."""
+
+    what: str = "job"
+    sending: bool = False  # the upload and create request are under way: it may or may not exist
+    job: str | None = None  # created (its name)
+    studio: str | None = None
+
+
+def interrupted(sent: Sent, recipe: Recipe | None) -> str:
+    """The one paragraph after a Ctrl-C in `finetune azureml`: what exists on Azure ML now and what to do."""
+    where = ""
+    if recipe is not None and recipe.azureml.resource_group and recipe.azureml.workspace_name:
+        where = f" --resource-group {recipe.azureml.resource_group} --workspace-name {recipe.azureml.workspace_name}"
+    if sent.job:
+        return (
+            f"finetune azureml: interrupted (Ctrl-C) while following job {sent.job}; the job keeps running on Azure ML "
+            f"({sent.studio}). Follow it again with `az ml job stream --name {sent.job}{where}`, or stop it with "
+            f"`az ml job cancel --name {sent.job}{where}`"
+        )
+    if sent.sending:
+        listing = "az ml job list" if sent.what == "job" else "az ml model list"
+        return (
+            f"finetune azureml: interrupted (Ctrl-C) while the {sent.what} was being sent: it may or may not have been "
+            f"created. Look with `{listing}{where}` (or in Azure ML studio) before you send it again, so that it does "
+            "not run twice"
+        )
+    return f"finetune azureml: interrupted (Ctrl-C) before anything was sent; no {sent.what} was created"
+
+
+def submit(recipe: Recipe, job_path: Path, stream: bool, sent: Sent | None = None) -> str:
     """Submit a validated job YAML; returns the job name. Every Azure failure a user can fix becomes an
-    AzureMLError saying what to do (never a token or key: none is printed or written)."""
+    AzureMLError saying what to do (never a token or key: none is printed or written). `sent` records how far
+    it got (for a Ctrl-C)."""
     from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
+    sent = sent or Sent()
     client = ml_client(recipe)
     workspace = workspace_ids(recipe)[2]
     compute = recipe.azureml.compute
@@ -534,25 +581,31 @@ def submit(recipe: Recipe, job_path: Path, stream: bool) -> str:
             "--compute / azureml.compute."
         ) from None
     try:
-        job = client.jobs.create_or_update(load_job(job_path))
+        job_spec = load_job(job_path)
+        sent.sending = True
+        job = client.jobs.create_or_update(job_spec)
     except HttpResponseError as e:
         raise AzureMLError(
             f"Azure ML refused the job ({_reason(e)}). The job YAML is {job_path}; fix the named "
             "setting and submit again."
         ) from None
+    sent.job, sent.studio = job.name, job.studio_url
     print(f"submitted {job.name}\n  studio: {job.studio_url}", flush=True)
     if stream:
         client.jobs.stream(job.name)
     return job.name
 
 
-def register(recipe: Recipe, model_path: Path) -> str:
+def register(recipe: Recipe, model_path: Path, sent: Sent | None = None) -> str:
     """Register a validated model YAML (uploads the export folder); returns name:version."""
     from azure.core.exceptions import HttpResponseError
 
+    sent = sent or Sent("model")
     client = ml_client(recipe)
     try:
-        model = client.models.create_or_update(load_model(model_path))
+        spec = load_model(model_path)
+        sent.sending = True
+        model = client.models.create_or_update(spec)
     except HttpResponseError as e:
         raise AzureMLError(
             f"Azure ML refused the model ({_reason(e)}). The model YAML is {model_path}; fix the named setting "
@@ -617,6 +670,7 @@ def main(argv: list[str]) -> int:
     command = argv[0]
     args = (parser() if command == "submit" else register_parser()).parse_intermixed_args(argv[1:])
     flags = [f"azureml.{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
+    sent, recipe = Sent("job" if command == "submit" else "model"), None
     try:
         if command == "register":
             folder, recipe = export_folder(args.target, [*args.overrides, *flags])
@@ -625,7 +679,7 @@ def main(argv: list[str]) -> int:
             if args.dry_run:
                 print(f"  register it: az ml model create --file {path}  (or this command without --dry-run)")
                 return 0
-            register(recipe, path)
+            register(recipe, path, sent)
             return 0
         recipe = load_recipe(args.recipe, [*args.overrides, *flags])
         path = write_job(recipe, args.stage, args.overrides, Path(args.out))
@@ -633,7 +687,11 @@ def main(argv: list[str]) -> int:
         if args.dry_run:
             print(f"  submit it: az ml job create --file {path}  (or this command without --dry-run)")
             return 0
-        submit(recipe, path, args.stream)
+        submit(recipe, path, args.stream, sent)
+    except KeyboardInterrupt:
+        with ignoring_sigint():  # a second Ctrl-C must not turn this into a traceback
+            print(interrupted(sent, recipe), file=sys.stderr)
+        return INTERRUPTED
     except UserError as e:
         print(f"finetune azureml: error:\n{e}", file=sys.stderr)
         return 2

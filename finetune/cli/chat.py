@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.chat_template import ChatTemplate, find_special_token
+from finetune.chat_template import ChatTemplate, find_special_token, least_tokens
 from finetune.core.data import DataError, read_prompts
-from finetune.core.evaluation import generate_answers
+from finetune.core.evaluation import generate_answers, prompt_tokens
+from finetune.core.fingerprints import sha256_file
+from finetune.core.integrity import read_json
 from finetune.core.outputs import write_json
 from finetune.core.ownership import check_file_target, file_mark, remove_file
 from finetune.core.progress import progress
-from finetune.core.resume import sha256_file
 from finetune.core.serving import Loaded, load_for_chat
 from finetune.errors import UserError
 from finetune.launch import INTERRUPTED
@@ -66,13 +67,17 @@ def reply_streamer(tokenizer):
     return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+DEFAULT_NEW_TOKENS = 256  # the reply budget when --max-new-tokens is not given (less where the context ends)
+
+
 @dataclass
 class ChatSession:
-    """One conversation: the messages so far; `send` adds a user turn and the model's reply."""
+    """One conversation: the messages so far; `send` adds a user turn and the model's reply. With
+    `max_new_tokens` None a reply may take DEFAULT_NEW_TOKENS tokens, or what the model's context leaves."""
 
     loaded: Loaded
     system: str | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None
     temperature: float = 0.0
     messages: list[dict] = field(default_factory=list)
 
@@ -82,18 +87,52 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt(self) -> dict:
-        """Tokens of the conversation so far plus the generation prompt, as the template renders them."""
+    def prompt(self, messages: list[dict] | None = None) -> dict:
+        """Tokens of the conversation so far (or `messages`) plus the generation prompt, as the template renders
+        them."""
         return self.loaded.tokenizer.apply_chat_template(
-            self.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            self.messages if messages is None else messages,
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
+
+    def prepare(self, text: str) -> tuple[dict, int]:
+        """(the prompt with `text` as the next user turn, the reply's token budget), or a UserError saying why the
+        message cannot be sent: it spells a special token, or it leaves the reply no room in the model's context
+        (past it the model writes garbage). Nothing is added to the conversation here."""
+        tok, context = self.loaded.tokenizer, self.loaded.context
+        check_text(text, tok, self.loaded.stop_ids, "your message")
+        messages = [*self.messages, {"role": "user", "content": text}]
+        fix = "/reset starts a new conversation; or send a shorter message"
+        if self.max_new_tokens is not None:
+            fix += " or lower --max-new-tokens"
+        if context is not None:
+            chars = sum(len(m["content"]) for m in messages)
+            least = least_tokens(chars, tok)
+            if least >= context:
+                raise DataError(
+                    f"your message: the conversation would be {chars:,} characters, at least {least:,} tokens, more "
+                    f"than the model's context of {context} positions (past it the model writes garbage). {fix}"
+                )
+        inputs = self.prompt(messages)
+        length = inputs["input_ids"].shape[1]
+        room = context - length if context is not None else DEFAULT_NEW_TOKENS
+        budget = min(DEFAULT_NEW_TOKENS, room) if self.max_new_tokens is None else self.max_new_tokens
+        if budget < 1 or budget > room:
+            raise DataError(
+                f"your message: the conversation would be {length} tokens, leaving {max(room, 0)} of the model's "
+                f"{context} positions for a reply of {budget if budget >= 1 else 'at least 1'} tokens (past them the "
+                f"model writes garbage). {fix}"
+            )
+        return inputs, budget
 
     @torch.no_grad()
     def send(self, text: str, stream: bool = False) -> str:
         tok, model = self.loaded.tokenizer, self.loaded.model
-        check_text(text, tok, self.loaded.stop_ids, "your message")  # refused before it joins the conversation
+        inputs, budget = self.prepare(text)  # refused before it joins the conversation
         self.messages.append({"role": "user", "content": text})
-        inputs = {k: v.to(model.device) for k, v in self.prompt().items()}
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
         sampling = (
             dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
             if self.temperature > 0
@@ -101,7 +140,7 @@ class ChatSession:
         )
         out = model.generate(
             **inputs,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=budget,
             eos_token_id=self.loaded.stop_ids,
             pad_token_id=tok.pad_token_id,
             **sampling,
@@ -114,8 +153,9 @@ class ChatSession:
         return reply
 
 
-def chat_loop(session: ChatSession, read=input, out=sys.stdout) -> None:
+def chat_loop(session: ChatSession, read=input, out=None) -> None:
     """Read user turns until /exit or end of input; each reply streams to stdout as it is generated."""
+    out = out or sys.stdout  # the stream of the moment (a redirection after import included)
     while True:
         try:
             line = read("you> ").strip()
@@ -136,7 +176,7 @@ def chat_loop(session: ChatSession, read=input, out=sys.stdout) -> None:
             print("commands: /reset (new conversation), /exit", file=out, flush=True)
             continue
         try:
-            check_text(line, session.loaded.tokenizer, session.loaded.stop_ids, "your message")
+            session.prepare(line)
         except UserError as e:
             print(f"(not sent) {e}", file=out, flush=True)
             continue
@@ -150,7 +190,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         "target", help="exported model folder, or a recipe (its export, else its last stage merged in memory)"
     )
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. output_dir=/tmp/run")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"reply budget in tokens (default: {DEFAULT_NEW_TOKENS}, or what the model's context leaves)",
+    )
     if command == "chat":
         p.add_argument("--system", help="system prompt for every conversation")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
@@ -197,7 +241,9 @@ def _answered(out: Path, rows: list[dict], meta: dict, meta_path: Path, overwrit
         remove_file(out, "Choose another --out, or move that file away yourself")
         return 0
     check_file_target(out, "Choose another --out, or move that file away yourself")  # finetune wrote it
-    recorded = json.loads(meta_path.read_text())
+    recorded = read_json(
+        meta_path, "a damaged record of the run that wrote it; pass --overwrite to start the file over"
+    )
     if recorded != meta:
         differs = ", ".join(f"{k} was {recorded.get(k)!r}" for k in meta if recorded.get(k) != meta[k])
         raise DataError(
@@ -263,7 +309,14 @@ def generate_file(
         for start in range(done, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             replies = generate_answers(
-                loaded.model, loaded.tokenizer, template, [r["prompt"] for r in batch], max_new_tokens, batch_size
+                loaded.model,
+                loaded.tokenizer,
+                template,
+                [r["prompt"] for r in batch],
+                max_new_tokens,
+                batch_size,
+                names=[r["where"] for r in batch],
+                key="--max-new-tokens",
             )
             for r, reply in zip(batch, replies):
                 answer = {**r["example"], "prompt": r["prompt"], "response": str(reply), "stop": reply.stop}
@@ -274,15 +327,64 @@ def generate_file(
     return len(rows) - done
 
 
+def generation_budget(rows: list[dict], tokenizer, context: int | None, asked: int | None) -> int:
+    """The reply budget of `finetune generate`, decided before the model loads: --max-new-tokens when given
+    (every prompt must leave it room in the model's context: refused otherwise, the rows named), else
+    DEFAULT_NEW_TOKENS, or what the longest prompt leaves of the context when that is less (and said so)."""
+    names, prompts = [r["where"] for r in rows], [r["prompt"] for r in rows]
+    if asked is not None:
+        prompt_tokens(prompts, tokenizer, asked, context, names, "--max-new-tokens")
+        return asked
+    ids = prompt_tokens(prompts, tokenizer, 1, context, names, "--max-new-tokens")
+    longest = max(len(p) for p in ids)
+    if context is None or context - longest >= DEFAULT_NEW_TOKENS:
+        return DEFAULT_NEW_TOKENS
+    print(
+        f"finetune generate: replies of at most {context - longest} tokens: the model's context of {context} positions "
+        f"less the longest prompt ({longest} tokens); --max-new-tokens sets it",
+        file=sys.stderr,
+    )
+    return context - longest
+
+
+def chat_checks(system: str | None, asked: int | None):
+    """What `finetune chat` checks before the model loads: the --system prompt (special tokens; room for a reply
+    in the model's context) and an explicit --max-new-tokens that the context could never hold."""
+
+    def check(tokenizer, stop_ids, context):
+        if system:
+            check_text(system, tokenizer, stop_ids, "--system")
+        if context is not None and asked is not None and asked >= context:
+            raise DataError(
+                f"--max-new-tokens {asked}: the model has {context} positions for the conversation and the reply "
+                f"together (past them it writes garbage); give less, or leave it out ({DEFAULT_NEW_TOKENS} or what the "
+                "context leaves)"
+            )
+        if system:
+            conversation = [{"role": "system", "content": system}, {"role": "user", "content": "?"}]
+            prompt_tokens([conversation], tokenizer, asked or 1, context, ["--system"], "--max-new-tokens")
+
+    return check
+
+
 def main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        print(f"finetune {command}: error:\n--max-new-tokens {args.max_new_tokens}: give at least 1", file=sys.stderr)
+        return 2
     try:
         if command == "generate":
             rows = read_prompts(args.prompts)  # a bad file fails before any model loads
-            loaded = load_for_chat(args.target, args.overrides, lambda tok, stop: check_prompts(rows, tok, stop))
+            budget = {}
+
+            def before(tok, stop, context):
+                check_prompts(rows, tok, stop)
+                budget["tokens"] = generation_budget(rows, tok, context, args.max_new_tokens)
+
+            loaded = load_for_chat(args.target, args.overrides, before)
             try:
                 n = generate_file(
-                    loaded, rows, args.out, args.max_new_tokens, args.batch_size, args.prompts, args.overwrite
+                    loaded, rows, args.out, budget["tokens"], args.batch_size, args.prompts, args.overwrite
                 )
             except KeyboardInterrupt:
                 print(
@@ -293,8 +395,7 @@ def main(command: str, argv: list[str]) -> int:
                 return INTERRUPTED
             print(f"finetune generate: {n} replies from {loaded.description} -> {args.out}", file=sys.stderr)
             return 0
-        system_check = (lambda tok, stop: check_text(args.system, tok, stop, "--system")) if args.system else None
-        loaded = load_for_chat(args.target, args.overrides, system_check)
+        loaded = load_for_chat(args.target, args.overrides, chat_checks(args.system, args.max_new_tokens))
         print(f"chatting with {loaded.description}\n/reset starts a new conversation, /exit quits", file=sys.stderr)
         chat_loop(ChatSession(loaded, args.system, args.max_new_tokens, args.temperature))
         return 0

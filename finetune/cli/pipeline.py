@@ -6,15 +6,20 @@ Each stage runs exactly as `finetune <stage> RECIPE [key=value ...]` would launc
 or `accelerate launch --config_file <launch.accelerate_config>`; export always plain), with the same
 overrides. `pipeline.stages` picks a subset; the order is always the one above.
 
-Continuing after a stop: a stage whose finished output exists (`<output_dir>/<stage>/metrics.json`,
-written last inside the atomically renamed folder; the complete export folder) is skipped, and an
-unfinished stage resumes from its checkpoints. Once a stage has run, every later stage runs again
-from scratch (`<stage>.resume=false`, `export.force=true`): its inputs changed. `--force`
-(`pipeline.force=true`) runs everything again.
+Which stages run: a stage whose finished output (`<output_dir>/<stage>/metrics.json`, written last inside the
+atomically renamed folder) records that it was made from what the recipe and the earlier outputs make now (its
+fingerprint: the settings that shape it, the data's content, the base weights, the template and the adapters it
+read; finetune.core.fingerprints) is skipped as up to date. Any other stage runs, and the log line and the
+report say why (no output yet, or what changed: `sft.learning_rate: 0.002 -> 0.001`, the data of
+`dpo.data.train` changed, `ppo.start_from (the adapters it starts from) was made again`); a later stage whose
+inputs were made again is then out of date in turn. A finished output that is out of date starts over
+(`<stage>.resume=false`, `export.force=true`); an unfinished one resumes from its checkpoints unless an
+earlier stage ran in this pipeline. `--force` (`pipeline.force=true`) runs everything again.
 
 At the end: one table (stage, key metric before -> after, held-out correctness, time, output), the
 same in `<output_dir>/pipeline_report.json`, and every stage's training curves in
-`<output_dir>/pipeline_curves.png`. With `logging.report_to` the stages report under one tracker run
+`<output_dir>/pipeline_curves.png`, and all of it with the samples in `<output_dir>/report.html`
+(finetune.cli.report). With `logging.report_to` the stages report under one tracker run
 (an MLflow parent run, a W&B group: finetune.core.tracking.PipelineRun; docs/tracking.md).
 """
 
@@ -29,17 +34,25 @@ import threading
 import time
 from pathlib import Path
 
-from finetune.core import progress, tracking
+from finetune.core import progress, stopping, tracking
 from finetune.core.locks import output_lock
 from finetune.core.outputs import finished, read_metrics, write_json
 from finetune.core.summary import figure, rate
 from finetune.errors import UserError
-from finetune.launch import INTERRUPTED, VERBOSE_HELP, ignoring_sigint, recipe_command, run_child, stop_child
+from finetune.launch import (
+    INTERRUPTED,
+    VERBOSE_HELP,
+    ignoring_sigint,
+    ignoring_sigterm,
+    recipe_command,
+    run_child,
+    stop_child,
+)
 from finetune.recipe import STAGES, Recipe, load_recipe
 from finetune.rl.rules import load_rules
 
-REPORT = "pipeline_report.json"
-CURVES = "pipeline_curves.png"
+from .report import CURVES, plot_curves, write_page
+from .report import PIPELINE_REPORT as REPORT
 
 
 def report_row(recipe: Recipe, stage: str, status: str, seconds: float | None, earlier: bool = False) -> dict:
@@ -81,42 +94,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(fmt.format(*line).rstrip() for line in [header, ["-" * w for w in widths], *lines])
 
 
-def plot_curves(recipe: Recipe, stages: list[str], path: Path) -> list[str]:
-    """One panel per stage with recorded curves: training loss per step (the TRL stages' log_history.json) and
-    score and KL per update (the RL stages' updates.jsonl). Returns the stages drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    curves = {}
-    for stage in stages:
-        folder = recipe.stage_dir(stage)
-        if (folder / "updates.jsonl").is_file():
-            rows = [json.loads(x) for x in (folder / "updates.jsonl").read_text().splitlines() if x.strip()]
-            curves[stage] = ("update", {k: [(r["update"], r[k]) for r in rows if k in r] for k in ("score", "kl")})
-        elif (folder / "log_history.json").is_file():
-            rows = json.loads((folder / "log_history.json").read_text())
-            curves[stage] = ("step", {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]})
-    if not curves:
-        return []
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-    for ax, (stage, (xlabel, series)) in zip(axes[0], curves.items()):
-        first = True
-        for (name, points), color in zip(series.items(), ("tab:blue", "tab:red")):
-            target = ax if first else ax.twinx()
-            if points:
-                target.plot(*zip(*points), color=color, label=name)
-            target.set_ylabel(name, color=color)
-            first = False
-        ax.set_title(stage)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return list(curves)
+def html_report(out: Path, recipe: Recipe) -> Path | None:
+    """report.html (finetune.cli.report); a page that cannot be drawn is a warning, never the pipeline's failure."""
+    try:
+        return write_page(out, recipe=recipe)
+    except Exception as e:  # any fault: the figures are already in pipeline_report.json
+        print(f"finetune pipeline: report.html not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _earlier_seconds(report: Path) -> dict:
@@ -171,7 +155,8 @@ def _steps_and_tokens(recipe: Recipe, stage: str, processes: int) -> tuple[str, 
         per_prompt = f" x {generations} samples" if generations > 1 else ""
         return (
             f"{section.updates} updates x {episodes} episodes ({section.rollout_batch_size} prompts{per_prompt} x "
-            f"{processes} processes), {getattr(section, 'ppo_epochs', 1)} epochs x {section.mini_batches} "
+            f"{processes} processes), {getattr(section, 'ppo_epochs', getattr(section, 'num_iterations', 1))} epochs x "
+            f"{section.mini_batches} "
             "minibatches each",
             f"at most {episodes * (section.max_prompt_length + section.response_length):,} per update "
             f"(prompts <= {section.max_prompt_length}, responses <= {section.response_length})",
@@ -214,6 +199,7 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         model_shape,
         planned_device,
         planned_processes,
+        planned_world,
         stage_settings,
     )
 
@@ -244,7 +230,8 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
         lines.append(f"  steps:    {steps}")
         lines.append(f"  tokens:   {tokens}")
         if shape is not None:
-            est = estimate_stage(stage, shape, stage_settings(recipe, stage, where, processes))
+            settings = stage_settings(recipe, stage, where, processes, planned_world(recipe, stage))
+            est = estimate_stage(stage, shape, settings)
             unit = (
                 "per GPU"
                 if est.device == "cuda"
@@ -255,7 +242,13 @@ def plan(recipe_path: str, overrides: list[str]) -> int:
                 if est.device == "cuda"
                 else ""
             )
-            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}){host}")
+            shards = ""
+            if settings.sharding and settings.zero_shards == 1:
+                shards = f"; {settings.sharding}"
+            elif settings.sharding:
+                parts = "the base and" if settings.weight_shards > 1 else "the adapters'"
+                shards = f"; {settings.sharding}: {parts} optimiser state 1/{settings.zero_shards} per process"
+            lines.append(f"  memory:   ~{est.total_gib:.1f} GiB {unit} ({est.breakdown()}{shards}){host}")
         cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, False)])
         lines.append(f"  command:  {' '.join(cmd)}")
     lines.append(
@@ -299,8 +292,8 @@ def run_stage_process(cmd: list[str], label: str, env: dict | None = None) -> in
             if time.monotonic() - last[0] >= patience:
                 progress.emit(f"{label}: running, {progress.duration(time.monotonic() - started)} elapsed")
                 last[0] = time.monotonic()
-    except KeyboardInterrupt:  # let the stage stop cleanly (its own Ctrl-C message), then say so here
-        stop_child(proc)
+    except KeyboardInterrupt as e:  # let the stage stop cleanly (its own message, its checkpoint), then say so here
+        stop_child(proc, isinstance(e, stopping.Terminated))
         raise
     finally:
         if proc.poll() is None:  # interrupted here: stop the stage too
@@ -325,6 +318,29 @@ def run(recipe_path: str, overrides: list[str], force: bool = False) -> int:
         return _run(recipe, recipe_path, overrides, force)
 
 
+def freshness(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    """(whether the stage's finished output is up to date, why): it is when what it records it was made from
+    (its fingerprint: settings, data content, base weights, template, the adapters it read; core.fingerprints)
+    is what the recipe and the earlier outputs make now. An output finished before finetune recorded that is
+    kept (say so); --force runs it again."""
+    from finetune.core import fingerprints, lineage
+
+    metrics = read_metrics(recipe.stage_dir(stage))
+    if not metrics:
+        return False, "no finished output"
+    if "made_from" not in metrics:
+        return True, "finished before outputs recorded what they are made from; --force runs it again"
+    try:
+        expected = lineage.made_from(recipe, stage, lineage.upstream(recipe, stage))
+    except UserError as e:
+        return False, f"its inputs changed ({str(e).splitlines()[0][:200]})"
+    if fingerprints.digest(expected) == metrics.get("fingerprint"):
+        return True, "up to date: made from these settings, data and inputs"
+    changed = fingerprints.changes(metrics["made_from"], expected, stage) or ["what it is made from"]
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return False, "changed since it ran: " + "; ".join(changed[:4]) + more
+
+
 def check_requirements(recipe: Recipe, stages: list[str]) -> None:
     """Refuse before any stage runs when a stage's optional library is missing (not after an hour of
     training): name the stage, the install command and how to leave the stage out."""
@@ -335,9 +351,38 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
             f"{recipe.source}: {'; '.join(missing)}. Install it, or leave the stage out with "
             f"pipeline.stages=[{', '.join(others)}]. Nothing was run."
         )
-    for stage in stages:  # the RL stages' rule rewards: a misnamed or mis-shaped function stops here too
-        if hasattr(recipe.section(stage), "reward_terms"):
-            load_rules(recipe, stage)
+    from finetune.core.limits import check_limits  # each stage checks again; here before the first one runs
+
+    for stage in stages:
+        check_limits(recipe, stage)
+        if hasattr(recipe.section(stage), "reward_terms"):  # an RL stage: a misnamed or mis-shaped rule reward
+            load_rules(recipe, stage)  # stops the pipeline before its first stage, not after the earlier ones
+
+
+STATUS = {0: "ran", INTERRUPTED: "interrupted", stopping.TERMINATED: "terminated (SIGTERM)"}
+
+
+def run_one(recipe: Recipe, recipe_path: str, stage: str, overrides: list[str], label: str, why: str, env) -> tuple:
+    """Run one stage's process: (its report row, its exit status; a stop by signal N as the shell's 128 + N)."""
+    cmd = recipe_command(recipe, recipe_path, stage, overrides)
+    print(f"== {label}: running ({why})\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    started = time.time()
+    try:
+        code = run_stage_process(cmd, label, env=env)
+    except KeyboardInterrupt as e:
+        code = stopping.TERMINATED if isinstance(e, stopping.Terminated) else INTERRUPTED
+    code = 128 - code if code < 0 else code
+    status = STATUS.get(code, f"failed (exit {code})")
+    return {**report_row(recipe, stage, status, time.time() - started), "why": why}, code
+
+
+def closing_title(failed: tuple | None) -> str:
+    if failed is None:
+        return "pipeline done"
+    stage, code = failed
+    if code in (INTERRUPTED, stopping.TERMINATED):
+        return f"pipeline {'interrupted (Ctrl-C)' if code == INTERRUPTED else 'terminated (SIGTERM)'} during {stage}"
+    return f"pipeline stopped: {stage} failed (exit {code})"
 
 
 def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) -> int:
@@ -348,6 +393,7 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
     earlier = _earlier_seconds(report_path)
     trained = [s for s in stages if STAGES[s].chat_model]
     rerun = force or recipe.pipeline.force
+    ran_any = False
     rows, failed, started = [], None, time.time()
     tracked = tracking.PipelineRun(recipe)  # one parent run / group for the stages' tracker runs
     env = {**os.environ, **tracked.env}
@@ -368,45 +414,40 @@ def _run(recipe: Recipe, recipe_path: str, overrides: list[str], force: bool) ->
 
     for i, stage in enumerate(stages, 1):
         where = recipe.stage_dir(stage)
-        if finished(recipe, stage) and not rerun:
-            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped (finished output in {where})", file=sys.stderr)
-            rows.append(report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier))
+        # the recipe this stage runs with (export takes this pipeline's model), for its freshness check
+        as_run = load_recipe(recipe_path, [*overrides, *stage_overrides(recipe, stage, trained, False)])
+        fresh, why = freshness(as_run, stage)
+        if fresh and not rerun:
+            print(f"== pipeline [{i}/{len(stages)}] {stage}: skipped ({why}; output in {where})", file=sys.stderr)
+            rows.append(
+                {**report_row(recipe, stage, "skipped", earlier.get(stage), earlier=stage in earlier), "why": why}
+            )
             continue
-        cmd = recipe_command(recipe, recipe_path, stage, [*overrides, *stage_overrides(recipe, stage, trained, rerun)])
-        print(f"== pipeline [{i}/{len(stages)}] {stage}: running\n+ {' '.join(cmd)}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        try:
-            code = run_stage_process(cmd, f"pipeline [{i}/{len(stages)}] {stage}", env=env)
-        except KeyboardInterrupt:
-            code = INTERRUPTED
-        seconds = time.time() - t0
-        if code == INTERRUPTED:
-            rows.append(report_row(recipe, stage, "interrupted", seconds))
-            failed = (stage, code)
-            break
+        # start over rather than resume: a finished output that no longer matches, or (its checkpoints were made on
+        # inputs this pipeline has just made again) an earlier stage ran
+        start_over = rerun or finished(recipe, stage) or ran_any
+        why = "--force" if force or recipe.pipeline.force else why
+        extra = [*overrides, *stage_overrides(recipe, stage, trained, start_over)]
+        row, code = run_one(recipe, recipe_path, stage, extra, f"pipeline [{i}/{len(stages)}] {stage}", why, env)
+        rows.append(row)
         if code != 0:
-            code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
-            rows.append(report_row(recipe, stage, f"failed (exit {code})", seconds))
             failed = (stage, code)
             break
-        rows.append(report_row(recipe, stage, "ran", seconds))
         write_report()
-        rerun = True
-    interrupted = failed is not None and failed[1] == INTERRUPTED
-    with ignoring_sigint() if interrupted else contextlib.nullcontext():  # the report is written whole
+        ran_any = True
+    interrupted = failed is not None and failed[1] in (INTERRUPTED, stopping.TERMINATED)
+    with ignoring_sigint() if interrupted else contextlib.nullcontext(), ignoring_sigterm():  # the report, whole
         drawn = plot_curves(recipe, [r["stage"] for r in rows], out / CURVES)
         report = write_report(str(out / CURVES) if drawn else None)
         tracked.finish(report_path, failed is not None, out / CURVES if drawn else None)
-    if failed is None:
-        title = "pipeline done"
-    elif interrupted:
-        title = f"pipeline interrupted (Ctrl-C) during {failed[0]}"
-    else:
-        title = f"pipeline stopped: {failed[0]} failed (exit {failed[1]})"
+        page = html_report(out, recipe)
+    title = closing_title(failed)
     print(f"\n== {title} ({report['seconds']:.0f}s) ==\n{format_table(rows)}")
-    print(f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else ""))
+    print(
+        f"report: {report_path}" + (f"\ncurves: {out / CURVES}" if drawn else "") + (f"\npage: {page}" if page else "")
+    )
     if interrupted:
-        print("finetune pipeline: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print("finetune pipeline: stopped; rerun the same command to continue where it stopped", file=sys.stderr)
     elif failed:
         print(
             f"fix the {failed[0]} error above and rerun the same command: finished stages are skipped", file=sys.stderr
@@ -428,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print each stage's data, steps, tokens, memory estimate and command; load and run nothing",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    stopping.install()  # SIGTERM: passed on to the running stage, which checkpoints; then the report is written
     try:
         if args.plan:
             return plan(args.recipe, args.overrides)
@@ -435,9 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune pipeline: error:\n{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # between stages (a stage's own Ctrl-C is in its row of the report)
-        print("finetune pipeline: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as e:  # between stages (a stage's own stop is in its row of the report)
+        terminated = isinstance(e, stopping.Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"finetune pipeline: {why}; rerun the same command to continue", file=sys.stderr)
+        return stopping.TERMINATED if terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ max_length are counted and reported (dropped, or an error with `on_overlong: err
 from __future__ import annotations
 
 import contextlib
+import csv
+import decimal
+import io
 import json
 import logging
+import math
+import numbers
 import random
 import re
 from dataclasses import dataclass, field
@@ -20,13 +25,16 @@ from pathlib import Path
 from finetune.chat_template import (
     ChatTemplate,
     find_special_token,
+    least_tokens,
     tokenize_conversation,
     tokenize_prompt,
     tokenize_reply,
 )
 from finetune.errors import UserError
+from finetune.readers import BOM, decode, find_duplicate, parse_json
 from finetune.recipe import DataSection, DataSource, Recipe
 
+from .batching import PackedRowsCollator, pack_rows  # noqa: F401  (their home was here; the old import path stays)
 from .progress import progress, track
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,7 @@ class DataReport:
     repeated_prompts: int = 0
     used: int = 0
     left_out: int = 0  # held-out rows beyond data.max_eval_rows
+    unscored: int = 0  # rows used whose `answer` is null, NaN or empty (not scored for correctness)
     # every row not used, named: {"source", "row", "kind", "reason"}; the stage writes them to dropped_rows.jsonl
     drops: list[dict] = field(default_factory=list)
 
@@ -75,13 +84,14 @@ class DataReport:
             + (" (all in dropped_rows.jsonl of the stage output)" if rows else "")
         )
 
-    def overlong(self, where: str, tokens: int, key: str, limit: int, on_overlong: str = "drop") -> None:
-        """A row longer than `key` (= `limit` tokens): an error naming it (`data.on_overlong: error`), or
-        counted, named and dropped, never truncated."""
+    def overlong(self, where: str, tokens: int | str, key: str, limit: int, on_overlong: str = "drop") -> None:
+        """A row longer than `key` (= `limit` tokens; `tokens` its count, or how it is known to be over): an error
+        naming it (`data.on_overlong: error`), or counted, named and dropped, never truncated."""
+        size = f"{tokens} tokens" if isinstance(tokens, int) else tokens
         if on_overlong == "error":
-            raise DataError(f"{where}: {tokens} tokens > {key} {limit}; raise {key} or set data.on_overlong: drop")
+            raise DataError(f"{where}: {size} > {key} {limit}; raise {key} or set data.on_overlong: drop")
         self.dropped_overlong += 1
-        self.drop(where, f"{tokens} tokens > {key} {limit}", "overlong")
+        self.drop(where, f"{size} > {key} {limit}", "overlong")
 
     def close_overlong(self, name: str, used: int, what: str, key: str, limit: int) -> None:
         """After tokenizing: `used` rows kept; none kept is an error, over-long ones are logged by row."""
@@ -111,6 +121,8 @@ class DataReport:
             text += f", {self.repeated_prompts} repeated prompts kept once"
         if self.left_out:
             text += f", {self.left_out} beyond max_eval_rows left out"
+        if self.unscored:
+            text += f", {self.unscored} with an unusable answer (not scored)"
         return text
 
 
@@ -118,7 +130,8 @@ class DataReport:
 
 
 def _read_local(path: Path) -> list:
-    """Raw rows of a local file; row numbers are 1-based lines (jsonl) or positions."""
+    """Raw rows of a local file; row numbers are 1-based lines (jsonl) or positions. Read under
+    finetune.readers' rules (a byte-order mark accepted, a key given twice refused at any depth)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -129,29 +142,38 @@ def _read_local(path: Path) -> list:
             if not line.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                rows.append((n, parse_json(line)))
             except json.JSONDecodeError as e:
                 rows.append((n, DataError(f"{path}: row {n}: not valid JSON ({e.msg}); fix the line or remove it")))
+            except ValueError as e:
+                rows.append((n, DataError(f"{path}: row {n}: {e}")))
         return rows
     if suffix == ".json":
+        text = _utf8_text(path)
         try:
-            data = json.loads(_utf8_text(path))
+            data = parse_json(text, duplicates="mark")
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}); fix it, or use .jsonl") from None
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows; for one row per line use .jsonl")
-        return list(enumerate(data, 1))
+        rows = []
+        for n, row in enumerate(data, 1):  # a row with a key given twice is a bad row, as in a jsonl file
+            twice = find_duplicate(row)
+            rows.append((n, DataError(f"{path}: row {n}: {twice}") if twice else row))
+        return rows
     return _read_table(path, suffix)
 
 
 def _text_lines(path: Path) -> list[tuple[int, str | DataError]]:
     """(line number, text) of each line; a line that is not UTF-8 is a DataError naming it (a bad row, so
-    skip_bad_rows can skip it). Split on "\n" only: str.splitlines would also break rows at U+2028 / U+0085
-    inside strings."""
+    skip_bad_rows can skip it). A byte-order mark before the first line is not part of it. Split on "\n"
+    only: str.splitlines would also break rows at U+2028 / U+0085 inside strings."""
     out = []
     for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         try:
-            out.append((n, raw.decode("utf-8")))
+            out.append((n, raw.decode("utf-8").removeprefix(BOM) if n == 1 else raw.decode("utf-8")))
         except UnicodeDecodeError as e:
             problem = f"{path}: row {n}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8"
             out.append((n, DataError(problem)))
@@ -159,13 +181,8 @@ def _text_lines(path: Path) -> list[tuple[int, str | DataError]]:
 
 
 def _utf8_text(path: Path) -> str:
-    """The whole file as text; invalid UTF-8 is a DataError naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
+    """The whole file as text (a byte-order mark removed); invalid UTF-8 is a DataError naming the line."""
+    return decode(path.read_bytes(), str(path), DataError)
 
 
 @contextlib.contextmanager
@@ -180,17 +197,46 @@ def _quiet(logger: str):
         target.setLevel(level)
 
 
+def _csv_columns(path: Path) -> list[str]:
+    """The header of a csv file; a column name given twice is refused (pandas would rename the second
+    `prompt.1`, and the first would be used without a word)."""
+    header = next(csv.reader(io.StringIO(_utf8_text(path))), [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: the header names the column {twice[0]!r} twice; rename one of them")
+    return header
+
+
+def _parquet_columns(path: Path) -> None:
+    """A parquet file may name a column twice (pyarrow writes it); refuse it with the column named."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception:  # noqa: BLE001 - not parquet at all: load_dataset below says so in its words
+        return
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: the column {twice[0]!r} is there twice; write the file again with one of them")
+
+
 def _read_table(path: Path, suffix: str) -> list:
     """Rows of a csv / parquet file (read by datasets); a file it cannot parse is a DataError naming the file
     and, where the parser says it, the line, instead of datasets' "An error occurred while generating the
-    dataset" traceback."""
-    from datasets import load_dataset
+    dataset" traceback. Every csv cell is read as the text it holds: no column is guessed to be numbers
+    (which turns "007" into 7, and a column of answers with one empty cell into floats, 42 -> 42.0) and no
+    text such as "NA" or "null" is taken for a missing value."""
+    from datasets import Features, Value, load_dataset
 
+    options = {}
+    if suffix == ".parquet":
+        _parquet_columns(path)
     if suffix == ".csv":
-        _utf8_text(path)  # pandas reports bad UTF-8 without a line number
+        columns = _csv_columns(path)
+        options = dict(features=Features({c: Value("string") for c in columns}), keep_default_na=False, na_filter=False)
     try:
         with _quiet(f"datasets.packaged_modules.{LOCAL_FORMATS[suffix]}"):  # it logs the error we report below
-            ds = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+            ds = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **options)
     except Exception as e:  # datasets wraps the parser's error (pandas ParserError, pyarrow ArrowInvalid)
         cause = e.__cause__ if e.__cause__ is not None else e
         if isinstance(cause, OSError) and not isinstance(cause, UnicodeError):
@@ -251,6 +297,76 @@ def read_dataset_folder(folder: Path, source: DataSource) -> tuple[str, list]:
 # ---------------------------------------------------------------- validation
 
 
+def as_text(value) -> str | None:
+    """The text of a value where text is expected: a string as it is; a number or boolean as it is written (a
+    whole float without its ".0": a parquet or jsonl column of integers with one missing value holds floats,
+    42 -> 42.0); None for anything else (null, NaN, a list, an object). One rule for every text field of every
+    file type: prompt, completion, chosen, rejected, content, answer, ShareGPT's value, Alpaca's fields."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()  # a numpy scalar
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, (numbers.Real, decimal.Decimal)):
+        number = float(value)
+        if not math.isfinite(number):
+            return None
+        return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+    return None
+
+
+def _missing(value) -> bool:
+    """An empty cell: null, or NaN (how a number column holds one)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _kind(value) -> str:
+    """How a value that is not text reads in a message."""
+    if value is None:
+        return "null (an empty cell)"
+    if _missing(value):
+        return "NaN (an empty cell of a number column)"
+    return f"a {type(value).__name__}"
+
+
+def _text(value, where: str, what: str) -> str:
+    """`value` as non-empty text (as_text), or a DataError naming the field."""
+    text = "" if _missing(value) else as_text(value)
+    if text is None:
+        raise DataError(f"{where}: {what} must be text, got {_kind(value)}")
+    if not text.strip():
+        raise DataError(f"{where}: empty {what}; fill it in or remove the row")
+    return text
+
+
+def answer_of(row: dict) -> tuple[str | None, str | None]:
+    """(the row's reference `answer` as text, or None; why a given answer cannot be used, or None). Answers are
+    compared by value (finetune.core.evaluation.same_answer), so 42, 42.0 and "42" are one answer; an answer
+    that is null, NaN or empty is unusable: the row is trained on but not scored, and counted."""
+    if not isinstance(row, dict) or "answer" not in row:
+        return None, None
+    value = row["answer"]
+    text = as_text(value)
+    if text is None or not text.strip():
+        return None, f"its answer is {'empty' if text is not None else _kind(value)}: not scored"
+    return text.strip(), None
+
+
+UNSCORED = "_unscored"  # a converted row's note that its answer is unusable (load_rows counts and removes it)
+
+
+def _with_answer(out: dict, row: dict) -> dict:
+    answer, problem = answer_of(row)
+    if answer is not None:
+        out["answer"] = answer
+    elif problem:
+        out[UNSCORED] = problem
+    return out
+
+
 def _messages(value, where: str, what: str) -> list[dict]:
     if isinstance(value, str):
         raise DataError(f"{where}: {what} must be a list of {{role, content}} messages here, got a string")
@@ -260,11 +376,12 @@ def _messages(value, where: str, what: str) -> list[dict]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: {what}[{i}] needs 'role' and 'content' keys, got {m!r}"[:300])
-        role, content = m["role"], m["content"]
+        role = m["role"]
         if role not in ROLES:
             raise DataError(f"{where}: {what}[{i}]: unknown role {role!r}; use one of {list(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: {what}[{i}]: content must be a string, got {type(content).__name__}")
+        content = "" if _missing(m["content"]) else as_text(m["content"])
+        if content is None:
+            raise DataError(f"{where}: {what}[{i}]: content must be text, got {_kind(m['content'])}")
         if not content.strip():
             raise DataError(f"{where}: {what}[{i}]: empty {role} content; fill it in or remove the row")
         out.append({"role": role, "content": content})
@@ -272,12 +389,12 @@ def _messages(value, where: str, what: str) -> list[dict]:
 
 
 def _as_turns(value, role: str, where: str, what: str) -> list[dict]:
-    """A prompt / completion given as a string or as messages."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{where}: empty {what}; fill it in or remove the row")
-        return [{"role": role, "content": value}]
-    return _messages(value, where, what)
+    """A prompt / completion given as text (a number is its text) or as messages."""
+    if isinstance(value, list):
+        return _messages(value, where, what)
+    if isinstance(value, dict):
+        raise DataError(f"{where}: {what} must be text or a list of {{role, content}} messages, got an object")
+    return [{"role": role, "content": _text(value, where, what)}]
 
 
 # ---------------------------------------------------------------- source formats
@@ -304,6 +421,8 @@ def source_format(row: dict) -> str | None:
         return "alpaca"
     if "prompt" not in row and _is_hh_transcript(row.get("chosen")) and _is_hh_transcript(row.get("rejected")):
         return "hh"
+    if "question" in row and "answer" in row and "prompt" not in row:
+        return "question_answer"
     return None
 
 
@@ -322,7 +441,7 @@ def from_sharegpt(row: dict, where: str) -> dict:
                 f"{where}: conversations[{i}]: unknown speaker {turn['from']!r}; ShareGPT rows use "
                 f"{', '.join(sorted(SHAREGPT_ROLES))}"
             )
-        messages.append({"role": role, "content": turn["value"]})
+        messages.append({"role": role, "content": _text(turn["value"], where, f"conversations[{i}] value")})
     rest = {k: v for k, v in row.items() if k != "conversations"}
     return {**rest, "messages": messages}
 
@@ -331,14 +450,15 @@ def from_alpaca(row: dict, where: str) -> dict:
     """Alpaca: instruction, optional input, output -> prompt / completion. The input follows the
     instruction after a blank line (how the Alpaca prompt puts the two together)."""
     for key in ("instruction", "output"):
-        if not isinstance(row.get(key), str):
-            raise DataError(f"{where}: missing or non-string field {key!r} (Alpaca rows: instruction, input, output)")
-    extra = row.get("input") or ""
-    if not isinstance(extra, str):
-        raise DataError(f"{where}: 'input' must be a string (Alpaca), got {type(extra).__name__}")
-    prompt = row["instruction"].strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (Alpaca rows: instruction, input, output)")
+    instruction, output = _text(row["instruction"], where, "instruction"), _text(row["output"], where, "output")
+    extra = "" if _missing(row.get("input")) else as_text(row["input"])
+    if extra is None:
+        raise DataError(f"{where}: 'input' must be text (Alpaca), got {_kind(row['input'])}")
+    prompt = instruction.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
     rest = {k: v for k, v in row.items() if k not in ("instruction", "input", "output")}
-    return {**rest, "prompt": prompt, "completion": row["output"]}
+    return {**rest, "prompt": prompt, "completion": output}
 
 
 def parse_hh_transcript(text, where: str, what: str) -> list[dict]:
@@ -366,7 +486,22 @@ def from_hh(row: dict, where: str) -> dict:
     return {**row, "chosen": chosen, "rejected": rejected, "messages": chosen}
 
 
-SOURCE_FORMATS = {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "hh": from_hh}
+def from_question_answer(row: dict, where: str) -> dict:
+    """Question / answer rows (openai/gsm8k: the answer is the worked solution ending in `#### N`) -> prompt /
+    completion, the answer kept as the row's reference for rule rewards (finetune.rl.rewards)."""
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}: missing or non-string field {key!r} (question/answer rows, e.g. GSM8K)")
+    rest = {k: v for k, v in row.items() if k != "question"}
+    return {**rest, "prompt": row["question"], "completion": row["answer"]}
+
+
+SOURCE_FORMATS = {
+    "sharegpt": from_sharegpt,
+    "alpaca": from_alpaca,
+    "hh": from_hh,
+    "question_answer": from_question_answer,
+}
 
 
 def source_row(row, fmt: str, where: str):
@@ -416,10 +551,7 @@ def to_conversation(row, fmt: str, where: str) -> dict:
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn; add the assistant reply")
-    out = {"messages": messages}
-    if "answer" in row and row["answer"] is not None:
-        out["answer"] = str(row["answer"])
-    return out
+    return _with_answer({"messages": messages}, row)
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str):
@@ -486,10 +618,7 @@ def to_preference(row, fmt: str, where: str) -> dict | None:
         raise DataError(f"{where}: the prompt ends with an assistant turn; it must end with the user's turn")
     if chosen[0]["content"].strip() == rejected[0]["content"].strip():
         return None
-    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if row.get("answer") is not None:
-        out["answer"] = str(row["answer"])
-    return out
+    return _with_answer({"prompt": prompt, "chosen": chosen, "rejected": rejected}, row)
 
 
 def to_unpaired(row, fmt: str, where: str) -> dict | None:
@@ -552,10 +681,8 @@ def to_prompt(row, fmt: str, where: str) -> dict:
         )
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt must end with a user turn, got roles {[m['role'] for m in messages]}")
-    out = {"prompt": messages, "example": {k: v for k, v in row.items() if k not in ("messages", "chosen", "rejected")}}
-    if row.get("answer") is not None:
-        out["answer"] = str(row["answer"])
-    return out
+    example = {k: v for k, v in row.items() if k not in ("messages", "chosen", "rejected")}
+    return _with_answer({"prompt": messages, "example": example}, row)
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -604,6 +731,10 @@ def tokenize_prompts(
     ids, kept, seen = [], [], {}
     for i, row in enumerate(track(rows, f"tokenizing {name} prompts", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
+        huge = over_before_tokenizing(_contents(row["prompt"]), tokenizer, max_length)
+        if huge:
+            report.overlong(where, huge, "max_prompt_length", max_length)
+            continue
         p = tokenize_prompt(tokenizer, row["prompt"])
         if unique and tuple(p) in seen:
             report.repeated_prompts += 1
@@ -651,6 +782,10 @@ def load_rows(
                     report.skipped_useless += 1
                     report.drop(where, "chosen and rejected are identical: no learning signal", "no_signal")
                     continue
+                unscored = converted.pop(UNSCORED, None)
+                if unscored:
+                    report.unscored += 1
+                    report.drop(where, unscored, "unusable_answer")
                 good.append({**converted, "where": where})
             except DataError as e:
                 if not skip_bad_rows:
@@ -669,6 +804,17 @@ def load_rows(
                 len(skipped),
                 "; ".join(f"row {d['row']} ({d['reason']})" for d in skipped[:3])
                 + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+                + " (all in dropped_rows.jsonl of the stage output)",
+            )
+        unscored = [d for d in report.drops if d["source"] == name and d["kind"] == "unusable_answer"]
+        if unscored:
+            log.warning(
+                "%s: %d rows have an answer column whose value cannot be compared (null, NaN or empty): they are "
+                "used, but not scored for correctness: %s",
+                name,
+                len(unscored),
+                "; ".join(f"row {d['row']} ({d['reason']})" for d in unscored[:3])
+                + (f"; and {len(unscored) - 3} more" if len(unscored) > 3 else "")
                 + " (all in dropped_rows.jsonl of the stage output)",
             )
         whole = int(source.weight)
@@ -716,6 +862,19 @@ def cut_held_out(evals: list[dict], limit: int, report: DataReport) -> None:
 # ---------------------------------------------------------------- tokenization
 
 
+def over_before_tokenizing(texts, tokenizer, limit: int) -> str | None:
+    """How `texts` (one row's, as one sequence) are known to be longer than `limit` tokens without tokenizing
+    them (chat_template.least_tokens), or None when only the tokenizer can tell. Checked before every row is
+    tokenized, so one huge row is counted as over-long instead of aborting the tokenizer."""
+    chars = sum(len(t) for t in texts)
+    least = least_tokens(chars, tokenizer)
+    return f"{chars:,} characters, at least {least:,} tokens (not tokenized)" if least > limit else None
+
+
+def _contents(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages]
+
+
 def _check_row(row: dict, tokenizer, template: ChatTemplate, name: str, i: int) -> str:
     """Where the row came from; refuses content that spells a special token, which would be read as
     that token (e.g. a literal <|endoftext|> ending a reply early) instead of as text."""
@@ -748,6 +907,11 @@ def tokenize_preferences(
     cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i, row in enumerate(track(rows, f"tokenizing {name} pairs", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
+        longer = max(row["chosen"][0]["content"], row["rejected"][0]["content"], key=len)
+        huge = over_before_tokenizing([*_contents(row["prompt"]), longer], tokenizer, max_length)
+        if huge:
+            report.overlong(where, huge, "max_length", max_length, on_overlong)
+            continue
         p, c = tokenize_reply(tokenizer, template, row["prompt"], row["chosen"][0]["content"])
         _, r = tokenize_reply(tokenizer, template, row["prompt"], row["rejected"][0]["content"])
         longest = len(p) + max(len(c), len(r))
@@ -809,6 +973,10 @@ def tokenize_conversations(
     ids, labels = [], []
     for i, row in enumerate(track(rows, f"tokenizing {name} conversations", unit="rows")):
         where = _check_row(row, tokenizer, template, name, i)
+        huge = over_before_tokenizing(_contents(row["messages"]), tokenizer, max_length)
+        if huge:
+            report.overlong(where, huge, "max_length", max_length, on_overlong)
+            continue
         x, y = tokenize_conversation(tokenizer, template, row["messages"])
         if len(x) > max_length:
             report.overlong(where, len(x), "max_length", max_length, on_overlong)
@@ -817,35 +985,3 @@ def tokenize_conversations(
         labels.append(y)
     report.close_overlong(name, len(ids), "row", "max_length", max_length)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
-
-
-# ---------------------------------------------------------------- packing
-
-
-def pack_rows(dataset, max_length: int):
-    """Tokenized rows packed best-fit-decreasing (TRL's `bfd`) into rows of at most max_length tokens,
-    with a `seq_lengths` column; whole conversations only (rows over max_length were dropped before)."""
-    from trl import pack_dataset
-
-    return pack_dataset(
-        dataset.select_columns(["input_ids", "labels"]), max_length, "bfd", {"desc": "Packing train dataset"}
-    )
-
-
-class PackedRowsCollator:
-    """Batches of packed rows for SDPA / eager attention: [B, L] right-padded, `position_ids` restarting
-    at 0 for every packed sequence and no attention mask, so transformers builds a block-diagonal
-    causal mask per row from the position ids (masking_utils.find_packed_sequence_indices; needs
-    use_cache=False, which SFTTrainer passes). Attention costs sum over rows of L^2, not (B*L)^2 as
-    TRL's padding-free collator (one flattened row, meant for flash-attn varlen) would on SDPA.
-    Pad tokens get position 0 each: every one is its own sequence, and no real token attends to it."""
-
-    def __init__(self, pad_token_id: int):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.inner(examples)
-        batch.pop("attention_mask")  # a 2D mask would switch off the per-row packed-sequence mask
-        return batch

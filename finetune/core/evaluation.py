@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 
-from finetune.chat_template import ChatTemplate, end_of_turn_ids, tokenize_prompt
+from finetune.chat_template import ChatTemplate, end_of_turn_ids, least_tokens, tokenize_prompt
 from finetune.errors import UserError
 from finetune.recipe import STAGES, Recipe
 
 from . import distributed
 from .batching import left_pad, pad
-from .data import DataReport, load_rows, to_prompt, train_eval_rows
+from .data import DataReport, as_text, load_rows, to_prompt, train_eval_rows
+from .modeling import context_length
 from .progress import Progress, progress, track
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,85 @@ class Reply(str):
         return super().__repr__() + ("" if self.ended else " (no end-of-turn)")
 
 
+def autocast_like_training(model):
+    """The autocast the Trainer trains a 4-bit (QLoRA) model under, for the held-out checks too. Its parts are
+    kept in mixed dtypes on purpose (peft's prepare_model_for_kbit_training keeps norms in fp32; TRL casts heads
+    such as the reward model's score to bf16 on a 4-bit model), which only autocast reconciles; other models
+    evaluate exactly as loaded."""
+    import contextlib
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return contextlib.nullcontext()
+    dtypes = {p.dtype for p in model.parameters()}
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def same_answer(reply: str, answer) -> bool:
+    """Whether a reply gives the reference answer: equal text once case, spacing and a final period are
+    ignored, or the same number however it is written (42 == 42.0 == "42"). Every place answers are compared
+    uses this: held-out correctness, the exact_answer reward, the tiny lm-eval task. An answer that is not text
+    or a number (null, NaN) matches nothing; the loaders count such rows (core.data.answer_of)."""
+    answer = as_text(answer)
+    if answer is None:
+        return False
+    a, b = normalise(str(reply)), normalise(answer)
+    if a == b:
+        return True
+    x, y = _number(a), _number(b)
+    return x is not None and x == y
+
+
+def prompt_tokens(
+    conversations: list[list[dict]],
+    tokenizer,
+    max_new_tokens: int,
+    context: int | None,
+    names: list[str] | None = None,
+    key: str = "max_new_tokens",
+) -> list[list[int]]:
+    """Tokens of each conversation's inference prompt, once it is known to leave room for `max_new_tokens` in
+    the model's `context` (None: unknown, not checked). Past its context a rotary model runs on positions it
+    never saw and writes garbage with no error, so a prompt without room is refused, every such prompt named
+    (`names`, default its position) with `key`, the setting to lower. A prompt far too long is known to be
+    without tokenizing it (chat_template.least_tokens), so a huge one cannot abort the tokenizer."""
+    names = names or [f"prompt {i + 1}" for i in range(len(conversations))]
+    room = None if context is None else context - max_new_tokens
+    ids, over = [], []
+    for conversation, name in zip(conversations, names):
+        if room is not None:
+            chars = sum(len(m["content"]) for m in conversation)
+            least = least_tokens(chars, tokenizer)
+            if least > room:
+                over.append((name, f"{chars:,} characters, at least {least:,} tokens", least))
+                continue
+        p = tokenize_prompt(tokenizer, conversation)
+        if room is not None and len(p) > room:
+            over.append((name, f"{len(p)} tokens", len(p)))
+        ids.append(p)
+    if over:
+        shown = "; ".join(f"{name} ({size})" for name, size, _ in over[:5])
+        more = f"; and {len(over) - 5} more" if len(over) > 5 else ""
+        fits = context - max(n for _, _, n in over)  # room for every prompt named, the longest included
+        fix = f"lower {key} to at most {fits} for them, or shorten" if fits > 0 else "shorten"
+        raise UserError(
+            f"{len(over)} prompt(s) leave no room for {max_new_tokens} new token(s) ({key}) in the model's context of "
+            f"{context} positions (max_position_embeddings), past which it writes garbage: {shown}{more}. {fix} "
+            "those prompts"
+        )
+    return ids
 
 
 @torch.no_grad()
@@ -53,29 +132,34 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     desc: str = "generating answers",
+    names: list[str] | None = None,
+    key: str = "max_new_tokens",
 ) -> list[Reply]:
     """Greedy replies to each conversation's last turn, stopped at the end-of-turn token; each says whether
-    it ended its turn or ran out of tokens (Reply.stop).
+    it ended its turn or ran out of tokens (Reply.stop). Every prompt must leave room for `max_new_tokens` in
+    the model's context (prompt_tokens: refused before anything is generated, naming `names` and `key`).
 
     Prompts are left-padded (batched generation needs it) and carry their attention mask.
     """
     stop = end_of_turn_ids(tokenizer, template)
+    all_prompts = prompt_tokens(conversations, tokenizer, max_new_tokens, context_length(model.config), names, key)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     replies = []
-    for start in track(range(0, len(conversations), batch_size), desc, unit="batches"):
-        prompts = [tokenize_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
+    for start in track(range(0, len(all_prompts), batch_size), desc, unit="batches"):
+        prompts = all_prompts[start : start + batch_size]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         width = ids.shape[1]
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with autocast_like_training(model):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
             replies.append(
@@ -97,7 +181,7 @@ def correctness(rows: list[dict], replies: list[str]) -> float | None:
     scored = [(r["answer"], reply) for r, reply in zip(rows, replies) if "answer" in r]
     if not scored:
         return None
-    return sum(normalise(a) == normalise(b) and getattr(b, "ended", True) for a, b in scored) / len(scored)
+    return sum(same_answer(b, a) and getattr(b, "ended", True) for a, b in scored) / len(scored)
 
 
 @torch.no_grad()
@@ -118,7 +202,8 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
         batch = dataset.select(rows[start : start + batch_size])
         ids, mask = pad(batch["input_ids"], pad_token_id)
         labels, _ = pad(batch["labels"], -100)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_labels = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
@@ -130,9 +215,34 @@ def eval_loss(model, dataset, pad_token_id: int, batch_size: int = 32) -> float:
 
 
 def held_out_correctness(
-    model, tokenizer, template: ChatTemplate, rows: list[dict], limit: int, max_new_tokens: int
+    model,
+    tokenizer,
+    template: ChatTemplate,
+    rows: list[dict],
+    limit: int,
+    max_new_tokens: int,
+    budget_key: str = "the stage's max_new_tokens",
 ) -> tuple[float | None, list[str]]:
-    """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness.
+    """Greedy replies to up to `limit` held-out rows that carry an `answer`, and their correctness
+    (the rows and prompts of `held_out_prompts`)."""
+    rows, prompts = held_out_prompts(rows, limit)
+    if not rows:
+        return None, []
+    replies = generate_answers(
+        model,
+        tokenizer,
+        template,
+        prompts,
+        max_new_tokens,
+        desc=f"held-out answers ({len(prompts)} prompts)",
+        names=[r.get("where", f"held-out row {i + 1}") for i, r in enumerate(rows)],
+        key=budget_key,
+    )
+    return correctness(rows, replies), replies
+
+
+def held_out_prompts(rows: list[dict], limit: int) -> tuple[list[dict], list[list[dict]]]:
+    """Up to `limit` held-out rows that carry an `answer`, and the prompt each is answered from.
 
     Rows are SFT conversations (the final assistant turn is dropped) or preference rows (prompt).
     A prompt that several rows share (preference data pairs one prompt with several rejected
@@ -153,13 +263,7 @@ def held_out_correctness(
             seen.add(key)
             kept.append(r)
             prompts.append(prompt)
-    rows = kept
-    if not rows:
-        return None, []
-    replies = generate_answers(
-        model, tokenizer, template, prompts, max_new_tokens, desc=f"held-out answers ({len(prompts)} prompts)"
-    )
-    return correctness(rows, replies), replies
+    return kept, prompts
 
 
 def batches(rows: int, batch_size: int) -> int:
@@ -177,7 +281,9 @@ def reward_scores(
     out = []
     for start in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[start : start + batch_size], pad_token_id)
-        out.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out.append(logits[:, 0].float().cpu())
         if bar is not None:
             bar.update(1)
     model.train(was_training)
@@ -212,7 +318,8 @@ def sequence_logps(
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], replies[start : start + batch_size]
         ids, mask = pad([p + r for p, r in zip(ps, rs)], pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast_like_training(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         reply_mask = torch.zeros_like(ids)
         for i, (p, r) in enumerate(zip(ps, rs)):
@@ -339,7 +446,14 @@ class Samples:
     def answer(self, label: str, model, tokenizer, template: ChatTemplate) -> None:
         if self.prompts:
             self.replies[label] = generate_answers(
-                model, tokenizer, template, self.prompts, self.max_new_tokens, desc=f"samples ({label})"
+                model,
+                tokenizer,
+                template,
+                self.prompts,
+                self.max_new_tokens,
+                desc=f"samples ({label})",
+                names=[f"sample prompt {i + 1}" for i in range(len(self.prompts))],
+                key="samples.max_new_tokens",
             )
 
     def rows(self) -> list[dict]:

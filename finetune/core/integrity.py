@@ -79,6 +79,42 @@ def torch_file_problem(path: str | Path, allowed: tuple = ()) -> str | None:
     return None
 
 
+# What a torch.distributed.checkpoint `.metadata` file (FSDP's sharded checkpoints) may name: DCP's own classes,
+# torch's sizes, dtypes and layouts, paths and plain containers. torch reads it with pickle.load (any global could
+# run code), so it is first unpickled here with only these allowed, as torch's weights-only loader does for tensors.
+DCP_ALLOWED = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def dcp_metadata_problem(path: str | Path) -> str | None:
+    """Why a torch.distributed.checkpoint `.metadata` pickle is damaged or names a global outside DCP_ALLOWED,
+    DCP's own modules and torch's dtypes, or None."""
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) in DCP_ALLOWED or dtype or module.startswith("torch.distributed.checkpoint."):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it pickles {module}.{name}, which a checkpoint index has no need of")
+
+    try:
+        with open(path, "rb") as fh:
+            Restricted(fh).load()
+    except pickle.UnpicklingError as e:
+        return f"{e} (it could run code); not loaded" if "pickles" in str(e) else f"damaged ({e})"
+    except (EOFError, OSError, ValueError, TypeError, AttributeError, ImportError) as e:
+        return f"damaged ({type(e).__name__}: {e})"
+    return None
+
+
 def read_json(path: str | Path, fix: str):
     """The parsed JSON of `path`; a damaged file is a DamagedFileError naming it and `fix`."""
     path = Path(path)

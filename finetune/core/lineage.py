@@ -1,8 +1,11 @@
-"""Adapter chains: which LoRA adapters make a stage output's model, checked before anything loads.
+"""Lineage: which adapters make a stage output's model, and what every output is made from.
 
-A stage output records the adapters it was trained on top of (`start_from` in its metrics.json); its
-model is those merged into the base in order, then its own adapter. Training stages start from such
-a chain; export and chat merge one; PPO shares one between its policy and reward model.
+A stage output records the adapters it was trained on top of (`start_from` in its metrics.json: each relative
+to the output folder, with its content hash); its model is those merged into the base in order, then its own
+adapter. Training stages start from such a chain; export and chat merge one; PPO shares one between its policy
+and reward model. Each output also records what it was made from (`made_from`, `fingerprint`: settings, data,
+base, template and those adapters' content; core.fingerprints), which `finetune pipeline` compares to decide
+whether it is still up to date. Nothing is read from a stage another process is writing.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import yaml
 
 from finetune.recipe import STAGES, Recipe, RecipeError
 
+from . import fingerprints
+from .fingerprints import adapter_hash, adapter_record
 from .integrity import DamagedFileError, check_safetensors, read_json
+from .locks import describe, held, target_lock
+from .modeling import template_for
 from .outputs import finished, read_metrics
 
 
@@ -43,19 +50,36 @@ def check_adapter_folder(recipe: Recipe, key: str, folder: str | Path, fix: str)
 
 
 def adapter_chain(folder: str | Path) -> list[str]:
-    """The adapters that make a stage output's model, in merge order: the ones it was trained on top
-    of (recorded as `start_from` in its metrics.json), then its own."""
-    start = read_metrics(folder).get("start_from", [])
-    return [*(_relocated(p, Path(folder)) for p in start), str(folder)]
+    """The adapters that make a stage output's model, in merge order: the ones it was trained on top of
+    (recorded as `start_from` in its metrics.json), then its own. Each recorded adapter is found relative to
+    `folder` (a run folder moved or copied as a whole keeps working), else at its absolute path, and must hold
+    the content it was trained on (its sha256): an adapter changed or replaced since is refused, never merged."""
+    folder = Path(folder)
+    return [*(str(recorded_adapter(r, folder)) for r in read_metrics(folder).get("start_from", [])), str(folder)]
 
 
-def _relocated(recorded: str, folder: Path) -> str:
-    """A recorded start adapter that no longer exists at its path but sits beside `folder` under the
-    same name (the output folder was moved or copied as a whole, e.g. to another machine)."""
-    beside = folder.parent / Path(recorded).name
-    if not Path(recorded).is_dir() and (beside / "adapter_config.json").is_file():
-        return str(beside)
-    return recorded
+def recorded_adapter(record, folder: Path) -> Path:
+    """Where a recorded start adapter is now, checked against its recorded content."""
+    if isinstance(record, str):  # written before adapters were recorded with their content: the path alone
+        recorded = Path(record)
+        beside = folder.parent / recorded.name
+        return beside if not recorded.is_dir() and (beside / "adapter_config.json").is_file() else recorded
+    candidates = [(folder / record["path"]).resolve(), Path(record["absolute"])]
+    found = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+    if found is None:
+        raise RecipeError(
+            f"{folder}: it was trained on top of the adapter at {candidates[0]} (recorded {record['absolute']}), "
+            "which is not there any more; restore it, or run the stages again (finetune pipeline RECIPE)"
+        )
+    now = adapter_hash(found)
+    if record.get("sha256") and now != record["sha256"]:
+        raise RecipeError(
+            f"{folder}: it was trained on top of {found} as it was then (sha256 {record['sha256'][:12]}), and that "
+            f"adapter has changed since (sha256 {str(now)[:12]}): the stage that made it ran again, or the folder "
+            "was replaced. Merging it would make a different model than the one measured; run this stage again "
+            "(finetune pipeline RECIPE reruns every stage whose inputs changed)"
+        )
+    return found
 
 
 def start_chain(recipe: Recipe, stage: str, key: str = "start_from") -> list[str]:
@@ -112,3 +136,90 @@ def fp32_recipe(recipe: Recipe) -> Recipe:
     return recipe.model_copy(
         update={"precision": "fp32", "model": recipe.model.model_copy(update={"load_in_4bit": False})}
     )
+
+
+# ----------------------------------------------------------------------------- what an output is made from
+
+
+def input_keys(stage: str) -> list[str]:
+    """The section keys through which `stage` reads earlier outputs: its keyed inputs (start_from, reward_from)
+    and, for a stage that takes a model (export, eval), the key that chooses it."""
+    entry = STAGES[stage]
+    keys = list(dict.fromkeys(k for k in entry.inputs.values() if k))
+    return keys + ([entry.model_choice] if entry.takes_models and entry.model_choice else [])
+
+
+def upstream(recipe: Recipe, stage: str) -> dict[str, list[str]]:
+    """The earlier outputs `stage` reads, as the recipe points at them now: key -> folders in merge order (a
+    start_from's adapter chain; the model export merges; for eval the export folder itself when it scores it).
+    A key pointing at nothing yet (the earlier stage has not run) gives []."""
+    entry, section = STAGES[stage], recipe.section(stage)
+    out = {}
+    for key in input_keys(stage):
+        if key == entry.model_choice and entry.takes_models:
+            wanted = getattr(section, key)
+            served = STAGES.model_folder_stage()
+            if wanted in ("auto", served) and served != stage and finished(recipe, served):
+                out[key] = [str(recipe.stage_dir(served))]
+                continue
+            try:
+                if wanted == served:
+                    raise RecipeError("not written yet")
+                chosen = chat_model_stage(recipe, wanted, f"{stage}.{key}")
+            except RecipeError:
+                out[key] = []
+                continue
+            out[key] = adapter_chain(recipe.stage_dir(chosen))
+        else:
+            folder = recipe.input_dir(stage, key)
+            out[key] = adapter_chain(folder) if folder is not None and finished_folder(folder) else []
+    return out
+
+
+def finished_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "metrics.json").is_file()
+
+
+def input_record(folder: str | Path, output: str | Path) -> dict:
+    """An earlier output as the new output records it: relative path, absolute path, content (an adapter's
+    hash; for a merged model folder, the fingerprint it records)."""
+    record = adapter_record(folder, output)
+    if record["sha256"] is None:
+        record["sha256"] = read_metrics(folder).get("fingerprint")
+    return record
+
+
+def made_from(recipe: Recipe, stage: str, inputs: dict[str, list[str]]) -> dict:
+    """What `stage`'s output is made from (core.fingerprints) given the earlier outputs it reads."""
+    records = {key: [input_record(f, recipe.stage_dir(stage)) for f in folders] for key, folders in inputs.items()}
+    return fingerprints.made_from(recipe, stage, records, template_for(recipe).source)
+
+
+def stamp(recipe: Recipe, stage: str, metrics: dict, inputs: dict[str, list[str]]) -> dict:
+    """`metrics` with what the output is made from: the adapters it started from as records (relative to the
+    output, with their content: adapter_chain checks them), `made_from` and its digest `fingerprint` (the
+    pipeline's freshness check compares them)."""
+    out = recipe.stage_dir(stage)
+    stamped = dict(metrics)
+    if "start_from" in stamped:
+        stamped["start_from"] = [input_record(f, out) for f in stamped["start_from"]]
+    made = made_from(recipe, stage, inputs)
+    stamped["made_from"] = made
+    stamped["fingerprint"] = fingerprints.digest(made)
+    return stamped
+
+
+# ----------------------------------------------------------------------------- outputs being written
+
+
+def check_not_being_written(recipe: Recipe, stages: list[str], reader: str) -> None:
+    """Refuse to read the output of a stage another process is writing right now (its lock is held): a half-run
+    stage looks unfinished, so `auto` would silently take an older stage's model instead."""
+    for stage in stages:
+        folder, name = target_lock(recipe.stage_dir(stage))
+        info = held(folder, name)
+        if info is not None:
+            raise RecipeError(
+                f"{recipe.source}: {reader}: the {stage} stage is being written into {recipe.stage_dir(stage)} right "
+                f"now ({describe(info)}); wait for it to finish, or stop it, before {reader} reads it"
+            )

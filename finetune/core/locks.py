@@ -40,6 +40,34 @@ def lock_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / f".{name}.lock"
 
 
+def target_lock(target: str | Path) -> tuple[Path, str]:
+    """(folder, name) of the lock of a write target: `<parent>/.<name>.lock` beside it. For a stage's output in
+    the output_dir that is `<output_dir>/.<stage>.lock`; for an export.output elsewhere, beside that folder: every
+    write target is locked, not only those inside the output_dir."""
+    target = Path(target)
+    return target.parent, target.name
+
+
+def held(output_dir: str | Path, name: str) -> dict | None:
+    """Who holds the lock `<output_dir>/.<name>.lock` now (its details), or None when no live process does."""
+    path = lock_path(output_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return holder(path) or {"pid": "?"}
+        raise
+    finally:
+        os.close(fd)  # a shared lock taken here is released with the descriptor
+    return None
+
+
 def holder(path: Path) -> dict:
     """What the lock file says about its holder ({} when it says nothing readable)."""
     try:
@@ -90,7 +118,7 @@ def output_lock(output_dir: str | Path, name: str, what: str, fix: str):
                 time.sleep(0.2)
                 info = holder(path)
             raise LockedError(
-                f"{Path(output_dir)}: {what} is already running into this output_dir ({describe(info)}); "
+                f"{Path(output_dir)}: {what} is already running into this folder ({describe(info)}); "
                 f"{fix}. (A run that died leaves no lock: {path} is released when its process exits.)"
             ) from None
         info = {

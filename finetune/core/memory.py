@@ -12,8 +12,17 @@ settings (docs/memory.md has the table for Phi-2 and how it was calibrated):
   parameters x 4 on the host. Measured on CPU (bench/memory.py): peak = runtime + weights + file, for 2-
   and 4-layer Phi-2-width models within 2%, and within 5% of the issue's full-size Phi-2 figures;
 - adapters: LoRA parameters, their gradients and AdamW state (16 bytes each; gradients and optimiser
-  state sharded over the processes under ZeRO-2); PPO holds policy, value, reward and reference
-  adapters and two optimisers;
+  state sharded over the processes under ZeRO-2, ZeRO-3 and FSDP, the weights too under ZeRO-3 and FSDP);
+  PPO holds policy, value, reward and reference adapters and two optimisers, whole in every process (plain
+  data parallel: docs/scaling.md); a stage that merges earlier adapters holds one of them (fp32) while it
+  merges;
+- sharding: under ZeRO-3 and FSDP each process holds 1/N of the frozen base while it trains; before training
+  it holds the whole base (loaded whole, merged, fingerprinted and evaluated before the engine partitions it),
+  so the larger of the two phases is the peak;
+- LoRA activations: each adapted layer keeps its rank-r intermediate x @ A (tokens x r, fp32) for the
+  backward pass, and an fp32 copy of its input when the base is 16-bit or LoRA dropout is on. At r = 16
+  this is a few percent of the activations; it grows with r and is what a huge rank runs out of memory on
+  (r = 100000 on the tiny model: 20 GB at batch 16 x 128 tokens);
 - activations: 34 bytes per token, layer and hidden unit in 16-bit (twice in fp32) without gradient
   checkpointing, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", table 2) count a transformer layer when attention runs in a fused kernel (no attention
@@ -39,13 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from finetune.errors import UserError
-from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe
+from finetune.readers import read_yaml
+from finetune.recipe import BUILTIN_PREFIX, STAGES, Recipe, RecipeError
 from finetune.tiny import tiny_config
 
-from .modeling import LORA_TARGETS
+from .modeling import LORA_TARGETS, whole_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,9 @@ class ModelShape:
     head_params: int = 0  # the LM head (a sequence classifier, the reward model, has none)
     file_bytes_per_param: int = 4  # the checkpoint's dtype on disk (Phi-2: fp16)
     source: str = ""  # where the shape came from
+    lora_rank: int = 0  # the recipe's lora.r
+    lora_layers: int = 0  # adapted layers (all decoder layers together)
+    lora_inputs: int = 0  # input features summed over the adapted layers
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,9 @@ class StageSettings:
     device: str  # "cpu" or "cuda"
     dtype_bytes: int  # bytes per weight while training (4 fp32, 2 fp16/bf16)
     processes: int = 1  # processes on this machine (one per GPU)
-    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2), else 1
+    zero_shards: int = 1  # processes sharing gradients and optimiser state (ZeRO-2, ZeRO-3, FSDP), else 1
+    weight_shards: int = 1  # processes the weights are partitioned over while training (ZeRO-3, FSDP), else 1
+    sharding: str = ""  # the scheme in words, e.g. "ZeRO-3 over 16 processes" ("" for none)
     batch: int = 1  # sequences per micro-batch per process (pairs for reward and DPO)
     seq: int = 1024  # max_length
     eval_batch: int = 8
@@ -104,6 +118,7 @@ class StageSettings:
     micro: int = 0  # PPO sequences per forward/backward
     samples: int = 0  # held-out sample prompts answered greedily
     sample_tokens: int = 0
+    lora_dropout: bool = False  # LoRA dropout on: each adapted layer keeps a dropped-out copy of its input
 
 
 @dataclass
@@ -136,19 +151,40 @@ def weight_bytes(shape: ModelShape, dtype_bytes: int, four_bit: bool = False) ->
     return shape.params * dtype_bytes
 
 
-def adapter_bytes(lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1) -> float:
+def adapter_bytes(
+    lora_params: int, adapters: int = 1, trained: int = 1, zero_shards: int = 1, weight_shards: int = 1
+) -> float:
     """LoRA weights (fp32) of `adapters` adapters, and for `trained` of them fp32 gradients plus AdamW's two
-    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2)."""
-    return lora_params * (4 * adapters + trained * 12 / zero_shards)
+    moments, gradients and moments sharded over `zero_shards` processes (ZeRO-2/3, FSDP), the weights over
+    `weight_shards` (ZeRO-3, FSDP)."""
+    return lora_params * (4 * adapters / weight_shards + trained * 12 / zero_shards)
 
 
 def load_bytes(shape: ModelShape, dtype_bytes: int, merges: bool) -> float:
     """Host memory while a base loads: the memory-mapped checkpoint's pages plus the weights in
-    `dtype_bytes`; to merge earlier adapters the base loads in fp32 and is cast after, both copies alive."""
+    `dtype_bytes`; to merge earlier adapters the base loads in fp32 and is cast after, both copies alive, and
+    each adapter (fp32, taken to have the recipe's rank) is held while it is merged."""
     pages = shape.params * shape.file_bytes_per_param
+    adapter = shape.lora_params * 4 if merges else 0
     if merges and dtype_bytes != 4:
-        return shape.params * 4 + max(pages, shape.params * dtype_bytes)
-    return shape.params * (4 if merges else dtype_bytes) + pages
+        return shape.params * 4 + max(pages, shape.params * dtype_bytes) + adapter
+    return shape.params * (4 if merges else dtype_bytes) + pages + adapter
+
+
+def lora_activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, dropout: bool, grad_ckpt: bool) -> float:
+    """What LoRA adds to the activations kept for the backward pass of `tokens` tokens. peft's lora.Linear
+    computes B(A(dropout(x.to(fp32)))), under autocast in the 16-bit compute dtype: every adapted layer keeps
+    A's output (tokens x r) for B's gradient, and the input A reads when that is a new tensor: autocast's
+    16-bit copy of the fp32-cast input, and with dropout on, a dropped-out copy per adapted layer plus its
+    mask (q, k and v each drop their own copy of the same input; torchtune#1492 turned LoRA dropout off for this
+    copy, peft#2196 measures LoRA's activations near twice full fine-tuning's). Measured with torch's
+    saved-tensor hooks on the tiny model (docs/memory.md): r 8 -> 128 adds what r x dtype bytes predicts within
+    10%, dropout within 16%. With gradient checkpointing only one decoder layer's adapted layers at a time."""
+    per_token = shape.lora_layers * shape.lora_rank * dtype_bytes
+    per_token += shape.lora_inputs * ((dtype_bytes if dtype_bytes != 4 else 0) + (dtype_bytes + 1 if dropout else 0))
+    if grad_ckpt:
+        per_token /= max(shape.layers, 1)
+    return tokens * per_token
 
 
 def activation_bytes(tokens: int, shape: ModelShape, dtype_bytes: int, grad_ckpt: bool) -> float:
@@ -183,7 +219,8 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         b = 4
     if m.score_head:  # a sequence classifier: a one-output score head instead of the LM head
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params, head_params=0)
-    weights = weight_bytes(shape, b, s.four_bit)
+    whole = weight_bytes(shape, b, s.four_bit)
+    weights = whole / s.weight_shards  # ZeRO-3 / FSDP: this process's share while training
     runtime = RUNTIME_GPU_GIB if gpu else m.runtime_cpu_gib
     parts = {"runtime": runtime * GIB, "weights": weights}
     # host memory while the base loads: the checkpoint's pages (memory-mapped) and the loaded weights; for a
@@ -192,13 +229,17 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
 
     train, evaluation = 0.0, 0.0
     generate = kv_cache_bytes(s.samples, SAMPLE_PROMPT_TOKENS + s.sample_tokens, shape, b) if s.samples else 0.0
+
+    def lora(tokens: int) -> float:
+        return lora_activation_bytes(tokens, shape, b, s.lora_dropout, s.grad_ckpt)
+
     if m.rollout:  # its adapters on one base, trained without ZeRO; rollouts then micro-batches of them
         length = s.prompt_len + s.response_len
         sequences = s.rollout * s.generations
         parts["adapters"] = adapter_bytes(shape.lora_params, adapters=m.adapters, trained=m.trained)
         generate = max(generate, kv_cache_bytes(sequences, length, shape, b) + sequences * shape.vocab * 4 * 2)
         tokens = s.micro * length
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + lora(tokens)
         train += logits_bytes(s.micro * s.response_len, shape.vocab, 4)  # response positions only, fp32
         train += sequences * length * 8 * 4  # the rollout's ids, masks, log-probs, values, advantages
     elif m.lm_eval:  # lm-eval: one model at a time (the base after the trained one), no gradients
@@ -211,14 +252,20 @@ def estimate_stage(stage: str, shape: ModelShape, s: StageSettings) -> Estimate:
         generate = 0.0
     else:  # a TRL stage: `sequences` per row forwarded with gradients, a score head or vocabulary logits
         tokens = m.sequences * s.batch * s.seq
-        parts["adapters"] = adapter_bytes(shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards)
-        train = activation_bytes(tokens, shape, b, s.grad_ckpt)
+        parts["adapters"] = adapter_bytes(
+            shape.lora_params, m.adapters, m.trained, zero_shards=s.zero_shards, weight_shards=s.weight_shards
+        )
+        train = activation_bytes(tokens, shape, b, s.grad_ckpt) + lora(tokens)
         if m.lm_logits:
             train += logits_bytes(tokens, shape.vocab, b)
         if m.reference:  # the reference's log-probs (adapters off, no gradients)
             train += logits_bytes(tokens, shape.vocab, b, grad=False)
         if m.held_out_loss:
             evaluation = logits_bytes(s.eval_batch * s.seq, shape.vocab, b, grad=False)
+    # before training the whole base sits in each process (the sharding engine starts with training), so the
+    # held-out checks and samples before it carry the part of the base that training does not
+    before = whole - weights
+    evaluation, generate = evaluation + before, generate + before if generate else generate
     # loading comes before training: the larger of the two transients is the peak (on a CPU run, where
     # both are in RAM; on a GPU run loading happens in host RAM)
     peak = max(train, evaluation, generate)
@@ -246,18 +293,20 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
     no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), whole_weights():  # a ZeRO-3 config left by an earlier stage would partition it
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.get_output_embeddings().parameters())
     on_disk = getattr(config, "dtype", None)
     file_bytes = on_disk.itemsize if isinstance(on_disk, torch.dtype) else 4  # unknown: assume fp32
-    linear, lora = 0, 0
+    linear, lora, lora_layers, lora_inputs = 0, 0, 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head"):
             linear += module.weight.numel()
             if name.rsplit(".", 1)[-1] in targets:
                 lora += rank * (module.in_features + module.out_features)
+                lora_layers += 1
+                lora_inputs += module.in_features
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -272,6 +321,9 @@ def shape_from_config(config, targets: list[str], rank: int, source: str = "") -
         head_params=head,
         file_bytes_per_param=file_bytes,
         source=source,
+        lora_rank=rank,
+        lora_layers=lora_layers,
+        lora_inputs=lora_inputs,
     )
 
 
@@ -362,8 +414,9 @@ def model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     return shape_from_config(config, targets, recipe.lora.r, source), source
 
 
-def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> StageSettings:
-    """The settings of `stage` that size its memory, read from the recipe (no model, no data)."""
+def stage_settings(recipe: Recipe, stage: str, device: str, processes: int, world: int | None = None) -> StageSettings:
+    """The settings of `stage` that size its memory, read from the recipe (no model, no data). `processes`: on
+    this machine; `world`: in the whole run (every node), what ZeRO and FSDP shard over (default: processes)."""
     entry = STAGES[stage]
     m, section = entry.memory, recipe.section(stage)
     dtype_bytes = 4 if recipe.precision == "fp32" else 2
@@ -375,6 +428,7 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         # these answer the held-out sample prompts: the chat-model stages and export (the merged model)
         samples=recipe.samples.count if entry.chat_model or m.merge_only else 0,
         sample_tokens=recipe.samples.max_new_tokens,
+        lora_dropout=recipe.lora.dropout > 0,
     )
     starts = section is not None and "start_from" in type(section).model_fields
     merges = starts and recipe.input_dir(stage, "start_from") is not None
@@ -388,9 +442,11 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
         return StageSettings(
             **{**common, "samples": 0}, merges=merges, eval_batch=getattr(section, "batch_size", 8), seq=seq
         )
+    scheme, weight_shards, state_shards = sharding(recipe, stage, world or processes)
     if m.rollout:
         return StageSettings(
-            **common,
+            **{**common, "lora_dropout": False},  # PPO trains with every dropout off (finetune.rl.engine)
+            sharding=scheme,
             merges=merges,
             grad_ckpt=section.gradient_checkpointing,
             rollout=section.rollout_batch_size,
@@ -399,20 +455,61 @@ def stage_settings(recipe: Recipe, stage: str, device: str, processes: int) -> S
             response_len=section.response_length,
             micro=section.micro_batch_size,
         )
-    zero = processes if recipe.deepspeed and device == "cuda" else 1
 
     def setting(name: str, default):
         return recipe.trl_setting(stage, name, processes, default)
 
     return StageSettings(
         **common,
-        zero_shards=zero,
+        zero_shards=state_shards,
+        weight_shards=weight_shards,
+        sharding=scheme,
         merges=merges,
         batch=setting("per_device_train_batch_size", 8),
         seq=setting("max_length", None),
         eval_batch=setting("per_device_eval_batch_size", 8),
         grad_ckpt=bool(setting("activation_checkpointing", False)),
     )
+
+
+def sharding(recipe: Recipe, stage: str, world: int) -> tuple[str, int, int]:
+    """(scheme in words, processes the weights are partitioned over, processes gradients and optimiser state are
+    partitioned over) for a stage run by `world` processes: ZeRO-2 shards the state, ZeRO-3 and FSDP (FULL_SHARD,
+    FSDP2's default) the weights too. Only stages trained by a TRL trainer use DeepSpeed or FSDP; the others
+    (PPO's engine) run plain data parallel, one whole model per process (docs/scaling.md)."""
+    import json
+
+    if world <= 1:
+        return "", 1, 1
+    fsdp = recipe.training_args(stage).get("fsdp") or _accelerate_config(recipe).get("distributed_type") == "FSDP"
+    if STAGES[stage].trl_config is None:
+        return ("plain data parallel, the whole model in each process" if recipe.deepspeed or fsdp else ""), 1, 1
+    if recipe.deepspeed:
+        try:
+            config = json.loads(Path(recipe.resolve_path(recipe.deepspeed)).read_text())
+            zero = int((config.get("zero_optimization") or {}).get("stage", 0))
+        except (OSError, ValueError, TypeError):
+            zero = 2  # unreadable here: the stage itself reports it; assume the shipped config
+        if zero >= 3:
+            return f"ZeRO-3 over {world} processes", world, world
+        if zero >= 1:
+            return f"ZeRO-{zero} over {world} processes", 1, world
+        return "", 1, 1
+    if fsdp:
+        return f"FSDP over {world} processes", world, world
+    return "", 1, 1
+
+
+def _accelerate_config(recipe: Recipe) -> dict:
+    if not recipe.launch.accelerate_config:
+        return {}
+    return read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
+
+
+def planned_world(recipe: Recipe, stage: str) -> int:
+    """Processes of a stage in the whole run: per machine (planned_processes) x the accelerate config's machines."""
+    machines = int(_accelerate_config(recipe).get("num_machines") or 1) if STAGES[stage].launcher else 1
+    return planned_processes(recipe, stage) * machines
 
 
 def estimate_recipe(recipe: Recipe, stage: str, device: str, processes: int) -> Estimate | None:
@@ -436,7 +533,7 @@ def planned_processes(recipe: Recipe, stage: str) -> int:
         return 1
     if recipe.launch.num_processes:
         return recipe.launch.num_processes
-    config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+    config = read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
     return int(config.get("num_processes") or 1) // int(config.get("num_machines") or 1) or 1
 
 
@@ -446,7 +543,7 @@ def planned_device(recipe: Recipe) -> str:
     if torch.cuda.is_available() or recipe.precision == "fp16":
         return "cuda"
     if recipe.launch.accelerate_config:
-        config = yaml.safe_load(Path(recipe.resolve_path(recipe.launch.accelerate_config)).read_text()) or {}
+        config = read_yaml(recipe.resolve_path(recipe.launch.accelerate_config), RecipeError) or {}
         return "cpu" if config.get("use_cpu") else "cuda"
     return "cpu"
 
@@ -522,16 +619,18 @@ def preflight(recipe: Recipe, stage: str) -> Estimate | None:
         log.info("memory check skipped for %s: no model config to estimate from (%s)", stage, source)
         return None
     processes = local_processes()
-    settings = stage_settings(recipe, stage, device, processes)
+    world = int(os.environ.get("WORLD_SIZE", processes))
+    settings = stage_settings(recipe, stage, device, processes, world)
     est = estimate_stage(stage, shape, settings)
     have, how = available_bytes(device)
     per = "per GPU" if gpu else "per process"
     log.info(
-        "memory estimate for %s: %.1f GiB %s (%s; %d parameters from %s); available: %.1f GiB (%s)",
+        "memory estimate for %s: %.1f GiB %s (%s%s; %d parameters from %s); available: %.1f GiB (%s)",
         stage,
         est.total_gib,
         per,
         est.breakdown(),
+        f"; {settings.sharding}" if settings.sharding else "",
         shape.params,
         source,
         have / GIB,

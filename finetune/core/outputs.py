@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.recipe import Recipe, dump_recipe
 
-from . import distributed, ownership
+from . import ownership
 from .integrity import DamagedFileError, read_json
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,16 @@ SAMPLES_FILE = "samples.jsonl"  # greedy replies to the recipe's sample prompts,
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file + rename)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file beside it + rename): readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -120,41 +124,34 @@ def write_stage_files(
     write_json(folder / "metrics.json", metrics)
 
 
-def save_stage(
-    trainer,
-    recipe: Recipe,
-    stage: str,
-    tokenizer,
-    metrics: dict,
-    *,
-    samples: list[dict] | None = None,
-    reports: dict | None = None,
-) -> Path:
-    """Write `<output_dir>/<stage>/` atomically: adapter (and any saved head), tokenizer with its chat
-    template, resolved recipe, metrics.json, log_history.json, dropped_rows.jsonl (from `reports`). Every
-    launched process calls this; the main one writes."""
-    out, kind = recipe.stage_dir(stage), ownership.stage_kind(stage)
-    main_process = distributed.is_main()
-    tmp = staging_dir(out, kind, reset=main_process)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # adapter only (PEFT); every process takes part under DeepSpeed
-    failure, error = None, None
-    if main_process:
-        try:
-            tokenizer.save_pretrained(str(tmp))  # includes the chat template
-            # the training curves (loss, lr, ... per logging step), for the pipeline's plot
-            write_json(tmp / "log_history.json", trainer.state.log_history)
-            write_stage_files(tmp, recipe, metrics, samples=samples, reports=reports)
-            commit_dir(tmp, out, kind)
-        except Exception as e:  # tell the other processes instead of leaving them waiting at the barrier
-            failure, error = f"{type(e).__name__}: {e}", e
-            discard(tmp)  # a half-written staging folder only takes space
-    failure = distributed.broadcast_from_main(failure)
-    if error is not None:
-        raise error  # the original (its errno says e.g. "disk full")
-    if failure:
-        raise RuntimeError(f"saving {out} failed on the main process: {failure}")
-    return out
+def save_adapter(trainer, folder: Path) -> None:
+    """The trainer's model (adapter and any saved head, PEFT) into `folder`, by the processes the Trainer saves on
+    (rank 0, or every node's local rank 0 with save_on_each_node).
+
+    When the weights are partitioned the Trainer's own save_model falls short: under FSDP with sharded state
+    dicts (recipes/accelerate/fsdp2.yaml) it writes nothing, and under ZeRO-3 it consolidates the weights on rank
+    0 only, so another node's writer saves an adapter of empty tensors (the empty-adapter trap of trl#4416 /
+    peft#2500, seen here on a second node). Then the trained tensors (LoRA, score head, modules_to_save copies)
+    are gathered on every process (one collective each: every process takes part) and saved as a plain PEFT
+    folder; the frozen base is never gathered."""
+    from .modeling import whole_parameter
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    fsdp_sharded = (
+        trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not (fsdp_sharded or zero3):
+        trainer.save_model(str(folder))
+        return
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with whole_parameter(p) as full:
+                state[name] = full.detach().cpu().clone()
+    if trainer.args.should_save:
+        model.save_pretrained(str(folder), state_dict=state)
 
 
 def finished(recipe: Recipe, stage: str) -> bool:

@@ -10,7 +10,7 @@ stage's checkpoints, a staging folder, a run's output_dir) and who made it. Kind
   checkpoints:<name>  a stage's checkpoints (`<output_dir>/<stage>-checkpoints`): emptied only by that stage
                       (`<stage>.resume=false`, `--force`)
   checkpoint:<name>   one checkpoint inside them (PPO's `update-N`)
-  tiny-base           the tiny base `python -m finetune.tiny build OUT` writes (finetune/tiny/base ships one)
+  tiny-base           the tiny base `finetune tiny build OUT` writes (finetune/tiny/base ships one)
   <kind>+staging      a hidden staging folder beside the target, renamed into place once complete
 
 A file finetune writes next to user files (`finetune generate --out`) is marked by a sidecar
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.recipe import STAGES
 
 MARK = ".finetune"
 OUTPUT = "output"
@@ -124,7 +125,10 @@ def check_target(target: str | Path, kind: str, fix: str) -> None:
         if found != kind:
             raise _refuse(target, f"was made by finetune as {describe(found)}, not as {describe(kind)}", fix)
     for parent in target.resolve().parents:
-        found = kind_of(parent) if (parent / MARK).exists() or parent.name.endswith("-checkpoints") else None
+        # a marked folder; or one an earlier finetune wrote, recognised by its layout where its name says it may be
+        # one (a stage's name, `-checkpoints`): other folders with a metrics.json are not taken for outputs
+        named = parent.name in STAGES or parent.name.endswith("-checkpoints")
+        found = kind_of(parent) if (parent / MARK).exists() or named else None
         if found is None or found == OUTPUT or found.endswith("+staging"):
             continue
         if found.startswith("checkpoints:") and kind == f"checkpoint:{found.partition(':')[2]}":
@@ -218,6 +222,18 @@ def clear(folder: str | Path, kind: str) -> None:
             child.unlink()
     if not (real / MARK).exists():  # an earlier finetune's folder (recognised by its layout) is marked now
         mark(real, kind)
+
+
+def put_file(tmp: str | Path, path: str | Path, kind: str) -> None:
+    """Rename a finished temporary file to `path`, inside a folder finetune made as `kind` (the nearest marked
+    folder above it), replacing the file there; refuse when that folder is not finetune's `kind`."""
+    tmp, path = Path(tmp), Path(path)
+    owner = next((p for p in path.resolve().parents if (p / MARK).exists() or made_before_marks(p)), None)
+    found = kind_of(owner) if owner is not None else None
+    if found != kind:
+        what = "lies in no folder finetune made" if found is None else f"lies in {owner}, {describe(found)}"
+        raise _refuse(path, what, "Write it inside the output finetune made for it")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- files among the user's

@@ -27,7 +27,8 @@ from pathlib import Path
 from finetune.recipe import STAGES, Recipe, RecipeError
 
 from . import distributed, ownership
-from .integrity import safetensors_problem, torch_file_problem
+from .fingerprints import base_weights, hashes_for, sha256_file
+from .integrity import dcp_metadata_problem, safetensors_problem, torch_file_problem
 from .modeling import template_for
 from .outputs import write_json
 
@@ -41,6 +42,7 @@ IDENTITY = "run_identity.json"
 # Everything else in a stage's settings is part of the run's identity.
 MAY_CHANGE = {
     "resume",
+    "padding_free",  # exact either way (the same loss and gradients), only faster
     "eval_prompts",
     "gradient_checkpointing",
     "gradient_checkpointing_kwargs",
@@ -78,17 +80,6 @@ MAY_CHANGE = {
 RECORDED_ELSEWHERE = {"data", "start_from", "reward_from"}
 
 
-def sha256_file(path: str | Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_fingerprint(rows: list[dict]) -> dict:
     """How many training rows, and a sha256 of their content in order (where each came from is left out:
     the same rows read from a moved file are the same data)."""
@@ -107,15 +98,17 @@ def run_identity(recipe: Recipe, stage: str, rows: list[dict], adapters: list[st
     settings = {k: v for k, v in {**shared, **own}.items() if k not in MAY_CHANGE}
     template = template_for(recipe).source
     return {
-        "model": {
-            "name_or_path": recipe.model.name_or_path,
-            "revision": recipe.model.revision,
-            "load_in_4bit": recipe.model.load_in_4bit,
-        },
+        # the base's files' content too: weights changed at the same path are another base (core.fingerprints)
+        "model": base_weights(recipe, hashes_for(recipe)),
         "template": {"name": recipe.template.name, "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "lora": recipe.lora.model_dump(mode="json"),
         "precision": recipe.precision,
+        # the config's content, not only its name: ZeRO's stage and partitioning decide how the optimiser state
+        # was saved, and DeepSpeed fails on a checkpoint of another layout with its own traceback
         "deepspeed": recipe.deepspeed,
+        "deepspeed_sha256": sha256_file(recipe.resolve_path(recipe.deepspeed)) if recipe.deepspeed else None,
+        # processes change the global batch, and ZeRO partitions the optimiser state by process
+        "processes": distributed.world_size(),
         "seed": recipe.seed,
         "adapters": {str(f): sha256_file(Path(f) / "adapter_model.safetensors") for f in adapters if f},
         "data": data_fingerprint(rows),
@@ -160,6 +153,10 @@ def differences(stage: str, old: dict, new: dict) -> list[str]:
             name = "template " + ("(its text)" if key.endswith("sha256") else "name")
         elif key.startswith("model."):
             name = key
+        elif key == "deepspeed_sha256":
+            name = "deepspeed (the config file's content)"
+        elif key == "processes":
+            name = "processes (launch.num_processes, or the accelerate config's num_processes x machines)"
         out.append(f"{name}: {_show(a.get(key))} -> {_show(b.get(key))}")
     return out
 
@@ -217,14 +214,21 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is damaged (not valid JSON)"
     if step != _number(folder):
         return f"trainer_state.json says step {step}, the folder name says {_number(folder)}"
-    deepspeed = (folder / "latest").is_file()
+    deepspeed = (folder / "latest").is_file() or any(folder.glob("global_step*"))
+    # FSDP with sharded state dicts: each process's share of the model and optimiser in torch.distributed
+    # .checkpoint folders (pytorch_model_fsdp_0/, optimizer_0/: accelerate's save_fsdp_model / _optimizer)
+    fsdp = (folder / "pytorch_model_fsdp_0").is_dir()
     needed = ["optimizer.pt", "scheduler.pt"] if not deepspeed else []
-    if not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
+    if fsdp:
+        needed = ["optimizer_0/.metadata", "pytorch_model_fsdp_0/.metadata", "scheduler.pt"]
+    elif not any((folder / w).is_file() for w in ("adapter_model.safetensors", "model.safetensors")):
         needed.append("adapter_model.safetensors")
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         return f"no {', '.join(missing)}: incomplete"
     if deepspeed:
+        if not (folder / "latest").is_file():
+            return "DeepSpeed's `latest` file (written after its states) is missing: the save did not finish"
         tag = (folder / "latest").read_text().strip()
         if not (folder / tag).is_dir():
             return f"DeepSpeed's `latest` names {tag}, which is missing"
@@ -234,6 +238,8 @@ def hf_checkpoint_problem(folder: Path) -> str | None:
             problem = safetensors_problem(f)
         elif f.suffix in (".pt", ".pth"):
             problem = torch_file_problem(f, trusted)
+        elif f.name == ".metadata":  # a torch.distributed.checkpoint index: a plain pickle
+            problem = dcp_metadata_problem(f)
         else:  # training_args.bin is a pickle of TrainingArguments that resuming never loads
             continue
         if problem:
@@ -272,9 +278,16 @@ def choose_checkpoint(
     clean-up of `resume: false`)."""
     root = recipe.checkpoint_dir(stage)
     marker = root / IDENTITY
-    main = distributed.is_main()
+    main = distributed.writes_output(root.parent)  # one writer per node when each node has its own folder
     kind = ownership.checkpoints_kind(stage)
     ownership.check_target(root, kind, f"Set output_dir to another folder, or move {root} away yourself")
+    chosen = _choose(recipe, stage, resume, identity, root, marker, main, kind, prefix, problem, beyond)
+    # every process must continue from the same checkpoint; with node-local folders a node may lack it
+    distributed.same_on_every_process(chosen.name if chosen else None, f"which {stage} checkpoint to resume from")
+    return chosen
+
+
+def _choose(recipe, stage, resume, identity, root: Path, marker: Path, main: bool, kind, prefix, problem, beyond):
     if isinstance(resume, str):
         chosen = Path(resume)
         if not chosen.is_dir():

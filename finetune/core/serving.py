@@ -17,7 +17,7 @@ from finetune.chat_template import end_of_turn_ids
 from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
 
 from .lineage import chat_model_stage, fp32_recipe, model_chain
-from .modeling import load_model, load_tokenizer, template_for
+from .modeling import context_length, load_model, load_tokenizer, template_for
 from .outputs import finished
 
 
@@ -27,12 +27,14 @@ class Loaded:
     tokenizer: object
     stop_ids: list[int]
     description: str
+    context: int | None = None  # the model's positions (max_position_embeddings), None when its config says none
 
 
 def load_for_chat(target: str, overrides: list[str], before_model=None) -> Loaded:
     """The model and tokenizer `target` names (a model folder or a recipe), in eval mode. `before_model`, if
-    given, is called as before_model(tokenizer, stop_ids) once the tokenizer is ready and before the model
-    loads: checks of the input (e.g. prompts that spell special tokens) fail in a second, not after the load."""
+    given, is called as before_model(tokenizer, stop_ids, context) once the tokenizer is ready and before the
+    model loads (context: the model's positions, from its config, or None): checks of the input (prompts that
+    spell special tokens or do not fit the context) fail in a second, not after the load."""
     path = Path(target)
     if path.is_dir():
         if overrides:
@@ -74,20 +76,23 @@ def load_base(recipe: Recipe) -> Loaded:
 
 
 def _load_merged(recipe: Recipe, chain: list[str], before_model=None) -> Loaded:
+    from .memory import model_config
+
     cuda = torch.cuda.is_available()
     tokenizer = load_tokenizer(recipe)
     stop = end_of_turn_ids(tokenizer, template_for(recipe))
     if before_model is not None:
-        before_model(tokenizer, stop)
+        config, _ = model_config(recipe)
+        before_model(tokenizer, stop, context_length(config) if config is not None else None)
     run_recipe = recipe if cuda else fp32_recipe(recipe)  # fp16 generation on a CPU is slow
     model = load_model(run_recipe, merge=chain, device_map="auto" if cuda else None)
     model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop  # as the export writes it
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model.eval(), tokenizer, stop, "")
+    return Loaded(model.eval(), tokenizer, stop, "", context_length(model.config))
 
 
 def load_folder(path: Path, before_model=None) -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if not (path / "config.json").is_file():
         hint = (
@@ -106,9 +111,9 @@ def load_folder(path: Path, before_model=None) -> Loaded:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if before_model is not None:
-        before_model(tokenizer, stop)
+        before_model(tokenizer, stop, context_length(AutoConfig.from_pretrained(path)))
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None
     )
-    return Loaded(model.eval(), tokenizer, stop, str(path))
+    return Loaded(model.eval(), tokenizer, stop, str(path), context_length(model.config))

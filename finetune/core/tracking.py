@@ -3,7 +3,7 @@
 Every stage's `main` (finetune.launch.stage_main) opens one tracker run for the stage on the main
 process: the resolved recipe as the run's parameters, the curves while it trains, and at the end the
 numeric figures of the stage's metrics.json as `final/<key>`. The TRL stages feed it from a trainer
-callback (`TrackerCallback`), PPO from its update loop, export and eval only the final figures.
+callback (`TrackerCallback`), PPO and GRPO from their update loop, export and eval only the final figures.
 
 Names (the same in every tracker and stage):
   train/<key>, eval/<key>, test/<key>  what a transformers Trainer logs (`loss` -> `train/loss`,
@@ -12,8 +12,10 @@ Names (the same in every tracker and stage):
                                        its MLflow callback writes the bare keys, here they are the same
   ppo/<key>                            PPO per update: score, kl, eos_rate, response_length,
                                        policy_loss, value_loss, clipfrac, approxkl, entropy, beta, ...
-  train/learning_rate                  PPO's policy learning rate too
-  time/<part>_s                        PPO's time split per update: generate, score, optimise
+  grpo/<key>                           GRPO per update: reward, reward_std, frac_reward_zero_std, kl,
+                                       clip_ratio_low/high, eos_rate, response_length, policy_loss, ...
+  train/learning_rate                  PPO's and GRPO's policy learning rate too
+  time/<part>_s                        PPO's and GRPO's time split per update: generate, score, optimise
   final/<key>                          the stage's metrics.json, once, at the last step
 
 Why our own writers rather than transformers' callbacks for these three: the stages must group under
@@ -117,8 +119,9 @@ def trainer_names(logs: dict) -> dict:
     return out
 
 
-def ppo_names(stats: dict) -> dict:
-    """One PPO update's figures (finetune.rl.engine.PPOEngine.step) in the scheme."""
+def rl_names(stats: dict, stage: str = "ppo") -> dict:
+    """One RL update's figures (the engines' `step`: finetune.rl.ppo_engine, finetune.rl.grpo_engine) in the
+    scheme, under the stage's name (ppo/score, grpo/reward, ...)."""
     out = {}
     for key, value in stats.items():
         if key == "update":
@@ -128,7 +131,7 @@ def ppo_names(stats: dict) -> dict:
         elif key.startswith("time_"):
             out[f"time/{key[len('time_') :]}"] = value
         else:
-            out[f"ppo/{key}"] = value
+            out[f"{stage}/{key}"] = value
     return out
 
 

@@ -13,7 +13,7 @@ from .loading import dump_recipe, load_recipe, resolved_dict, validate_recipe
 from .overrides import apply_overrides, parse_overrides
 from .reference import reference_markdown
 from .schema import Recipe, recipe_model
-from .sections import BUILTIN_PREFIX, DataSection, DataSource, PpoAlgorithm
+from .sections import BUILTIN_PREFIX, DataSection, DataSource, GrpoAlgorithm, PpoAlgorithm
 from .stages import STAGES, Stage
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "STAGES",
     "DataSection",
     "DataSource",
+    "GrpoAlgorithm",
     "PpoAlgorithm",
     "Recipe",
     "RecipeError",

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finetune.readers import load_yaml, read_json, read_text, read_yaml
+
 from .errors import RecipeError
 from .overrides import apply_overrides
 from .schema import Recipe, recipe_model
@@ -20,12 +22,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found (give a path such as recipes/tiny_chat.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    raw = load_yaml(read_text(path, RecipeError, "the recipe"), str(path), RecipeError) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     return validate_recipe(apply_overrides(raw, overrides or []), source=str(path))
@@ -53,10 +50,21 @@ def validate_recipe(raw: dict, source: str = "<memory>") -> Recipe:
             extra, config_cls, stage.name, source, own_keys=type(section).model_fields, ranges=stage.ranges
         )
         section.model_extra.update(extra)
-    for key, value in (("deepspeed", recipe.deepspeed), ("launch.accelerate_config", recipe.launch.accelerate_config)):
+    for key, value, read in (
+        ("deepspeed", recipe.deepspeed, read_json),
+        ("launch.accelerate_config", recipe.launch.accelerate_config, read_yaml),
+    ):
         path = recipe.resolve_path(value)
-        if path is not None and not Path(path).is_file():
+        if path is None:
+            continue
+        if not Path(path).is_file():
             raise RecipeError(f"{source}: {key}: file not found: {path} (paths are relative to the recipe file)")
+        try:  # the libraries read these files later, silently keeping the last of two equal keys
+            config = read(path, RecipeError)
+        except RecipeError as e:
+            raise RecipeError(f"{source}: {key}: {e}") from None
+        if not isinstance(config, dict):
+            raise RecipeError(f"{source}: {key}: {path} holds a {type(config).__name__}, not a mapping of settings")
     return recipe
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-import yaml
+from finetune.readers import load_yaml
 
 from .errors import RecipeError
 
@@ -20,14 +20,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not key.strip() or any(not part for part in key.strip().split(".")):
             raise RecipeError(f"override {item!r}: empty key; write it as section.key=value, e.g. sft.max_steps=20")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw, "the value", RecipeError) if raw != "" else None
             if isinstance(value, (datetime.date, datetime.datetime)):
                 value = raw  # YAML reads 2024-01-01 as a date; every recipe key that takes one wants the text
-        except yaml.YAMLError as e:
-            problem = str(e).splitlines()[0]
-            raise RecipeError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. {key}='\"{raw}\"'"
-            ) from None
+        except RecipeError as e:
+            problem = str(e).removeprefix("the value: ").removeprefix("line 1: ")
+            if problem.startswith("not valid YAML"):
+                problem = f"the value is {problem}; quote it if it is text, e.g. {key}='\"{raw}\"'"
+            raise RecipeError(f"override {item!r}: {problem}") from None
         parsed.append((key.strip().split("."), value))
     return parsed
 

@@ -52,7 +52,8 @@ def reference_markdown() -> str:
         "",
         "Stage sections of TRL-trained stages also take any field of the stage's TRL config (`sft`: "
         "`trl.SFTConfig`, e.g. `sft.max_steps`, `sft.max_length`, `sft.packing`; finetune's SFT default is "
-        "`packing: true`, padding-free packs, see docs/benchmarks.md), and `training` takes "
+        "`packing: true`, padding-free packs, and DPO's `padding_free: true`, padding-free pairs, which TRL 1.16 "
+        "itself switches off; see docs/benchmarks.md), and `training` takes "
         "`transformers.TrainingArguments` fields shared by every stage. These keys are owned by the recipe "
         "elsewhere and refused in training sections:",
         "",

@@ -33,7 +33,12 @@ from .trl_fields import RENAMED, TRL_DEFAULTS, config_class
 
 class Recipe(Section):
     output_dir: str = Field(description="Where every stage writes `<output_dir>/<stage>/`.", json_schema_extra=CWD_PATH)
-    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for data order, LoRA init and sampling (0 to 2**32 - 1, numpy's range).",
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="Base weights dtype and mixed precision. fp16/bf16 keep LoRA adapters fp32."
     )

@@ -21,12 +21,19 @@ from .errors import NO_ADAPTER
 BUILTIN_PREFIX = "builtin:"
 RECIPE_PATH = {"path": "recipe"}  # relative to the recipe file
 CWD_PATH = {"path": "cwd"}  # relative to the working directory, like output_dir
+# GGUF file types `export.gguf` accepts: the converter's own output types (f32, f16, bf16) and llama.cpp's
+# quantisations of them (the names `llama-quantize --help` lists, lower-cased).
+GGUF_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
+    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+)  # fmt: skip
 
 
 class Section(BaseModel):
-    """A recipe section: unknown keys are errors (the loader names the nearest valid key)."""
+    """A recipe section: unknown keys are errors (the loader names the nearest valid key); numbers must be finite
+    (pydantic takes .inf and .nan for a float unless told not to)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     def input_ref(self, key: str) -> str | None:
         """The value of a key that names an earlier stage's output (start_from, reward_from): None for the
@@ -61,12 +68,38 @@ class TemplateSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank; higher adds capacity and memory.")
-    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    alpha: int = Field(
+        32, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."
+    )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: Literal["auto"] | list[str] = Field(
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
         description="Modules to adapt. auto = every linear layer of the model family "
-        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj).",
+        "(phi: q_proj k_proj v_proj dense fc1 fc2; phi3: qkv_proj o_proj gate_up_proj down_proj); all-linear = "
+        "PEFT's every linear layer but the output head, for any architecture; or a list of module names.",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output unit on top of the LoRA "
+        "direction update. Slower per step than plain LoRA; merges into the base like LoRA.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the update by alpha / sqrt(r) instead of "
+        "alpha / r, so a high rank still learns.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [lm_head] or [embed_tokens] after "
+        "adding tokens); their trained copy replaces the original on export. The reward stage's score head is "
+        "always saved. Not with PPO.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices learn this many times faster than "
+        "the A matrices (the paper suggests 16); null = one learning rate. PEFT's create_loraplus_optimizer builds "
+        "the optimiser (AdamW); PPO applies it to its policy and value optimisers.",
     )
 
 
@@ -133,14 +166,24 @@ class DataSource(Section):
         1.0, gt=0, description="Share of this source's rows to use: 0.5 takes half, 2.0 repeats it twice."
     )
     format: Literal[
-        "auto", "messages", "prompt_completion", "preference", "unpaired", "prompt", "sharegpt", "alpaca", "hh"
+        "auto",
+        "messages",
+        "prompt_completion",
+        "preference",
+        "unpaired",
+        "prompt",
+        "sharegpt",
+        "alpaca",
+        "hh",
+        "question_answer",
     ] = Field(
         "auto",
         description="Row format; auto detects it from the columns. messages (ultrachat_200k too), "
         "prompt_completion, preference (prompt/chosen/rejected; ultrafeedback_binarized's whole conversations "
-        "too), unpaired (prompt/completion/label, KTO), prompt (PPO), sharegpt (`conversations` of from/value: "
+        "too), unpaired (prompt/completion/label, KTO), prompt (PPO, GRPO), sharegpt (`conversations` of from/value: "
         "human, gpt, system), alpaca (instruction/input/output), hh (Anthropic HH-RLHF chosen/rejected "
-        "transcripts).",
+        "transcripts), question_answer (question/answer, e.g. openai/gsm8k; the answer is also the reference rule "
+        "rewards read).",
     )
 
 
@@ -178,6 +221,11 @@ class TrainedStage(Section):
     )
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for the held-out correctness check.")
 
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        """(keys, tokens) this section asks of one sequence, each of which must fit the model's context
+        (finetune.core.limits); `setting(name)` reads a TRL field with its defaults."""
+        return [(f"{stage}.max_new_tokens", self.max_new_tokens)] if self.eval_generate_rows else []
+
 
 def _adapter_ref(value: str | None, key: str) -> str | None:
     """One spelling for "no adapter": none. 'base' was the old spelling of start_from."""
@@ -186,7 +234,7 @@ def _adapter_ref(value: str | None, key: str) -> str | None:
     return value
 
 
-TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True)
+TRL_STAGE_CONFIG = ConfigDict(extra="allow", validate_default=True, allow_inf_nan=False)
 
 
 class TrlStage(TrainedStage):
@@ -194,6 +242,9 @@ class TrlStage(TrainedStage):
     config (e.g. `sft.max_steps`, `sft.learning_rate`), which overrides the shared `training` block."""
 
     model_config = TRL_STAGE_CONFIG
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", setting("max_length")), *super().token_budgets(stage, setting)]
 
 
 class FromEarlierStage(Section):
@@ -225,6 +276,12 @@ class RewardSection(TrlStage, FromEarlierStage):
     model_config = TRL_STAGE_CONFIG  # with several bases pydantic would take FromEarlierStage's
 
     data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
+    padding_free: bool = Field(
+        True,
+        description="Padding-free batches: the chosen and rejected sequences of a batch packed into rows, each "
+        "with its own position ids (no FLOPs on padding; same loss and gradients as padded batches). The name "
+        "of DPOConfig's switch (dpo.padding_free), which trl.RewardConfig lacks. See docs/benchmarks.md.",
+    )
 
 
 class DpoSection(TrlStage, FromEarlierStage):
@@ -254,15 +311,44 @@ class OrpoSection(TrlStage):
     data: DataSection = Field(description="Preference rows: prompt / chosen / rejected.")
 
 
-class PpoAlgorithm(Section):
-    """The PPO engine's knobs (finetune.rl.engine reads this section directly). Defaults and their
+class RlOptimisation(Section):
+    """Optimiser keys the RL engines share (finetune.rl.engine reads them directly)."""
+
+    mini_batches: int = Field(1, gt=0, description="Minibatches per pass over a rollout (one optimiser step each).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
+    learning_rate: float = Field(
+        1e-5, ge=0, description="Policy adapter learning rate; 0 keeps the policy as it starts (a control run)."
+    )
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule over updates."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the optimisation passes (never during generation)."
+    )
+    use_vllm: bool = Field(
+        False,
+        description="Sample rollouts with vLLM (`pip install 'finetune[vllm]'`, CUDA only) instead of transformers' "
+        "generate; the policy's LoRA weights are handed to vLLM after every update (docs/grpo.md). Re-scoring and "
+        "training stay in transformers.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory vLLM may take (TRL's default), beside the training model.",
+    )
+
+
+class PpoAlgorithm(RlOptimisation):
+    """The PPO engine's knobs (finetune.rl.ppo_engine reads this section directly). Defaults and their
     sources: docs/ppo.md."""
 
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
     ppo_epochs: int = Field(4, gt=0, description="Optimisation passes over each rollout.")
-    mini_batches: int = Field(1, gt=0, description="Minibatches per PPO epoch (one optimiser step each).")
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon.")
     vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss.")
@@ -277,19 +363,7 @@ class PpoAlgorithm(Section):
         1.0, ge=0, description="Subtracted from the score of a response that never reached the end-of-turn token."
     )
     score_clip: float | None = Field(None, gt=0, description="Clip the shaped score to +-this (OpenRLHF uses 10).")
-    learning_rate: float = Field(
-        1e-5, ge=0, description="Policy adapter learning rate; 0 keeps the policy as it starts (a control run)."
-    )
     value_learning_rate: float = Field(5e-5, gt=0, description="Value adapter and value head learning rate.")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="LR schedule over updates."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (N+ implementation detail).")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm clip (per optimiser); null for none.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the optimisation passes (never during generation)."
-    )
 
 
 REWARD_EXTRAS = ("stopped", "response_tokens", "response_limit", "special_tokens")  # see finetune/rl/rewards.py
@@ -348,8 +422,8 @@ class RlRewards(Section):
         None,
         description="The reward, a weighted sum of terms: each {function: module:name, weight: w, kwargs: {...}} "
         "(a rule) or {model: <reward stage output; null = <output_dir>/reward>, weight: w} (the learned reward, "
-        "at most one). Default: the learned reward of the reward stage alone. Each term's mean is logged "
-        "separately (reward_<name>).",
+        "at most one). Unset: the stage's reward_from / reward_function keys (ppo: the reward stage's learned "
+        "reward; grpo: none, so name a rule). Each term's mean is logged separately (reward_<name>).",
     )
 
     @field_validator("rewards")
@@ -375,20 +449,67 @@ class RlRewards(Section):
         return NO_ADAPTER if model is None else model.model
 
 
-class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm, RlRewards):
-    """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
-    PPOTrainer), so these keys are the project's own, not a TRL config's."""
+class GrpoAlgorithm(RlOptimisation):
+    """The GRPO engine's knobs (finetune.rl.grpo_engine reads this section directly). Keys that mean what
+    they mean in TRL's GRPOConfig carry its names and defaults; docs/grpo.md gives each source."""
+
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
+    max_completion_length: int = Field(512, gt=0, description="Maximum new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (top_k=0, top_p=1: no hidden filtering).")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the k3 KL term to the reference in the loss; 0 (TRL's default) skips the "
+        "reference's forward.",
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clip of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip: 1 + epsilon_high (DAPO's clip-higher uses 0.28); default epsilon."
+    )
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
+        "dapo",
+        description="How token losses are averaged: grpo (per completion, then over completions), bnpo (over this "
+        "process's tokens), dapo (over every process's tokens; TRL's default), dr_grpo (sum / (completions x "
+        "max_completion_length)).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide the group-centred reward by the group's std (group), the batch's (batch) or nothing "
+        "(none: Dr. GRPO). For advantage_estimator grpo.",
+    )
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo",
+        description="Baseline: grpo (group mean, scaled by scale_rewards), rloo (mean of the other completions of "
+        "the prompt), reinforce_pp (REINFORCE++: batch mean and std).",
+    )
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout (GRPO's mu).")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions that never reached the end-of-turn token out of the loss (DAPO)."
+    )
+    use_bias_correction_kl: bool = Field(
+        True, description="Weight the k3 KL term by the importance ratio, as TRL does by default."
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="Leave out of the update the prompts whose completions all got the same reward (DAPO's dynamic "
+        "sampling without refilling); how many is logged as frac_reward_zero_std.",
+    )
+    overlong_buffer: int = Field(
+        0,
+        ge=0,
+        description="DAPO's soft overlong penalty: completions longer than max_completion_length - overlong_buffer "
+        "lose up to overlong_penalty_factor, linearly; 0 turns it off.",
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="The soft overlong penalty at full length.")
+
+
+class RlStage(TrainedStage, FromEarlierStage, RlRewards):
+    """What the RL stages share: prompts, rewards, how many updates of how many prompts, checkpoints and the
+    held-out rollouts."""
 
     data: DataSection = Field(
         description="Prompts: prompt-only rows ({'prompt': ...}), conversations (the turns before the last "
         "assistant reply) or preference rows (their prompt)."
-    )
-    reward_from: str | None = Field(
-        None,
-        description=f"The older spelling of the learned reward (kept working; use `rewards`): reward-model stage "
-        f"output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only `reward_function`. Must share the "
-        "policy's base (both trained on the same SFT output).",
-        json_schema_extra=CWD_PATH,
     )
     reward_function: str | None = Field(
         None,
@@ -401,17 +522,9 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm, RlRewards):
         description="Keep one copy of a repeated prompt (preference data repeats it once per pair); the count "
         "is reported.",
     )
-    updates: int = Field(100, gt=0, description="PPO updates (each: rollout, score, optimise).")
+    updates: int = Field(100, gt=0, description="Updates (each: rollout, score, optimise).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per update per process.")
     max_prompt_length: int = Field(256, gt=0, description="Longer prompts are dropped and counted (never truncated).")
-    normalize_reward: bool = Field(
-        True,
-        description="Normalise the learned reward with its mean/std over the start policy's first rollout "
-        "(kept fixed after).",
-    )
-    value_init: Literal["reward", "new"] = Field(
-        "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
-    )
     save_every: int = Field(10, gt=0, description="Checkpoint every N updates (resume continues from the newest).")
     eval_prompts: int = Field(
         64,
@@ -421,21 +534,28 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm, RlRewards):
         "(eval_score_before/after, ...); 0 skips.",
     )
 
-    @field_validator("reward_from")
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        # the key of the response budget differs by stage: ppo.response_length, grpo.max_completion_length
+        key = "response_length" if "response_length" in type(self).model_fields else "max_completion_length"
+        budgets = [(f"{stage}.max_prompt_length + {stage}.{key}", self.max_prompt_length + self.response_length)]
+        if self.eval_generate_rows:
+            budgets.append(
+                (f"{stage}.max_prompt_length + {stage}.max_new_tokens", self.max_prompt_length + self.max_new_tokens)
+            )
+        return budgets
+
+    @field_validator("reward_from", check_fields=False)
     @classmethod
     def _reward_spelling(cls, value):
         return _adapter_ref(value, "reward_from")
 
     @model_validator(mode="after")
     def _one_reward_form(self):
+        fields = type(self).model_fields  # each stage's own defaults (grpo.reward_from is none, ppo's unset)
         older = [
             k
-            for k, v, unset in (
-                ("reward_from", self.reward_from, None),
-                ("reward_function", self.reward_function, None),
-                ("reward_function_weight", self.reward_function_weight, 1.0),
-            )
-            if v != unset
+            for k in ("reward_from", "reward_function", "reward_function_weight")
+            if getattr(self, k) != fields[k].default
         ]
         if self.rewards is not None and older:
             raise ValueError(
@@ -458,6 +578,52 @@ class PpoSection(TrainedStage, FromEarlierStage, PpoAlgorithm, RlRewards):
                 ("reward_function", RewardTerm(function=self.reward_function, weight=self.reward_function_weight))
             )
         return terms
+
+
+class PpoSection(RlStage, PpoAlgorithm):
+    """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
+    PPOTrainer), so these keys are the project's own, not a TRL config's."""
+
+    reward_from: str | None = Field(
+        None,
+        description=f"The older spelling of the learned reward (kept working; use `rewards`): reward-model stage "
+        f"output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only `reward_function`. Must share the "
+        "policy's base (both trained on the same SFT output).",
+        json_schema_extra=CWD_PATH,
+    )
+    normalize_reward: bool = Field(
+        True,
+        description="Normalise the learned reward with its mean/std over the start policy's first rollout "
+        "(kept fixed after).",
+    )
+    value_init: Literal["reward", "new"] = Field(
+        "reward", description="Value adapter + head: a copy of the reward model's (docs/ppo.md) or fresh."
+    )
+
+
+class GrpoSection(RlStage, GrpoAlgorithm):
+    """GRPO and its critic-free relatives (RLOO, REINFORCE++, Dr. GRPO, DAPO's loss): finetune's engine on one
+    shared base (docs/grpo.md says why not TRL's GRPOTrainer); keys named as in TRL's GRPOConfig where they
+    mean the same."""
+
+    reward_from: str | None = Field(
+        NO_ADAPTER,
+        description=f"The older spelling of the learned reward (kept working; use `rewards`): a reward-stage output "
+        f"(e.g. <output_dir>/reward) whose adapter and score head score the completions on the shared base, added "
+        f"to `reward_function`; default '{NO_ADAPTER}': rule rewards only. Must share the policy's base (both "
+        "trained on the same SFT output).",
+        json_schema_extra=CWD_PATH,
+    )
+    normalize_reward: bool = Field(
+        False,
+        description="Normalise the learned reward with its mean/std over the start policy's first rollout (group "
+        "scaling makes this matter only for scale_rewards none).",
+    )
+
+    @property
+    def response_length(self) -> int:
+        """The RL stages' common name for the longest response (the memory estimate and --plan read it)."""
+        return self.max_completion_length
 
 
 class ExportSection(Section):
@@ -495,6 +661,30 @@ class ExportSection(Section):
         "(also `finetune export RECIPE --push-to-hub user/name`). Token: HF_TOKEN or `hf auth login`.",
     )
     hub_private: bool = Field(True, description="Create the Hub repository private (false: public).")
+    gguf: list[str] = Field(
+        default_factory=list,
+        description="GGUF files to write into <export>/gguf/ with llama.cpp's converter and quantiser, e.g. "
+        "[q8_0, q4_k_m] (also `finetune export RECIPE --gguf q8_0,q4_k_m`; needs `pip install 'finetune[gguf]'`): "
+        f"any of {', '.join(GGUF_TYPES)}. An Ollama Modelfile is written beside them (FROM the first) and each "
+        "file's held-out correctness is measured with llama.cpp. A finished export gets them added without a "
+        "new merge. docs/deploy.md.",
+    )
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_list(cls, value):
+        if isinstance(value, str):  # export.gguf=q8_0,q4_k_m on the command line
+            value = [v for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_types(cls, value: list[str]) -> list[str]:
+        names = [v.strip().lower() for v in value]
+        unknown = [v for v in names if v not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; use any of {', '.join(GGUF_TYPES)}")
+        return list(dict.fromkeys(names))
 
     @field_validator("max_shard_size")
     @classmethod
@@ -570,6 +760,9 @@ class EvalSection(Section):
     output: str | None = Field(
         None, description="Results folder (default: <output_dir>/eval).", json_schema_extra=CWD_PATH
     )
+
+    def token_budgets(self, stage: str, setting) -> list[tuple[str, int]]:
+        return [(f"{stage}.max_length", self.max_length)] if self.max_length else []
 
     @field_validator("tasks", mode="before")
     @classmethod

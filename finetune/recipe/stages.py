@@ -20,6 +20,7 @@ from .sections import (
     DpoSection,
     EvalSection,
     ExportSection,
+    GrpoSection,
     KtoSection,
     OrpoSection,
     PpoSection,
@@ -237,6 +238,10 @@ STAGES = Registry(
             # forward in every step: what tuned TRL runs, and without it our step was slower
             # (docs/benchmarks.md). One process only: TRL 1.16's precompute fails under several.
             one_process_defaults={"precompute_ref_log_probs": True},
+            # Padding-free pairs (DPOConfig.padding_free, which TRL 1.16 itself switches off: finetune.dpo packs
+            # them): the same loss and gradients, no FLOPs on padding (tests/stages/test_padding_free.py,
+            # docs/benchmarks.md).
+            defaults={"padding_free": True},
             ranges={"beta": (positive, "a number > 0", "DPO's beta 0 makes the loss constant: nothing is learnt")},
             step_figures=PREFERENCE_FIGURES,
             memory=Memory(sequences=2, reference=True),
@@ -284,6 +289,22 @@ STAGES = Registry(
             summary_title="PPO done",
             # policy, value, reward and reference adapters on one base; policy and value trained
             memory=Memory(adapters=4, trained=2, rollout=True, held_out_loss=False, runtime_cpu_gib=0.45),
+            unit="prompts",
+        ),
+        Stage(
+            "grpo",
+            "finetune.grpo",
+            GrpoSection,
+            "run GRPO (policy from the SFT output; rule rewards and/or a reward model)",
+            # reward_from defaults to none in the section: `<output_dir>/reward` (or null) names the reward stage
+            inputs={"sft": "start_from", "reward": "reward_from"},
+            chat_model=True,
+            headline=("reward", "reward_start", "reward_end"),
+            correctness=("correct_rate_before", "correct_rate_after"),
+            summary_title="GRPO done",
+            # policy, reward and reference adapters on one base (no value model); the policy trained; the rollout
+            # is every completion: rollout_batch_size x num_generations
+            memory=Memory(adapters=3, trained=1, rollout=True, held_out_loss=False, runtime_cpu_gib=0.45),
             unit="prompts",
         ),
         Stage(

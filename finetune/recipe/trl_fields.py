@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -212,11 +213,14 @@ def check_ranges(block: dict, where: str, source: str, ranges: dict[str, Range] 
     rules = {**RANGES, **(ranges or {})}
     for key, value in block.items():
         rule = rules.get(key)
-        if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        test, must, why = rule
-        if not test(value):
-            raise RecipeError(f"{source}: {where}.{key}: must be {must}, got {value!r}" + (f" ({why})" if why else ""))
+        if rule is not None and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+            test, must, why = rule
+            if not test(value):
+                raise RecipeError(
+                    f"{source}: {where}.{key}: must be {must}, got {value!r}" + (f" ({why})" if why else "")
+                )
+        if isinstance(value, float) and not math.isfinite(value):  # every number, whatever its field
+            raise RecipeError(f"{source}: {where}.{key}: must be a finite number, got {value!r}")
 
 
 def config_class(spec: tuple[str, str]):

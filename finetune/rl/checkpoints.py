@@ -1,7 +1,8 @@
-"""PPO checkpoints: `<output_dir>/ppo-checkpoints/update-N/`, complete or absent.
+"""RL checkpoints (PPO, GRPO): `<output_dir>/<stage>-checkpoints/update-N/`, complete or absent.
 
 A checkpoint is written into a staging folder and renamed into place once every file is there (and
-flushed to disk), so a run killed mid-save leaves only the hidden staging folder. Nothing in it is
+flushed to disk), so a run killed mid-save leaves only the hidden staging folder. On several nodes each node
+whose output folder is its own disk writes a complete copy (finetune.core.distributed.writes_output). Nothing in it is
 unpickled as code: adapter weights and the value head are safetensors, figures are JSON, and optimiser /
 RNG state is read with `torch.load(weights_only=True)` (tensors and plain containers only), after
 `problem` has checked every file (complete, and no pickled global outside torch's allowlist). Which
@@ -21,7 +22,7 @@ from finetune.core.integrity import safetensors_problem, torch_file_problem
 from finetune.core.outputs import commit_dir, staging_dir, write_json
 from finetune.recipe import RecipeError
 
-from .engine import POLICY, VALUE, MultiAdapterModel, PPOEngine
+from .engine import POLICY, VALUE, MultiAdapterModel, RolloutEngine
 
 PREFIX = "update-"
 
@@ -86,24 +87,28 @@ def problem(folder: Path) -> str | None:
     return None
 
 
-def beyond(updates: int):
-    """A check that a checkpoint is not past `updates` (ppo.updates lowered below it)."""
+def beyond(updates: int, stage: str = "ppo"):
+    """A check that a checkpoint is not past `updates` (<stage>.updates lowered below it)."""
 
     def check(folder: Path) -> str | None:
         update = json.loads((folder / "state.json").read_text())["update"]
-        return f"it is at update {update}, past ppo.updates {updates}" if update > updates else None
+        return f"it is at update {update}, past {stage}.updates {updates}" if update > updates else None
 
     return check
 
 
 def save(
-    root: Path, update: int, model: MultiAdapterModel, engine: PPOEngine, norm: dict | None, keep: int = 2
+    root: Path, update: int, model: MultiAdapterModel, engine: RolloutEngine, norm: dict | None, keep: int = 2
 ) -> None:
-    """Adapters, value head, optimisers, beta, reward normalisation and every process's RNG state."""
+    """Adapters, value head (PPO), optimisers, the engine's own state (PPO: beta), reward normalisation and
+    every process's RNG state."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    main = distributed.is_main()
+    # One writer per output folder: rank 0, and local rank 0 of each node whose folder is its own disk
+    # (finetune.core.distributed), so every node holds a complete checkpoint: weights and optimiser state from
+    # its writer (the same on every process: plain data parallel), the RNG state of each of its processes.
+    main = distributed.writes_output(root.parent)
     target = root / f"{PREFIX}{update}"
     # one update-N folder inside the stage's checkpoints folder, `<output_dir>/<stage>-checkpoints` (core.ownership)
     kind = f"checkpoint:{root.name.removesuffix('-checkpoints')}"
@@ -111,11 +116,12 @@ def save(
     distributed.barrier()
     torch.save(_rng_state(), tmp / f"rng_{distributed.rank()}.pt")
     if main:
-        tensors = {
-            **{f"policy.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=POLICY).items()},
-            **{f"value.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=VALUE).items()},
-            **{f"value_head.{k}": v for k, v in model.value_head.state_dict().items()},
-        }
+        tensors = {f"policy.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=POLICY).items()}
+        if model.value_head is not None:
+            tensors.update(
+                {f"value.{k}": v for k, v in get_peft_model_state_dict(model.peft, adapter_name=VALUE).items()}
+            )
+            tensors.update({f"value_head.{k}": v for k, v in model.value_head.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
         torch.save(engine.state_dict(), tmp / "engine.pt")
         write_json(tmp / "state.json", {"update": update, "norm": norm, "world_size": distributed.world_size()})
@@ -130,7 +136,7 @@ def save(
     distributed.barrier()
 
 
-def load(folder: Path, model: MultiAdapterModel, engine: PPOEngine) -> tuple[int, dict | None]:
+def load(folder: Path, model: MultiAdapterModel, engine: RolloutEngine, stage: str = "ppo") -> tuple[int, dict | None]:
     """Restore a checkpoint into the model and engine; returns (update, reward normalisation)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -139,7 +145,7 @@ def load(folder: Path, model: MultiAdapterModel, engine: PPOEngine) -> tuple[int
     if meta["world_size"] != distributed.world_size():
         raise RecipeError(
             f"{folder}: saved by {meta['world_size']} processes, resumed with "
-            f"{distributed.world_size()}; resume with the same process count or set ppo.resume=false"
+            f"{distributed.world_size()}; resume with the same process count or set {stage}.resume=false"
         )
     weights = load_file(str(folder / "weights.safetensors"), device=str(engine.device))
 
@@ -147,8 +153,9 @@ def load(folder: Path, model: MultiAdapterModel, engine: PPOEngine) -> tuple[int
         return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
     set_peft_model_state_dict(model.peft, part("policy"), adapter_name=POLICY)
-    set_peft_model_state_dict(model.peft, part("value"), adapter_name=VALUE)
-    model.value_head.load_state_dict(part("value_head"))
+    if model.value_head is not None:
+        set_peft_model_state_dict(model.peft, part("value"), adapter_name=VALUE)
+        model.value_head.load_state_dict(part("value_head"))
     engine.load_state_dict(torch.load(folder / "engine.pt", map_location=engine.device, weights_only=True))
     _set_rng_state(torch.load(folder / f"rng_{distributed.rank()}.pt", weights_only=True))
     return meta["update"], meta["norm"]

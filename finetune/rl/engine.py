@@ -1,14 +1,20 @@
-"""PPO engine: one frozen base with LoRA adapters for the policy, the value function and the reward
-model; rollout, scoring and the clipped-PPO update.
+"""What the RL engines share: one frozen base with LoRA adapters (policy, value, reward, reference) and the
+forwards on it, rollouts (sampling, truncation at the stop token, re-scoring log-probs), held-out figures and
+the data-parallel optimiser step. The updates are in `ppo_engine` (PPO with a value adapter, GAE) and
+`grpo_engine` (GRPO and its critic-free relatives); the arithmetic in `functional`, as small pure functions.
 
-Written by hand because no well-kept library has it any more: TRL deleted its PPOTrainer in 2026
-(trl#7020) and the toolkits that still offer PPO pin years-old TRL for it. The design, its sources and
-where it departs from the usual recipe are in docs/ppo.md; the arithmetic lives in
-`finetune.rl.functional` as small pure functions.
+Why our own and not a library's. Two well-kept libraries still train PPO with a critic, OpenRLHF and verl,
+and TRL's GRPOTrainer trains GRPO; each holds a separate full copy of the model per role (OpenRLHF and verl
+on Ray workers; TRL takes a reward model as a second model). What this project needs is one frozen base in
+memory with the policy, value and reward as LoRA adapters and heads on it (the reward stage's adapter scores
+on the very base the policy runs on), the reference as adapters disabled or a frozen copy of the start
+adapter, on today's transformers / PEFT / TRL, inside the project's own recipe, resume and export pipeline.
+TRL deleted its PPOTrainer in 2026 (trl#7020). docs/ppo.md and docs/grpo.md give the design, its sources
+and the measurements (docs/benchmarks.md) behind that choice.
 
 Layout: one base model in memory inside one PeftModel, adapters
   policy     trainable LoRA, LM head                      (lora_dropout 0, so step 0 == reference)
-  value      trainable LoRA + `value_head` (fp32)          (a copy of the reward model's by default)
+  value      trainable LoRA + `value_head` (fp32)          (PPO only; a copy of the reward model's by default)
   reward     frozen LoRA + `reward_head`                   (the reward stage's adapter and score head)
   reference  adapters disabled, or a frozen `reference` adapter (see `build_model`)
 Heads run on the backbone's hidden states, so no vocab-sized logits are computed except for the
@@ -19,14 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from finetune.core import distributed
-from finetune.recipe import PpoAlgorithm
 
 from . import functional as F
 
@@ -62,10 +66,14 @@ def _lora_params(peft_model, adapter: str) -> list[tuple[str, nn.Parameter]]:
 
 
 class MultiAdapterModel(nn.Module):
-    """The shared base + adapters + heads, and the forwards PPO needs."""
+    """The shared base + adapters + heads, and the forwards the RL engines need (no value head: GRPO)."""
 
     def __init__(
-        self, peft_model, value_head: nn.Module, reward_head: nn.Module | None = None, reference_adapter: bool = False
+        self,
+        peft_model,
+        value_head: nn.Module | None,
+        reward_head: nn.Module | None = None,
+        reference_adapter: bool = False,
     ):
         super().__init__()
         self.peft = peft_model
@@ -77,7 +85,7 @@ class MultiAdapterModel(nn.Module):
         self.lm_head = hf.get_output_embeddings()
         for p in peft_model.parameters():  # everything frozen; `activate` opens one adapter
             p.requires_grad_(False)
-        for p in value_head.parameters():
+        for p in value_head.parameters() if value_head is not None else ():
             p.requires_grad_(True)
         if reward_head is not None:
             reward_head.requires_grad_(False)
@@ -90,6 +98,8 @@ class MultiAdapterModel(nn.Module):
         return self.adapter_parameters(POLICY)
 
     def value_parameters(self) -> list[nn.Parameter]:
+        if self.value_head is None:
+            return []
         return self.adapter_parameters(VALUE) + list(self.value_head.parameters())
 
     # ---- adapter switching
@@ -143,7 +153,8 @@ class MultiAdapterModel(nn.Module):
         logp = logp_all.gather(-1, ids[:, prompt_width:, None])[..., 0]
         if not entropy:
             return logp, None
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # a figure to log, never a loss term: no vocabulary-sized tensor kept for backward
+            return logp, -(logp_all.exp() * logp_all).sum(-1)
 
     def values(self, ids, mask, prompt_width: int) -> torch.Tensor:
         """V_t for each response token t: the value head on the state before it (h_{P-1+t})."""
@@ -210,10 +221,11 @@ def build_model(
     policy_config,
     policy_from: str | None = None,
     reward_from: str | None = None,
-    value_init: str = "reward",
+    value_init: str | None = "reward",
     value_config=None,
 ) -> MultiAdapterModel:
-    """One frozen base -> policy / value / reward adapters and heads.
+    """One frozen base -> policy / value / reward adapters and heads (`value_init` None: no value adapter, as
+    GRPO has no critic).
 
     policy_from None: a new policy LoRA (lora_B = 0) and the reference is the base with adapters
     disabled (docs/ppo.md's layout). policy_from FOLDER (e.g. the DPO adapter, trained on the
@@ -242,10 +254,11 @@ def build_model(
     if reward_from:
         peft.add_adapter(REWARD, _adapter_config(reward_from))
         reward_head = _score_head(_load_adapter_weights(peft, reward_from, REWARD), reward_from, hidden_size)
+    value_head = None
     if value_init == VALUE_FROM_REWARD and reward_from:
         peft.add_adapter(VALUE, _adapter_config(reward_from))
         value_head = _score_head(_load_adapter_weights(peft, reward_from, VALUE), reward_from, hidden_size)
-    else:
+    elif value_init is not None:
         config = value_config or policy_config
         config.lora_dropout = 0.0
         peft.add_adapter(VALUE, config)
@@ -260,18 +273,20 @@ def build_model(
     device = next(base.parameters()).device
     model = MultiAdapterModel(
         peft,
-        value_head.to(device),
+        value_head.to(device) if value_head is not None else None,
         reward_head.to(device) if reward_head is not None else None,
         reference_adapter=bool(policy_from),
     )
     return model
 
 
-# ----------------------------------------------------------------------------- the update
+# ----------------------------------------------------------------------------- rollouts (shared by PPO and GRPO)
 
 
 @dataclass
-class Rollout:
+class Sequences:
+    """Prompts and their sampled responses, truncated at the stop token."""
+
     ids: torch.Tensor  # [B, P+R] prompt (left-padded) + response (padded after the stop token)
     mask: torch.Tensor  # [B, P+R] attention mask = prompt mask + response mask
     prompt_width: int
@@ -279,20 +294,11 @@ class Rollout:
     resp_mask: torch.Tensor  # [B, R] 1 up to and including the stop token
     end: torch.Tensor  # [B] index of the stop token (R-1 when none)
     has_stop: torch.Tensor  # [B] bool
-    logp: torch.Tensor  # [B, R] policy log-probs at sampling time (re-scored, not from generate)
-    ref_logp: torch.Tensor
-    values: torch.Tensor
-    score: torch.Tensor  # [B] shaped score (normalised, EOS penalty, clip)
-    kl: torch.Tensor  # [B, R] per-token KL estimate, masked
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    entropy: float
 
 
 def adapters_in_sync(model: MultiAdapterModel) -> bool:
-    """True when every process holds bitwise the same policy and value weights (plain data parallel
-    keeps them so: same init, all-reduced gradients, same optimiser steps)."""
+    """True when every process holds bitwise the same trained weights (plain data parallel keeps them so:
+    same init, all-reduced gradients, same optimiser steps)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -301,56 +307,78 @@ def adapters_in_sync(model: MultiAdapterModel) -> bool:
     return distributed.all_equal(digest.hexdigest())
 
 
+def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
+    """AdamW parameter groups: one at `lr`, or with LoRA+ (the recipe's lora.loraplus_lr_ratio) the lora_B
+    matrices and 1-d parameters at lr x ratio, grouped as PEFT's create_loraplus_optimizer groups them for the
+    TRL stages (Hayou et al. 2024). The first group is always at `lr` (what the update log reports)."""
+    if loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
+
+
 def _scheduler(kind: str, optimizer, total_updates: int):
     from transformers import get_scheduler
 
     return get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=total_updates)
 
 
-class PPOEngine:
-    """Rollout -> score -> GAE -> clipped PPO epochs, for one batch of prompts per process.
+class RolloutEngine:
+    """Sampling, truncation, re-scoring and the optimiser step that every RL update here shares.
 
-    `score_fn(rollout_ids, mask, prompt_width, responses, resp_mask, has_stop, rows)` returns the raw
-    sequence scores [B] and a dict of figures to log (`rows`: the data rows of the batch's prompts, as
-    passed to `step`); the engine shapes them. `settings` is the recipe's `ppo` section (or any
-    PpoAlgorithm); `total_updates` sizes the learning-rate schedule.
-    With several processes each one rolls out its own prompts and gradients are averaged by
-    all-reduce (plain data parallel; see docs/ppo.md for why not ZeRO-2).
-    """
+    `optimizers` maps a name to (parameters, learning rate); `settings` carries the optimiser keys
+    (adam_epsilon, weight_decay, lr_scheduler_type, max_grad_norm, gradient_checkpointing) and
+    micro_batch_size; the subclass says how long responses are and at what temperature they are sampled.
+    With several processes each one rolls out its own prompts and gradients are averaged by all-reduce
+    (plain data parallel; docs/ppo.md says why not ZeRO-2)."""
 
     def __init__(
         self,
         model: MultiAdapterModel,
-        settings: PpoAlgorithm,
-        score_fn,
+        settings,
+        optimizers: dict[str, tuple[list[nn.Parameter], float]],
         stop_ids: list[int],
         pad_id: int,
+        *,
+        response_length: int,
+        temperature: float,
         seed: int = 0,
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
+        loraplus_lr_ratio: float | None = None,
     ):
-        self.model, self.s, self.score_fn = model, settings, score_fn
+        self.model, self.s = model, settings
+        self.response_length, self.temperature = response_length, temperature
+        self.micro = settings.micro_batch_size
         self.fast = switches or SpeedSwitches()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
-        self.beta = settings.kl_coef
         self.device = next(model.peft.parameters()).device
         adam = dict(eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
-        self.policy_opt = torch.optim.AdamW(model.policy_parameters(), lr=settings.learning_rate, **adam)
-        self.value_opt = torch.optim.AdamW(model.value_parameters(), lr=settings.value_learning_rate, **adam)
+        names = {id(p): n for n, p in model.named_parameters()}  # LoRA+ groups by name (lora_B)
+        self.optimizers = {
+            name: torch.optim.AdamW(
+                _param_groups([(names.get(id(p), ""), p) for p in params], lr, loraplus_lr_ratio), **adam
+            )
+            for name, (params, lr) in optimizers.items()
+        }
         self.schedulers = (
             []
             if settings.lr_scheduler_type == "constant"
-            else [
-                _scheduler(settings.lr_scheduler_type, opt, total_updates) for opt in (self.policy_opt, self.value_opt)
-            ]
+            else [_scheduler(settings.lr_scheduler_type, opt, total_updates) for opt in self.optimizers.values()]
         )
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.shuffle = torch.Generator().manual_seed(seed)
+        self.sampler = None  # a VllmSampler (finetune.rl.vllm_rollout) when <stage>.use_vllm, else generate()
         if settings.gradient_checkpointing:
             model.peft.get_base_model().gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+
+    @property
+    def policy_opt(self):
+        return self.optimizers["policy"]
 
     # ---- rollout
     @torch.no_grad()
@@ -359,13 +387,14 @@ class PPOEngine:
         fresh GenerationConfig (no hidden top_k=50 from the model's defaults)."""
         from transformers import GenerationConfig
 
-        s = self.s
+        if self.sampler is not None and not return_scores:
+            return self.sampler.generate(prompt_ids, prompt_mask)
         config = GenerationConfig(
             do_sample=True,
-            temperature=s.temperature,
+            temperature=self.temperature,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=s.response_length,
+            max_new_tokens=self.response_length,
             min_new_tokens=0,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
@@ -395,109 +424,68 @@ class PPOEngine:
             return responses, torch.cat(scores)
         return responses
 
+    def _pad_response(self, responses: torch.Tensor) -> torch.Tensor:
+        """Responses padded to response_length (every sequence of a batch may stop early)."""
+        missing = self.response_length - responses.shape[1]
+        if missing <= 0:
+            return responses
+        fill = torch.full((len(responses), missing), self.pad_id, dtype=responses.dtype, device=responses.device)
+        return torch.cat([responses, fill], dim=1)
+
+    def truncate(self, prompt_ids, prompt_mask, responses) -> Sequences:
+        """Cut each response after its first stop token (kept), pad the rest, and join it to its prompt."""
+        resp_mask, end, has_stop = F.response_mask(responses, self.stop_ids)
+        responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
+        ids = torch.cat([prompt_ids, responses], dim=1)
+        mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
+        return Sequences(ids, mask, prompt_ids.shape[1], responses, resp_mask, end, has_stop)
+
+    @torch.no_grad()
+    def rescore(self, seq: Sequences, adapters: tuple[str, ...], entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Log-probs [B, R] of the responses under each adapter (REFERENCE: the reference model), at the
+        sampling temperature, one forward per adapter and micro-batch (never from generate's scores,
+        trl#454); with `entropy`, the policy's mean entropy per token too (key "entropy")."""
+        m = self.model
+        m.peft.eval()
+        out: dict[str, list] = {a: [] for a in adapters}
+        if entropy:
+            out["entropy"] = []
+        for i in range(0, len(seq.ids), self.micro):
+            sl = slice(i, i + self.micro)
+            for adapter in adapters:
+                with m.active(adapter):
+                    logp, ent = m.logprobs(
+                        seq.ids[sl],
+                        seq.mask[sl],
+                        seq.prompt_width,
+                        self.temperature,
+                        entropy=entropy and adapter == POLICY,
+                        response_only=self.fast.response_only_logits,
+                    )
+                out[adapter].append(logp)
+                if ent is not None:
+                    out["entropy"].append(ent)
+        return {k: torch.cat(v) for k, v in out.items() if v}
+
     @torch.no_grad()
     def held_out(self, prompt_ids, prompt_mask, reward=None, seed: int = 0) -> dict:
         """Figures of the policy on held-out prompts, without training: responses sampled as in a rollout
         (with a fixed seed, so before and after compare like with like, and the training RNG untouched),
         their mean raw reward `reward(ids, mask)` when given, KL to the reference (k1, nats per
         response), EOS rate and length."""
-        s, m = self.s, self.model
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             responses = self.generate(prompt_ids, prompt_mask)
-        resp_mask, _, has_stop = F.response_mask(responses, self.stop_ids)
-        responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
-        ids = torch.cat([prompt_ids, responses], dim=1)
-        mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
-        P = prompt_ids.shape[1]
-        kl = []
-        m.peft.eval()
-        for i in range(0, len(ids), s.micro_batch_size):
-            sl = slice(i, i + s.micro_batch_size)
-            with m.active(POLICY):
-                logp, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature)
-            with m.active(REFERENCE):
-                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature)
-            kl.append((F.kl_per_token(logp, ref, "k1") * resp_mask[sl]).sum(1))
+        seq = self.truncate(prompt_ids, prompt_mask, responses)
+        logps = self.rescore(seq, (POLICY, REFERENCE))
+        kl = (F.kl_per_token(logps[POLICY], logps[REFERENCE], "k1") * seq.resp_mask).sum(1)
         return {
-            "score": reward(ids, mask).float().mean().item() if reward is not None else None,
-            "kl": torch.cat(kl).mean().item(),
-            "eos_rate": has_stop.float().mean().item(),
-            "response_length": resp_mask.sum(1).float().mean().item(),
+            "score": reward(seq.ids, seq.mask).float().mean().item() if reward is not None else None,
+            "kl": kl.mean().item(),
+            "eos_rate": seq.has_stop.float().mean().item(),
+            "response_length": seq.resp_mask.sum(1).float().mean().item(),
         }
-
-    def _pad_response(self, responses: torch.Tensor) -> torch.Tensor:
-        """Responses padded to response_length (every sequence of a batch may stop early)."""
-        missing = self.s.response_length - responses.shape[1]
-        if missing <= 0:
-            return responses
-        fill = torch.full((len(responses), missing), self.pad_id, dtype=responses.dtype, device=responses.device)
-        return torch.cat([responses, fill], dim=1)
-
-    @torch.no_grad()
-    def score_rollout(self, prompt_ids, prompt_mask, responses, rows=None) -> tuple[Rollout, dict]:
-        """Truncate at the stop token, re-score with one forward per adapter, shape the score, KL,
-        rewards and GAE."""
-        s, m = self.s, self.model
-        resp_mask, end, has_stop = F.response_mask(responses, self.stop_ids)
-        responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
-        ids = torch.cat([prompt_ids, responses], dim=1)
-        mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)
-        P = prompt_ids.shape[1]
-        m.peft.eval()
-        chunks = {k: [] for k in ("logp", "ref", "values", "entropy")}
-        for i in range(0, len(ids), s.micro_batch_size):
-            sl = slice(i, i + s.micro_batch_size)
-            with m.active(POLICY):
-                logp, ent = m.logprobs(
-                    ids[sl], mask[sl], P, s.temperature, entropy=True, response_only=self.fast.response_only_logits
-                )
-            with m.active(REFERENCE):
-                ref, _ = m.logprobs(ids[sl], mask[sl], P, s.temperature, response_only=self.fast.response_only_logits)
-            with m.active(VALUE):
-                values = m.values(ids[sl], mask[sl], P)
-            for k, v in (("logp", logp), ("ref", ref), ("values", values), ("entropy", ent)):
-                chunks[k].append(v)
-        logp, ref, values, entropy = (torch.cat(chunks[k]) for k in ("logp", "ref", "values", "entropy"))
-        raw, info = self.score_fn(ids, mask, P, responses, resp_mask, has_stop, rows)
-        score = F.shape_score(raw.to(logp.device).float(), has_stop, s.missing_eos_penalty, clip=s.score_clip)
-        kl = F.kl_per_token(logp, ref, s.kl_estimator) * resp_mask
-        rewards = F.token_rewards(score, kl, resp_mask, end, self.beta)
-        values = values * resp_mask
-        advantages, returns = F.gae(rewards, values, resp_mask, s.gamma, s.lam)
-        advantages = F.masked_whiten(advantages, resp_mask, all_reduce=self._all_reduce_sum)
-        rollout = Rollout(
-            ids,
-            mask,
-            P,
-            responses,
-            resp_mask,
-            end,
-            has_stop,
-            logp,
-            ref,
-            values,
-            score,
-            kl,
-            rewards,
-            advantages,
-            returns,
-            F.masked_mean(entropy, resp_mask).item(),
-        )
-        stats = {
-            "score": info.pop("score", score.mean().item()),
-            "score_shaped": score.mean().item(),
-            "kl": kl.sum(1).mean().item(),
-            "non_score_reward": (-self.beta * kl.sum(1)).mean().item(),
-            "eos_rate": has_stop.float().mean().item(),
-            "response_length": resp_mask.sum(1).mean().item(),
-            "entropy": rollout.entropy,
-            "value_mean": F.masked_mean(values, resp_mask).item(),
-            **info,
-        }
-        stats["rlhf_reward"] = stats["score_shaped"] + stats["non_score_reward"]
-        return rollout, stats
 
     @staticmethod
     def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -509,8 +497,9 @@ class PPOEngine:
     def _backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def _step(self):
-        params = self.model.policy_parameters() + self.model.value_parameters()
+    def _step(self) -> dict:
+        """All-reduce the gradients (plain data parallel), clip per optimiser, step, zero."""
+        params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         if distributed.world_size() > 1:  # plain data parallel: average the (small) adapter gradients
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -522,7 +511,7 @@ class PPOEngine:
                 p.grad = flat[offset : offset + n].view_as(p).clone()
                 offset += n
         norms = {}
-        for name, opt in (("policy", self.policy_opt), ("value", self.value_opt)):
+        for name, opt in self.optimizers.items():
             if self.scaler:
                 self.scaler.unscale_(opt)
             group = [p for g in opt.param_groups for p in g["params"]]
@@ -534,92 +523,41 @@ class PPOEngine:
                 opt.step()
         if self.scaler:
             self.scaler.update()
-        self.policy_opt.zero_grad(set_to_none=True)
-        self.value_opt.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         return norms
 
-    def micro_step(self, ro: Rollout, micro: torch.Tensor, weight) -> dict:
-        """Policy pass then value pass on rows `micro` of a rollout, each loss scaled by `weight` (this
-        micro-batch's share of the minibatch's tokens) and back-propagated inside its adapter's block."""
-        s, m = self.s, self.model
-        with m.active(POLICY, grad=True):
-            logp, _ = m.logprobs(
-                ro.ids[micro],
-                ro.mask[micro],
-                ro.prompt_width,
-                s.temperature,
-                response_only=self.fast.response_only_logits,
-            )
-            pg, pg_stats = F.policy_loss(logp, ro.logp[micro], ro.advantages[micro], ro.resp_mask[micro], s.clip_range)
-            self._backward(pg * weight)
-        with m.active(VALUE, grad=True):
-            v = m.values(ro.ids[micro], ro.mask[micro], ro.prompt_width)
-            vl, v_stats = F.value_loss(v, ro.values[micro], ro.returns[micro], ro.resp_mask[micro], s.clip_range_value)
-            self._backward(vl * s.vf_coef * weight)
-        return {"policy_loss": pg.item(), "value_loss": vl.item(), **pg_stats, **v_stats}
-
-    def optimise(self, ro: Rollout) -> dict:
-        """K epochs x minibatches; per micro-batch the policy pass (backward) then the value pass
-        (backward), never switching adapters between a forward and its backward."""
-        s, m = self.s, self.model
-        B = len(ro.ids)
-        if B % s.mini_batches:
-            raise ValueError(f"rollout batch {B} is not divisible into {s.mini_batches} minibatches")
-        size = B // s.mini_batches
-        m.peft.train()
-        logs: dict[str, list[float]] = {}
-        for _ in range(s.ppo_epochs):
-            order = torch.randperm(B, generator=self.shuffle).to(ro.ids.device)
-            for k in range(s.mini_batches):
-                idx = order[k * size : (k + 1) * size]
-                tokens = ro.resp_mask[idx].sum().clamp(min=1)
-                for micro in idx.split(s.micro_batch_size):
-                    for key, value in self.micro_step(ro, micro, ro.resp_mask[micro].sum() / tokens).items():
-                        logs.setdefault(key, []).append(value)
-                for key, value in self._step().items():
-                    logs.setdefault(key, []).append(value)
+    def _schedule(self) -> None:
+        """After an update's optimiser steps: the learning-rate schedule, and the new weights to vLLM."""
         for sched in self.schedulers:
             sched.step()
-        m.peft.eval()
-        return {k: sum(v) / len(v) for k, v in logs.items()}
-
-    def step(self, prompt_ids, prompt_mask, rows: list[dict] | None = None) -> dict:
-        """One PPO update on this process's prompts (`rows`: their data rows, for the score function);
-        returns figures averaged over processes."""
-        t0 = time.perf_counter()
-        responses = self.generate(prompt_ids, prompt_mask)
-        t1 = time.perf_counter()
-        rollout, stats = self.score_rollout(prompt_ids, prompt_mask, responses, rows)
-        t2 = time.perf_counter()
-        stats.update(self.optimise(rollout))
-        t3 = time.perf_counter()
-        timings = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_optimise_s": t3 - t2}
-        stats.update(timings)
-        stats["beta"] = self.beta
-        stats = distributed.all_mean(stats, self.device)
-        if self.s.adaptive_kl:
-            episodes = len(prompt_ids) * distributed.world_size()
-            self.beta = F.adaptive_kl_beta(self.beta, stats["kl"], self.s.kl_target, self.s.kl_horizon, episodes)
-        self.last_rollout = rollout
-        return stats
+        if self.sampler is not None:
+            self.sampler.sync()
 
     # ---- state (checkpoints)
     def state_dict(self) -> dict:
         return {
-            "policy_opt": self.policy_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "beta": self.beta,
             "shuffle": self.shuffle.get_state(),
+            **self.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.value_opt.load_state_dict(state["value_opt"])
+        # checkpoints written before GRPO shared this engine name PPO's two optimisers at the top level
+        saved = state.get("optimizers") or {"policy": state.get("policy_opt"), "value": state.get("value_opt")}
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(saved[name])
         for sched, sd in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(sd)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.beta = state["beta"]
         self.shuffle.set_state(state["shuffle"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass

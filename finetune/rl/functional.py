@@ -167,3 +167,158 @@ def prompt_indices(n: int, batch: int, update: int, rank: int, world: int, seed:
             perms[epoch] = perm
         out.append(perms[epoch][i])
     return out
+
+
+# ----------------------------------------------------------------------------- critic-free methods (GRPO family)
+# One scalar reward per completion; `k` completions per prompt, laid out prompt by prompt ([p0 x k, p1 x k, ...]).
+# The advantage of a completion is given to every one of its tokens; no value model.
+
+EPS_STD = 1e-4  # TRL's GRPOTrainer adds 1e-4 to the std (trl/trainer/grpo_trainer.py, _generate_and_score_completions)
+
+
+def _groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    if rewards.dim() != 1 or len(rewards) % k:
+        raise ValueError(f"{len(rewards)} rewards are not whole groups of {k} completions per prompt")
+    return rewards.view(-1, k)
+
+
+def group_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = EPS_STD) -> torch.Tensor:
+    """GRPO's advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, eq. 3): r minus the mean of its
+    prompt's group, divided by the group's standard deviation (`scale="group"`), by the whole batch's
+    (`"batch"`, Hu et al. 2025's PPO-lite choice, arXiv:2508.08221) or by nothing (`"none"`: Dr. GRPO, Liu et
+    al. 2025, arXiv:2503.20783, which shows the division over-weights prompts that are nearly always right or
+    wrong). Standard deviations are the unbiased (n - 1) ones, + eps, as TRL's GRPOTrainer computes them."""
+    g = _groups(rewards, k)
+    centred = (g - g.mean(1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = (g.std(1, keepdim=True) if k > 1 else torch.zeros_like(g[:, :1])).expand_as(g).reshape(-1)
+    elif scale == "batch":
+        std = rewards.std() if len(rewards) > 1 else torch.zeros(())
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}; use group, batch or none")
+    return centred / (std + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740): each completion's baseline is the mean reward of the
+    other k - 1 completions of its prompt, r_i - (sum_j r_j - r_i) / (k - 1), which equals k / (k - 1) times
+    the group-centred reward. Not scaled by any standard deviation."""
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 completions per prompt (num_generations >= 2)")
+    g = _groups(rewards, k)
+    return (g - (g.sum(1, keepdim=True) - g) / (k - 1)).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, eps: float = 1e-8, all_reduce=None) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262) for one reward per completion: a global baseline, the mean of
+    the whole batch (every process's, with `all_reduce`, a sum over processes), and normalisation by the
+    batch's standard deviation, instead of per-prompt statistics, which the paper argues over-fit easy
+    prompts and reward hacking. No per-prompt baseline: a prompt's difficulty is not cancelled."""
+    return masked_whiten(rewards[:, None], torch.ones_like(rewards[:, None]), eps, all_reduce)[:, 0]
+
+
+ADVANTAGES = {  # advantage_estimator -> f(rewards, k, scale, all_reduce)
+    "grpo": lambda r, k, scale, all_reduce: group_advantages(r, k, scale),
+    "rloo": lambda r, k, scale, all_reduce: rloo_advantages(r, k),
+    "reinforce_pp": lambda r, k, scale, all_reduce: reinforce_pp_advantages(r, all_reduce=all_reduce),
+}
+
+
+def advantages_for(estimator: str, rewards: torch.Tensor, k: int, scale: str = "group", all_reduce=None):
+    """The advantage of each completion under `estimator` (grpo, rloo or reinforce_pp)."""
+    if estimator not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use grpo, rloo or reinforce_pp")
+    return ADVANTAGES[estimator](rewards, k, scale, all_reduce)
+
+
+def informative_groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """[n_prompts] bool: groups whose rewards are not all equal. A group of equal rewards has zero advantage
+    under every group baseline, so it teaches nothing; DAPO's dynamic sampling (Yu et al. 2025,
+    arXiv:2503.14476, section 3.2) leaves such groups out of the update."""
+    g = _groups(rewards, k)
+    return (g != g[:, :1]).any(1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13; TRL's get_soft_overlong_punishment): 0 up to
+    max_length - buffer tokens, then falling linearly to -factor at max_length, -factor beyond it."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float)
+    start = max_length - buffer
+    ramp = (start - lengths.float()) / buffer
+    penalty = torch.where(lengths <= start, torch.zeros_like(ramp), ramp.clamp(min=-1.0))
+    return factor * torch.where(lengths > max_length, torch.full_like(ramp, -1.0), penalty)
+
+
+def clipped_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    bias_correction_kl: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """Per-token loss [B, R] of the GRPO family: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho =
+    exp(logp - old_logp), A [B] the completion's advantage on each of its tokens; eps_high > eps_low is DAPO's
+    clip-higher (arXiv:2503.14476, section 3.1). With beta > 0, + beta k3(ref || policy) per token
+    (http://joschu.net/blog/kl-approx.html), as GRPO puts the KL in the loss, not the reward; with
+    `bias_correction_kl` the k3 term is weighted by rho, as TRL's GRPOTrainer does by default
+    (use_bias_correction_kl). Aggregate with `loss_weights`."""
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    clipped = ratio.clamp(1 - epsilon_low, 1 + eps_high)
+    loss = -torch.minimum(ratio * a, clipped * a)
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl = kl_per_token(logp, ref_logp, "k3")
+        loss = loss + beta * (kl * ratio if bias_correction_kl else kl)
+    with torch.no_grad():
+        stats = {
+            "clip_low": ((ratio < 1 - epsilon_low) & (a < 0)),  # the ratio was clipped where it counts
+            "clip_high": ((ratio > 1 + eps_high) & (a > 0)),
+            "ratio": ratio,
+            "kl": kl.detach() if kl is not None else None,
+        }
+    return loss, stats
+
+
+def loss_weights(
+    mask: torch.Tensor, loss_type: str, sequences: int, tokens: float, max_length: int | None = None
+) -> torch.Tensor:
+    """Weights [B, R] such that sum(weights * per_token_loss) over every micro-batch of a minibatch is the
+    minibatch's loss; `sequences` and `tokens` are the minibatch's completions and response tokens (for `dapo`,
+    the tokens of every process's minibatch, times the process count, since gradients are averaged over
+    processes). The aggregations RL users choose between, as TRL's GRPOConfig names them:
+      grpo     mean over a completion's tokens, then over completions (DeepSeekMath; favours short right
+               answers and long wrong ones: Liu et al. 2025 and Yu et al. 2025);
+      bnpo     mean over every token of this process's minibatch;
+      dapo     mean over every token of the global minibatch (DAPO's token-level loss; TRL's default);
+      dr_grpo  sum over tokens divided by completions x max_completion_length, a constant (Dr. GRPO)."""
+    mask = mask.float()
+    if loss_type not in LOSS_NORMALISERS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
+    return LOSS_NORMALISERS[loss_type](mask, sequences, tokens, max_length)
+
+
+def _per_completion(mask, sequences, tokens, max_length):
+    return mask / mask.sum(1, keepdim=True).clamp(min=1) / sequences
+
+
+def _per_token(mask, sequences, tokens, max_length):
+    return mask / max(float(tokens), 1.0)
+
+
+def _constant(mask, sequences, tokens, max_length):
+    if not max_length:
+        raise ValueError("dr_grpo needs max_completion_length")
+    return mask / (sequences * max_length)
+
+
+LOSS_NORMALISERS = {"grpo": _per_completion, "bnpo": _per_token, "dapo": _per_token, "dr_grpo": _constant}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 
-from finetune.core.evaluation import normalise
+from finetune.core.evaluation import same_answer
 
 # A number as people write it: optional sign, digits with optional thousands commas ("1,234,567"), optional
 # decimals. A comma not followed by exactly three digits ends the number ("3,4" is two numbers).
@@ -36,30 +36,25 @@ _BOXED = "\\boxed{"
 
 
 def _reference(example: dict, key: str, name: str) -> object:
-    if key not in example or example[key] is None:
+    if key not in example:
         raise ValueError(f"{name} needs a {key!r} field in every prompt row")
     return example[key]
 
 
+def _unusable(answer) -> bool:
+    """An answer the data loader counted as unusable (null, NaN, empty; core.data.answer_of): the row is
+    trained on but scores 0.0, as in held-out correctness."""
+    if answer is None or (isinstance(answer, float) and math.isnan(answer)):
+        return True
+    return isinstance(answer, str) and not answer.strip()
+
+
 def exact_answer(prompt: str, response: str, example: dict, answer_key: str = "answer") -> float:
-    """1.0 when the reply equals the row's `answer` after the normalisation held-out correctness uses
-    (finetune.core.evaluation.normalise: case, surrounding space, inner runs of spaces and a final period
-    ignored), else 0.0. A numeric answer column (42, 42.0) is compared by its value, so 42.0 matches "42".
-    `answer_key` names another column."""
-    answer = _reference(example, answer_key, "exact_answer")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        value = parse_number(response.strip().rstrip("."))
-        return float(value is not None and _close(value, float(answer), 0.0, 0.0))
-    return float(normalise(response) == normalise(str(answer)))
-
-
-def parse_number(text: str) -> float | None:
-    """The number `text` is (after stripping spaces, currency and units around it), or None. "1,234" is
-    1234; "-3.5" and "−3.5" (the minus sign) are -3.5; "$42", "42%" and "42 apples" are 42."""
-    numbers = _NUMBER.findall(text)
-    if len(numbers) != 1:
-        return None
-    return _to_float(numbers[0])
+    """1.0 when the reply gives the row's `answer` as held-out correctness judges it
+    (finetune.core.evaluation.same_answer: case, spacing and a final period ignored; numbers by value, so
+    42 == 42.0 == "42"), else 0.0. `answer_key` names another column. A row without the column raises; one
+    whose answer is null, NaN or empty scores 0.0 (the loader counted and named it)."""
+    return float(same_answer(response, _reference(example, answer_key, "exact_answer")))
 
 
 def _to_float(token: str) -> float:
@@ -129,8 +124,11 @@ def numeric_answer(
     """1.0 when the reply's final number (extract_answer: `#### N`, else the last `\\boxed{N}`, else the
     last number) is within `tolerance` (absolute) or `relative` (fraction of the reference) of the row's
     answer, else 0.0 (also when the reply has no number). The reference is read the same way, so it may
-    be a number (42, 42.0), a string ("42", "1,234") or a whole GSM8K solution ending "#### 42"."""
+    be a number (42, 42.0), a string ("42", "1,234") or a whole GSM8K solution ending "#### 42". A row
+    without the column raises; one whose answer is null, NaN or empty scores 0.0 (the loader counted it)."""
     reference = _reference(example, answer_key, "numeric_answer")
+    if _unusable(reference):
+        return 0.0
     if isinstance(reference, bool) or not isinstance(reference, (int, float, str)):
         raise ValueError(f"numeric_answer: the {answer_key!r} field must be a number or text, got {reference!r}")
     want = float(reference) if isinstance(reference, (int, float)) else extract_answer(reference)

@@ -17,6 +17,9 @@ from finetune.errors import UserError
 from finetune.recipe import Recipe, RecipeError
 from finetune.recipe.sections import REWARD_EXTRAS, RewardTerm
 
+# reward_<label> figures the stages log already: the learned term's, and GRPO's spread of the summed reward
+TAKEN_LABELS = ("learned", "std")
+
 
 class RewardFunctionError(UserError):
     """A rule reward function failed on a row (raised, or returned a non-number or a non-finite value)."""
@@ -119,8 +122,8 @@ def load_rules(recipe: Recipe, stage: str) -> list[RuleReward]:
         if term.function is not None
     ]
     labels = [r.label for r in rules]
-    for r in rules:  # the same function twice (e.g. two tolerances): numbered in the logs
-        if labels.count(r.label) > 1:
+    for r in rules:  # the same function twice (e.g. two tolerances), or a taken name: numbered in the logs
+        if labels.count(r.label) > 1 or r.label in TAKEN_LABELS:
             r.label = f"{r.label}_{r.key.rpartition('[')[2].rstrip(']')}"
     return rules
 

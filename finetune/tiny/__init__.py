@@ -3,7 +3,7 @@
 `builtin:tiny-phi` is the pre-trained base shipped in `finetune/tiny/base/` (a 3.7 MB safetensors file,
 the tokenizer and `build_record.json`): it loads at once, needs no network and no cache, and is the
 same file on every machine, so the seeded stages print the same figures everywhere. It is the one
-exception to "no weights in the repository". `python -m finetune.tiny build OUT` (finetune/tiny/build.py) reproduces it:
+exception to "no weights in the repository". `finetune tiny build OUT` (finetune/cli/tiny.py) reproduces it:
   1. a byte-level BPE tokenizer shaped like Phi-2's (bos = eos = unk = <|endoftext|>, no pad token),
      trained on the corpus below;
   2. a 4-layer PhiForCausalLM (partial rotary 0.4 like Phi-2) pre-trained, all parameters, for
@@ -28,7 +28,7 @@ in training). The reward stage has to carry that judgement into the chat format,
 answers; held-out pairs measure whether it does. The verdict comes right after the answer because
 a transformers reward model reads the last answer token (pad == eos, see finetune/rl/functional.py).
 
-`python -m finetune.tiny write-data data/tiny` rewrites the shipped jsonl files (tests check the
+`finetune tiny write-data data/tiny` rewrites the shipped jsonl files (tests check the
 shipped files equal this generator's output).
 """
 
@@ -279,7 +279,7 @@ def tiny_config(vocab_size: int):
 
 def rebuild_hint() -> str:
     return (
-        f"rebuild it with `python -m finetune.tiny build finetune/tiny/base --force` ({BUILD_THREADS} threads, about "
+        f"rebuild it with `finetune tiny build finetune/tiny/base --force` ({BUILD_THREADS} threads, about "
         "10 minutes on 2 idle cores), commit the folder, and re-measure the README's pipeline table"
     )
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,12 @@ def unchanged(before: dict, folder: Path) -> None:
     assert not changed and not added, f"changed: {changed}, added: {added}"
 
 
+def nothing_written(out: Path) -> None:
+    """Nothing in `out` but what a run writes before it reads anything: its lock and the folder's mark."""
+    left = [p.name for p in out.glob("*")] + [p.name for p in out.glob(".*")] if out.exists() else []
+    assert not [n for n in left if not n.endswith(".lock") and n != ".finetune"], left
+
+
 def copy_run(run: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "run"
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.lock"))
@@ -207,7 +214,10 @@ GROUP_MODULES = [  # the table's order: the suite's files, each in file order
     "test_concurrency",
     "test_outputs",
     "test_ownership",
+    "test_freshness",
     "test_inference",
+    "test_limits",
+    "test_mistakes",
 ]
 
 
@@ -220,3 +230,25 @@ def all_cases_table() -> str:
     order = {name: i for i, name in enumerate(GROUP_MODULES)}
     REGISTRY.sort(key=lambda entry: order.get(entry[2], len(order)))
     return table()
+
+
+HOLD = """
+import sys, time
+from finetune.core.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2], "a test", "wait"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(output_dir: Path, name: str):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(output_dir), name], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

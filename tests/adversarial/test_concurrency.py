@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_RECIPE, subprocess_env
+from tests.conftest import TINY_RECIPE
 
 from .cases import (
     Case,
     cases,
     cli,
+    lock_held_by_another_process,
     lock_holder,
     refused,
     snapshot,
@@ -26,27 +23,6 @@ pytestmark = pytest.mark.timeout(900)
 
 
 # ============================================================================= concurrent runs
-
-HOLD = """
-import sys, time
-from finetune.core.locks import output_lock
-with output_lock(sys.argv[1], sys.argv[2], "a test", "wait"):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
-@contextlib.contextmanager
-def lock_held_by_another_process(output_dir: Path, name: str):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(output_dir), name], env=subprocess_env(), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @cases(

@@ -1,4 +1,5 @@
-"""Earlier outputs: damaged ones are named; export never destroys anything but an earlier export."""
+"""Earlier outputs: damaged ones are named; export replaces an earlier export (what it must never replace is in
+test_ownership.py, with every other command's targets)."""
 
 from __future__ import annotations
 
@@ -80,73 +81,6 @@ def test_a_damaged_earlier_output_is_named(case, small_run, tmp_path, capsys):
 
 # ============================================================================= export must not destroy
 
-EXPORT_CASES = [
-    Case(
-        "export-into-output-dir",
-        "data-loss",
-        "`finetune export RECIPE export.output=<output_dir> --force`",
-        "refused: is the output_dir; every stage output kept",
-        ("{run}",),
-    ),
-    Case(
-        "export-onto-stage-output",
-        "data-loss",
-        "`export.output=<output_dir>/sft --force`",
-        "refused: is the sft stage output",
-        ("{run}/sft",),
-    ),
-    Case(
-        "export-onto-parent",
-        "data-loss",
-        "`export.output=<parent of output_dir> --force`",
-        "refused: contains the output_dir",
-        ("{run}/..",),
-    ),
-    Case(
-        "export-inside-stage-output",
-        "data-loss",
-        "`export.output=<output_dir>/sft/merged --force`",
-        "refused: lies inside the sft stage output",
-        ("{run}/sft/merged",),
-    ),
-    Case(
-        "export-onto-checkpoints",
-        "data-loss",
-        "`export.output=<output_dir>/sft-checkpoints --force`",
-        "refused: is the sft checkpoints",
-        ("{run}/sft-checkpoints",),
-    ),
-    Case(
-        "export-force-over-other-folder",
-        "data-loss",
-        "`--force` onto an existing folder that is no export",
-        "refused: --force replaces only an earlier export",
-        ("{tmp}/mine",),
-    ),
-]
-
-
-@cases(*EXPORT_CASES)
-def test_export_never_replaces_anything_but_an_earlier_export(case, small_run, tmp_path, capsys):
-    run = copy_run(small_run[0], tmp_path)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("my own files")
-    target = case.args[0].format(run=run, tmp=tmp_path)
-    before = {"run": snapshot(run), "mine": snapshot(mine)}
-    code, err = cli(capsys, "export", TINY_RECIPE, f"output_dir={run}", f"export.output={target}", "--force")
-    must = {
-        "export-into-output-dir": ["is the output_dir"],
-        "export-onto-stage-output": ["is the sft stage output"],
-        "export-onto-parent": ["contains the output_dir"],
-        "export-inside-stage-output": ["lies inside the sft stage output"],
-        "export-onto-checkpoints": ["is the sft checkpoints"],
-        "export-force-over-other-folder": ["is not an earlier export", "--force replaces only an export"],
-    }[case.id]
-    refused(code, err, "export.output", *must)
-    unchanged(before["run"], run)
-    unchanged(before["mine"], mine)
-
 
 @cases(
     Case(
@@ -163,13 +97,14 @@ def test_export_never_replaces_anything_but_an_earlier_export(case, small_run, t
     ),
 )
 def test_export_target_checks_let_an_earlier_export_be_replaced(case, tmp_path, capsys):
-    from finetune.core.outputs import check_export_target
+    from finetune.export import check_export_target
     from finetune.recipe import load_recipe
 
     if case.id == "export-force-over-earlier-export":
         target = tmp_path / "export"
         target.mkdir()
         (target / "config.json").write_text("{}")
+        (target / "recipe.yaml").write_text("output_dir: run\n")  # an export of an earlier finetune (no mark)
         (target / "metrics.json").write_text(json.dumps({"stage": "sft", "adapters": ["x"]}))
         recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path / 'run'}", f"export.output={target}"])
         check_export_target(recipe, target, force=True)  # no error

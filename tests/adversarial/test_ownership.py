@@ -89,6 +89,20 @@ KEYS = [
         ("export", "{run}/sft", "export.output={run}/sft/merged", "--force"),
     ),
     Case(
+        "export-output-contains-the-run",
+        "ownership",
+        "`export.output=<the folder holding the output_dir>` with `--force`",
+        "refused: the user's folder (it holds the run); every stage output kept",
+        ("export", "{run}/..", "export.output={run}/..", "--force"),
+    ),
+    Case(
+        "export-output-is-checkpoints",
+        "ownership",
+        "`export.output=<output_dir>/sft-checkpoints` with `--force`",
+        "refused: made by finetune as the sft stage's checkpoints, not an export",
+        ("export", "{run}/sft-checkpoints", "export.output={run}/sft-checkpoints", "--force"),
+    ),
+    Case(
         "eval-output-user-folder",
         "ownership",
         "`eval.output=<a user's folder>`",
@@ -126,7 +140,7 @@ KEYS = [
     Case(
         "tiny-build-over-a-user-folder",
         "ownership",
-        "`python -m finetune.tiny build <a user's folder> --force`",
+        "`finetune tiny build <a user's folder> --force`",
         "refused: not made by finetune; kept",
         ("tiny", "{mine}"),
     ),
@@ -149,7 +163,7 @@ def test_a_user_folder_at_a_path_key_survives(case, small_run, tmp_path, capsys)
         before = snapshot(mine)
         code, err = cli(capsys, "eval", TINY_RECIPE, f"output_dir={mine}")
     elif command == "tiny":
-        from finetune.tiny.build import main as tiny_main
+        from finetune.cli.tiny import main as tiny_main
 
         capsys.readouterr()
         code = tiny_main(["build", str(mine), "--force", "--steps", "1"])
@@ -197,8 +211,16 @@ ALLOWED = {
     ("finetune/core/outputs.py", "os.unlink"): "write_json's own temporary file, when the write failed",
     ("finetune/core/tracking.py", "unlink"): "the open-run marker file finetune keeps beside its lock",
     ("finetune/core/tracking.py", "os.replace"): "the open-run marker file, written atomically",
-    ("finetune/ppo.py", "rename"): "moves files inside its own staging folder",
-    ("finetune/ppo.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/rl/stage.py", "rename"): "moves files inside its own staging folder (the RL stages' policy adapter)",
+    ("finetune/rl/stage.py", "rmdir"): "the subfolder of its own staging folder it moved them out of (empty)",
+    ("finetune/core/fingerprints.py", "os.replace"): "its own hash cache file, written atomically",
+    (
+        "finetune/core/distributed.py",
+        "unlink",
+    ): "its own probe file (a fresh uuid name) testing whether nodes share a folder",
+    ("finetune/deploy/gguf.py", "os.replace"): "llama.cpp's converter into its own cache folder, from a staging copy",
+    ("finetune/deploy/gguf.py", "shutil.rmtree"): "its own staging copy of the converter, when another process won",
+    ("finetune/deploy/gguf.py", "unlink"): "its own partial GGUF files (.name.partial-*), left by an interrupted run",
 }
 REMOVING = {"rmtree", "remove", "unlink", "rmdir", "rename", "move", "replace", "removedirs"}
 

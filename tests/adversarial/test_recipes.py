@@ -183,7 +183,7 @@ def test_broken_recipe_files_and_output_dirs(case, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     if case.id == "recipe-not-utf8":
         recipe.write_bytes(TINY_RECIPE.read_bytes().replace(b"seed: 42", b"seed: 42 # \xff"))
-        refused(*cli(capsys, "sft", recipe), f"{recipe}: not UTF-8 text", "save the recipe as UTF-8")
+        refused(*cli(capsys, "sft", recipe), f"{recipe}: line ", "not UTF-8 text", "save the recipe as UTF-8")
     elif case.id == "recipe-not-a-mapping":
         recipe.write_text("- sft\n- dpo\n")
         refused(*cli(capsys, "sft", recipe), f"{recipe}: a recipe is a mapping of sections, got list")

@@ -257,3 +257,57 @@ def test_nothing_in_the_package_unpickles_code(case):
             offenders.append(f"{path.relative_to(ROOT)}: pickle load")
     assert not offenders, offenders
     assert ModelSection.model_fields["trust_remote_code"].default is False
+
+
+def fake_fsdp_checkpoint(folder: Path, step: int) -> None:
+    """A Trainer checkpoint as FSDP2 with sharded state dicts lays it out: torch.distributed.checkpoint folders
+    for the model and optimiser (written here by DCP itself, in one process), scheduler, trainer state."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    folder.mkdir(parents=True)
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(folder / part))
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+@cases(
+    Case(
+        "fsdp-checkpoint-index-payload",
+        "security",
+        "a crafted pickle (os.system) as the DCP index (.metadata) of the newest FSDP checkpoint",
+        "never unpickled (read with an allowlist): skipped with the global named; the older one is checked and taken",
+    ),
+    Case(
+        "deepspeed-checkpoint-without-latest",
+        "faults",
+        "the newest DeepSpeed checkpoint has its states but no `latest` file (a save cut short, or a node DeepSpeed "
+        "wrote none for)",
+        "skipped and named; resume takes the older one",
+    ),
+)
+def test_sharded_checkpoints_are_checked_before_loading(case, tmp_path):
+    import pickle
+
+    from finetune.core.resume import hf_checkpoint_problem
+
+    older, newest = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    fake_fsdp_checkpoint(older, 2)
+    assert hf_checkpoint_problem(older) is None  # a complete sharded checkpoint, its real DCP index accepted
+    if case.id == "fsdp-checkpoint-index-payload":
+        fake_fsdp_checkpoint(newest, 4)
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+        (newest / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(Payload()))
+        assert "optimizer_0/.metadata: it pickles posix.system" in hf_checkpoint_problem(newest)
+        assert not (tmp_path / "pwned").exists()
+    else:
+        newest.mkdir()
+        (newest / "global_step4").mkdir()
+        (newest / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+        (newest / "adapter_model.safetensors").write_bytes(b"")
+        assert "`latest` file" in hf_checkpoint_problem(newest)

@@ -43,7 +43,10 @@ def test_bench_writes_both_arms_and_the_ratio(tmp_path, tiny_base, stage, arms):
             assert median["response_length"] == 48  # every arm generates the full length: same work
         if stage == "dpo":
             assert median["tokens_per_s_4_epochs"] > 0
-    if stage == "dpo":  # both precompute the reference log-probs (ours by default, on one process)
+    if stage == "dpo":  # ours packs the pairs padding-free by default; TRL 1.16 cannot
+        assert report["arms"]["ours"]["runs"][0]["padding_free_pairs"]
+        assert not report["arms"]["trl-tuned"]["runs"][0]["padding_free_pairs"]
+        # both precompute the reference log-probs (ours by default, on one process)
         assert report["arms"]["trl-tuned"]["median"]["precompute_ref_s"] > 0
         assert report["arms"]["ours"]["median"]["precompute_ref_s"] > 0
     assert f"ratio {arms.split(',')[0]}/{arms.split(',')[1]}" in res.stdout
@@ -65,7 +68,7 @@ def test_ppo_against_trl_112_peer(tmp_path, tiny_base):
 
 
 def test_gpu_script_dry_run(tmp_path, tiny_base):
-    """The one-shot GPU benchmark at CPU size: preflight, LM-head check, SFT / DPO / PPO arms, the table."""
+    """The GPU benchmark at CPU size: preflight, LM-head check, SFT / DPO / reward / PPO / GRPO arms, the table."""
     res = subprocess.run(
         [sys.executable, "bench/gpu.py", "run", "--dry-run", "--out", str(tmp_path)],
         cwd=ROOT,
@@ -76,11 +79,20 @@ def test_gpu_script_dry_run(tmp_path, tiny_base):
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     table = (tmp_path / "gpu_table.md").read_text()
-    for row in ("| SFT | ours |", "| SFT | trl-tuned |", "| DPO | ours |", "| DPO | trl-tuned |", "| ours |"):
+    rows = ["| SFT | ours |", "| SFT | trl-tuned |", "| DPO | ours |", "| DPO | trl-tuned |", "| DPO | ours-padded |"]
+    for row in (*rows, "| REWARD | ours |", "| REWARD | trl-tuned |", "| ours |"):
         assert row in table, table
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
     assert summary["facts"]["dry_run"] and summary["facts"]["software"]["tiny_tokenizer"]
-    assert set(summary["stages"]) == {"sft", "dpo", "ppo"}
+    assert set(summary["stages"]) == {"sft", "dpo", "reward", "ppo", "grpo"}
+    assert "| GRPO arm |" in table and "GRPO with vLLM skipped: vLLM needs CUDA" in table
+    grpo = summary["stages"]["grpo"]["medians"]
+    # TRL's GRPOTrainer holds the reward model as a second copy of the base; ours holds the base once
+    assert grpo["trl"]["parameters_held"] > 1.5 * grpo["ours"]["parameters_held"]
+    for stage in ("dpo", "reward"):  # the packed arms ran packed, the padded ones padded
+        runs = {arm: a["runs"][0] for arm, a in json.loads((tmp_path / f"{stage}.json").read_text())["arms"].items()}
+        assert runs["ours"]["padding_free_pairs"] and not runs["trl-tuned"]["padding_free_pairs"]
+        assert stage != "dpo" or not runs["ours-padded"]["padding_free_pairs"]
     lm_head = json.loads((tmp_path / "lm_head.json").read_text())
     assert {v["variant"] for v in lm_head["results"]} == {"plain", "trl-fused", "liger-flce"}
 
@@ -115,7 +127,7 @@ def test_phi2_config_is_phi2():
 def test_packed_rows_give_the_logits_of_separate_sequences(tiny_base, attn):
     """The SFT packing default is correct on the kernels it uses without flash-attn: packs as rows,
     position ids restarting per sequence, no attention mask (what PackedRowsCollator makes)."""
-    from finetune.core.data import PackedRowsCollator
+    from finetune.core.batching import PackedRowsCollator
     from finetune.core.modeling import load_model
     from finetune.recipe import load_recipe
     from tests.conftest import TINY_RECIPE

@@ -109,6 +109,8 @@ def test_stage_subset_and_its_validation():
     recipe = load_recipe(TINY_RECIPE, ["pipeline.stages=[export, sft]"])
     assert recipe.pipeline_stages() == ["sft", "export"]  # always pipeline order
     assert load_recipe(TINY_RECIPE).pipeline_stages() == ["sft", "reward", "dpo", "ppo", "export", "eval"]
+    every = load_recipe(TINY_RECIPE, ["pipeline.stages=null"]).pipeline_stages()  # every section: both RL stages
+    assert every == ["sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "export", "eval"]
     with pytest.raises(RecipeError, match="pipeline.stages lists 'ppo', but the recipe has no ppo section"):
         load_recipe(TINY_RECIPE, ["pipeline.stages=[sft, ppo]", "ppo=null"])
     with pytest.raises(RecipeError, match=r"pipeline.stages: unknown stage 'sfx'; stages are sft, reward"):

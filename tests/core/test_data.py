@@ -32,7 +32,7 @@ def load(tmp_path, rows, name="d.jsonl", **data):
             {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},
             "row 2: messages[0]: empty user content",
         ),
-        ({"messages": [{"role": "user", "content": 3}]}, "row 2: messages[0]: content must be a string, got int"),
+        ({"messages": [{"role": "user", "content": {"a": 3}}]}, "row 2: messages[0]: content must be text, got a dict"),
         ({"messages": [{"role": "user"}]}, "row 2: messages[0] needs 'role' and 'content' keys"),
         ({"prompt": "hi"}, "row 2: cannot tell the row format"),
         ({"prompt": "hi", "completion": ""}, "row 2: empty completion"),

@@ -105,5 +105,5 @@ def test_alpaca_instruction_and_input_make_the_prompt(tmp_path):
         {"role": "user", "content": q0},
         {"role": "assistant", "content": good0},
     ]
-    with pytest.raises(DataError, match="r: missing or non-string field 'output'"):
+    with pytest.raises(DataError, match="r: missing field 'output'"):
         to_conversation({"instruction": "x"}, "alpaca", "r")

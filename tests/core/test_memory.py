@@ -151,16 +151,17 @@ def test_plan_prints_every_stage_and_loads_nothing(monkeypatch, capsys):
     assert main(["pipeline", str(PHI2), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "2.78B parameters" in out and "planning for GPUs" in out
-    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "export", "eval"], 1):
-        assert f"[{i}/6] {stage}" in out
+    for i, stage in enumerate(["sft", "reward", "dpo", "ppo", "grpo", "export", "eval"], 1):
+        assert f"[{i}/7] {stage}" in out
     assert "train HuggingFaceH4/ultrachat_200k[train_sft] x0.1" in out
     assert "200 updates x 512 episodes (64 prompts x 8 processes)" in out
     assert "unknown until the data is read" in out and "64 rows (packed) per step" in out
-    assert out.count("GiB per GPU") == 5 and out.count("GiB of RAM") == 1  # export merges on the CPU
+    assert "200 updates x 1024 episodes (16 prompts x 8 samples x 8 processes)" in out  # GRPO: prompts x completions
+    assert out.count("GiB per GPU") == 6 and out.count("GiB of RAM") == 1  # export merges on the CPU
     assert "no training: ifeval, gsm8k" in out
     commands = [line for line in out.splitlines() if line.startswith("  command:")]
-    assert len(commands) == 6 and all("accelerate.commands.launch --config_file" in c for c in commands[:4])
-    assert "accelerate" not in commands[4] and commands[4].endswith(f"finetune/export.py {PHI2} export.stage=ppo")
+    assert len(commands) == 7 and all("accelerate.commands.launch --config_file" in c for c in commands[:5])
+    assert "accelerate" not in commands[5] and commands[5].endswith(f"finetune/export.py {PHI2} export.stage=grpo")
 
 
 def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():
@@ -179,3 +180,79 @@ def test_estimates_agree_with_reduced_layer_phi2_measured_by_the_bench():
         for stage, figures in row["stages"].items():
             est = estimate_stage(stage, shape, memory.stage_settings(recipe, stage, "cpu", 1)).total_gib
             assert est == pytest.approx(figures["peak_rss_gib"], rel=0.08), (row["layers"], stage)
+
+
+def _saved_bytes(base, recipe, tokens: tuple[int, int], autocast: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward of `base` with the recipe's LoRA (unique
+    storages)."""
+    import copy
+
+    import torch
+
+    from finetune.core.modeling import add_lora
+
+    model = add_lora(copy.deepcopy(base), recipe).train()
+    ids = torch.randint(0, model.config.vocab_size, tokens, generator=torch.Generator().manual_seed(0))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=autocast):
+        model(input_ids=ids)
+    return sum(kept.values())
+
+
+def test_lora_activations_match_what_autograd_keeps():
+    """The LoRA part of the estimate against torch's saved-tensor hooks: what a higher rank and LoRA dropout add,
+    at fp32 and under bf16 autocast (how 16-bit training runs: the same bytes whatever the base's dtype)."""
+    from finetune.core.modeling import load_model
+
+    recipe = load_recipe(TINY_RECIPE, ["lora.r=8", "lora.dropout=0.0"])
+    base = load_model(recipe)
+
+    def lora(**change):
+        return recipe.model_copy(update={"lora": recipe.lora.model_copy(update=change)})
+
+    tokens = (8, 128)
+    n = tokens[0] * tokens[1]
+    shape, _ = memory.model_shape(recipe)
+    rank_shape = dataclasses.replace(shape, lora_rank=128)
+    for b in (4, 2):
+        before = _saved_bytes(base, recipe, tokens, b == 2)
+        measured = _saved_bytes(base, lora(r=128), tokens, b == 2) - before
+        measured -= shape.lora_params * (128 // 8 - 1) * b  # the adapter weights F.linear keeps: the adapters part
+        formula = memory.lora_activation_bytes(n, rank_shape, b, False, False)
+        formula -= memory.lora_activation_bytes(n, shape, b, False, False)
+        assert formula == pytest.approx(measured, rel=0.1), b
+        measured = _saved_bytes(base, lora(dropout=0.1), tokens, b == 2) - before
+        formula = memory.lora_activation_bytes(n, shape, b, True, False)
+        formula -= memory.lora_activation_bytes(n, shape, b, False, False)
+        assert formula == pytest.approx(measured, rel=0.2), b
+
+
+def test_sharding_is_read_from_the_recipe_and_ppo_stays_whole():
+    zero2 = load_recipe(PHI2)
+    zero3 = load_recipe(PHI2, ["deepspeed=deepspeed/zero3.json"])
+    fsdp = load_recipe(PHI2, ["deepspeed=null", "launch.accelerate_config=accelerate/fsdp2.yaml"])
+    assert memory.sharding(zero2, "sft", 16) == ("ZeRO-2 over 16 processes", 1, 16)
+    assert memory.sharding(zero3, "dpo", 16) == ("ZeRO-3 over 16 processes", 16, 16)
+    assert memory.sharding(fsdp, "reward", 8) == ("FSDP over 8 processes", 8, 8)
+    assert memory.sharding(zero3, "ppo", 16) == ("plain data parallel, the whole model in each process", 1, 1)
+    assert memory.sharding(zero3, "sft", 1) == ("", 1, 1)
+    assert memory.planned_world(load_recipe(PHI2, ["launch.num_processes=4"]), "sft") == 4
+
+
+def test_zero3_divides_the_base_while_training_and_holds_it_whole_before(phi2_shape):
+    shape, _ = phi2_shape
+    zero2 = StageSettings(device="cuda", dtype_bytes=2, processes=8, zero_shards=16, batch=1, seq=2048, eval_batch=4)
+    zero3 = dataclasses.replace(zero2, weight_shards=16)
+    a, b = estimate_stage("dpo", shape, zero2), estimate_stage("dpo", shape, zero3)
+    assert b.parts["weights"] == pytest.approx(a.parts["weights"] / 16)
+    assert b.parts["adapters"] < a.parts["adapters"]  # the LoRA weights are partitioned too
+    assert b.total_gib < a.total_gib
+    # before training every process holds the whole base (held-out checks): that phase carries the other 15/16
+    whole = weight_bytes(shape, 2)
+    sft = estimate_stage("sft", shape, dataclasses.replace(zero3, seq=128, batch=1, eval_batch=64))
+    assert sft.parts["weights"] + sft.parts.get("evaluation", 0) >= whole

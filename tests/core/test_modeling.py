@@ -125,12 +125,36 @@ def test_base_fingerprint_sees_one_bit(tiny_base):
     assert base_fingerprint(model) != before
 
 
-def test_qlora_without_cuda_is_a_clear_error(tiny_base):
-    recipe = phi_recipe(tiny_base, precision="fp16", load_in_4bit=True)
+def test_qlora_without_cuda_or_the_cpu_backend_is_a_clear_error(tiny_base, monkeypatch):
+    import finetune.core.modeling as modeling
+
+    recipe = phi_recipe(tiny_base, precision="bf16", load_in_4bit=True)
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(RecipeError, match="4-bit QLoRA needs a CUDA GPU.*set model.load_in_4bit=false"):
+    monkeypatch.setattr(modeling, "bitsandbytes_cpu", lambda: False)  # e.g. an old bitsandbytes: CUDA only
+    with pytest.raises(
+        RecipeError, match="4-bit QLoRA needs bitsandbytes with a CUDA GPU or its CPU.*set model.load_in_4bit=false"
+    ):
         load_model(recipe)
+
+
+def test_qlora_on_the_cpu_backend_quantises_the_linear_layers_to_nf4(tiny_base):
+    """bitsandbytes 0.50 runs NF4 on the CPU (plain torch ops): the decoder's linear layers load as 4-bit,
+    the LM head stays in the compute dtype, and the quantised model's logits stay close to the bf16 model's."""
+    import bitsandbytes as bnb
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU script covers 4-bit there")
+    recipe = phi_recipe(tiny_base, precision="bf16", load_in_4bit=True)
+    model = load_model(recipe)
+    quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantised) == 4 * 6 and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert model.model.layers[0].mlp.fc1.weight.quant_state.quant_type == "nf4"
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    full = load_model(phi_recipe(tiny_base, precision="bf16"))
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), full(ids).logits.float()
+    assert 0 < (a - b).abs().mean() < 0.5 * b.abs().mean()  # quantised (not equal), yet the same model
 
 
 def test_safetensors_only(tmp_path, tiny_base):

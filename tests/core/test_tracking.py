@@ -208,11 +208,12 @@ def test_names_follow_one_scheme():
         "eval/loss": 2.0,
         "train/rewards/chosen": 3.0,
     }
-    assert tracking.ppo_names({"update": 3, "score": 1.0, "lr": 1e-4, "time_generate_s": 0.5}) == {
+    assert tracking.rl_names({"update": 3, "score": 1.0, "lr": 1e-4, "time_generate_s": 0.5}) == {
         "ppo/score": 1.0,
         "train/learning_rate": 1e-4,
         "time/generate_s": 0.5,
     }
+    assert tracking.rl_names({"update": 1, "reward": 0.5}, "grpo") == {"grpo/reward": 0.5}
 
 
 def test_tracker_choice_and_its_errors(monkeypatch):

@@ -19,7 +19,10 @@ def test_every_yaml_under_recipes_validates(path):
         from accelerate.commands.config.config_args import load_config_from_file
 
         config = load_config_from_file(str(path))
-        assert config.distributed_type.value == "DEEPSPEED"
+        assert config.distributed_type.value in ("DEEPSPEED", "FSDP")
+        if config.distributed_type.value == "FSDP":  # FSDP2, sharded checkpoints (resumed by the same count)
+            assert config.fsdp_config["fsdp_version"] == 2
+            assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     else:
         recipe = load_recipe(path)
         assert recipe.sft is not None and recipe.sft.data.train

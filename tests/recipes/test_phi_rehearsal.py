@@ -1,9 +1,9 @@
 """DRESS REHEARSALS of the shipped Phi recipes: `finetune pipeline` on recipes/phi2_chat.yaml,
-phi1_5_chat.yaml and phi3_5_mini_chat.yaml, SFT -> reward -> DPO -> PPO -> export, on CPU.
+phi1_5_chat.yaml and phi3_5_mini_chat.yaml, SFT -> reward -> DPO -> PPO -> GRPO -> export, on CPU.
 
 Only three things are swapped, through command-line overrides: the model (a 2-layer model of the
 recipe's own architecture and vocabulary size, random weights, built in tests/phi_models.py), the data
-(small copies of ultrachat_200k and ultrafeedback_binarized in their public schema, laid out as their hub
+(small copies of ultrachat_200k, ultrafeedback_binarized and gsm8k in their public schema, laid out as their hub
 repositories, tests/public_data.py; split and weight stay the recipe's) and the sizes (steps, lengths,
 batch), plus what a CPU needs (precision=fp32, no accelerate launcher, no DeepSpeed). The template,
 LoRA targets, stage chaining, data formats and export are the recipe's own. Each rehearsal must end
@@ -12,7 +12,7 @@ with a merged export that plain transformers loads and that generates. The recip
 tests/stages/test_eval.py runs that stage on the offline tiny task.
 
 The three pipelines run side by side (one process each, one thread each), so the imports of their
-15 stage processes overlap on a 2-core machine.
+18 stage processes overlap on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ RECIPES = {"phi2": "phi2_chat.yaml", "phi1_5": "phi1_5_chat.yaml", "phi3_5": "ph
 HUB = {
     "HuggingFaceH4/ultrachat_200k": public_data.ultrachat_folder,
     "HuggingFaceH4/ultrafeedback_binarized": public_data.ultrafeedback_folder,
+    "openai/gsm8k": public_data.gsm8k_folder,
 }
 # The sizes: one or two steps per stage, short sequences, small batches.
 SIZES = [
@@ -54,18 +55,26 @@ SIZES = [
     "ppo.response_length=8",
     "ppo.max_prompt_length=96",
     "ppo.save_every=1",
+    "grpo.updates=1",
+    "grpo.rollout_batch_size=2",
+    "grpo.num_generations=2",
+    "grpo.micro_batch_size=4",
+    "grpo.max_completion_length=8",
+    "grpo.overlong_buffer=4",
+    "grpo.max_prompt_length=96",
+    "grpo.save_every=1",
     "samples.count=2",
     "samples.max_new_tokens=8",
 ]
 CPU = ["precision=fp32", "launch.accelerate_config=null", "deepspeed=null"]
-TRAINING_STAGES = ["pipeline.stages=[sft, reward, dpo, ppo, export]"]  # not eval: its benchmarks need the hub
+TRAINING_STAGES = ["pipeline.stages=[sft, reward, dpo, ppo, grpo, export]"]  # not eval: its benchmarks need the hub
 
 
 def data_overrides(recipe_file: Path, local: dict[str, Path]) -> list[str]:
     """Each stage's data lists exactly as the recipe ships them, with each hub id replaced by the local copy."""
     raw = yaml.safe_load(recipe_file.read_text())
     out = []
-    for stage in ("sft", "reward", "dpo", "ppo"):
+    for stage in ("sft", "reward", "dpo", "ppo", "grpo"):
         for split in ("train", "eval"):
             sources = raw[stage]["data"].get(split) or []
             assert all(s["path"] in local for s in sources), (
@@ -113,15 +122,21 @@ def check_pipeline(run: dict, family: str) -> None:
     assert run["code"] == 0, log[-6000:]
     out = run["out"]
     report = json.loads((out / "pipeline_report.json").read_text())
-    assert [(r["stage"], r["status"]) for r in report["stages"]] == [
-        (s, "ran") for s in ("sft", "reward", "dpo", "ppo", "export")
-    ]
-    m = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("sft", "reward", "dpo", "ppo", "export")}
+    stages = ("sft", "reward", "dpo", "ppo", "grpo", "export")
+    assert [(r["stage"], r["status"]) for r in report["stages"]] == [(s, "ran") for s in stages]
+    m = {s: json.loads((out / s / "metrics.json").read_text()) for s in stages}
     # the recipe's chaining: reward and DPO on the SFT model, PPO's policy from DPO and reward from the reward
-    # model, the export merging SFT + the PPO policy
+    # model, GRPO's a new LoRA on the SFT model with the recipe's numeric rule on GSM8K, the export (the last chat
+    # stage, GRPO) merging SFT + the GRPO policy
     assert m["reward"]["start_from"] == [str(out / "sft")] and m["dpo"]["start_from"] == [str(out / "sft")]
     assert m["ppo"]["policy_initialised_from"] == str(out / "dpo") and m["ppo"]["reward_from"] == str(out / "reward")
-    assert m["export"]["stage"] == "ppo" and m["export"]["adapters"] == [str(out / "sft"), str(out / "ppo")]
+    from finetune.core.lineage import adapter_chain
+
+    assert adapter_chain(out / "grpo") == [str(out / "sft"), str(out / "grpo")]
+    assert m["grpo"]["policy_initialised_from"] is None
+    assert m["grpo"]["reward_function"] == "finetune.rl.rewards:numeric_answer" and m["grpo"]["updates"] == 1
+    assert m["grpo"]["score_rule_end"] is not None and m["grpo"]["eval_eos_rate_after"] is not None
+    assert m["export"]["stage"] == "grpo" and m["export"]["adapters"] == [str(out / "sft"), str(out / "grpo")]
     assert m["sft"]["global_steps"] == 2 and m["dpo"]["global_steps"] == 1 and m["ppo"]["updates"] == 1
     # held-out figures of a real model: pair accuracy, DPO reward accuracy and margin, PPO score / KL / EOS
     for stage, key in (("reward", "eval_accuracy"), ("dpo", "eval_rewards_accuracy"), ("dpo", "eval_rewards_margin")):
@@ -129,11 +144,12 @@ def check_pipeline(run: dict, family: str) -> None:
     for key in ("score_end", "kl_end", "eos_rate_end", "eval_score_before", "eval_score_after", "eval_eos_rate_after"):
         assert m["ppo"][key] is not None, key
     # the same held-out prompts answered by every chat-model stage, saved beside its metrics
-    chat = ("sft", "dpo", "ppo", "export")
+    chat = ("sft", "dpo", "ppo", "grpo", "export")
     samples = {s: [json.loads(x) for x in (out / s / "samples.jsonl").read_text().splitlines()] for s in chat}
     assert [set(r) - {"prompt", "messages"} for r in samples["sft"]] == [{"base", "sft"}] * 2
     assert set(samples["dpo"][0]) - {"prompt", "messages"} == {"start", "dpo"}
     assert set(samples["ppo"][0]) - {"prompt", "messages"} == {"start", "ppo"}
+    assert set(samples["grpo"][0]) - {"prompt", "messages"} == {"start", "grpo"}
     assert set(samples["export"][0]) - {"prompt", "messages"} == {"export"}
     assert len({tuple(r["prompt"] for r in rows) for rows in samples.values()}) == 1
     # the recipe's LoRA targets: every linear layer of the family

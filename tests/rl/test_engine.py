@@ -12,8 +12,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 
 from finetune.core.batching import left_pad
 from finetune.recipe import PpoAlgorithm
-from finetune.rl.engine import POLICY, REFERENCE, REWARD, VALUE, PPOEngine, build_model
+from finetune.rl.engine import POLICY, REFERENCE, REWARD, VALUE, build_model
 from finetune.rl.functional import reward_readout_index
+from finetune.rl.ppo_engine import PPOEngine
 
 PAD, EOS = 0, 1
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

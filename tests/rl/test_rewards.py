@@ -62,7 +62,10 @@ def test_numeric_answer_with_tolerance_and_every_reference_form():
     with pytest.raises(ValueError, match="no number in the 'answer' field"):
         R.numeric_answer("q", "7", {"answer": "seven"})
     with pytest.raises(ValueError, match="needs a 'answer' field"):
-        R.numeric_answer("q", "7", {"answer": None})
+        R.numeric_answer("q", "7", {})
+    for unusable in (None, float("nan"), " "):  # counted by the loader: trained on, scored 0 (as exact_answer)
+        assert R.numeric_answer("q", "7", {"answer": unusable}) == 0.0
+        assert R.exact_answer("q", "7", {"answer": unusable}) == 0.0
 
 
 def test_format_reward_needs_the_stop_no_special_token_and_the_pattern():
@@ -118,6 +121,35 @@ def test_the_older_reward_keys_and_the_list_are_one_reward(tmp_path):
         )
     with pytest.raises(RecipeError, match="at most one learned reward"):
         load_recipe(TINY_RECIPE, ["ppo.rewards=[{model: null}, {model: runs/x/reward}]"])
+
+
+def test_grpo_takes_the_same_list_and_its_older_keys_default_to_rules_only(tmp_path):
+    from finetune.cli.azureml import stage_upstreams
+    from finetune.core.lineage import upstream
+    from finetune.rl.rules import learned_weight
+    from finetune.rl.stage import resolve_start
+
+    shipped = load_recipe(TINY_RECIPE)  # grpo.reward_function only: no learned reward unless asked (reward_from none)
+    assert [(k, t.function) for k, t in shipped.grpo.reward_terms()] == [
+        ("reward_function", "finetune.rl.rewards:exact_answer")
+    ]
+    assert shipped.input_dir("grpo", "reward_from") is None and learned_weight(shipped, "grpo") is None
+    assert "reward" not in stage_upstreams(shipped, "grpo")
+    rewards = "[{function: finetune.rl.rewards:numeric_answer, weight: 2}, {model: null, weight: 0.5}]"
+    mixed = load_recipe(TINY_RECIPE, ["grpo.reward_function=null", f"grpo.rewards={rewards}"])
+    assert [(k, t.label(), t.weight) for k, t in mixed.grpo.reward_terms()] == [
+        ("rewards[0]", "numeric_answer", 2.0),
+        ("rewards[1]", "learned", 0.5),
+    ]
+    # the learned entry is grpo's reward_from for every reader of a stage's inputs: the folder, Azure ML, lineage
+    assert mixed.input_dir("grpo", "reward_from") == mixed.stage_dir("reward") and learned_weight(mixed, "grpo") == 0.5
+    assert "reward" in stage_upstreams(mixed, "grpo") and upstream(mixed, "grpo")["reward_from"] == []  # not run yet
+    older = load_recipe(TINY_RECIPE, ["grpo.reward_from=runs/x/reward"])
+    assert [(k, t.model) for k, t in older.grpo.reward_terms()][0] == ("reward_from", "runs/x/reward")
+    with pytest.raises(RecipeError, match="both rewards and reward_function are set"):
+        load_recipe(TINY_RECIPE, [f"grpo.rewards={rewards}"])
+    with pytest.raises(RecipeError, match="grpo has no reward"):  # before any earlier output is looked for
+        resolve_start(load_recipe(TINY_RECIPE, ["grpo.reward_function=null", f"output_dir={tmp_path}"]), "grpo")
 
 
 class _Tok:

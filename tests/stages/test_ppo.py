@@ -180,8 +180,8 @@ def test_two_processes_under_accelerate_launch(sft_run, reward_run, tmp_path):
 def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
     """Held-out prompts too long for the rollouts skip the held-out rollouts with a warning (the stage goes on),
     and a repeated held-out prompt is not reported as dropped: held-out correctness still uses every row."""
-    from finetune import ppo
     from finetune.core.modeling import load_tokenizer, template_for
+    from finetune.rl.stage import load_prompts
 
     rows = [{"prompt": "What is 2 plus 3? " * 30}, {"prompt": "What is 2 plus 3? " * 30}]
     held_out = tmp_path / "long.jsonl"
@@ -189,7 +189,7 @@ def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
     recipe = load_recipe(
         TINY_RECIPE, [f"ppo.data.eval=[{{path: {held_out}}}]", "ppo.max_prompt_length=64", "ppo.rollout_batch_size=8"]
     )
-    prompts = ppo.load_prompts(recipe, load_tokenizer(recipe), template_for(recipe))
+    prompts = load_prompts(recipe, "ppo", load_tokenizer(recipe), template_for(recipe))
     assert prompts.eval_ids == [] and len(prompts.eval_rows) == 2 and prompts.ids
     assert "held-out rollouts skipped" in caplog.text
     assert not prompts.eval_report.drops
@@ -197,12 +197,14 @@ def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
 
 def test_a_reward_function_of_the_wrong_arity_stops_the_stage_before_any_model_loads(tmp_path, monkeypatch):
     from finetune import ppo
+    from finetune.core import modeling
+    from finetune.rl import stage
 
     def no_model(*args, **kwargs):
         raise AssertionError("the reward functions must be checked before a model loads")
 
-    monkeypatch.setattr(ppo, "build_policy_model", no_model)
-    monkeypatch.setattr(ppo, "load_tokenizer", no_model)
+    monkeypatch.setattr(stage, "build_policy_model", no_model)
+    monkeypatch.setattr(modeling, "load_tokenizer", no_model)
     (tmp_path / "arity_rules.py").write_text("def judge(prompt):\n    return 1.0\n")
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(TINY_RECIPE.read_text().replace("../data/", f"{ROOT}/data/"))

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from finetune import tiny
-from finetune.tiny import build
+from finetune.cli import tiny as build
 from tests.conftest import ROOT
 
 
@@ -75,7 +75,7 @@ def test_missing_base_is_a_clear_error(tmp_path, monkeypatch):
     from finetune.errors import UserError
 
     monkeypatch.setattr(tiny, "BASE_DIR", tmp_path / "base")
-    with pytest.raises(UserError, match=r"shipped base is missing.*pip install \..*python -m finetune.tiny build"):
+    with pytest.raises(UserError, match=r"shipped base is missing.*pip install \..*finetune tiny build"):
         tiny.base_path()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.core.evaluation import normalise
+from finetune.core.evaluation import same_answer
 
 DATA = Path(__file__).resolve().parent.parent / "sft_eval.jsonl"
 
@@ -31,4 +31,4 @@ def load(data_files: str | None = None, **_) -> dict:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    return {"exact_match": float(normalise(results[0]) == normalise(doc["answer"]))}
+    return {"exact_match": float(same_answer(results[0], doc["answer"]))}

@@ -1,6 +1,8 @@
-"""Build the tiny base (`python -m finetune.tiny build OUT`): pre-train the tiny Phi on the corpus of
-`finetune.tiny` and write it with its build record; the data files (`write-data`) too. What
-`finetune/tiny/base/` ships was made by this code (see the record); a test checks the key still matches."""
+"""`finetune tiny build OUT` / `finetune tiny write-data FOLDER`: pre-train the tiny Phi on the corpus of
+`finetune.tiny` and write it with its build record; the task's data files too. What `finetune/tiny/base/` ships
+was made by this code (see the record); a test checks the key still matches. A front-end, not part of
+`finetune.tiny`: that package (the corpus, config, tokenizer and the shipped base) is what core reads, so it
+imports nothing of core, and this command, which uses core (logging, progress, atomic folders), lives here."""
 
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.core.fingerprints import sha256_file
 from finetune.core.logs import setup_logging
 from finetune.core.outputs import atomic_dir
 from finetune.core.ownership import TINY_BASE, NotOurs, check_target
 from finetune.core.progress import progress
-
-from . import (
+from finetune.tiny import (
     BUILD_THREADS,
     BUILD_VERSION,
     PRETRAIN_STEPS,
@@ -74,14 +76,6 @@ def _build_key(steps: int = PRETRAIN_STEPS, seed: int = 0) -> str:
     return hashlib.sha256(payload).hexdigest()[:12]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def loss_windows(losses: list[float], size: int = 100) -> list[float]:
     """Mean pre-training loss of each `size` steps (the curve, kept small in the record)."""
     return [round(sum(w) / len(w), 4) for w in (losses[i : i + size] for i in range(0, len(losses), size))]
@@ -111,8 +105,8 @@ def build(out: str | Path, steps: int = PRETRAIN_STEPS, seed: int = 0, threads: 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         record = {
-            "what": "builtin:tiny-phi, the pre-trained tiny base (finetune/tiny/build.py)",
-            "command": f"python -m finetune.tiny build OUT --threads {threads}",
+            "what": "builtin:tiny-phi, the pre-trained tiny base (finetune/cli/tiny.py)",
+            "command": f"finetune tiny build OUT --threads {threads}",
             "build_key": _build_key(steps, seed),
             "build_version": BUILD_VERSION,
             "steps": steps,
@@ -136,7 +130,7 @@ def build(out: str | Path, steps: int = PRETRAIN_STEPS, seed: int = 0, threads: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.tiny", description="The offline default's data and base.")
+    parser = argparse.ArgumentParser(prog="finetune tiny", description="The offline default's data and base.")
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("write-data", help="write the tiny task's jsonl files into FOLDER")
     data.add_argument("folder")
@@ -152,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         write_data(args.folder)
         return 0
     if Path(args.out).exists() and not args.force:
-        print(f"python -m finetune.tiny build: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        print(f"finetune tiny build: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
     try:  # before the build's minutes: it replaces only an earlier build
         check_target(args.out, TINY_BASE, "Build into another folder, or move that one away yourself")
     except NotOurs as e:
-        print(f"python -m finetune.tiny build: error:\n{e}", file=sys.stderr)
+        print(f"finetune tiny build: error:\n{e}", file=sys.stderr)
         return 2
     setup_logging()
     print(build(args.out, steps=args.steps, threads=args.threads))
