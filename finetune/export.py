@@ -137,9 +137,9 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
         if folder in chain:
             role = "merged into this model"
         elif started and started[0] == stage:
-            role = f"initialised the {stage} policy, which replaced it"
+            role = f"initialised the {stage.upper()} policy, which replaced it"
         elif scored and stage in scored:
-            role = f"scored {stage}'s samples (not part of this model)"
+            role = f"scored {stage.upper()}'s samples (not part of this model)"
         else:
             role = "not part of this model"
         k = STAGES[name].key_metrics(m)

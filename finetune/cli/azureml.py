@@ -41,6 +41,7 @@ from finetune.errors import UserError
 from finetune.launch import INTERRUPTED, ignoring_sigint, stage_command, stage_script
 from finetune.readers import read_json
 from finetune.recipe import STAGES, Recipe, RecipeError, load_recipe
+from finetune.recipe.stages import CHAIN_KEY
 
 REPO_DIR = Path(__file__).resolve().parents[2]  # the checkout whose snapshot a job runs
 COMMAND_SCHEMA = "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"
@@ -107,24 +108,27 @@ def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
     )
 
 
-def stage_upstreams(recipe: Recipe, stage: str) -> list[str]:
+def stage_upstreams(recipe: Recipe, stage: str, chain_only: bool = False) -> list[str]:
     """The earlier stages whose outputs this stage's job takes as inputs, in pipeline order. An input
     with no key (needed only as part of an adapter chain) is linked whenever the stage reads any keyed
-    input, and for a stage with no keyed inputs (export) whenever the recipe has that stage. An input's
-    own adapter chain comes too (a start_from pointing at DPO's output needs the SFT adapter under it)."""
-    table = STAGES.inputs(stage)
+    input, and for a stage with no keyed inputs (export) whenever the recipe's pipeline has that stage. An
+    input's own adapter chain comes too (a start_from pointing at DPO's output needs the SFT adapter under it),
+    but not what that input read only while it trained (PPO's reward model is not part of PPO's adapter chain).
+    `chain_only`: only the stages under this stage's own adapter chain."""
+    table = {e: k for e, k in STAGES.inputs(stage).items() if not chain_only or k in (None, CHAIN_KEY)}
     keyed = {_upstream(recipe, stage, key, earlier) for earlier, key in table.items() if key is not None}
     keyed.discard(None)
-    has_keys = any(key is not None for key in table.values())
+    has_keys = any(key is not None for key in STAGES.inputs(stage).values())
+    in_pipeline = recipe.pipeline_stages()
     chain = {
         earlier
         for earlier, key in table.items()
-        if key is None and (keyed or (not has_keys and recipe.section(earlier) is not None))
+        if key is None and (keyed or (not has_keys and earlier in in_pipeline))
     }
     found = keyed | chain
     for earlier in list(found):
         if recipe.section(earlier) is not None:
-            found |= set(stage_upstreams(recipe, earlier))
+            found |= set(stage_upstreams(recipe, earlier, chain_only=True))
     return [s for s in STAGES.names() if s in found]
 
 

@@ -195,6 +195,8 @@ def settings(recipe: Recipe, stage: str) -> dict:
     own = section.model_dump(mode="json") if section is not None else {}
     own = {k: v for k, v in own.items() if k not in NOT_PART_OF_THE_RESULT}
     entry = STAGES[stage]
+    if entry.model_choice:  # which model it takes ("auto" or a stage) is the adapters it read, under `inputs`:
+        own.pop(entry.model_choice, None)  # export.stage=auto and the stage auto picks make the same output
     shared = {
         "model": {k: v for k, v in recipe.model.model_dump(mode="json").items() if k != "name_or_path"},
         "lora": recipe.lora.model_dump(mode="json"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import STAGES, Recipe, RecipeError
 from finetune.recipe.sections import TrainedStage
 
 from .memory import model_config
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 def check_limits(recipe: Recipe, stage: str) -> None:
     """Refuse (RecipeError naming the key and the fix) a stage whose settings cannot fit the model."""
+    if STAGES[stage].trl_config is not None and recipe.trl_setting(stage, "max_length", default=0) is None:
+        raise RecipeError(
+            f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
+            "rows longer than it instead of truncating them"
+        )
     config, source = model_config(recipe)
     if config is None:
         log.info("limits of %s not checked before loading: %s", stage, source)

@@ -378,9 +378,18 @@ def meta_model(config):
     """The model a config describes, built on the meta device (no memory, no weights read): for looking at its
     layers before loading it."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    # Under ZeRO-3 transformers builds every model inside deepspeed.zero.Init, whose weight initialisation copies
+    # into the meta buffers and fails ("Cannot copy out of meta tensor"); a model that is only looked at needs no
+    # partitioning, so the ZeRO-3 switch is off while it is built and restored after.
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _adaptable(module) -> tuple[int, int] | None:

@@ -79,11 +79,6 @@ def trl_config(recipe: Recipe, stage: str, config_cls, **fixed):
                 "Share the output folder between the nodes to resume, or use DeepSpeed",
                 stage,
             )
-    if getattr(config, "max_length", 0) is None:
-        raise RecipeError(
-            f"{recipe.source}: {stage}.max_length: must be a number; finetune counts and reports "
-            "rows longer than it instead of truncating them"
-        )
     return config
 
 

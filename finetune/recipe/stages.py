@@ -190,6 +190,9 @@ class Registry:
 
 
 # Figures of the Trainer's logs each TRL stage's step line shows, after loss and learning rate.
+# The input key whose adapters a stage's own adapter sits on (its adapter chain); other keys (reward_from) are
+# read while training only.
+CHAIN_KEY = "start_from"
 GRAD_NORM = ("grad_norm", "grad norm")
 PREFERENCE_FIGURES = (("rewards/accuracies", "reward acc"), ("rewards/margins", "margin"), GRAD_NORM)
 

@@ -326,16 +326,17 @@ def test_dockerfile_installs_the_torch_range_ci_runs():
     assert '".[azureml-job,eval,azureml-serve]"' in dockerfile and "azureml-mlflow" in pyproject
 
 
-def test_phi2_pipeline_dry_run_has_all_five_stages_and_the_sdk_accepts_it(tmp_path, capsys):
-    """`finetune azureml submit recipes/phi2_chat.yaml --stage pipeline --compute gpu-a100 --dry-run`: the five
-    training stages in order on 8 GPUs each (export once), then the benchmark and registration steps."""
+def test_phi2_pipeline_dry_run_has_every_training_stage_and_the_sdk_accepts_it(tmp_path, capsys):
+    """`finetune azureml submit recipes/phi2_chat.yaml --stage pipeline --compute gpu-a100 --dry-run`: the six
+    training stages (PPO and GRPO both) in order on 8 GPUs each (export once), then the benchmark and
+    registration steps."""
     phi2 = ROOT / "recipes" / "phi2_chat.yaml"
     code = azureml.main(
         ["submit", str(phi2), "--stage", "pipeline", "--compute", "gpu-a100", "--dry-run", "--out", str(tmp_path)]
     )
     assert code == 0, capsys.readouterr().err
     job = azureml.load_job(tmp_path / "phi2_chat-pipeline.yaml")
-    assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "export", "eval", "register"]
+    assert list(job.jobs) == ["sft", "reward", "dpo", "ppo", "grpo", "export", "eval", "register"]
     for step in ("sft", "reward", "dpo", "ppo", "export"):
         node = job.jobs[step]
         assert node.distribution.process_count_per_instance == (1 if step == "export" else 8)  # the recipe's node

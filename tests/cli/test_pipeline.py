@@ -29,7 +29,7 @@ def test_killed_pipeline_continues_where_it_stopped(pipeline_run):
     assert report["complete"] is True
     stderr = pipeline_run["second"].stderr
     for stage in ("sft", "reward", "dpo"):
-        assert f"{stage}: skipped (finished output in" in stderr
+        assert f"{stage}: skipped (up to date" in stderr
     ppo = json.loads((pipeline_run["out"] / "ppo" / "metrics.json").read_text())
     assert ppo["resumed_from_update"] and ppo["resumed_from_update"] >= 4  # PPO went on from its checkpoint
     assert ppo["updates"] == 12
@@ -84,7 +84,7 @@ def test_rerun_of_a_finished_pipeline_skips_everything(pipeline_run):
         pipeline_run["cmd"], cwd=ROOT, env=pipeline_run["env"], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count(": skipped (finished output in") == 6 and "+ " not in res.stderr
+    assert res.stderr.count(": skipped (up to date") == 6 and "+ " not in res.stderr
     report = json.loads((pipeline_run["out"] / "pipeline_report.json").read_text())
     assert {r["status"] for r in report["stages"]} == {"skipped"}
 

@@ -205,7 +205,7 @@ def test_export_refuses_missing_stage_and_bad_shard_size(tmp_path, exported):
     recipe, _, _ = exported
     with pytest.raises(RecipeError, match="export.max_shard_size: .*not a size; write e.g. 500MB"):
         load_recipe(TINY_RECIPE, ["export.max_shard_size=big"])
-    with pytest.raises(RecipeError, match="export.stage: no finished sft, dpo, .* or ppo output"):
+    with pytest.raises(RecipeError, match="export.stage: no finished sft, dpo, .* or grpo output"):
         export.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"]))
     assert not (tmp_path / "export").exists()
 

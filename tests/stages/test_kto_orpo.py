@@ -86,7 +86,8 @@ def orpo_runs(tmp_path_factory):
 
 
 def orpo_learned(m: dict) -> bool:
-    return m["eval_rewards_margin"] > m["eval_rewards_margin_before"] + 0.05
+    """The held-out pairs it ranks right rose by 5 points (ORPO's margin is of log-odds, small on the tiny base)."""
+    return m["eval_rewards_accuracy"] > m["eval_rewards_accuracy_before"] + 0.05
 
 
 def test_orpo_trains_from_the_base_in_one_stage(orpo_runs):
