@@ -486,7 +486,7 @@ def _grpo_run(arm: str, model_name: str, steps: int, warmup: int, out: str) -> d
             learning_rate=1e-4,
             loss_type="dapo",
         )
-        scorer = fo.Scorer(model, None, 1.0, tokenizer, tokenizer.pad_token_id, False, batch * k)
+        scorer = fo.Scorer(model, [], tokenizer, tokenizer.pad_token_id, False, batch * k)
         never = [base.config.vocab_size]  # a stop id the model cannot sample: every completion runs the full length
         engine = fo.GRPOEngine(model, settings, scorer, never, tokenizer.pad_token_id, seed=42)
         if arm == "ours-vllm":

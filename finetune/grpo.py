@@ -65,12 +65,10 @@ def check_settings(recipe: Recipe, main: bool) -> None:
         check_available(recipe, STAGE)
 
 
-def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, template) -> tuple[Scorer, GRPOEngine]:
-    """The scorer (learned reward and/or rule) and the GRPO engine over the one model."""
+def build_engine(recipe: Recipe, model: MultiAdapterModel, rules, tokenizer, template) -> tuple[Scorer, GRPOEngine]:
+    """The scorer (learned reward and/or rules) and the GRPO engine over the one model."""
     s = recipe.grpo
-    scorer = Scorer(
-        model, rule, s.reward_function_weight, tokenizer, tokenizer.pad_token_id, s.normalize_reward, s.micro_batch_size
-    )
+    scorer = rl.build_scorer(recipe, STAGE, model, rules, tokenizer)
     engine = GRPOEngine(
         model,
         s,
@@ -113,11 +111,7 @@ def summarise(metrics: dict, engine: GRPOEngine, recipe: Recipe, replies: list[s
     m, s = metrics, recipe.grpo
     parts = [
         ("reward (first -> last 10%)", f"{m['reward_start']:.3f} -> {m['reward_end']:.3f}"),
-        *(
-            [("rule reward", f"{m['score_rule_start']:.3f} -> {m['score_rule_end']:.3f}")]
-            if m["score_rule_start"] is not None
-            else []
-        ),
+        *rl.term_lines(m),
         *(
             [("learned reward (raw)", f"{m['score_learned_raw_start']:.3f} -> {m['score_learned_raw_end']:.3f}")]
             if m["score_learned_raw_start"] is not None

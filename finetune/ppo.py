@@ -56,11 +56,7 @@ def summarise(metrics: dict, engine: PPOEngine, recipe: Recipe, replies: list[st
                 if m["score_learned_raw_start"] is not None
                 else []
             ),
-            *(
-                [("rule reward", f"{m['score_rule_start']:.3f} -> {m['score_rule_end']:.3f}")]
-                if m["score_rule_start"] is not None
-                else []
-            ),
+            *rl.term_lines(m),
             ("KL at the end", f"{m['kl_end']:.3f} nats/response (beta {engine.beta:.3g})"),
             ("EOS rate at the end", rate(m["eos_rate_end"])),
             *(
@@ -108,12 +104,10 @@ def check_settings(recipe: Recipe, main: bool) -> None:
         )
 
 
-def build_engine(recipe: Recipe, model: MultiAdapterModel, rule, tokenizer, template) -> tuple[Scorer, PPOEngine]:
-    """The scorer (learned reward and/or rule) and the PPO engine over the one model."""
+def build_engine(recipe: Recipe, model: MultiAdapterModel, rules, tokenizer, template) -> tuple[Scorer, PPOEngine]:
+    """The scorer (learned reward and/or rules) and the PPO engine over the one model."""
     s = recipe.ppo
-    scorer = Scorer(
-        model, rule, s.reward_function_weight, tokenizer, tokenizer.pad_token_id, s.normalize_reward, s.micro_batch_size
-    )
+    scorer = rl.build_scorer(recipe, STAGE, model, rules, tokenizer)
     engine = PPOEngine(
         model,
         s,

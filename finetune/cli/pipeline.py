@@ -49,6 +49,7 @@ from finetune.launch import (
     stop_child,
 )
 from finetune.recipe import STAGES, Recipe, load_recipe
+from finetune.rl.rules import load_rules
 
 from .report import CURVES, plot_curves, write_page
 from .report import PIPELINE_REPORT as REPORT
@@ -354,6 +355,8 @@ def check_requirements(recipe: Recipe, stages: list[str]) -> None:
 
     for stage in stages:
         check_limits(recipe, stage)
+        if hasattr(recipe.section(stage), "reward_terms"):  # an RL stage: a misnamed or mis-shaped rule reward
+            load_rules(recipe, stage)  # stops the pipeline before its first stage, not after the earlier ones
 
 
 STATUS = {0: "ran", INTERRUPTED: "interrupted", stopping.TERMINATED: "terminated (SIGTERM)"}

@@ -69,7 +69,10 @@ def reference_markdown() -> str:
             sub = next(
                 (a for a in [ann, *typing.get_args(ann)] if isinstance(a, type) and issubclass(a, BaseModel)), None
             )
-            inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list and typing.get_args(ann) else None
+            inner = next(  # a list of sections, optional or not
+                (typing.get_args(a)[0] for a in [ann, *typing.get_args(ann)] if typing.get_origin(a) is list),
+                None,
+            )
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 sub, name = inner, f"{name}[]"
             default = (

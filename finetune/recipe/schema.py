@@ -141,7 +141,7 @@ class Recipe(Section):
     def input_dir(self, stage: str, key: str) -> Path | None:
         """The folder a stage's `key` (start_from, reward_from) names: the recipe's value, the default
         earlier stage's output when unset, or None for 'none' (no adapter)."""
-        value = getattr(self.section(stage), key)
+        value = self.section(stage).input_ref(key)
         if value is None:
             earlier = STAGES[stage].default_input(key)
             return self.stage_dir(earlier) if earlier else None

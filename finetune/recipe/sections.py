@@ -12,9 +12,9 @@ Path keys carry `json_schema_extra={"path": ...}`: "recipe" for inputs that trav
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import NO_ADAPTER
 
@@ -34,6 +34,12 @@ class Section(BaseModel):
     (pydantic takes .inf and .nan for a float unless told not to)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    def input_ref(self, key: str) -> str | None:
+        """The value of a key that names an earlier stage's output (start_from, reward_from): None for the
+        default stage's output, 'none' for no adapter, else a folder. A section whose key is derived from
+        others (the RL stages' `rewards`) overrides this."""
+        return getattr(self, key)
 
 
 class ModelSection(Section):
@@ -310,7 +316,9 @@ class RlOptimisation(Section):
 
     mini_batches: int = Field(1, gt=0, description="Minibatches per pass over a rollout (one optimiser step each).")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
-    learning_rate: float = Field(1e-5, gt=0, description="Policy adapter learning rate.")
+    learning_rate: float = Field(
+        1e-5, ge=0, description="Policy adapter learning rate; 0 keeps the policy as it starts (a control run)."
+    )
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="LR schedule over updates."
     )
@@ -356,6 +364,89 @@ class PpoAlgorithm(RlOptimisation):
     )
     score_clip: float | None = Field(None, gt=0, description="Clip the shaped score to +-this (OpenRLHF uses 10).")
     value_learning_rate: float = Field(5e-5, gt=0, description="Value adapter and value head learning rate.")
+
+
+REWARD_EXTRAS = ("stopped", "response_tokens", "response_limit", "special_tokens")  # see finetune/rl/rewards.py
+
+
+class RewardTerm(Section):
+    """One term of an RL stage's reward: a rule function, or the learned reward model, with its weight."""
+
+    function: str | None = Field(
+        None,
+        description="Rule reward `module:function`, called as f(prompt, response, example) -> float (or "
+        "f(prompt, response)); keywords it declares by name among stopped, response_tokens, response_limit, "
+        "special_tokens are passed in (docs/rewards.md). Shipped: finetune.rl.rewards:exact_answer, numeric_answer, "
+        "format_reward, length_penalty. Modules beside the recipe are importable; the code runs with your "
+        "permissions: name only code you trust.",
+    )
+    model: str | None = Field(
+        None,
+        description="An entry without `function` is the learned reward: the reward stage's output folder "
+        "(default: <output_dir>/reward), scored on the policy's shared base and normalised (normalize_reward).",
+        json_schema_extra=CWD_PATH,
+    )
+    weight: float = Field(1.0, description="Weight of this term in the score (the terms are summed).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the function (e.g. {tolerance: 0.01})."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.function is not None and self.model is not None:
+            raise ValueError(
+                "a rewards entry is either a rule {function: module:name, weight: w} or the learned reward "
+                "{model: <reward stage output>, weight: w}, not both"
+            )
+        if self.function is None and self.kwargs:
+            raise ValueError("kwargs are for a rule function; the learned reward ({model: ...}) takes none")
+        if self.model is not None and self.model.strip().lower() == NO_ADAPTER:
+            raise ValueError(f"model: {NO_ADAPTER} is no reward: leave the learned reward's entry out instead")
+        clash = sorted(set(self.kwargs) & set(REWARD_EXTRAS))
+        if clash:
+            raise ValueError(
+                f"kwargs {clash}: the stage itself passes {', '.join(REWARD_EXTRAS)} to a function that declares them"
+            )
+        return self
+
+    def label(self) -> str:
+        """The term's name in logs and metrics: the function's name, or 'learned'."""
+        return self.function.rpartition(":")[2] if self.function else "learned"
+
+
+class RlRewards(Section):
+    """The reward of an RL stage (PPO, GRPO): rule functions and/or the learned reward model, weighted and
+    summed (finetune.rl.scoring). Defined once here so every RL stage takes the same `rewards:` list."""
+
+    rewards: list[RewardTerm] | None = Field(
+        None,
+        description="The reward, a weighted sum of terms: each {function: module:name, weight: w, kwargs: {...}} "
+        "(a rule) or {model: <reward stage output; null = <output_dir>/reward>, weight: w} (the learned reward, "
+        "at most one). Unset: the stage's reward_from / reward_function keys (ppo: the reward stage's learned "
+        "reward; grpo: none, so name a rule). Each term's mean is logged separately (reward_<name>).",
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _terms(cls, value):
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("an empty list is no reward: give at least one term, or leave rewards out")
+        if sum(t.function is None for t in value) > 1:
+            raise ValueError("at most one learned reward ({model: ...}) per stage: the stage loads one reward adapter")
+        return value
+
+    def reward_terms(self) -> list[tuple[str, RewardTerm]]:
+        """(recipe key for messages, term) of every term of the stage's reward, in order."""
+        terms = self.rewards if self.rewards is not None else [RewardTerm()]
+        return [(f"rewards[{i}]", t) for i, t in enumerate(terms)]
+
+    def input_ref(self, key: str) -> str | None:
+        if key != "reward_from":
+            return super().input_ref(key)
+        model = next((t for _, t in self.reward_terms() if t.function is None), None)
+        return NO_ADAPTER if model is None else model.model
 
 
 class GrpoAlgorithm(RlOptimisation):
@@ -412,7 +503,7 @@ class GrpoAlgorithm(RlOptimisation):
     overlong_penalty_factor: float = Field(1.0, ge=0, description="The soft overlong penalty at full length.")
 
 
-class RlStage(TrainedStage, FromEarlierStage):
+class RlStage(TrainedStage, FromEarlierStage, RlRewards):
     """What the RL stages share: prompts, rewards, how many updates of how many prompts, checkpoints and the
     held-out rollouts."""
 
@@ -422,11 +513,10 @@ class RlStage(TrainedStage, FromEarlierStage):
     )
     reward_function: str | None = Field(
         None,
-        description="Rule-based reward `module:function` called as f(prompt, response) or f(prompt, response, "
-        "example) -> float (example = the data row, e.g. its 'answer'); added to the learned reward. Modules "
-        "beside the recipe are importable. It runs as Python code with your permissions: name only code you trust.",
+        description="The older spelling of a rule reward (kept working; use `rewards`): `module:function` added "
+        "to the learned reward with weight `reward_function_weight`.",
     )
-    reward_function_weight: float = Field(1.0, description="Weight of the rule-based reward in the score.")
+    reward_function_weight: float = Field(1.0, description="Weight of `reward_function` in the score.")
     unique_prompts: bool = Field(
         True,
         description="Keep one copy of a repeated prompt (preference data repeats it once per pair); the count "
@@ -459,6 +549,36 @@ class RlStage(TrainedStage, FromEarlierStage):
     def _reward_spelling(cls, value):
         return _adapter_ref(value, "reward_from")
 
+    @model_validator(mode="after")
+    def _one_reward_form(self):
+        fields = type(self).model_fields  # each stage's own defaults (grpo.reward_from is none, ppo's unset)
+        older = [
+            k
+            for k in ("reward_from", "reward_function", "reward_function_weight")
+            if getattr(self, k) != fields[k].default
+        ]
+        if self.rewards is not None and older:
+            raise ValueError(
+                f"both rewards and {', '.join(older)} are set: they are two spellings of the reward; keep rewards "
+                "and move the others into it ({model: <reward_from>}, {function: <reward_function>, weight: "
+                "<reward_function_weight>})"
+            )
+        return self
+
+    def reward_terms(self) -> list[tuple[str, RewardTerm]]:
+        """The `rewards` list, or the older keys translated into it (reward_from -> the learned term unless
+        'none'; reward_function -> a rule term of weight reward_function_weight)."""
+        if self.rewards is not None:
+            return super().reward_terms()
+        terms = []
+        if self.reward_from is None or self.reward_from.strip().lower() != NO_ADAPTER:
+            terms.append(("reward_from", RewardTerm(model=self.reward_from)))
+        if self.reward_function:
+            terms.append(
+                ("reward_function", RewardTerm(function=self.reward_function, weight=self.reward_function_weight))
+            )
+        return terms
+
 
 class PpoSection(RlStage, PpoAlgorithm):
     """PPO with a learned and/or rule-based reward: finetune's own trainer (TRL no longer has a
@@ -466,8 +586,9 @@ class PpoSection(RlStage, PpoAlgorithm):
 
     reward_from: str | None = Field(
         None,
-        description=f"Reward-model stage output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only "
-        "`reward_function`. Must share the policy's base (both trained on the same SFT output).",
+        description=f"The older spelling of the learned reward (kept working; use `rewards`): reward-model stage "
+        f"output (default: <output_dir>/reward), or '{NO_ADAPTER}' to use only `reward_function`. Must share the "
+        "policy's base (both trained on the same SFT output).",
         json_schema_extra=CWD_PATH,
     )
     normalize_reward: bool = Field(
@@ -487,9 +608,10 @@ class GrpoSection(RlStage, GrpoAlgorithm):
 
     reward_from: str | None = Field(
         NO_ADAPTER,
-        description=f"A reward-stage output (e.g. <output_dir>/reward) whose adapter and score head score the "
-        f"completions on the shared base, added to `reward_function`; default '{NO_ADAPTER}': rule rewards only. "
-        "Must share the policy's base (both trained on the same SFT output).",
+        description=f"The older spelling of the learned reward (kept working; use `rewards`): a reward-stage output "
+        f"(e.g. <output_dir>/reward) whose adapter and score head score the completions on the shared base, added "
+        f"to `reward_function`; default '{NO_ADAPTER}': rule rewards only. Must share the policy's base (both "
+        "trained on the same SFT output).",
         json_schema_extra=CWD_PATH,
     )
     normalize_reward: bool = Field(

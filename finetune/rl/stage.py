@@ -28,6 +28,8 @@ from finetune.recipe import STAGES, Recipe, RecipeError
 from . import checkpoints
 from .engine import POLICY, VALUE, MultiAdapterModel, RolloutEngine, build_model
 from .functional import prompt_indices
+from .rules import learned_weight
+from .scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,25 @@ def resolve_start(recipe: Recipe, stage: str) -> tuple[list[str], str | None, st
     reward model's own start (normally the SFT output). The policy's chain must begin with it; what
     follows (normally the DPO adapter) becomes the trainable policy, a frozen copy the reference.
     """
-    s = recipe.section(stage)
+    terms = recipe.section(stage).reward_terms()
+    if not terms:  # before anything else is looked at: no earlier output makes up for it
+        raise RecipeError(
+            f"{recipe.source}: {stage} has no reward ({stage}.reward_from is none and no {stage}.reward_function is "
+            f"set): name a rule function ({stage}.rewards: [{{function: finetune.rl.rewards:exact_answer}}], any "
+            "module:function) and/or the learned reward ({model: <output_dir>/reward}, after `finetune reward`)"
+        )
     policy_chain = start_chain(recipe, stage, "start_from")
     reward_dir = recipe.input_dir(stage, "reward_from")
-    if reward_dir is None and not s.reward_function:
-        raise RecipeError(
-            f"{recipe.source}: {stage}.reward_from is none and no {stage}.reward_function is set: {stage} needs a "
-            "reward; train one (finetune reward) or name a rule-based function as module:function"
-        )
     if reward_dir is None:  # no reward adapter to share a base with: merge the whole policy chain, fresh LoRA
         return policy_chain, None, None
+    reward_key = next(f"{stage}.{k}" for k, t in terms if t.function is None)  # rewards[i] or the older reward_from
     reward = str(
         check_adapter_folder(
             recipe,
-            f"{stage}.reward_from",
+            reward_key,
             reward_dir,
-            f"run `finetune reward {recipe.source}` first, or set {stage}.reward_from=none and name a "
-            f"{stage}.reward_function",
+            f"run `finetune reward {recipe.source}` first, or use only rule rewards ({stage}.rewards: "
+            "[{function: module:name}])",
         )
     )
     shared = adapter_chain(reward)[:-1]  # what the reward model was trained on top of
@@ -70,7 +74,7 @@ def resolve_start(recipe: Recipe, stage: str) -> tuple[list[str], str | None, st
             f"same SFT output (reward.start_from) or start {stage} from it ({stage}.start_from)"
         )
     rest = policy_chain[len(shared) :]
-    for key, folder in ((f"{stage}.start_from", rest[0] if rest else None), (f"{stage}.reward_from", reward)):
+    for key, folder in ((f"{stage}.start_from", rest[0] if rest else None), (reward_key, reward)):
         saved = fully_trained_modules(folder) if folder else []
         if saved:
             raise RecipeError(
@@ -164,6 +168,22 @@ def build_policy_model(
         f"frozen copy of {policy_from}" if policy_from else "the base with adapters disabled",
     )
     return model
+
+
+def build_scorer(recipe: Recipe, stage: str, model: MultiAdapterModel, rules: list, tokenizer) -> Scorer:
+    """The stage's reward (its `rewards` terms: the rules, loaded by finetune.rl.rules.load_rules, and the learned
+    reward's weight) as one scorer; PPO and GRPO score the same way."""
+    s = recipe.section(stage)
+    return Scorer(
+        model,
+        rules,
+        tokenizer,
+        tokenizer.pad_token_id,
+        s.normalize_reward,
+        s.micro_batch_size,
+        learned_weight=learned_weight(recipe, stage),
+        response_limit=s.response_length,
+    )
 
 
 # ----------------------------------------------------------------------------- resume
@@ -297,6 +317,18 @@ def window_mean(log_rows: list[dict], key: str, last: bool) -> float | None:
     return sum(part) / len(part)
 
 
+def term_lines(metrics: dict) -> list[tuple[str, str]]:
+    """One summary line per reward term (first -> last 10% of updates, unweighted) when there are several."""
+    if len(metrics["rewards"]) < 2:
+        return []
+    lines = []
+    for t in metrics["rewards"]:
+        start, end = metrics.get(f"reward_{t['term']}_start"), metrics.get(f"reward_{t['term']}_end")
+        if start is not None:
+            lines.append((f"reward term {t['term']} (x{t['weight']:g})", f"{start:.3f} -> {end:.3f}"))
+    return lines
+
+
 def earlier_correctness(recipe: Recipe, stage: str) -> dict:
     """Held-out correctness of the chat-model stages' outputs before `stage` in pipeline order that measure it,
     for the summary."""
@@ -357,6 +389,12 @@ def common_metrics(
         "policy_initialised_from": policy_from,
         "reward_from": reward_from,
         "reward_function": s.reward_function,
+        "rewards": scorer.terms(),
+        **{
+            f"reward_{t['term']}_{edge}": window_mean(history, f"reward_{t['term']}", last=edge == "end")
+            for t in scorer.terms()
+            for edge in ("start", "end")
+        },
         "reward_normalisation": scorer.norm,
         "train_prompts": len(prompts.ids),
         "dropped_overlong_prompts": prompts.report.dropped_overlong,
@@ -414,7 +452,7 @@ class StageParts:
     from the update log, and its closing summary."""
 
     value_init: str | None
-    build_engine: object  # (recipe, model, rule, tokenizer, template) -> (scorer, engine)
+    build_engine: object  # (recipe, model, rules, tokenizer, template) -> (scorer, engine)
     figures: object  # stats -> {label: value} for a step line
     bar: dict  # progress-bar label -> stats key
     own_metrics: object  # (history, engine) -> dict
@@ -434,7 +472,7 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
     from finetune.core.training import check_precision
 
     from .engine import adapters_in_sync
-    from .scoring import load_reward_function
+    from .rules import load_rules
 
     s = recipe.section(stage)
     check_precision(recipe)
@@ -456,7 +494,7 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
     if parts.check_settings is not None:
         parts.check_settings(recipe, main)
     start = resolve_start(recipe, stage)
-    rule = load_reward_function(s.reward_function, recipe, stage)
+    rules = load_rules(recipe, stage)  # imported and their signatures checked before any model loads
     set_seed(recipe.seed)
     template, tokenizer = template_for(recipe), load_tokenizer(recipe)
     prompts = load_prompts(recipe, stage, tokenizer, template)
@@ -464,7 +502,7 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
 
     model = build_policy_model(recipe, *start, device, parts.value_init)
     fingerprint = base_fingerprint(model.peft)
-    scorer, engine = parts.build_engine(recipe, model, rule, tokenizer, template)
+    scorer, engine = parts.build_engine(recipe, model, rules, tokenizer, template)
 
     def correctness():
         if not main:

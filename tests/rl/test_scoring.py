@@ -10,6 +10,7 @@ import torch
 
 from finetune.core.modeling import load_tokenizer
 from finetune.recipe import load_recipe
+from finetune.rl.rules import RuleReward
 from finetune.rl.scoring import Scorer
 from tests.conftest import TINY_RECIPE
 from tests.rl.test_engine import LLAMA_TARGETS, PAD, make_model, save_reward_adapter, tiny_llama
@@ -20,8 +21,9 @@ PROMPT_WIDTH = 3
 
 def scorer(model, tokenizer, rule=None, weight=1.0, normalize=True):
     """The scorer of `model` (its learned reward when it has a reward head) plus `rule` at `weight`: the one place
-    these tests build it."""
-    return Scorer(model, rule, weight, tokenizer, PAD, normalize, micro=2)
+    these tests build it (a rules entry {function: ..., weight: ...} as finetune.rl.rules.load_rules makes it)."""
+    rules = [RuleReward("ppo.rewards[1]", f"tests:{rule.__name__}", rule, weight, label=rule.__name__)] if rule else []
+    return Scorer(model, rules, tokenizer, PAD, normalize, micro=2)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,9 @@ def test_the_score_is_the_normalised_learned_reward_plus_the_weighted_rule(rewar
     rule = torch.tensor([1.0, 0.0, 1.0, 0.0])
     torch.testing.assert_close(total, normalised + 2.0 * rule, atol=1e-4, rtol=1e-4)
     assert info["score"] == pytest.approx(total.mean().item(), abs=1e-6)
-    assert info["score_rule"] == pytest.approx(0.5) and info["score_learned_raw"] == pytest.approx(raw.mean().item())
+    assert info["reward_exact_answer"] == pytest.approx(0.5)  # each term's own mean, unweighted
+    assert info["score_rule"] == pytest.approx(2.0 * 0.5)  # the rules' part of the score, weighted
+    assert info["score_learned_raw"] == pytest.approx(raw.mean().item())
 
 
 def test_the_normalisation_is_fixed_from_the_first_rollout(reward, tokenizer):

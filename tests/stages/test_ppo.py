@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.recipe import RecipeError, load_recipe
-from finetune.rl.scoring import load_reward_function
+from finetune.rl.rules import load_rules
 from tests.conftest import ROOT, TINY_RECIPE, subprocess_env
 
 # A few small updates: enough to exercise every part (checkpoints every 2, learned + rule reward).
@@ -100,7 +100,7 @@ def test_resume_continues_the_same_run(sft_run, reward_run, tmp_path):
 
     def log(x):
         rows = [json.loads(line) for line in (tmp_path / x / "ppo" / "updates.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+        return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
     assert log("a") == log("b") and len(log("a")) == 4
     assert sorted(p.name for p in (tmp_path / "b" / "ppo-checkpoints").glob("update-*")) == ["update-2", "update-4"]
@@ -131,9 +131,11 @@ def test_a_rule_reward_alone_and_a_function_beside_the_recipe(sft_run, tmp_path)
     assert m["score_start"] <= 0  # -len/10 (plus the missing-EOS penalty)
 
     with pytest.raises(RecipeError, match="ppo.reward_function: 'my_rules' must look like module:function"):
-        load_reward_function("my_rules", load_recipe(recipe_file))
-    with pytest.raises(RecipeError, match="cannot load 'my_rules:nope'.*a .py file beside the recipe"):
-        load_reward_function("my_rules:nope", load_recipe(recipe_file))
+        load_rules(load_recipe(recipe_file, ["ppo.reward_function=my_rules"]), "ppo")
+    with pytest.raises(
+        RecipeError, match=r"ppo.rewards\[0\]: cannot load 'my_rules:nope'.*a .py file beside the recipe"
+    ):
+        load_rules(load_recipe(recipe_file, ["ppo.rewards=[{function: my_rules:nope}]"]), "ppo")
 
 
 def test_missing_stage_outputs_are_refused_before_loading(tmp_path):
@@ -191,3 +193,21 @@ def test_held_out_rollout_prompts_are_a_diagnostic(tmp_path, caplog):
     assert prompts.eval_ids == [] and len(prompts.eval_rows) == 2 and prompts.ids
     assert "held-out rollouts skipped" in caplog.text
     assert not prompts.eval_report.drops
+
+
+def test_a_reward_function_of_the_wrong_arity_stops_the_stage_before_any_model_loads(tmp_path, monkeypatch):
+    from finetune import ppo
+    from finetune.core import modeling
+    from finetune.rl import stage
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the reward functions must be checked before a model loads")
+
+    monkeypatch.setattr(stage, "build_policy_model", no_model)
+    monkeypatch.setattr(modeling, "load_tokenizer", no_model)
+    (tmp_path / "arity_rules.py").write_text("def judge(prompt):\n    return 1.0\n")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(TINY_RECIPE.read_text().replace("../data/", f"{ROOT}/data/"))
+    overrides = [f"output_dir={tmp_path}", "ppo.start_from=none", "ppo.rewards=[{function: arity_rules:judge}]"]
+    with pytest.raises(RecipeError, match=r"ppo.rewards\[0\]: reward function arity_rules:judge\(prompt\) cannot be"):
+        ppo.run(load_recipe(recipe_file, overrides))
