@@ -173,7 +173,28 @@ def adapter_hash(folder: str | Path) -> str | None:
     weights = sha256_file(folder / "adapter_model.safetensors")
     if weights is None:
         return None
-    return digest([weights, sha256_file(folder / "adapter_config.json")])
+    return digest([weights, adapter_config_digest(folder / "adapter_config.json")])
+
+
+# PEFT keeps these as sets and writes them as lists in the process's set order (which PYTHONHASHSEED varies):
+# the same adapter saved by two processes, or two nodes, lists them in different orders.
+SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform")
+
+
+def adapter_config_digest(path: Path) -> str | None:
+    """The content of an adapter_config.json, independent of key order and of the order of PEFT's set-valued
+    lists (SET_VALUED)."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return sha256_file(path)  # unreadable as JSON: its bytes (the adapter's loader will say what is wrong)
+    if isinstance(config, dict):
+        for key in SET_VALUED:
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key], key=str)
+    return digest(config)
 
 
 def adapter_record(adapter: str | Path, output: str | Path) -> dict:

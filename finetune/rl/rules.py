@@ -7,11 +7,13 @@ naming the function, the data row and the response. The shipped functions: finet
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import numbers
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe, RecipeError
@@ -65,6 +67,22 @@ class RuleReward:
         )
 
 
+def _module(module_name: str, beside: Path):
+    """The module `module_name`: the .py file beside the recipe when there is one (this recipe's own, even when a
+    module of that name was imported before in this process, from another recipe's folder), else an import."""
+    local = beside / (module_name.replace(".", "/") + ".py")
+    if not local.is_file():
+        return importlib.import_module(module_name)
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == local.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location(module_name, local)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as an import would: pickling and worker processes find it by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def _import(spec: str, key: str, recipe: Recipe):
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
@@ -78,11 +96,16 @@ def _import(spec: str, key: str, recipe: Recipe):
     if str(recipe.base_dir) not in sys.path:
         sys.path.insert(0, str(recipe.base_dir))
     try:
-        fn = getattr(importlib.import_module(module_name), name)
+        fn = getattr(_module(module_name, Path(recipe.base_dir)), name)
     except (ImportError, AttributeError) as e:
         raise RecipeError(
             f"{recipe.source}: {key}: cannot load {spec!r} ({e}); the module must be importable (installed, or a "
             ".py file beside the recipe)"
+        ) from None
+    except Exception as e:  # the module itself failed as it ran (a syntax error, an exception at import)
+        raise RecipeError(
+            f"{recipe.source}: {key}: cannot load {spec!r}: importing its module raised {type(e).__name__}: {e}; "
+            "fix the module"
         ) from None
     if not callable(fn):
         raise RecipeError(f"{recipe.source}: {key}: {spec} is a {type(fn).__name__}, not a function")

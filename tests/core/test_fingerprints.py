@@ -251,3 +251,16 @@ def test_a_hash_in_a_change_is_shown_short():
     old = {"settings": {"deepspeed": "a" * 64}}
     new = {"settings": {"deepspeed": "b" * 64}}
     assert changes(old, new, "sft") == [f"deepspeed: sha256 {'a' * 12} -> sha256 {'b' * 12}"]
+
+
+def test_an_adapter_is_the_same_content_whatever_order_peft_listed_its_modules(tmp_path):
+    """PEFT writes target_modules (a set) in the saving process's hash order: two nodes saving the same adapter
+    write the lists in different orders, which must not read as different adapters; another rank must."""
+    config = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "fc2"], "modules_to_save": None}
+    for name, modules in (("a", ["q_proj", "k_proj", "fc2"]), ("b", ["fc2", "q_proj", "k_proj"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"same weights")
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, "target_modules": modules}))
+    assert adapter_hash(tmp_path / "a") == adapter_hash(tmp_path / "b")
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    assert adapter_hash(tmp_path / "a") != adapter_hash(tmp_path / "b")

@@ -128,7 +128,8 @@ def check_pipeline(run: dict, family: str) -> None:
     # the recipe's chaining: reward and DPO on the SFT model, PPO's policy from DPO and reward from the reward
     # model, GRPO's a new LoRA on the SFT model with the recipe's numeric rule on GSM8K, the export (the last chat
     # stage, GRPO) merging SFT + the GRPO policy
-    assert m["reward"]["start_from"] == [str(out / "sft")] and m["dpo"]["start_from"] == [str(out / "sft")]
+    for stage in ("reward", "dpo"):  # recorded relative to the output, with the absolute path and the content hash
+        assert [(r["path"], r["absolute"]) for r in m[stage]["start_from"]] == [("../sft", str(out / "sft"))], stage
     assert m["ppo"]["policy_initialised_from"] == str(out / "dpo") and m["ppo"]["reward_from"] == str(out / "reward")
     from finetune.core.lineage import adapter_chain
 

@@ -108,6 +108,31 @@ def test_a_rule_of_the_wrong_arity_is_refused_at_load_naming_it(tmp_path):
         _recipe("[{function: my_rules:tol, kwargs: {stopped: true}}]", tmp_path, module)
 
 
+def test_each_recipe_gets_the_module_beside_it_and_a_module_that_fails_is_named(tmp_path):
+    """Two recipes in one process, each with its own my_rules.py: each gets its own (not the first one imported,
+    which the import cache would give); a module that raises as it is imported is one message naming it."""
+    first, second, broken = (tmp_path / name for name in ("first", "second", "broken"))
+    for folder, body in (
+        (first, "def a(prompt, response):\n    return 1.0\n"),
+        (second, "def b(prompt, response):\n    return 2.0\n"),
+    ):
+        folder.mkdir()
+        (folder / "my_rules.py").write_text(body)
+        (folder / "recipe.yaml").write_text(
+            TINY_RECIPE.read_text().replace("../data/", f"{TINY_RECIPE.parent.parent}/data/")
+        )
+    rules = [
+        load_rules(load_recipe(folder / "recipe.yaml", [f"ppo.rewards=[{{function: my_rules:{fn}}}]"]), "ppo")[0]
+        for folder, fn in ((first, "a"), (second, "b"))
+    ]
+    assert [r.fn("q", "r") for r in rules] == [1.0, 2.0]
+    broken.mkdir()
+    (broken / "my_rules.py").write_text("raise RuntimeError('no GPU here')\n")
+    (broken / "recipe.yaml").write_text((first / "recipe.yaml").read_text())
+    with pytest.raises(RecipeError, match=r"my_rules:a'?: importing its module raised RuntimeError: no GPU here"):
+        load_rules(load_recipe(broken / "recipe.yaml", ["ppo.rewards=[{function: my_rules:a}]"]), "ppo")
+
+
 def test_the_older_reward_keys_and_the_list_are_one_reward(tmp_path):
     legacy = load_recipe(TINY_RECIPE, ["ppo.reward_function=finetune.rl.rewards:exact_answer"])
     terms = [(k, t.function, t.weight) for k, t in legacy.ppo.reward_terms()]
