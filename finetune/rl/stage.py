@@ -544,8 +544,11 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
         ),
     }
     out = recipe.stage_dir(stage)
-    # every writer (one per node when each node has its own output folder) saves the main process's figures
+    # every writer (one per node when each node has its own output folder) saves the main process's figures, with
+    # its own folders: a node's output names the adapters on that node's disk, never the main node's paths
+    local = {key: metrics[key] for key in ("start_from", "policy_initialised_from", "reward_from")}
     metrics, rows = distributed.broadcast_from_main((metrics, samples.rows()))
+    metrics = {**metrics, **local}
     if distributed.writes_output(out.parent):
         reports = {"train": prompts.report, "eval": prompts.eval_report}
         save_output(out, stage, model, tokenizer, recipe, metrics, log_file, samples=rows, reports=reports)
