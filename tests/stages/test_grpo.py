@@ -141,3 +141,27 @@ def test_refusals_before_anything_loads(tmp_path, monkeypatch):
 
         ppo.check_settings(load_recipe(TINY_RECIPE, ["ppo.use_vllm=true"]), True)
     assert not (tmp_path / "grpo").exists()
+
+
+@pytest.fixture(scope="module")
+def grpo_learning(sft_run, tmp_path_factory):
+    """The shipped GRPO section as it is (the exact-answer rule, from the session's SFT model), and the same run
+    with learning switched off (learning_rate 0: the control)."""
+    from finetune.cli import main
+
+    runs = {}
+    for name, extra in (("trained", []), ("control", ["grpo.learning_rate=0"])):
+        out = tmp_path_factory.mktemp(f"grpo_{name}")
+        args = [f"output_dir={out}", f"grpo.start_from={sft_run[2]}", "samples.count=0", *extra]
+        assert main(["grpo", str(TINY_RECIPE), *args]) == 0
+        runs[name] = json.loads((out / "grpo" / "metrics.json").read_text())
+    return runs
+
+
+def test_grpo_raises_held_out_correctness_and_the_control_does_not(grpo_learning):
+    """Greedy correctness (right and stopped) on the fixed held-out questions, before and after."""
+    trained, control = grpo_learning["trained"], grpo_learning["control"]
+    gain = {name: m["correct_rate_after"] - m["correct_rate_before"] for name, m in grpo_learning.items()}
+    assert trained["correct_rate_before"] == control["correct_rate_before"]
+    assert gain["trained"] >= 0.05, trained  # at least 2 of the 31 questions more
+    assert not gain["control"] >= 0.05, control  # the same check fails with learning switched off
