@@ -39,15 +39,26 @@ FOUR_BIT = [
     "ppo.response_length=4",
     "ppo.eval_generate_rows=0",
     "ppo.eval_prompts=0",
+    # the 4-bit reward model in place of the recipe's rule (a 2-step SFT model's exact answers all score 0)
+    "grpo.reward_function=null",
+    "grpo.rewards=[{model: null}]",
+    "grpo.updates=1",
+    "grpo.save_every=1",
+    "grpo.rollout_batch_size=2",
+    "grpo.num_generations=2",
+    "grpo.micro_batch_size=4",
+    "grpo.max_completion_length=4",
+    "grpo.eval_generate_rows=0",
+    "grpo.eval_prompts=0",
     "export.eval_generate_rows=0",
     "export.parity_prompts=2",
 ]
 
 
-def test_reward_dpo_and_ppo_train_on_a_4bit_base_and_the_export_keeps_parity(tmp_path, monkeypatch):
+def test_reward_dpo_ppo_and_grpo_train_on_a_4bit_base_and_the_export_keeps_parity(tmp_path, monkeypatch):
     import bitsandbytes as bnb
 
-    from finetune import dpo, export, ppo, reward, sft
+    from finetune import dpo, export, grpo, ppo, reward, sft
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: bench/gpu.py runs the 4-bit chain on the GPU")
@@ -62,10 +73,10 @@ def test_reward_dpo_and_ppo_train_on_a_4bit_base_and_the_export_keeps_parity(tmp
 
     monkeypatch.setattr(modeling, "quantised_merge", watched)
     recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", *FOUR_BIT])
-    results = {stage.__name__.rsplit(".", 1)[-1]: stage.run(recipe) for stage in (sft, reward, dpo, ppo)}
+    results = {stage.__name__.rsplit(".", 1)[-1]: stage.run(recipe) for stage in (sft, reward, dpo, ppo, grpo)}
 
-    # reward, DPO and PPO each started from the SFT adapter merged into the original weights, then quantised
-    assert quantised == [(1, 4 * 6)] * 3
+    # reward, DPO, PPO and GRPO each started from the SFT adapter merged into the original weights, then quantised
+    assert quantised == [(1, 4 * 6)] * 4
     for stage, m in results.items():
         assert m["base_unchanged"], stage
         weights = load_file(str(tmp_path / stage / "adapter_model.safetensors"))
@@ -73,7 +84,9 @@ def test_reward_dpo_and_ppo_train_on_a_4bit_base_and_the_export_keeps_parity(tmp
     assert results["ppo"]["updates"] == 1 and [p.rsplit("/", 1)[-1] for p in results["ppo"]["start_from"]] == ["sft"]
     assert json.loads((tmp_path / "dpo-checkpoints" / "run_identity.json").read_text())["model"]["load_in_4bit"]
 
-    m = export.run(recipe)  # merges in fp32 from the original weights: no 4-bit anywhere in the export
+    assert results["grpo"]["updates"] == 1 and results["grpo"]["start_from"] == results["ppo"]["start_from"]
+    # merges in fp32 from the original weights: no 4-bit anywhere in the export (of PPO's chain, the longest)
+    m = export.run(load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", *FOUR_BIT, "export.stage=ppo"]))
     assert m["stage"] == "ppo" and m["parity_max_abs_diff_fp32"] < 1e-4
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert "quantization_config" not in config
