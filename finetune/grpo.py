@@ -15,14 +15,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from finetune.chat_template import end_of_turn_ids
 from finetune.core.summary import figure, print_summary, rate
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 from finetune.rl import stage as rl
-from finetune.rl.engine import MultiAdapterModel
 from finetune.rl.grpo_engine import GRPOEngine
-from finetune.rl.scoring import Scorer
 
 log = logging.getLogger("finetune.grpo")
 
@@ -63,28 +60,6 @@ def check_settings(recipe: Recipe, main: bool) -> None:
         from finetune.rl.vllm_rollout import check_available
 
         check_available(recipe, STAGE)
-
-
-def build_engine(recipe: Recipe, model: MultiAdapterModel, rules, tokenizer, template) -> tuple[Scorer, GRPOEngine]:
-    """The scorer (learned reward and/or rules) and the GRPO engine over the one model."""
-    s = recipe.grpo
-    scorer = rl.build_scorer(recipe, STAGE, model, rules, tokenizer)
-    engine = GRPOEngine(
-        model,
-        s,
-        scorer,
-        end_of_turn_ids(tokenizer, template),
-        tokenizer.pad_token_id,
-        seed=recipe.seed,
-        fp16=recipe.precision == "fp16",
-        total_updates=s.updates,
-        loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
-    )
-    if s.use_vllm:
-        from finetune.rl.vllm_rollout import VllmSampler
-
-        engine.sampler = VllmSampler(recipe, STAGE, model, tokenizer, engine)
-    return scorer, engine
 
 
 def own_metrics(history: list[dict], engine: GRPOEngine) -> dict:
@@ -165,7 +140,7 @@ def summarise(metrics: dict, engine: GRPOEngine, recipe: Recipe, replies: list[s
 def run(recipe: Recipe) -> dict:
     parts = rl.StageParts(
         value_init=None,
-        build_engine=build_engine,
+        engine=GRPOEngine,
         figures=grpo_figures,
         bar={"reward": "reward", "len": "response_length"},
         own_metrics=own_metrics,

@@ -14,14 +14,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from finetune.chat_template import end_of_turn_ids
 from finetune.core.summary import figure, print_summary, rate
 from finetune.launch import stage_main
 from finetune.recipe import STAGES, Recipe, RecipeError
 from finetune.rl import stage as rl
-from finetune.rl.engine import MultiAdapterModel
 from finetune.rl.ppo_engine import PPOEngine
-from finetune.rl.scoring import Scorer
 
 log = logging.getLogger("finetune.ppo")
 
@@ -104,28 +101,6 @@ def check_settings(recipe: Recipe, main: bool) -> None:
         )
 
 
-def build_engine(recipe: Recipe, model: MultiAdapterModel, rules, tokenizer, template) -> tuple[Scorer, PPOEngine]:
-    """The scorer (learned reward and/or rules) and the PPO engine over the one model."""
-    s = recipe.ppo
-    scorer = rl.build_scorer(recipe, STAGE, model, rules, tokenizer)
-    engine = PPOEngine(
-        model,
-        s,
-        scorer,
-        end_of_turn_ids(tokenizer, template),
-        tokenizer.pad_token_id,
-        seed=recipe.seed,
-        fp16=recipe.precision == "fp16",
-        total_updates=s.updates,
-        loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
-    )
-    if s.use_vllm:
-        from finetune.rl.vllm_rollout import VllmSampler
-
-        engine.sampler = VllmSampler(recipe, STAGE, model, tokenizer, engine)
-    return scorer, engine
-
-
 def own_metrics(history: list[dict], engine: PPOEngine) -> dict:
     """PPO's headline figures from its update log: the score and KL over the first and last 10% of updates."""
     return {
@@ -139,7 +114,7 @@ def own_metrics(history: list[dict], engine: PPOEngine) -> dict:
 def run(recipe: Recipe) -> dict:
     parts = rl.StageParts(
         value_init=recipe.ppo.value_init,
-        build_engine=build_engine,
+        engine=PPOEngine,
         figures=ppo_figures,
         bar={"score": "score", "kl": "kl"},
         own_metrics=own_metrics,

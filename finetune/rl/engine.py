@@ -327,9 +327,11 @@ def _scheduler(kind: str, optimizer, total_updates: int):
 class RolloutEngine:
     """Sampling, truncation, re-scoring and the optimiser step that every RL update here shares.
 
-    `optimizers` maps a name to (parameters, learning rate); `settings` carries the optimiser keys
-    (adam_epsilon, weight_decay, lr_scheduler_type, max_grad_norm, gradient_checkpointing) and
-    micro_batch_size; the subclass says how long responses are and at what temperature they are sampled.
+    `score_fn(ids, mask, prompt_width, responses, resp_mask, has_stop, rows)` gives the raw reward of each
+    sequence [B] and a dict of figures; `settings` carries the optimiser keys (adam_epsilon, weight_decay,
+    lr_scheduler_type, max_grad_norm, gradient_checkpointing), micro_batch_size and temperature. The subclass
+    says what it trains (`trained`: name -> (parameters, learning rate), one optimiser each) and how long a
+    response may be (`response_length_of`).
     With several processes each one rolls out its own prompts and gradients are averaged by all-reduce
     (plain data parallel; docs/ppo.md says why not ZeRO-2)."""
 
@@ -337,20 +339,18 @@ class RolloutEngine:
         self,
         model: MultiAdapterModel,
         settings,
-        optimizers: dict[str, tuple[list[nn.Parameter], float]],
+        score_fn,
         stop_ids: list[int],
         pad_id: int,
-        *,
-        response_length: int,
-        temperature: float,
         seed: int = 0,
         fp16: bool = False,
         total_updates: int = 1,
         switches: SpeedSwitches | None = None,
         loraplus_lr_ratio: float | None = None,
     ):
-        self.model, self.s = model, settings
-        self.response_length, self.temperature = response_length, temperature
+        self.model, self.s, self.score_fn = model, settings, score_fn
+        self.response_length, self.temperature = self.response_length_of(settings), settings.temperature
+        optimizers = self.trained(model, settings)
         self.micro = settings.micro_batch_size
         self.fast = switches or SpeedSwitches()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
@@ -375,6 +375,15 @@ class RolloutEngine:
             model.peft.get_base_model().gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+
+    @staticmethod
+    def trained(model: MultiAdapterModel, settings) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """What the update trains: optimiser name -> (parameters, learning rate). The policy adapter here."""
+        return {"policy": (model.policy_parameters(), settings.learning_rate)}
+
+    @staticmethod
+    def response_length_of(settings) -> int:
+        raise NotImplementedError
 
     @property
     def policy_opt(self):

@@ -21,7 +21,7 @@ from finetune.core import distributed
 from finetune.recipe import GrpoAlgorithm
 
 from . import functional as F
-from .engine import POLICY, REFERENCE, MultiAdapterModel, RolloutEngine, Sequences, SpeedSwitches
+from .engine import POLICY, REFERENCE, RolloutEngine, Sequences
 
 
 @dataclass
@@ -40,35 +40,14 @@ class GRPOEngine(RolloutEngine):
     `score_fn` is the PPO engine's: `(ids, mask, prompt_width, responses, resp_mask, has_stop, rows)` -> (raw
     rewards [B], figures). `settings` is the recipe's `grpo` section (or any GrpoAlgorithm)."""
 
-    def __init__(
-        self,
-        model: MultiAdapterModel,
-        settings: GrpoAlgorithm,
-        score_fn,
-        stop_ids: list[int],
-        pad_id: int,
-        seed: int = 0,
-        fp16: bool = False,
-        total_updates: int = 1,
-        switches: SpeedSwitches | None = None,
-        loraplus_lr_ratio: float | None = None,
-    ):
-        super().__init__(
-            model,
-            settings,
-            {"policy": (model.policy_parameters(), settings.learning_rate)},
-            stop_ids,
-            pad_id,
-            response_length=settings.max_completion_length,
-            temperature=settings.temperature,
-            seed=seed,
-            fp16=fp16,
-            total_updates=total_updates,
-            switches=switches,
-            loraplus_lr_ratio=loraplus_lr_ratio,
-        )
-        self.score_fn = score_fn
-        self.k = settings.num_generations
+    @staticmethod
+    def response_length_of(settings: GrpoAlgorithm) -> int:
+        return settings.max_completion_length
+
+    @property
+    def k(self) -> int:
+        """Completions per prompt (the group size)."""
+        return self.s.num_generations
 
     @property
     def on_policy(self) -> bool:

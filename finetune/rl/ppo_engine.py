@@ -12,7 +12,7 @@ from finetune.core import distributed
 from finetune.recipe import PpoAlgorithm
 
 from . import functional as F
-from .engine import POLICY, REFERENCE, VALUE, MultiAdapterModel, RolloutEngine, Sequences, SpeedSwitches
+from .engine import POLICY, REFERENCE, VALUE, MultiAdapterModel, RolloutEngine, Sequences
 
 
 @dataclass
@@ -37,38 +37,21 @@ class PPOEngine(RolloutEngine):
     PpoAlgorithm); `total_updates` sizes the learning-rate schedule.
     """
 
-    def __init__(
-        self,
-        model: MultiAdapterModel,
-        settings: PpoAlgorithm,
-        score_fn,
-        stop_ids: list[int],
-        pad_id: int,
-        seed: int = 0,
-        fp16: bool = False,
-        total_updates: int = 1,
-        switches: SpeedSwitches | None = None,
-        loraplus_lr_ratio: float | None = None,
-    ):
-        super().__init__(
-            model,
-            settings,
-            {
-                "policy": (model.policy_parameters(), settings.learning_rate),
-                "value": (model.value_parameters(), settings.value_learning_rate),
-            },
-            stop_ids,
-            pad_id,
-            response_length=settings.response_length,
-            temperature=settings.temperature,
-            seed=seed,
-            fp16=fp16,
-            total_updates=total_updates,
-            switches=switches,
-            loraplus_lr_ratio=loraplus_lr_ratio,
-        )
-        self.score_fn = score_fn
-        self.beta = settings.kl_coef
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = self.s.kl_coef  # the KL coefficient in use: the adaptive controller moves it
+
+    @staticmethod
+    def trained(model: MultiAdapterModel, settings: PpoAlgorithm) -> dict:
+        """The policy and the value adapter, each with its own learning rate."""
+        return {
+            "policy": (model.policy_parameters(), settings.learning_rate),
+            "value": (model.value_parameters(), settings.value_learning_rate),
+        }
+
+    @staticmethod
+    def response_length_of(settings: PpoAlgorithm) -> int:
+        return settings.response_length
 
     @property
     def value_opt(self):

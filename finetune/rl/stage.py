@@ -442,17 +442,42 @@ def save_output(
         discard(tmp)
 
 
+def build_engine(recipe: Recipe, stage: str, engine_class: type[RolloutEngine], model, rules, tokenizer, template):
+    """The stage's scorer (learned reward and/or rules) and its engine over the one model, rolling out with vLLM
+    when `<stage>.use_vllm`."""
+    from finetune.chat_template import end_of_turn_ids
+
+    s = recipe.section(stage)
+    scorer = build_scorer(recipe, stage, model, rules, tokenizer)
+    engine = engine_class(
+        model,
+        s,
+        scorer,
+        end_of_turn_ids(tokenizer, template),
+        tokenizer.pad_token_id,
+        seed=recipe.seed,
+        fp16=recipe.precision == "fp16",
+        total_updates=s.updates,
+        loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
+    )
+    if s.use_vllm:
+        from .vllm_rollout import VllmSampler
+
+        engine.sampler = VllmSampler(recipe, stage, model, tokenizer, engine)
+    return scorer, engine
+
+
 # ----------------------------------------------------------------------------- the stage, start to end
 
 
 @dataclass
 class StageParts:
-    """What an RL stage module supplies to `run`: its value adapter (PPO: "reward" or "new"; GRPO: None), how to
-    build its scorer and engine over the model, what its step lines and progress bar show, its own metrics
+    """What an RL stage module supplies to `run`: its value adapter (PPO: "reward" or "new"; GRPO: None), its
+    engine class, what its step lines and progress bar show, its own metrics
     from the update log, and its closing summary."""
 
     value_init: str | None
-    build_engine: object  # (recipe, model, rules, tokenizer, template) -> (scorer, engine)
+    engine: type[RolloutEngine]  # PPOEngine or GRPOEngine: built over the model by build_engine
     figures: object  # stats -> {label: value} for a step line
     bar: dict  # progress-bar label -> stats key
     own_metrics: object  # (history, engine) -> dict
@@ -502,7 +527,7 @@ def run(recipe: Recipe, stage: str, parts: StageParts) -> dict:
 
     model = build_policy_model(recipe, *start, device, parts.value_init)
     fingerprint = base_fingerprint(model.peft)
-    scorer, engine = parts.build_engine(recipe, model, rules, tokenizer, template)
+    scorer, engine = build_engine(recipe, stage, parts.engine, model, rules, tokenizer, template)
 
     def correctness():
         if not main:
