@@ -88,7 +88,7 @@ def start_chain(recipe: Recipe, stage: str, key: str = "start_from") -> list[str
     folder = recipe.input_dir(stage, key)
     if folder is None:
         return []
-    earlier = STAGES[stage].default_input(key)
+    earlier = recipe.input_stage(stage, key)
     check_adapter_folder(
         recipe,
         f"{stage}.{key}",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from .errors import NO_ADAPTER
+from .errors import NO_ADAPTER, RecipeError
 from .sections import (
     BUILTIN_PREFIX,
     CWD_PATH,
@@ -139,13 +139,32 @@ class Recipe(Section):
         return next((s.name for s in STAGES if s.chat_model and s.has_data and self.section(s.name) is not None), None)
 
     def input_dir(self, stage: str, key: str) -> Path | None:
-        """The folder a stage's `key` (start_from, reward_from) names: the recipe's value, the default
-        earlier stage's output when unset, or None for 'none' (no adapter)."""
+        """The folder a stage's `key` (start_from, reward_from) names: the default earlier stage's output when
+        unset, another stage's output when it is a stage's name (`ppo.start_from: sft`; write ./sft for a
+        folder of that name), a folder, or None for 'none' (no adapter)."""
+        value = self.section(stage).input_ref(key)
+        if value is not None and value.strip().lower() == NO_ADAPTER:
+            return None
+        earlier = self.input_stage(stage, key)
+        if earlier is not None:
+            return self.stage_dir(earlier)
+        return None if value is None else self.output_path(value)
+
+    def input_stage(self, stage: str, key: str) -> str | None:
+        """The stage whose output a stage's `key` reads when it names one (unset: the registry's default; or a
+        stage's name), else None (a folder, or none)."""
         value = self.section(stage).input_ref(key)
         if value is None:
-            earlier = STAGES[stage].default_input(key)
-            return self.stage_dir(earlier) if earlier else None
-        return None if value.strip().lower() == NO_ADAPTER else self.output_path(value)
+            return STAGES[stage].default_input(key)
+        named = value.strip()
+        if named not in STAGES.names():
+            return None
+        if named == stage:
+            raise RecipeError(
+                f"{self.source}: {stage}.{key}: {named} is this stage itself; name an earlier stage "
+                f"({', '.join(STAGES.inputs(stage))}), a folder, or {NO_ADAPTER}"
+            )
+        return named
 
     def training_args(self, stage: str) -> dict[str, Any]:
         """TRL/transformers fields a recipe sets for a stage: shared `training` defaults overlaid with the stage

@@ -253,8 +253,9 @@ class FromEarlierStage(Section):
     start_from: str | None = Field(
         None,
         description="Adapter folder this stage starts from (default: the earlier stage's output, see the stage "
-        f"list); '{NO_ADAPTER}' for the plain base. Its recorded chain (the adapters it was trained on) is merged "
-        "into the base first; its recipe must name the same base model and template.",
+        f"list), or an earlier stage's name for its output (sft); '{NO_ADAPTER}' for the plain base. Its recorded "
+        "chain (the adapters it was trained on) is merged into the base first; its recipe must name the same base "
+        "model and template.",
         json_schema_extra=CWD_PATH,
     )
 

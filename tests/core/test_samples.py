@@ -48,7 +48,7 @@ def test_samples_file_has_one_row_per_prompt_and_a_key_per_model(tmp_path):
 def test_chat_stages_save_their_replies_and_a_resumed_ppo_its_start(pipeline_run):
     """On the session's pipeline (PPO killed after update 4 and resumed): every chat-model stage wrote the
     same prompts with its start's and its own replies; the reward model (not a chat model) wrote none; PPO's
-    start is the DPO model even though PPO resumed from a checkpoint."""
+    start is the SFT model (ppo.start_from: sft) even though PPO resumed from a checkpoint."""
     out = pipeline_run["out"]
     read = {
         s: [json.loads(x) for x in (out / s / SAMPLES_FILE).read_text().splitlines()] for s in ("sft", "dpo", "ppo")
@@ -57,6 +57,6 @@ def test_chat_stages_save_their_replies_and_a_resumed_ppo_its_start(pipeline_run
     prompts = [r["prompt"] for r in read["sft"]]
     assert len(prompts) == 4 and all([r["prompt"] for r in rows] == prompts for rows in read.values())
     assert all({"base", "sft"} <= set(r) for r in read["sft"]) and all({"start", "ppo"} <= set(r) for r in read["ppo"])
-    assert [r["start"] for r in read["ppo"]] == [r["dpo"] for r in read["dpo"]]  # greedy: the same model
-    ppo, dpo = (json.loads((out / s / "metrics.json").read_text()) for s in ("ppo", "dpo"))
-    assert ppo["resumed_from_update"] and ppo["correct_rate_before"] == dpo["correct_rate_after"]
+    assert [r["start"] for r in read["ppo"]] == [r["sft"] for r in read["sft"]]  # greedy: the same model
+    ppo, sft = (json.loads((out / s / "metrics.json").read_text()) for s in ("ppo", "sft"))
+    assert ppo["resumed_from_update"] and ppo["correct_rate_before"] == sft["correct_rate_after"]

@@ -118,6 +118,26 @@ def test_relative_paths_resolve_against_the_recipe_file(tmp_path):
     assert r.resolve_path("builtin:tiny-phi") == "builtin:tiny-phi"
 
 
+def test_an_input_key_names_a_stage_a_folder_or_none(tmp_path):
+    """start_from / reward_from / a learned reward's `model`: unset is the registry's default stage, a stage's name
+    is that stage's output wherever output_dir is, ./name is a folder of that name, none is no adapter."""
+    out = tmp_path / "run"
+    r = load_recipe(TINY_RECIPE, [f"output_dir={out}"])
+    assert r.input_dir("ppo", "start_from") == out / "sft" and r.input_stage("ppo", "start_from") == "sft"
+    r = load_recipe(TINY_RECIPE, [f"output_dir={out}", "ppo.start_from=null"])
+    assert r.input_dir("ppo", "start_from") == out / "dpo"  # the registry's default: the stage before
+    r = load_recipe(
+        TINY_RECIPE,
+        [f"output_dir={out}", "ppo.start_from=dpo", "grpo.reward_function=null", "grpo.rewards=[{model: reward}]"],
+    )
+    assert r.input_dir("ppo", "start_from") == out / "dpo" and r.input_dir("grpo", "reward_from") == out / "reward"
+    r = load_recipe(TINY_RECIPE, [f"output_dir={out}", "ppo.start_from=./sft", "dpo.start_from=none"])
+    assert r.input_dir("ppo", "start_from") == Path("sft") and r.input_stage("ppo", "start_from") is None
+    assert r.input_dir("dpo", "start_from") is None
+    with pytest.raises(RecipeError, match=r"ppo.start_from: ppo is this stage itself; name an earlier stage"):
+        load_recipe(TINY_RECIPE, ["ppo.start_from=ppo"]).input_dir("ppo", "start_from")
+
+
 def test_resolved_recipe_round_trips(tmp_path):
     r = load_recipe(TINY_RECIPE)
     text = dump_recipe(r)
