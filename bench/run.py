@@ -140,12 +140,19 @@ def _recipe(model: str, stage: str, out: str, steps: int, extra: list[str]):
 class _Meter:
     """Real tokens of each collated batch (counted from the unpadded examples), step end times and the
     process's CPU time at each step end (all threads: on a shared machine, tokens per CPU-second moves far
-    less with other people's load than tokens per wall-second does)."""
+    less with other people's load than tokens per wall-second does). `watch(model)` also counts the positions
+    the model's forwards compute in the measured steps (padding included: the work a padded batch pays for; a
+    reference forward and gradient checkpointing's second forward count too).
+    With FINETUNE_BENCH_PROFILE=1 (`--profile`) the measured steps run under torch.profiler and the figures
+    carry where their CPU time went, by kind of op."""
 
-    def __init__(self, count):
+    def __init__(self, count, warmup: int):
         from transformers import TrainerCallback
 
-        self.count, self.tokens, self.times, self.cpu = count, [], [], []
+        self.count, self.warmup, self.tokens, self.times, self.cpu = count, warmup, [], [], []
+        self.positions = 0  # positions computed by the forwards of the measured steps
+        self.profiler = None
+        profile = os.environ.get("FINETUNE_BENCH_PROFILE") == "1"
         meter = self
 
         class Callback(TrainerCallback):
@@ -153,8 +160,23 @@ class _Meter:
                 _sync()
                 meter.times.append(time.perf_counter())
                 meter.cpu.append(time.process_time())
+                if profile and len(meter.times) == meter.warmup:
+                    import torch
+
+                    meter.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    meter.profiler.__enter__()
 
         self.callback = Callback()
+
+    def measuring(self) -> bool:
+        return len(self.times) >= self.warmup
+
+    def watch(self, model) -> None:
+        def count(module, args):
+            if self.measuring():
+                self.positions += args[0].numel()
+
+        model.get_input_embeddings().register_forward_pre_hook(count)
 
     def wrap(self, collator):
         def collate(examples):
@@ -168,13 +190,74 @@ class _Meter:
         measured = self.tokens[warmup : len(self.times)]
         seconds = self.times[-1] - self.times[warmup - 1]
         cpu = self.cpu[-1] - self.cpu[warmup - 1]
-        return {
+        out = {
             "tokens_per_s": sum(measured) / seconds,
             "seconds_per_step": seconds / len(measured),
             "tokens_per_cpu_s": sum(measured) / cpu,
             "tokens_per_step": sum(measured) / len(measured),
             "measured_steps": len(measured),
         }
+        if self.positions:
+            out["forward_positions_per_step"] = self.positions / len(measured)
+            out["forward_positions_per_real_token"] = self.positions / sum(measured)
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            out["profile"] = profile_summary(self.profiler, len(measured))
+        return out
+
+
+# op kinds for profile_summary: where a step's CPU time goes
+OP_KINDS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("attention", ("scaled_dot_product", "attention")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy", "logsigmoid", "log_sigmoid")),
+    ("optimizer", ("adam", "_foreach")),
+    (
+        "copies and indexing",
+        (
+            "copy_",
+            "aten::cat",
+            "index",
+            "embedding",
+            "fill_",
+            "zero_",
+            "clone",
+            "_to_copy",
+            "pad",
+            "gather",
+            "scatter",
+            "masked_fill",
+            "aten::where",
+            "aten::stack",
+            "aten::empty",
+        ),
+    ),
+)
+
+
+def op_kind(name: str) -> str:
+    low = name.lower()
+    for kind, marks in OP_KINDS:
+        if any(low == m or (not m.startswith("aten::") and m in low) or low.startswith(m + ".") for m in marks):
+            return kind
+    return "elementwise and other"
+
+
+def profile_summary(profiler, steps: int) -> dict:
+    """Self CPU time per measured step, its share by kind of op, and the ten ops that took the most."""
+    events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + e.self_cpu_time_total / total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "self_cpu_s_per_step": total / 1e6 / steps,
+        "share_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_ops": [
+            {"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps} for e in top
+        ],
+    }
 
 
 def _peak_memory_mb() -> float:
@@ -231,7 +314,8 @@ def _trainer_run(
         rows = chat_rows(tokenizer, n_rows, s["max_length"])
     else:
         rows = preference_rows(tokenizer, n_rows, s["max_length"])
-    meter = _Meter(_real_tokens)
+    meter = _Meter(_real_tokens, warmup)
+    meter.watch(model)
     started = time.perf_counter()
     precompute = {}
     if stage == "dpo":  # time the one-off reference pass (it runs inside the trainer's constructor)
@@ -713,6 +797,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="SFT / DPO / reward: run the measured steps under torch.profiler and report where each arm's CPU time "
+        "goes, by kind of op (the profiler's overhead makes these runs' speeds not comparable to unprofiled ones)",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="run the arms in this process, one after the other "
@@ -726,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's torch reads it at start
         torch.set_num_threads(args.threads)  # this process's (--in-process runs)
+    if args.profile:
+        os.environ["FINETUNE_BENCH_PROFILE"] = "1"  # the workers read it
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
     if args.export:  # child: the PPO peer's plain Hugging Face export
@@ -845,7 +937,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.stage == "dpo":
             line += f"  ({m['tokens_per_s_4_epochs']:.1f} tokens/s over 4 epochs incl. any precompute)"
+        if "forward_positions_per_real_token" in m:
+            line += f"  {m['forward_positions_per_real_token']:.2f} positions computed per real token"
         print(line)
+        profile = runs[a][0].get("profile")
+        if profile:
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in profile["share_by_kind"].items())
+            print(f"    profile (run 1): {profile['self_cpu_s_per_step']:.2f} CPU-s per step: {kinds}")
     for a, ratio in report["ratios"].items():
         print(
             f"  ratio {arms[0]}/{a}: {ratio['tokens_per_s']:.2f}x tokens/s ({ratio['tokens_per_cpu_s']:.2f}x per "

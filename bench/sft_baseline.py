@@ -30,44 +30,26 @@ def make_trainer(
     tuned: bool | str = False,
     liger: bool = False,
 ):
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    )
+    from bench.trl_baseline import build
+
     extra = {}
     if tuned:
         extra = dict(packing=tuned != "nopack", packing_strategy="bfd", gradient_checkpointing=False)
-    if liger:
-        extra["use_liger_kernel"] = True
-    args = SFTConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=batch,
-        max_length=max_length,
-        max_steps=steps,
-        learning_rate=1e-4,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10_000,
-        disable_tqdm=True,
-        seed=42,
-        use_cpu=not torch.cuda.is_available(),
+    return build(
+        SFTTrainer,
+        SFTConfig,
+        "CAUSAL_LM",
+        model,
+        tokenizer,
+        rows,
+        batch,
+        max_length,
+        steps,
+        precision,
+        output_dir,
+        callbacks,
+        liger,
         **extra,
-    )
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=list(callbacks),
     )
