@@ -238,7 +238,7 @@ OP_KINDS = (
 def op_kind(name: str) -> str:
     low = name.lower()
     for kind, marks in OP_KINDS:
-        if any(low == m or (not m.startswith("aten::") and m in low) or low.startswith(m + ".") for m in marks):
+        if any(low in (m, m + "_") or (not m.startswith("aten::") and m in low) for m in marks):  # addmm_: in place
             return kind
     return "elementwise and other"
 

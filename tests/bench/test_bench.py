@@ -52,6 +52,20 @@ def test_bench_writes_both_arms_and_the_ratio(tmp_path, tiny_base, stage, arms):
     assert f"ratio {arms.split(',')[0]}/{arms.split(',')[1]}" in res.stdout
 
 
+def test_reward_profile_counts_the_positions_padding_costs(tmp_path, tiny_base):
+    """`--profile` on the reward stage: ours packs pairs padding-free (the packed rows padded only to the longest
+    row), so its forwards compute fewer positions per real token than tuned TRL, which pads every sequence of a
+    batch to the longest. Each profile's shares by kind of op add up to the whole measured step."""
+    report, res = _bench(tmp_path, "--stage", "reward", "--model", "tiny", "--arms", "ours,trl-tuned", "--profile")
+    ours, trl = (report["arms"][a]["runs"][0] for a in ("ours", "trl-tuned"))
+    assert 1.0 <= ours["forward_positions_per_real_token"] < trl["forward_positions_per_real_token"]
+    for run in (ours, trl):
+        profile = run["profile"]
+        assert abs(sum(profile["share_by_kind"].values()) - 1) < 1e-6 and profile["self_cpu_s_per_step"] > 0
+        assert "matmul" in profile["share_by_kind"] and profile["top_ops"][0]["share"] > 0
+    assert "positions computed per real token" in res.stdout and "profile (run 1)" in res.stdout
+
+
 def test_ppo_against_trl_112_peer(tmp_path, tiny_base):
     """TRL 1.12's PPOTrainer (the last TRL PPO) on the same exported model and prompts, when its venv exists."""
     from bench.run import peer_python
