@@ -11,7 +11,8 @@ the template's end-of-turn token), tokenizer with the chat template, model card 
 
 The chain of a stage output is the adapters it was trained on top of (its metrics.json `start_from`)
 and then its own (finetune.core.lineage). For PPO that is sft + ppo: the PPO policy adapter began as
-a copy of the DPO adapter and replaces it; GRPO's is sft + grpo (a new policy LoRA on the SFT model). No
+a copy of the adapter it started from (DPO's, which it replaces) or as a new LoRA on the SFT model; GRPO's is
+sft + grpo (a new policy LoRA on the SFT model). No
 DeepSpeed and no GPU: merging runs on the CPU in fp32 (fp16 merges lose precision: peft#2368).
 """
 
