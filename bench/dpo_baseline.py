@@ -13,37 +13,12 @@ our stage.
 from __future__ import annotations
 
 
-def make_trainer(
-    model,
-    tokenizer,
-    rows,
-    batch,
-    max_length,
-    steps,
-    precision,
-    output_dir,
-    callbacks=(),
-    tuned: bool = False,
-    liger: bool = False,
-):
+def make_trainer(*common, tuned: bool = False, **kwargs):
+    """The baseline trainer: `common` and `kwargs` are bench.trl_baseline.build's (model, tokenizer, rows, batch,
+    max_length, steps, precision, output_dir, callbacks, liger)."""
     from trl import DPOConfig, DPOTrainer
 
     from bench.trl_baseline import build
 
     extra = dict(precompute_ref_log_probs=True, gradient_checkpointing=False) if tuned else {}
-    return build(
-        DPOTrainer,
-        DPOConfig,
-        "CAUSAL_LM",
-        model,
-        tokenizer,
-        rows,
-        batch,
-        max_length,
-        steps,
-        precision,
-        output_dir,
-        callbacks,
-        liger,
-        **extra,
-    )
+    return build(DPOTrainer, DPOConfig, "CAUSAL_LM", *common, **kwargs, **extra)

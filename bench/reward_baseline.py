@@ -11,37 +11,12 @@ head on the same backbone), LoRA, batch, max_length and pairs as our stage.
 from __future__ import annotations
 
 
-def make_trainer(
-    model,
-    tokenizer,
-    rows,
-    batch,
-    max_length,
-    steps,
-    precision,
-    output_dir,
-    callbacks=(),
-    tuned: bool = False,
-    liger: bool = False,
-):
+def make_trainer(*common, tuned: bool = False, **kwargs):
+    """The baseline trainer: `common` and `kwargs` are bench.trl_baseline.build's (model, tokenizer, rows, batch,
+    max_length, steps, precision, output_dir, callbacks, liger)."""
     from trl import RewardConfig, RewardTrainer
 
     from bench.trl_baseline import build
 
     extra = dict(gradient_checkpointing=False) if tuned else {}
-    return build(
-        RewardTrainer,
-        RewardConfig,
-        "SEQ_CLS",
-        model,
-        tokenizer,
-        rows,
-        batch,
-        max_length,
-        steps,
-        precision,
-        output_dir,
-        callbacks,
-        liger,
-        **extra,
-    )
+    return build(RewardTrainer, RewardConfig, "SEQ_CLS", *common, **kwargs, **extra)

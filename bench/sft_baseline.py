@@ -17,19 +17,9 @@ our stage.
 from __future__ import annotations
 
 
-def make_trainer(
-    model,
-    tokenizer,
-    rows,
-    batch,
-    max_length,
-    steps,
-    precision,
-    output_dir,
-    callbacks=(),
-    tuned: bool | str = False,
-    liger: bool = False,
-):
+def make_trainer(*common, tuned: bool | str = False, **kwargs):
+    """The baseline trainer: `common` and `kwargs` are bench.trl_baseline.build's (model, tokenizer, rows, batch,
+    max_length, steps, precision, output_dir, callbacks, liger)."""
     from trl import SFTConfig, SFTTrainer
 
     from bench.trl_baseline import build
@@ -37,19 +27,4 @@ def make_trainer(
     extra = {}
     if tuned:
         extra = dict(packing=tuned != "nopack", packing_strategy="bfd", gradient_checkpointing=False)
-    return build(
-        SFTTrainer,
-        SFTConfig,
-        "CAUSAL_LM",
-        model,
-        tokenizer,
-        rows,
-        batch,
-        max_length,
-        steps,
-        precision,
-        output_dir,
-        callbacks,
-        liger,
-        **extra,
-    )
+    return build(SFTTrainer, SFTConfig, "CAUSAL_LM", *common, **kwargs, **extra)
