@@ -137,9 +137,10 @@ def ignoring_sigint():
 
 def before_loading(recipe: Recipe, stage: str) -> None:
     """What every stage checks before it writes or loads anything: its optional libraries, that the folders it
-    will replace are its own (core.ownership: never a user's folder, never another stage's), whether its settings
-    fit the model (context length, LoRA targets and rank), then whether its estimated memory fits this machine
-    (a clear stop now instead of an out-of-memory kill later)."""
+    will replace are its own (core.ownership: never a user's folder, never another stage's), that a training
+    stage's precision runs here (fp16 needs CUDA), whether its settings fit the model (context length, LoRA targets
+    and rank), then whether its estimated memory fits this machine (a clear stop now instead of an out-of-memory
+    kill later)."""
     missing = STAGES.missing_libraries([stage])
     if missing:
         raise UserError(f"finetune {stage}: {'; '.join(missing)}")
@@ -156,7 +157,10 @@ def before_loading(recipe: Recipe, stage: str) -> None:
     check_not_being_written(recipe, list(STAGES.inputs(stage)), f"finetune {stage}")
     from finetune.core.limits import check_limits  # torch: only once a stage runs, not for `finetune --help`
     from finetune.core.memory import preflight
+    from finetune.core.training import check_precision
 
+    if not (entry.memory.merge_only or entry.memory.lm_eval):  # a stage that trains: fp16 without CUDA never runs,
+        check_precision(recipe)  # whatever the memory estimate says
     check_limits(recipe, stage)
     preflight(recipe, stage)
 

@@ -223,11 +223,31 @@ def test_upstream_is_what_the_recipe_points_at_now(recipe):
     sft = output(recipe.stage_dir("sft"), 1.0)
     dpo = output(recipe.stage_dir("dpo"), 2.0, start_from=[sft])
     reward = output(recipe.stage_dir("reward"), 3.0, start_from=[sft])
-    assert upstream(recipe, "ppo") == {
-        "start_from": [str(sft.resolve()), str(dpo)],
+    assert upstream(recipe, "ppo") == {  # the tiny recipe's ppo.start_from: sft
+        "start_from": [str(sft)],
         "reward_from": [str(sft.resolve()), str(reward)],
     }
+    after_dpo = load_recipe(TINY_RECIPE, [f"output_dir={recipe.output_dir}", "ppo.start_from=dpo"])
+    assert upstream(after_dpo, "ppo")["start_from"] == [str(sft.resolve()), str(dpo)]
     assert upstream(recipe, "export") == {"stage": [str(sft.resolve()), str(dpo)]}  # auto: the last chat stage
+
+
+def test_an_rl_policy_shares_the_reward_models_base_with_a_relative_output_dir(tmp_path, monkeypatch):
+    """README command 1's output_dir is relative (runs/tiny_chat): the policy's chain then names the SFT folder
+    relatively while the reward model records it absolutely; the RL stage must see one folder, not two bases."""
+    from finetune.rl.stage import resolve_start
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(TINY_RECIPE, ["output_dir=runs/tiny"])
+    sft = output(recipe.stage_dir("sft"))
+    assert not sft.is_absolute()
+    reward = output(recipe.stage_dir("reward"), 1.0, start_from=[sft])
+    dpo = output(recipe.stage_dir("dpo"), 2.0, start_from=[sft])
+    shared, policy, scorer = resolve_start(recipe, "ppo")  # ppo.start_from: sft
+    assert [Path(p).resolve() for p in shared] == [sft.resolve()] and policy is None
+    assert Path(scorer).resolve() == reward.resolve()
+    shared, policy, _ = resolve_start(load_recipe(TINY_RECIPE, ["output_dir=runs/tiny", "ppo.start_from=dpo"]), "ppo")
+    assert [Path(p).resolve() for p in shared] == [sft.resolve()] and Path(policy).resolve() == dpo.resolve()
 
 
 def test_a_merged_model_is_recorded_by_the_fingerprint_it_records(tmp_path):

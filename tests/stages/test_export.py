@@ -50,7 +50,7 @@ def test_export_is_a_complete_hf_folder_of_the_ppo_chain(exported):
 
     recipe, folder, metrics = exported
     out = recipe.output_dir
-    # PPO's policy began as a copy of the DPO adapter and replaced it: sft + ppo, never sft + dpo + ppo
+    # the tiny recipe's PPO starts from SFT (a new policy LoRA on it): sft + ppo; DPO is beside it, not under it
     assert metrics["stage"] == "ppo" and metrics["adapters"] == [f"{out}/sft", f"{out}/ppo"]
     assert {
         "config.json",
@@ -66,7 +66,8 @@ def test_export_is_a_complete_hf_folder_of_the_ppo_chain(exported):
     assert GenerationConfig.from_pretrained(folder).eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
     card = (folder / "README.md").read_text()
     assert "library_name: transformers" in card and "## Stages" in card and "name_or_path: builtin:tiny-phi" in card
-    assert "| ppo | merged into this model |" in card and "| dpo | initialised the PPO policy" in card
+    assert "| ppo | merged into this model |" in card and "| dpo | not part of this model |" in card
+    assert "| reward | scored PPO's samples (not part of this model) |" in card
     assert not list(folder.parent.glob(".export.tmp*"))
     assert metrics["correct_rate_after"] > metrics["correct_rate_base"]  # better than the tiny base
 
