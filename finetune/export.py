@@ -131,10 +131,13 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
     for name, m in outputs.items():
         if not m:
             continue
-        folder = str(recipe.stage_dir(name))
+        folder = str(recipe.stage_dir(name).resolve())  # as a chain spells it (lineage.adapter_chain)
+
         # an RL stage records the adapter its policy started as a copy of, and the reward model it scored with
-        started = [other for other, o in outputs.items() if o.get("policy_initialised_from") == folder]
-        scored = [other for other, o in outputs.items() if o.get("reward_from") == folder]
+        started, scored = (
+            [other for other, o in outputs.items() if o.get(key) and str(Path(o[key]).resolve()) == folder]
+            for key in ("policy_initialised_from", "reward_from")
+        )
         if folder in chain:
             role = "merged into this model"
         elif started and started[0] == stage:

@@ -248,6 +248,18 @@ def test_an_rl_policy_shares_the_reward_models_base_with_a_relative_output_dir(t
     assert Path(scorer).resolve() == reward.resolve()
     shared, policy, _ = resolve_start(load_recipe(TINY_RECIPE, ["output_dir=runs/tiny", "ppo.start_from=dpo"]), "ppo")
     assert [Path(p).resolve() for p in shared] == [sft.resolve()] and Path(policy).resolve() == dpo.resolve()
+    # the model card of an export of PPO names each folder's role by the folder, not by how it was spelt
+    from finetune.export import model_card
+
+    ppo = output(recipe.stage_dir("ppo"), 4.0, start_from=[sft])
+    for folder, extra in ((sft, {}), (reward, {}), (dpo, {}), (ppo, {"reward_from": str(reward)})):  # relative
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "updates": 1, **extra}))  # a finished output
+    card = model_card(recipe, "ppo", adapter_chain(ppo), {"dtype": "fp32"}, "<|endoftext|>")
+    assert adapter_chain(ppo) == [str(sft.resolve()), str(ppo.resolve())]
+    assert "| sft | merged into this model |" in card and "| ppo | merged into this model |" in card
+    assert "| reward | scored PPO's samples (not part of this model) |" in card
+    assert "| dpo | not part of this model |" in card
 
 
 def test_a_merged_model_is_recorded_by_the_fingerprint_it_records(tmp_path):
