@@ -99,7 +99,7 @@ def _upstream(recipe: Recipe, stage: str, key: str, default: str) -> str | None:
     if folder is None:
         return None
     for earlier in STAGES.names():
-        if folder == recipe.stage_dir(earlier):
+        if folder.resolve() == recipe.stage_dir(earlier).resolve():  # ./runs/x/sft or its absolute path alike
             return earlier
     raise RecipeError(
         f"{recipe.source}: {stage}.{key}: {str(folder)!r} is not an earlier stage's output; on Azure ML a stage reads "

@@ -97,6 +97,9 @@ def test_start_keys_decide_the_inputs(tmp_path):
         TINY_RECIPE, ["ppo.start_from=runs/tiny_chat/sft", "ppo.reward_from=none", "ppo.reward_function=rewards:exact"]
     )
     assert azureml.stage_upstreams(recipe, "ppo") == ["sft"]
+    absolute = [f"ppo.start_from={Path('runs/tiny_chat/sft').resolve()}", "ppo.reward_from=none"]
+    absolute.append("ppo.reward_function=rewards:exact")
+    assert azureml.stage_upstreams(load_recipe(TINY_RECIPE, absolute), "ppo") == ["sft"]  # the same folder
     after_dpo = load_recipe(TINY_RECIPE, ["ppo.start_from=dpo"])  # the Phi recipes' chaining, by stage name
     assert azureml.stage_upstreams(after_dpo, "ppo") == ["sft", "reward", "dpo"]
     with pytest.raises(RecipeError, match=r"ppo.start_from: '/elsewhere/adapter' is not an earlier stage's output"):
