@@ -131,14 +131,14 @@ def model_card(recipe: Recipe, stage: str, chain: list[str], metrics: dict, eot:
     for name, m in outputs.items():
         if not m:
             continue
-        folder = str(recipe.stage_dir(name).resolve())  # as a chain spells it (lineage.adapter_chain)
+        folder = str(recipe.stage_dir(name).resolve())  # a relative output_dir spells some folders relatively
 
         # an RL stage records the adapter its policy started as a copy of, and the reward model it scored with
         started, scored = (
             [other for other, o in outputs.items() if o.get(key) and str(Path(o[key]).resolve()) == folder]
             for key in ("policy_initialised_from", "reward_from")
         )
-        if folder in chain:
+        if folder in {str(Path(c).resolve()) for c in chain}:
             role = "merged into this model"
         elif started and started[0] == stage:
             role = f"initialised the {stage.upper()} policy, which replaced it"

@@ -55,8 +55,7 @@ def adapter_chain(folder: str | Path) -> list[str]:
     `folder` (a run folder moved or copied as a whole keeps working), else at its absolute path, and must hold
     the content it was trained on (its sha256): an adapter changed or replaced since is refused, never merged."""
     folder = Path(folder)
-    recorded = [str(recorded_adapter(r, folder)) for r in read_metrics(folder).get("start_from", [])]
-    return [*recorded, str(folder.resolve())]  # one spelling per folder, whatever the cwd and output_dir
+    return [*(str(recorded_adapter(r, folder)) for r in read_metrics(folder).get("start_from", [])), str(folder)]
 
 
 def recorded_adapter(record, folder: Path) -> Path:

@@ -66,7 +66,11 @@ def resolve_start(recipe: Recipe, stage: str) -> tuple[list[str], str | None, st
         )
     )
     shared = adapter_chain(reward)[:-1]  # what the reward model was trained on top of
-    if policy_chain[: len(shared)] != shared or len(policy_chain) - len(shared) > 1:  # chains: resolved paths
+
+    def same(chain: list[str]) -> list[Path]:  # a relative output_dir spells the folders the recipe names relatively
+        return [Path(p).resolve() for p in chain]
+
+    if same(policy_chain[: len(shared)]) != same(shared) or len(policy_chain) - len(shared) > 1:
         raise RecipeError(
             f"{recipe.source}: {stage}: the policy ({' + '.join(policy_chain) or 'the base'}) and the reward model "
             f"(trained on {' + '.join(shared) or 'the base'}) must share their base: the policy may add at most one "

@@ -256,7 +256,6 @@ def test_an_rl_policy_shares_the_reward_models_base_with_a_relative_output_dir(t
         metrics = json.loads((folder / "metrics.json").read_text())
         (folder / "metrics.json").write_text(json.dumps({**metrics, "updates": 1, **extra}))  # a finished output
     card = model_card(recipe, "ppo", adapter_chain(ppo), {"dtype": "fp32"}, "<|endoftext|>")
-    assert adapter_chain(ppo) == [str(sft.resolve()), str(ppo.resolve())]
     assert "| sft | merged into this model |" in card and "| ppo | merged into this model |" in card
     assert "| reward | scored PPO's samples (not part of this model) |" in card
     assert "| dpo | not part of this model |" in card
